@@ -1,0 +1,387 @@
+"""Training throughput and model-FLOPs utilisation: megatron_r1 vs Hugging Face transformers.
+
+For each config the same DeepSeek-V3-style shape (MLA, dense first layer(s), sigmoid group-limited
+router, routed + shared experts, untied output layer) is trained in one process, on one device:
+
+* megatron_r1: ``megatron_r1.training.setup`` + ``train`` (megatron-core model, DDP wrapper,
+  megatron-core optimizer and pipeline schedule, the real training loop with its logging and
+  MoE/NaN bookkeeping) on mock data;
+* transformers: ``DeepseekV3ForCausalLM(DeepseekV3Config(...same shape...))`` with
+  ``torch.optim.AdamW`` in a plain loop: the same micro-batches and gradient accumulation, gradient
+  clipping at 1.0, the library's default attention (SDPA) and experts implementation.
+
+Both use fp32 on CPU (bf16 autocast with fp32 weights for transformers, --bf16 for megatron_r1 on a
+GPU) and the same number of threads. transformers' DeepSeek-V3 has no multi-token prediction, so MTP
+is off on both sides; its router always has the DeepSeek-V3 form (sigmoid, groups), which costs the
+same as V2-Lite's softmax router.
+
+Timing: after warm-up steps, the median step time over rounds of a few steps. On CPU the two
+implementations alternate round by round, so that load from other processes on a shared machine
+hits both alike; on a GPU they run one after the other (the GPU proxy's two trainers do not fit
+together). Model FLOPs come from megatron_r1/flops.py (Megatron-LM's formula: 6 x active
+matmul weights per token + causal attention); MFU divides the achieved FLOP rate by the peak
+measured here: the best of several large fp32 matmuls on CPU (bf16 on GPU), before and after.
+
+Configs: ``tiny`` (examples/pretrain_tiny.sh's flags), ``50m`` (~50M-parameter MoE),
+``v2-lite-proxy`` (DeepSeek-V2-Lite's widths with 4 layers, for one GPU).
+
+Run:
+  python benchmarks/bench_train.py                     # tiny and 50m (CPU) / v2-lite-proxy (GPU)
+  python benchmarks/bench_train.py --config 50m --rounds 5 --steps 2
+  python benchmarks/bench_train.py --config tiny --profile   # where the time goes, per op
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+from tqdm import tqdm
+
+from megatron_r1.arguments import parse_args
+from megatron_r1.distributed import destroy_distributed
+from megatron_r1.flops import count_model, human_count, moe_layer_pattern, padded_vocab_size
+from megatron_r1.training import build_data, setup, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Flags that make a run a benchmark: no MTP (transformers has none), no evaluation, no LR warm-up.
+BENCH_OVERRIDES = ["--mtp-num-layers", "0", "--lr-warmup-iters", "0", "--log-interval", "1"]
+
+CONFIGS = {
+    "50m": (
+        "--num-layers 8 --hidden-size 512 --ffn-hidden-size 1536 --num-attention-heads 8 --seq-length 256 "
+        "--max-position-embeddings 256 --normalization RMSNorm --swiglu --disable-bias-linear "
+        "--untie-embeddings-and-output-weights --multi-latent-attention --q-lora-rank 256 --kv-lora-rank 128 "
+        "--qk-head-dim 64 --qk-pos-emb-head-dim 32 --v-head-dim 64 --rope-type yarn --rotary-scaling-factor 4 "
+        "--original-max-position-embeddings 64 --mscale 1.0 --mscale-all-dim 1.0 --num-experts 16 "
+        "--moe-layer-freq [0]*1+[1]*7 --moe-router-topk 2 --moe-ffn-hidden-size 192 "
+        "--moe-shared-expert-intermediate-size 192 --moe-router-score-function sigmoid "
+        "--moe-router-enable-expert-bias --moe-router-num-groups 4 --moe-router-group-topk 2 "
+        "--moe-router-topk-scaling-factor 2.5 --moe-router-load-balancing-type seq_aux_loss "
+        "--moe-aux-loss-coeff 1e-4 --moe-token-dispatcher-type alltoall --vocab-size 8192 --mock-data "
+        "--micro-batch-size 4 --global-batch-size 8 --lr 1e-3 --weight-decay 0.1 --clip-grad 1.0"
+    ),
+    # DeepSeek-V2-Lite's widths (64 experts top-6, 2 shared, kv latent 512) with 1 dense and 3 MoE
+    # layers, so that weights, gradients and Adam states fit one 80 GB GPU. V2-Lite has no q
+    # compression, but megatron_r1 cannot build that yet (transformer_config_from_args drops
+    # --q-lora-rank None and megatron-core's default 512 applies), so both sides use V3's 1536.
+    "v2-lite-proxy": (
+        "--num-layers 4 --hidden-size 2048 --ffn-hidden-size 10944 --num-attention-heads 16 --seq-length 4096 "
+        "--max-position-embeddings 4096 --normalization RMSNorm --swiglu --disable-bias-linear "
+        "--untie-embeddings-and-output-weights --multi-latent-attention --q-lora-rank 1536 --kv-lora-rank 512 "
+        "--qk-head-dim 128 --qk-pos-emb-head-dim 64 --v-head-dim 128 --rope-type yarn --rotary-scaling-factor 40 "
+        "--original-max-position-embeddings 4096 --mscale 0.707 --mscale-all-dim 0.707 --num-experts 64 "
+        "--moe-layer-freq [0]*1+[1]*3 --moe-router-topk 6 --moe-ffn-hidden-size 1408 "
+        "--moe-shared-expert-intermediate-size 2816 --moe-router-score-function softmax "
+        "--moe-router-load-balancing-type seq_aux_loss --moe-aux-loss-coeff 1e-3 --moe-router-dtype fp32 "
+        "--moe-token-dispatcher-type alltoall --vocab-size 102400 --mock-data --micro-batch-size 1 "
+        "--global-batch-size 4 --lr 4.2e-4 --weight-decay 0.1 --clip-grad 1.0"
+    ),
+}
+
+
+def tiny_preset_flags() -> list[str]:
+    """The flags examples/pretrain_tiny.sh launches with (its DRY_RUN prints the command first)."""
+    result = subprocess.run(
+        ["bash", str(REPO / "examples" / "pretrain_tiny.sh")],
+        env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    command = shlex.split(result.stdout.splitlines()[0])
+    return command[command.index("pretrain_r1.py") + 1 :]
+
+
+def config_flags(name: str, cuda: bool) -> list[str]:
+    flags = tiny_preset_flags() if name == "tiny" else shlex.split(CONFIGS[name])
+    return flags + BENCH_OVERRIDES + (["--bf16"] if cuda and "--bf16" not in flags else [])
+
+
+# ---------------------------------------------------------------- peak
+
+
+def matmul_peak(device: torch.device, repeats: int = 5) -> tuple[float, str]:
+    """Best FLOP rate of large square matmuls: fp32 on CPU, bf16 on GPU."""
+    size, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        _synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best, f"{str(dtype).removeprefix('torch.')} {size}^3 torch.matmul, best of {repeats}"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------- megatron_r1
+
+
+class MegatronRun:
+    """megatron_r1's training loop, advanced a few iterations at a time."""
+
+    def __init__(self, args, total_iterations: int):
+        import megatron.core
+
+        # model.py builds megatron-core's local specs (SDPA core attention, one GEMM pair per expert).
+        self.implementation = (
+            f"megatron-core {megatron.core.__version__}, local specs, "
+            f"{args.moe_token_dispatcher_type} dispatcher" + (", --bf16" if args.bf16 else ", fp32")
+        )
+        args.eval_interval = None
+        args.train_iters = total_iterations
+        self.args = args
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.state = setup(args)
+            self.train_dataset, _ = build_data(args, self.state)
+
+    def steps(self, count: int) -> None:
+        self.args.train_iters = self.state.iteration + count
+        with contextlib.redirect_stdout(io.StringIO()):  # the iteration lines
+            train(self.args, self.state, self.train_dataset, None)
+
+
+# ---------------------------------------------------------------- transformers
+
+
+def transformers_config(args):
+    """DeepseekV3Config of the same shape as the megatron_r1 flags."""
+    from transformers import DeepseekV3Config
+
+    pattern = moe_layer_pattern(args)
+    first_moe = pattern.index(1)
+    if pattern != [0] * first_moe + [1] * (len(pattern) - first_moe):
+        raise ValueError(f"transformers' DeepSeek-V3 needs dense layers first, then MoE: {args.moe_layer_freq}")
+    if args.moe_shared_expert_intermediate_size % args.moe_ffn_hidden_size:
+        raise ValueError("the shared-expert size must be a multiple of --moe-ffn-hidden-size for transformers")
+    return DeepseekV3Config(
+        vocab_size=args.padded_vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.ffn_hidden_size,
+        moe_intermediate_size=args.moe_ffn_hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_attention_heads,
+        num_key_value_heads=args.num_attention_heads,
+        n_shared_experts=args.moe_shared_expert_intermediate_size // args.moe_ffn_hidden_size,
+        n_routed_experts=args.num_experts,
+        num_experts_per_tok=args.moe_router_topk,
+        n_group=args.moe_router_num_groups or 1,
+        topk_group=args.moe_router_group_topk or 1,
+        routed_scaling_factor=args.moe_router_topk_scaling_factor or 1.0,
+        first_k_dense_replace=first_moe,
+        q_lora_rank=args.q_lora_rank,
+        kv_lora_rank=args.kv_lora_rank,
+        qk_nope_head_dim=args.qk_head_dim,
+        qk_rope_head_dim=args.qk_pos_emb_head_dim,
+        v_head_dim=args.v_head_dim,
+        max_position_embeddings=args.max_position_embeddings,
+        rms_norm_eps=args.norm_epsilon,
+        rope_parameters={
+            "rope_type": "yarn", "rope_theta": float(args.rotary_base), "factor": args.rotary_scaling_factor,
+            "original_max_position_embeddings": args.original_max_position_embeddings,
+            "beta_fast": args.beta_fast, "beta_slow": args.beta_slow,
+            "mscale": args.mscale, "mscale_all_dim": args.mscale_all_dim,
+        },  # fmt: skip
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+        num_mtp_layers=0,
+        use_cache=False,
+    )
+
+
+class TransformersRun:
+    """DeepseekV3ForCausalLM and torch.optim.AdamW in a plain loop."""
+
+    def __init__(self, args, device: torch.device):
+        from transformers import DeepseekV3ForCausalLM
+
+        torch.manual_seed(args.seed)
+        self.model = DeepseekV3ForCausalLM(transformers_config(args)).to(device).train()
+        self.implementation = (
+            f"DeepseekV3ForCausalLM, attention={self.model.config._attn_implementation}, "
+            f"experts={self.model.config._experts_implementation}"
+            + (", bf16 autocast" if device.type == "cuda" else ", fp32")
+        )
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_eps, weight_decay=args.weight_decay,
+        )  # fmt: skip
+        self.clip_grad = args.clip_grad
+        self.num_microbatches = args.global_batch_size // args.micro_batch_size
+        generator = torch.Generator().manual_seed(args.seed)
+        shape = (self.num_microbatches, args.micro_batch_size, args.seq_length)
+        self.tokens = torch.randint(0, args.padded_vocab_size, shape, generator=generator).to(device)
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        )
+
+    def steps(self, count: int) -> None:
+        for _ in range(count):
+            self.optimizer.zero_grad(set_to_none=True)
+            for micro_batch in self.tokens:
+                with self.autocast:
+                    loss = self.model(input_ids=micro_batch, labels=micro_batch).loss
+                (loss / self.num_microbatches).backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            self.optimizer.step()
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def timed_rounds(runs: dict, device, options, progress) -> dict[str, list[float]]:
+    """Seconds per step of each run in each round, the runs alternating round by round."""
+    for run in runs.values():
+        run.steps(options.warmup)
+        _synchronize(device)
+        progress.update(options.warmup)
+    per_step = {name: [] for name in runs}
+    for _ in range(options.rounds):
+        for name, run in runs.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            run.steps(options.steps)
+            _synchronize(device)
+            per_step[name].append((time.perf_counter() - start) / options.steps)
+            progress.update(options.steps)
+    if options.profile:
+        for name, run in runs.items():
+            profile(name, run, device, options.profile_rows)
+    return per_step
+
+
+def profile(name: str, run, device, rows: int) -> None:
+    """torch.profiler's heaviest operators (self time) over one step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with torch_profile(activities=activities) as profiler:
+        run.steps(1)
+        _synchronize(device)
+    print(f"\n--- {name}: one step, top {rows} operators by self time")
+    print(profiler.key_averages().table(sort_by=sort_key, row_limit=rows))
+
+
+def benchmark(name: str, options, device) -> dict:
+    args = parse_args(f"bench_train {name}", config_flags(name, device.type == "cuda"))
+    total_steps = options.warmup + options.rounds * options.steps + (1 if options.profile else 0)
+    args.padded_vocab_size = padded_vocab_size(args)  # as training.setup pads it
+    builders = {
+        "megatron_r1": lambda: MegatronRun(args, total_steps),
+        "transformers": lambda: TransformersRun(args, device),
+    }
+    total_progress = len(builders) * (options.warmup + options.rounds * options.steps)
+    implementations = {}
+    with tqdm(total=total_progress, desc=name, unit="step") as progress:
+        if device.type == "cpu":
+            # Both resident and alternating: load from other processes hits both alike.
+            runs = {impl: build() for impl, build in builders.items()}
+            implementations = {impl: run.implementation for impl, run in runs.items()}
+            seconds = timed_rounds(runs, device, options, progress)
+            del runs
+        else:
+            # One at a time: two trainers of the GPU-sized proxy do not fit one GPU together.
+            # transformers first: a plain module frees its memory when dropped.
+            seconds = {}
+            for impl, build in reversed(builders.items()):
+                run = build()
+                implementations[impl] = run.implementation
+                seconds.update(timed_rounds({impl: run}, device, options, progress))
+                del run
+                torch.cuda.empty_cache()
+    count = count_model(args)
+    destroy_distributed()
+    # megatron-core's process-wide MoE loss tracker is sized by the first model's layer count.
+    get_moe_layer_wise_logging_tracker().clear()
+    result = {"config": name, "count": count, "implementations": implementations, "impls": {}}
+    for impl, rounds in seconds.items():
+        step_seconds = statistics.median(rounds)
+        result["impls"][impl] = {
+            "step_ms": 1000 * step_seconds,
+            "spread": (max(rounds) - min(rounds)) / step_seconds,
+            "tokens_per_s": count.tokens_per_iteration / step_seconds,
+            "flops_per_s": count.flops_per_iteration / step_seconds,
+        }
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", choices=["tiny", *CONFIGS],
+                        help="repeatable; default: tiny and 50m on CPU, v2-lite-proxy on GPU")  # fmt: skip
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds")
+    parser.add_argument("--steps", type=int, default=2, help="steps per implementation per round")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for both (default: torch's choice); on a machine shared with "
+                        "other work, 1 keeps threads from waiting on each other")  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
+    parser.add_argument("--profile-rows", type=int, default=15)
+    options = parser.parse_args(argv)
+    for flag, minimum in (("warmup", 0), ("rounds", 1), ("steps", 1), ("threads", 1)):
+        value = getattr(options, flag)
+        if value is not None and value < minimum:
+            parser.error(f"--{flag} must be at least {minimum}, got {value}")
+    try:
+        import transformers
+    except ImportError:
+        parser.error("needs Hugging Face transformers: pip install transformers (keep torch as installed)")
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names = options.config or (["v2-lite-proxy"] if device.type == "cuda" else ["tiny", "50m"])
+
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    # The peak is measured before and after the runs and the better kept: on a shared machine a
+    # single measurement can land in a busy moment and inflate every MFU.
+    peak_before, peak_how = matmul_peak(device)
+    results = [benchmark(name, options, device) for name in names]
+    peak_after, _ = matmul_peak(device)
+    peak = max(peak_before, peak_after)
+    for result in results:
+        for figures in result["impls"].values():
+            figures["mfu"] = figures["flops_per_s"] / peak
+
+    print(f"\ndevice: {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"transformers {transformers.__version__}")  # fmt: skip
+    print(f"peak: {peak / 1e9:.1f} GFLOP/s ({peak_how}; before the runs {peak_before / 1e9:.1f}, "
+          f"after {peak_after / 1e9:.1f})")  # fmt: skip
+    if device.type == "cpu":
+        print(f"load average at the end: {os.getloadavg()[0]:.1f} (a shared machine slows both sides alike)")
+    print("step ms: median over rounds; spread: (slowest - fastest round) / median")
+    for result in results:
+        count = result["count"]
+        print(f"\n{result['config']}: {human_count(count.total_params)} params, "
+              f"{human_count(count.active_params)} active, {count.tokens_per_iteration} tokens/step, "
+              f"{count.flops_per_iteration:.3e} FLOPs/step")  # fmt: skip
+        for impl, description in result["implementations"].items():
+            print(f"  {impl}: {description}")
+        print(f"{'config':<14} {'implementation':<13} {'step ms':>9} {'spread':>7} {'tokens/s':>10} {'MFU':>7}")
+        for impl, figures in result["impls"].items():
+            print(f"{result['config']:<14} {impl:<13} {figures['step_ms']:>9.1f} {100 * figures['spread']:>6.0f}% "
+                  f"{figures['tokens_per_s']:>10.1f} {100 * figures['mfu']:>6.2f}%")  # fmt: skip
+        ratio = result["impls"]["megatron_r1"]["tokens_per_s"] / result["impls"]["transformers"]["tokens_per_s"]
+        verdict = "meets" if ratio >= 1.3 else "misses"
+        print(f"ratio megatron_r1 / transformers tokens/s: {ratio:.2f} ({verdict} the 1.3x target)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

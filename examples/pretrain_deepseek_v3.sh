@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# DeepSeek-V3 (671B parameters + an 11.5B MTP module, 37B active per token): the shape of
+# deepseek-ai/DeepSeek-V3's config.json and the pre-training recipe of the DeepSeek-V3 report,
+# by default on 128 nodes x 8 GPUs, bf16.
+#
+#   NNODES=128 NODE_RANK=$SLURM_NODEID MASTER_ADDR=node0 DATA_PATH=data/corpus_text_document \
+#       TOKENIZER_MODEL=/models/DeepSeek-V3 bash examples/pretrain_deepseek_v3.sh
+#   DRY_RUN=1 MASTER_ADDR=node0 bash examples/pretrain_deepseek_v3.sh   # command and model size only
+#
+# Default layout, per GPU (80 GB): TP 8 (one node, with sequence parallelism) splits the 17B
+# non-expert parameters to 2.2B; EP 64 x ETP 2 splits the 665B expert parameters to 5.2B. That is
+# ~44 GB of bf16 weights and fp32 gradients, ~8 GB of Adam states sharded over the data-parallel
+# ranks, and full activation recomputation. DeepSeek's own layout (PP 16 x EP 64, no TP) needs
+# uneven pipeline stages (61 layers + MTP), which pretrain_r1.py cannot express yet.
+#
+# Environment: see examples/launch.sh; here also TRAIN_ITERS, MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE,
+# SEQ_LENGTH, EVAL_INTERVAL. TOKENIZER_TYPE defaults to HuggingFaceTokenizer (DeepSeek's tokenizer.json).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NNODES=${NNODES:-128}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+TP=${TP:-8}                          # within a node (NVLink)
+PP=${PP:-1}                          # must divide 61 layers
+EP=${EP:-64}                         # 256 experts: 4 per expert-parallel rank
+ETP=${ETP:-2}                        # each expert split over 2 GPUs
+SEQ_LENGTH=${SEQ_LENGTH:-4096}
+VOCAB_SIZE=129280                    # with mock data and no tokenizer
+DEFAULT_TOKENIZER_TYPE=HuggingFaceTokenizer
+
+MODEL_ARGS=(
+    --num-layers 61
+    --hidden-size 7168
+    --ffn-hidden-size 18432             # the 3 dense layers' MLP
+    --num-attention-heads 128
+    --seq-length "$SEQ_LENGTH"
+    --max-position-embeddings "$SEQ_LENGTH"
+    --normalization RMSNorm
+    --norm-epsilon 1e-6
+    --swiglu
+    --disable-bias-linear
+    --untie-embeddings-and-output-weights
+    --position-embedding-type rope
+    --rotary-base 10000
+    --init-method-std 0.006             # the report's initialisation
+    --hidden-dropout 0.0
+    --attention-dropout 0.0
+    --make-vocab-size-divisible-by 128
+)
+MLA_ARGS=(
+    --multi-latent-attention
+    --q-lora-rank 1536
+    --kv-lora-rank 512
+    --qk-head-dim 128                   # qk_nope_head_dim
+    --qk-pos-emb-head-dim 64            # qk_rope_head_dim
+    --v-head-dim 128
+    --rope-type yarn                    # rope_scaling of the released config
+    --rotary-scaling-factor 40
+    --original-max-position-embeddings 4096
+    --beta-fast 32
+    --beta-slow 1
+    --mscale 1.0
+    --mscale-all-dim 1.0
+)
+MOE_ARGS=(
+    --num-experts 256                   # n_routed_experts
+    --moe-layer-freq "[0]*3+[1]*58"     # first_k_dense_replace = 3
+    --moe-router-topk 8                 # num_experts_per_tok
+    --moe-ffn-hidden-size 2048          # moe_intermediate_size
+    --moe-shared-expert-intermediate-size 2048  # 1 shared expert
+    --moe-router-score-function sigmoid
+    --moe-router-enable-expert-bias     # aux-loss-free balancing
+    --moe-router-bias-update-rate 1e-3  # the report's bias update speed
+    --moe-router-num-groups 8           # node-limited routing: 8 groups (n_group)
+    --moe-router-group-topk 4           #   a token's experts come from 4 of them (topk_group)
+    --moe-router-topk-scaling-factor 2.5  # routed_scaling_factor
+    --moe-router-load-balancing-type seq_aux_loss
+    --moe-aux-loss-coeff 1e-4           # the report's sequence-wise balance factor
+    --moe-router-dtype fp32
+    --moe-token-dispatcher-type alltoall
+    --mtp-num-layers 1                  # num_nextn_predict_layers
+    --mtp-loss-scaling-factor 0.3       # the report: 0.3 for the first 10T tokens, then 0.1
+)
+TRAINING_ARGS=(
+    --bf16                              # the report trains in FP8; bf16 here
+    --micro-batch-size "${MICRO_BATCH_SIZE:-1}"
+    --global-batch-size "${GLOBAL_BATCH_SIZE:-15360}"  # the report's final batch (ramped from 3072)
+    --train-iters "${TRAIN_ITERS:-235000}"             # ~14.8T tokens at 15360 x 4K
+    --optimizer adam                    # AdamW
+    --lr 2.2e-4
+    --min-lr 2.2e-5
+    --lr-decay-style cosine
+    --lr-warmup-iters 2000
+    --weight-decay 0.1
+    --adam-beta1 0.9
+    --adam-beta2 0.95
+    --clip-grad 1.0
+    --seed 1234
+    --recompute-granularity full        # keep only each layer's input; recompute in backward
+    --recompute-method uniform
+    --recompute-num-layers 1
+    --eval-interval "${EVAL_INTERVAL:-1000}"
+    --eval-iters 10
+)
+
+source examples/launch.sh
+launch "${MODEL_ARGS[@]}" "${MLA_ARGS[@]}" "${MOE_ARGS[@]}" "${TRAINING_ARGS[@]}"

@@ -1,0 +1,394 @@
+"""Command-line arguments with Megatron-LM's flag names, and the checks that run before any
+process group exists.
+
+Model flags are named after megatron-core's TransformerConfig fields (Megatron-LM's convention), so
+:func:`transformer_config_from_args` passes every flag whose name is a config field straight through;
+the few flags Megatron-LM names differently are mapped in ``_CONFIG_RENAMES``.
+"""
+
+import argparse
+import dataclasses
+import os
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+from megatron_r1.compat import transformer_engine_installed
+from megatron_r1.tokenizer import add_tokenizer_arguments
+
+# Megatron-LM flag dest -> megatron-core TransformerConfig field.
+_CONFIG_RENAMES = {
+    "num_experts": "num_moe_experts",
+    "norm_epsilon": "layernorm_epsilon",
+}
+
+
+def _int_or_list(value: str):
+    """--moe-layer-freq: an int (every Nth layer is MoE) or a Python list such as "[0]*1+[1]*3"."""
+    if value.strip().startswith("["):
+        try:
+            pattern = eval(value, {"__builtins__": {}})  # list arithmetic only, no names
+        except Exception as error:
+            raise argparse.ArgumentTypeError(f"cannot parse layer pattern {value!r}: {error}")
+        if not (isinstance(pattern, list) and all(x in (0, 1) for x in pattern)):
+            raise argparse.ArgumentTypeError(f"layer pattern must be a list of 0/1, got {value!r}")
+        return pattern
+    return int(value)
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--num-layers", type=int, default=2)
+    model.add_argument("--hidden-size", type=int, default=128)
+    model.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 * hidden")
+    model.add_argument("--num-attention-heads", type=int, default=4)
+    model.add_argument("--group-query-attention", action="store_true")
+    model.add_argument("--num-query-groups", type=int, default=None)
+    model.add_argument("--kv-channels", type=int, default=None)
+    model.add_argument("--seq-length", type=int, default=128)
+    model.add_argument("--max-position-embeddings", type=int, default=None)
+    model.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="RMSNorm")
+    model.add_argument("--norm-epsilon", type=float, default=1e-6)
+    model.add_argument("--swiglu", action="store_true", help="SwiGLU MLPs (gated SiLU)")
+    model.add_argument("--disable-bias-linear", action="store_true")
+    model.add_argument("--position-embedding-type", choices=["rope", "learned_absolute", "none"], default="rope")
+    model.add_argument("--rotary-base", type=int, default=10000)
+    model.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    model.add_argument("--window-size", type=int, nargs=2, default=None, metavar=("LEFT", "RIGHT"),
+                       help="sliding-window attention; (LEFT, 0) for causal models")
+    model.add_argument("--hidden-dropout", type=float, default=0.0)
+    model.add_argument("--attention-dropout", type=float, default=0.0)
+    model.add_argument("--init-method-std", type=float, default=0.02)
+    model.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    model.add_argument("--vocab-size", type=int, default=None,
+                       help="with --mock-data and no tokenizer: the vocabulary size")
+
+    mla = parser.add_argument_group("multi-latent attention")
+    mla.add_argument("--multi-latent-attention", action="store_true")
+    mla.add_argument("--q-lora-rank", type=int, default=None, help="None: no q compression")
+    mla.add_argument("--kv-lora-rank", type=int, default=32)
+    mla.add_argument("--qk-head-dim", type=int, default=32)
+    mla.add_argument("--qk-pos-emb-head-dim", type=int, default=16)
+    mla.add_argument("--v-head-dim", type=int, default=32)
+    mla.add_argument("--rope-type", choices=["rope", "yarn"], default="rope")
+    mla.add_argument("--rotary-scaling-factor", type=float, default=1.0)
+    mla.add_argument("--original-max-position-embeddings", type=int, default=None)
+    mla.add_argument("--beta-fast", type=float, default=32)
+    mla.add_argument("--beta-slow", type=float, default=1)
+    mla.add_argument("--mscale", type=float, default=1.0)
+    mla.add_argument("--mscale-all-dim", type=float, default=0.0)
+
+    moe = parser.add_argument_group("mixture of experts")
+    moe.add_argument("--num-experts", type=int, default=None)
+    moe.add_argument("--moe-ffn-hidden-size", type=int, default=None)
+    moe.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
+    moe.add_argument("--moe-layer-freq", type=_int_or_list, default=1,
+                     help='int, or a 0/1 pattern such as "[0]*1+[1]*3" (first layer dense)')
+    moe.add_argument("--moe-router-topk", type=int, default=2)
+    moe.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default="softmax")
+    moe.add_argument("--moe-router-pre-softmax", action="store_true")
+    moe.add_argument("--moe-router-num-groups", type=int, default=None)
+    moe.add_argument("--moe-router-group-topk", type=int, default=None)
+    moe.add_argument("--moe-router-topk-scaling-factor", type=float, default=None)
+    moe.add_argument("--moe-router-load-balancing-type", default="aux_loss",
+                     choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"])
+    moe.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    moe.add_argument("--moe-z-loss-coeff", type=float, default=None)
+    moe.add_argument("--moe-router-enable-expert-bias", action="store_true",
+                     help="aux-loss-free load balancing (DeepSeek-V3)")
+    moe.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
+    moe.add_argument("--moe-router-dtype", choices=["fp32", "fp64"], default=None)
+    moe.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="allgather")
+    moe.add_argument("--moe-expert-capacity-factor", type=float, default=None,
+                     help="None: dropless")
+    moe.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
+    moe.add_argument("--moe-token-drop-policy", choices=["probs", "position"], default="probs")
+    moe.add_argument("--moe-grouped-gemm", action="store_true", help="CUDA grouped_gemm package")
+    moe.add_argument("--mtp-num-layers", type=int, default=None)
+    moe.add_argument("--mtp-loss-scaling-factor", type=float, default=0.1)
+
+    model.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
+                       help="layer implementation; default: transformer_engine when it is installed and CUDA "
+                            "is available, else local (megatron-core modules + megatron_r1.layers)")
+    model.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
+                       help="FP8 training through TransformerEngine")
+
+    parallel = parser.add_argument_group("parallelism")
+    parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parallel.add_argument("--expert-model-parallel-size", type=int, default=1)
+    parallel.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                          help="default: the tensor-parallel size")
+    parallel.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                          help="interleaved 1F1B: each rank holds num_layers / (PP x this) model chunks")
+    parallel.add_argument("--sequence-parallel", action="store_true")
+    parallel.add_argument("--use-distributed-optimizer", action="store_true")
+    parallel.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    parallel.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
+    parallel.add_argument("--recompute-num-layers", type=int, default=None)
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--micro-batch-size", type=int, default=2)
+    training.add_argument("--global-batch-size", type=int, default=None,
+                          help="default: micro-batch size x data-parallel size")
+    training.add_argument("--train-iters", type=int, default=20)
+    training.add_argument("--seed", type=int, default=1234)
+    training.add_argument("--seq-length-curriculum", nargs="+", default=None, metavar="LENGTH:FROM_ITER",
+                          help="e.g. 256:0 2048:1000 8192:5000; each LENGTH divides --seq-length, whose samples "
+                               "are cut into LENGTH-token sequences (same tokens per step)")
+    training.add_argument("--bf16", action="store_true", help="bf16 mixed precision (fp32 master weights)")
+    training.add_argument("--optimizer", choices=["adam", "lion"], default="adam",
+                          help="adam: AdamW (decoupled weight decay); lion: Lion")
+    training.add_argument("--weight-decay", type=float, default=0.01)
+    training.add_argument("--clip-grad", type=float, default=1.0)
+    training.add_argument("--adam-beta1", type=float, default=0.9)
+    training.add_argument("--adam-beta2", type=float, default=0.95)
+    training.add_argument("--adam-eps", type=float, default=1e-8)
+    training.add_argument("--lion-beta1", type=float, default=0.9)
+    training.add_argument("--lion-beta2", type=float, default=0.99)
+    training.add_argument("--label-smoothing", type=float, default=0.0,
+                          help="of the training LM loss (validation loss stays plain cross entropy)")
+
+    lr = parser.add_argument_group("learning rate")
+    lr.add_argument("--lr", type=float, default=3e-4)
+    lr.add_argument("--min-lr", type=float, default=0.0)
+    lr.add_argument("--lr-decay-style", default="cosine",
+                    choices=["constant", "linear", "cosine", "cosine-warm-restarts", "inverse-square-root", "WSD"])
+    lr.add_argument("--lr-warmup-iters", type=int, default=0)
+    lr.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    lr.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    lr.add_argument("--lr-wsd-decay-style", choices=["exponential", "linear", "cosine"], default="exponential")
+    lr.add_argument("--lr-restart-iters", type=int, default=None,
+                    help="cosine-warm-restarts: length of the first cycle after warmup")
+    lr.add_argument("--lr-restart-mult", type=float, default=1.0,
+                    help="cosine-warm-restarts: each cycle is this many times longer than the last")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-path", nargs="*", default=None,
+                      help="indexed-dataset prefixes, optionally weighted: 0.45 zh_text_document 0.55 en_...")
+    data.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
+    data.add_argument("--mock-data", action="store_true", help="synthetic data, for smoke runs")
+    data.add_argument("--data-cache-path", default=None)
+    add_tokenizer_arguments(parser, required=False)
+
+    checkpoint = parser.add_argument_group("checkpointing")
+    checkpoint.add_argument("--save", default=None, help="checkpoint directory to write")
+    checkpoint.add_argument("--save-interval", type=int, default=None, help="iterations between checkpoints")
+    checkpoint.add_argument("--load", default=None,
+                            help="checkpoint directory to resume from (default: --save, so rerunning resumes)")
+    checkpoint.add_argument("--ckpt-step", type=int, default=None, help="load this iteration, not the latest")
+    checkpoint.add_argument("--no-load-optim", action="store_true", help="do not load the optimizer state")
+    checkpoint.add_argument("--no-load-rng", action="store_true", help="do not load the RNG states")
+    checkpoint.add_argument("--finetune", action="store_true",
+                            help="load weights only: iteration, data position, optimizer and schedule start anew")
+    checkpoint.add_argument("--keep-last-n", type=int, default=None, help="delete older checkpoints than the last N")
+    checkpoint.add_argument("--override-opt-param-scheduler", action="store_true",
+                            help="on resume, take the LR/WD schedule from the flags, not the checkpoint")
+    checkpoint.add_argument("--exit-interval", type=int, default=None,
+                            help="save (with --save) and exit after an iteration divisible by this")
+
+    logging = parser.add_argument_group("logging and evaluation")
+    logging.add_argument("--log-interval", type=int, default=1)
+    logging.add_argument("--eval-interval", type=int, default=None, help="default: no evaluation")
+    logging.add_argument("--eval-iters", type=int, default=2)
+    logging.add_argument("--skip-train", action="store_true", help="only evaluate the (loaded) model")
+    logging.add_argument("--tensorboard-dir", default=None)
+    logging.add_argument("--metrics-port", type=int, default=None,
+                         help="serve Prometheus /metrics on this port from the logging (last) rank")
+    return parser
+
+
+def parse_args(description: str, argv=None) -> argparse.Namespace:
+    parser = build_parser(description)
+    args = parser.parse_args(argv)
+    validate_args(args, parser.error)
+    return args
+
+
+def validate_args(args, error) -> None:
+    """Fill derived values and reject inconsistent layouts with one line naming the flags; runs
+    before any process group exists, so a bad launch fails in seconds on every rank alike."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
+    if world_size % (tp * pp):
+        error(f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+              f"--pipeline-model-parallel-size ({pp})")
+    args.data_parallel_size = world_size // (tp * pp)
+    args.world_size = world_size
+    if args.num_attention_heads % tp:
+        error(f"--num-attention-heads ({args.num_attention_heads}) is not divisible by "
+              f"--tensor-model-parallel-size ({tp})")
+    if args.group_query_attention or args.num_query_groups:
+        args.num_query_groups = args.num_query_groups or args.num_attention_heads
+        if args.num_query_groups % tp:
+            error(f"--num-query-groups ({args.num_query_groups}) is not divisible by "
+                  f"--tensor-model-parallel-size ({tp})")
+    if args.num_layers % pp:
+        error(f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp})")
+    args.virtual_pipeline_model_parallel_size = None
+    if args.num_layers_per_virtual_pipeline_stage:
+        layers_per_stage = args.num_layers // pp
+        if pp == 1 or layers_per_stage % args.num_layers_per_virtual_pipeline_stage:
+            error(f"--num-layers-per-virtual-pipeline-stage ({args.num_layers_per_virtual_pipeline_stage}) needs "
+                  f"--pipeline-model-parallel-size > 1 and must divide the {layers_per_stage} layers per stage")
+        vpp = layers_per_stage // args.num_layers_per_virtual_pipeline_stage
+        args.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
+    if isinstance(args.moe_layer_freq, list) and len(args.moe_layer_freq) != args.num_layers:
+        error(f"--moe-layer-freq pattern has {len(args.moe_layer_freq)} entries, --num-layers is {args.num_layers}")
+    if args.num_experts:
+        if args.num_experts % ep:
+            error(f"--num-experts ({args.num_experts}) is not divisible by --expert-model-parallel-size ({ep})")
+        etp = args.expert_tensor_parallel_size or tp
+        if world_size % (etp * ep * pp):
+            error(f"world size {world_size} is not divisible by --expert-tensor-parallel-size ({etp}) x "
+                  f"--expert-model-parallel-size ({ep}) x --pipeline-model-parallel-size ({pp})")
+        if tp > 1 and not args.sequence_parallel:
+            error("MoE with --tensor-model-parallel-size > 1 requires --sequence-parallel")
+        if not args.disable_bias_linear:
+            # megatron-core 0.16's expert MLP adds its bias in place on an autograd view.
+            error("--num-experts requires --disable-bias-linear (expert biases are not supported)")
+        if args.moe_grouped_gemm and not torch.cuda.is_available():
+            error("--moe-grouped-gemm needs CUDA (the grouped_gemm package); leave it off on CPU")
+    elif ep > 1:
+        error("--expert-model-parallel-size > 1 needs --num-experts")
+    if args.multi_latent_attention and tp > 1 and not args.sequence_parallel:
+        error("--multi-latent-attention with --tensor-model-parallel-size > 1 requires --sequence-parallel")
+    te_usable = transformer_engine_installed() and torch.cuda.is_available()
+    if args.transformer_impl is None:
+        args.transformer_impl = "transformer_engine" if te_usable else "local"
+    if args.transformer_impl == "transformer_engine" and not te_usable:
+        error("--transformer-impl transformer_engine needs CUDA and TransformerEngine (pip install -e .[gpu])")
+    if args.fp8_format and args.transformer_impl != "transformer_engine":
+        error("--fp8-format needs --transformer-impl transformer_engine (CUDA + TransformerEngine)")
+    if args.sequence_parallel and tp == 1:
+        args.sequence_parallel = False  # nothing to split; as Megatron-LM does
+    if args.mtp_num_layers and args.position_embedding_type == "learned_absolute":
+        error("--mtp-num-layers needs --position-embedding-type rope")
+
+    per_step = args.micro_batch_size * args.data_parallel_size
+    args.global_batch_size = args.global_batch_size or per_step
+    if args.global_batch_size % per_step:
+        error(f"--global-batch-size ({args.global_batch_size}) is not divisible by --micro-batch-size "
+              f"({args.micro_batch_size}) x data-parallel size ({args.data_parallel_size})")
+    args.num_microbatches = args.global_batch_size // per_step
+    if args.virtual_pipeline_model_parallel_size and args.num_microbatches % pp:
+        error(f"interleaved pipelining needs the number of micro-batches ({args.num_microbatches} = "
+              f"--global-batch-size / (--micro-batch-size x data-parallel size)) divisible by "
+              f"--pipeline-model-parallel-size ({pp})")
+    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    if args.seq_length_curriculum:
+        args.seq_length_curriculum = _parse_curriculum(args, error)
+    args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    if args.lr_decay_style == "cosine-warm-restarts" and not args.lr_restart_iters:
+        error("--lr-decay-style cosine-warm-restarts needs --lr-restart-iters")
+    if args.lr_decay_style == "WSD" and not args.lr_wsd_decay_iters:
+        error("--lr-decay-style WSD needs --lr-wsd-decay-iters")
+    if not 0.0 <= args.label_smoothing < 1.0:
+        error(f"--label-smoothing ({args.label_smoothing}) must be in [0, 1)")
+    if args.lr_warmup_iters > args.lr_decay_iters:
+        error(f"--lr-warmup-iters ({args.lr_warmup_iters}) exceeds --lr-decay-iters ({args.lr_decay_iters})")
+
+    args.load = args.load or args.save
+    if args.save_interval and not args.save:
+        error("--save-interval needs --save DIR")
+    if args.keep_last_n is not None and args.keep_last_n < 1:
+        error(f"--keep-last-n ({args.keep_last_n}) must be at least 1")
+    if args.mock_data:
+        if not (args.tokenizer_model or args.vocab_size):
+            error("--mock-data needs --vocab-size or a tokenizer (--tokenizer-model)")
+    else:
+        if not args.data_path:
+            error("give --data-path PREFIX [...] (indexed datasets from tools/preprocess_data.py) or --mock-data")
+        if not args.tokenizer_model:
+            error("--data-path needs the tokenizer the data was made with: --tokenizer-model")
+        args.data_path = _parse_blend(args.data_path, error)
+    if args.tokenizer_model and not os.path.exists(args.tokenizer_model):
+        error(f"--tokenizer-model {args.tokenizer_model}: no such file or directory")
+
+
+def _parse_curriculum(args, error):
+    """`256:0 2048:1000` -> [(0, 256), (1000, 2048)], checked against --seq-length and TP."""
+    stages = []
+    for entry in args.seq_length_curriculum:
+        try:
+            length, start = (int(part) for part in entry.split(":"))
+        except ValueError:
+            error(f"--seq-length-curriculum: {entry!r} is not LENGTH:FROM_ITER")
+        if length <= 0 or args.seq_length % length:
+            error(f"--seq-length-curriculum: {length} does not divide --seq-length ({args.seq_length})")
+        if args.sequence_parallel and length % args.tensor_model_parallel_size:
+            error(f"--seq-length-curriculum: {length} is not divisible by --tensor-model-parallel-size "
+                  f"({args.tensor_model_parallel_size}) as sequence parallelism needs")
+        stages.append((start, length))
+    stages.sort()
+    if stages[0][0] != 0:
+        error("--seq-length-curriculum: the first stage must start at iteration 0")
+    return stages
+
+
+def current_seq_length(args, iteration: int) -> int:
+    """The sequence length for (0-based) `iteration` under --seq-length-curriculum."""
+    if not args.seq_length_curriculum:
+        return args.seq_length
+    return [length for start, length in args.seq_length_curriculum if start <= iteration][-1]
+
+
+def _parse_blend(tokens, error):
+    """`--data-path a b` or `--data-path 0.4 a 0.6 b` -> (prefixes, weights or None), with every
+    prefix's .bin/.idx checked."""
+    try:
+        weights = [float(t) for t in tokens[0::2]]
+        prefixes = tokens[1::2]
+        if len(weights) != len(prefixes):
+            error(f"--data-path: weights and prefixes must alternate, got {' '.join(tokens)}")
+    except ValueError:
+        weights, prefixes = None, list(tokens)
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            if not os.path.isfile(prefix + suffix):
+                error(f"--data-path: {prefix}{suffix} does not exist")
+    return prefixes, weights
+
+
+def transformer_config_from_args(args, padded_vocab_size: int | None = None) -> TransformerConfig:
+    """A TransformerConfig (MLATransformerConfig with --multi-latent-attention) from the flags:
+    every flag that names a config field passes through."""
+    config_cls = MLATransformerConfig if args.multi_latent_attention else TransformerConfig
+    fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    kwargs = {}
+    for name, value in vars(args).items():
+        field = _CONFIG_RENAMES.get(name, name)
+        if field in fields and value is not None:
+            kwargs[field] = value
+    kwargs.update(
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=not args.disable_bias_linear,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        bf16=args.bf16,
+        window_size=tuple(args.window_size) if args.window_size else None,
+        fp8=args.fp8_format,
+        # Interleaving as Megatron-LM sets it up: with PP=2 both pipeline neighbours are one rank,
+        # and only the unbatched, rank-parity-ordered p2p path matches their messages correctly.
+        overlap_p2p_comm=bool(args.virtual_pipeline_model_parallel_size),
+        batch_p2p_comm=not args.virtual_pipeline_model_parallel_size,
+        # Initialise full weights on CPU and then shard them, so that every parallel layout starts
+        # from the same model for the same seed (megatron-core's use_cpu_initialization).
+        use_cpu_initialization=True,
+        perform_initialization=True,
+    )
+    if not args.multi_latent_attention:
+        for mla_field in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+            kwargs.pop(mla_field, None)
+    elif args.original_max_position_embeddings is None:
+        kwargs["original_max_position_embeddings"] = args.max_position_embeddings
+    if args.num_experts is None:
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith("moe_")}
+    return config_cls(**kwargs)

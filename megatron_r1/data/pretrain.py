@@ -1,0 +1,82 @@
+"""Pre-training data: megatron-core's GPTDataset (blended by --data-path weights, split by
+--split) or MockGPTDataset, read in Megatron-LM's sample order so a run can resume from its
+consumed-sample count."""
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+
+class _TokenIds:
+    """What megatron's GPTDataset reads of a tokenizer: vocab size, eod and pad ids, and the
+    identifiers that go into its index-cache hash."""
+
+    def __init__(self, vocab_size: int, eod: int, pad: int, name: str):
+        self.vocab_size, self.eod, self.pad = vocab_size, eod, pad
+        self.unique_identifiers = {"class": name, "vocab_size": vocab_size, "eod": eod, "pad": pad}
+
+
+def _token_ids(args, tokenizer):
+    if tokenizer is None:  # --mock-data --vocab-size N
+        return _TokenIds(args.vocab_size, eod=args.vocab_size - 1, pad=-1, name="mock")
+    pad = tokenizer.pad if tokenizer.pad is not None else -1
+    return _TokenIds(tokenizer.vocab_size, tokenizer.eod, pad, name=f"{args.tokenizer_type}:{args.tokenizer_model}")
+
+
+def build_datasets(args, tokenizer, train_samples: int, eval_samples: int):
+    """(train, valid) datasets; valid is None when the split leaves no validation data."""
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=None if args.mock_data else args.data_path,
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=_token_ids(args, tokenizer),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mid_level_dataset_surplus=0.005,
+    )
+    dataset_cls = MockGPTDataset if args.mock_data else GPTDataset
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        dataset_cls, [train_samples, eval_samples, 0], lambda: True, config
+    ).build()
+    return train, valid
+
+
+class MicroBatches:
+    """Micro-batches of this data-parallel rank, in Megatron-LM's order: each global step takes the
+    next ``micro_batch_size * dp_size`` samples per micro-batch and this rank its slice.
+
+    ``seq_length`` below the dataset's sample length (a sequence-length curriculum) cuts every sample
+    into ``sample_length / seq_length`` independent sequences: the same tokens per step, and the
+    data position (consumed samples) moves exactly as at full length."""
+
+    def __init__(self, dataset, micro_batch_size: int, consumed_samples: int = 0, cycle: bool = False):
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.consumed_samples = consumed_samples
+        self.cycle = cycle
+        self.seq_length = None  # None: the samples' own length
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        stride = self.micro_batch_size * self.dp_size
+        if self.consumed_samples + stride > len(self.dataset):
+            if not self.cycle:
+                raise StopIteration
+            self.consumed_samples = 0
+        start = self.consumed_samples + self.dp_rank * self.micro_batch_size
+        samples = [self.dataset[i] for i in range(start, start + self.micro_batch_size)]
+        self.consumed_samples += stride
+        batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in ("tokens", "labels", "loss_mask")}
+        length = self.seq_length or batch["tokens"].shape[1]
+        batch = {key: value.reshape(-1, length) for key, value in batch.items()}
+        batch["position_ids"] = torch.arange(length).expand_as(batch["tokens"])
+        return batch

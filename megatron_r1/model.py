@@ -1,0 +1,115 @@
+"""Model construction: a megatron-core GPTModel from a TransformerConfig plus layer specs.
+
+The specs are megatron-core's local ones (dense layers first, then MoE layers per
+``moe_layer_freq``; MLA or GQA attention; MTP block), with three substitutions where the local
+modules do not fit:
+
+- norms: :class:`~megatron_r1.layers.SequenceParallelTorchNorm` (the local torch norm refuses
+  sequence parallelism, which MoE with TP requires);
+- core attention: :class:`~megatron_r1.layers.SDPACoreAttention` (MLA's q/k and v head dims differ);
+- MLA's q/kv down-projections: a TP-duplicated linear. As a ColumnParallelLinear, the gathered
+  rotary-key slice of linear_kv_down_proj gets no cross-rank gradient sum in backward, so TP > 1
+  trains with silently wrong gradients. Duplicated (with sequence parallelism) the gradients match
+  TP = 1.
+"""
+
+import dataclasses
+
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
+    get_gpt_mtp_block_spec,
+)
+from megatron.core.post_training.modelopt.layers import Linear as DuplicatedLinear
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_r1.compat import fix_megatron_without_transformer_engine
+from megatron_r1.layers import SDPACoreAttention, SequenceParallelTorchNorm
+
+_MODULE_SUBSTITUTES = {
+    WrappedTorchNorm: SequenceParallelTorchNorm,
+    DotProductAttention: SDPACoreAttention,
+}
+
+
+def _substitute(spec):
+    """`spec` (ModuleSpec / submodules dataclass / list / class) with our substitutions applied."""
+    if isinstance(spec, type):
+        return _MODULE_SUBSTITUTES.get(spec, spec)
+    if isinstance(spec, list):
+        return [_substitute(item) for item in spec]
+    if isinstance(spec, ModuleSpec):
+        return dataclasses.replace(
+            spec, module=_substitute(spec.module), submodules=_substitute(spec.submodules)
+        )
+    if dataclasses.is_dataclass(spec):
+        changes = {f.name: _substitute(getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.init}
+        if isinstance(spec, MLASelfAttentionSubmodules):
+            changes.update(linear_q_down_proj=DuplicatedLinear, linear_kv_down_proj=DuplicatedLinear)
+        return dataclasses.replace(spec, **changes)
+    return spec
+
+
+def decoder_block_spec(config: TransformerConfig, vp_stage=None, use_transformer_engine=False):
+    """TransformerEngine's spec as megatron-core defines it, or the local spec with our substitutions."""
+    spec = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=use_transformer_engine, normalization=config.normalization, vp_stage=vp_stage
+    )
+    return spec if use_transformer_engine else _substitute(spec)
+
+
+def mtp_block_spec(config: TransformerConfig, block_spec, vp_stage=None, use_transformer_engine=False):
+    """The multi-token-prediction block for this pipeline stage (None where it has no MTP layer)."""
+    if not config.mtp_num_layers:
+        return None
+    spec = get_gpt_mtp_block_spec(config, block_spec, use_transformer_engine=use_transformer_engine, vp_stage=vp_stage)
+    return spec if use_transformer_engine else _substitute(spec)
+
+
+class LabelSmoothedGPTModel(GPTModel):
+    """megatron-core's GPTModel whose training LM (and MTP) loss uses label smoothing; in eval mode
+    the loss is plain cross entropy, so validation perplexity stays comparable."""
+
+    def __init__(self, *args, label_smoothing: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.label_smoothing = label_smoothing
+
+    def compute_language_model_loss(self, labels, logits):
+        if not (self.training and self.label_smoothing > 0):
+            return super().compute_language_model_loss(labels, logits)
+        loss = tensor_parallel.vocab_parallel_cross_entropy(
+            logits, labels.transpose(0, 1).contiguous(), label_smoothing=self.label_smoothing
+        )
+        return loss.transpose(0, 1).contiguous()
+
+
+def build_gpt_model(
+    config: TransformerConfig,
+    vocab_size: int,
+    max_sequence_length: int,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage=None,
+    label_smoothing: float = 0.0,
+    use_transformer_engine: bool = False,
+    **gpt_kwargs,
+) -> GPTModel:
+    fix_megatron_without_transformer_engine()
+    block_spec = decoder_block_spec(config, vp_stage=vp_stage, use_transformer_engine=use_transformer_engine)
+    return LabelSmoothedGPTModel(
+        config=config,
+        transformer_layer_spec=block_spec,
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        mtp_block_spec=mtp_block_spec(config, block_spec, vp_stage, use_transformer_engine),
+        vp_stage=vp_stage,
+        label_smoothing=label_smoothing,
+        **gpt_kwargs,
+    )

@@ -1,0 +1,124 @@
+"""Optimizer and learning-rate schedule.
+
+megatron-core builds the optimizer stack (fp32 master weights for bf16, gradient clipping,
+distributed optimizer). It knows Adam and SGD; for Lion the same stack is built and its inner
+torch optimizer, which holds the (master) parameter groups, is replaced by :class:`Lion`.
+"""
+
+import math
+
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"):
+    ``update = sign(beta1 * m + (1 - beta1) * g)``, ``p -= lr * (update + wd * p)``,
+    ``m = beta2 * m + (1 - beta2) * g``. One state tensor per parameter (Adam keeps two)."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(param)
+                    # A per-parameter step count, as torch's optimizers keep (megatron's checkpointing
+                    # of the distributed optimizer reads it).
+                    state["step"] = torch.tensor(0.0)
+                state["step"] += 1
+                exp_avg = state["exp_avg"]
+                update = exp_avg.mul(beta1).add_(param.grad, alpha=1 - beta1).sign_()
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(update, alpha=-group["lr"])
+                exp_avg.mul_(beta2).add_(param.grad, alpha=1 - beta2)
+        return loss
+
+
+def _init_lion_state(optimizer, config=None):
+    """Lion's state before the first step (the distributed optimizer's checkpointing needs it)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            optimizer.state[param].setdefault("exp_avg", torch.zeros_like(param.data))
+            optimizer.state[param].setdefault("step", torch.tensor(0.0))
+
+
+def build_optimizer(args, model_chunks):
+    """Weight decay applies to matrices only: megatron-core's default parameter groups exempt
+    biases and 1-D parameters (norm weights)."""
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        params_dtype=model_chunks[0].config.params_dtype,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(config, model_chunks)
+    if args.optimizer == "lion":
+        for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+            # The groups keep megatron's keys (wd_mult, is_expert_parallel, ...); Adam's betas go.
+            betas = (args.lion_beta1, args.lion_beta2)
+            groups = [{**group, "betas": betas} for group in wrapper.optimizer.param_groups]
+            wrapper.optimizer = Lion(groups, lr=args.lr, betas=betas, weight_decay=args.weight_decay)
+            wrapper.init_state_fn = _init_lion_state
+    return optimizer
+
+
+class ParamScheduler(OptimizerParamScheduler):
+    """megatron-core's schedules (constant, linear, cosine, inverse-square-root, WSD) plus cosine
+    with warm restarts (SGDR, Loshchilov & Hutter 2017): after warmup, cosine cycles from the max
+    to the min LR, the first ``restart_iters`` long and each next one ``restart_mult`` times longer."""
+
+    def __init__(self, *args, restart_iters=None, restart_mult=1.0, **kwargs):
+        self.restart_iters = restart_iters
+        self.restart_mult = restart_mult
+        super().__init__(*args, **kwargs)
+
+    def get_lr(self, param_group: dict) -> float:
+        in_warmup = self.lr_warmup_steps > 0 and self.num_steps <= self.lr_warmup_steps
+        if self.lr_decay_style != "cosine-warm-restarts" or in_warmup:
+            return super().get_lr(param_group)
+        max_lr = param_group.get("max_lr", self.max_lr)
+        min_lr = param_group.get("min_lr", self.min_lr)
+        position, cycle = self.num_steps - self.lr_warmup_steps, self.restart_iters
+        while position >= cycle:
+            position -= cycle
+            cycle *= self.restart_mult
+        return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * position / cycle))
+
+
+def build_scheduler(args, optimizer):
+    return ParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+        wsd_decay_steps=args.lr_wsd_decay_iters,
+        lr_wsd_decay_style=args.lr_wsd_decay_style,
+        restart_iters=args.lr_restart_iters,
+        restart_mult=args.lr_restart_mult,
+        # As Megatron-LM: a resumed schedule must match the flags, unless overridden.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+    )

@@ -1,0 +1,214 @@
+"""Run megatron-core on a machine without CUDA (CPU + gloo).
+
+megatron-core 0.16 assumes a CUDA device throughout: it allocates on ``torch.cuda.current_device()``,
+checks tensor type names such as ``'torch.cuda.FloatTensor'``, seeds and forks the CUDA RNG, and
+synchronises CUDA streams. On a machine where ``torch.cuda.is_available()`` is False,
+:func:`use_cpu_if_no_cuda` redirects those few sources of the device choice to the CPU, so that the
+unmodified megatron-core code path (models, schedules, DDP, optimizers, dist_checkpointing) runs on
+CPU with the gloo backend. On a CUDA machine it does nothing at all.
+
+Every workaround lives here, each tied to the megatron-core site it serves (see
+``shared/notes/megatron-core-on-cpu.md`` in the project for the measured failure list).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+
+_active = False
+
+
+def cuda_absent() -> bool:
+    return not torch.cuda.is_available()
+
+
+def use_cpu_if_no_cuda() -> bool:
+    """Make megatron-core run on CPU when CUDA is absent; a no-op on a CUDA machine.
+
+    Call before importing/using megatron-core models. Idempotent. Returns True when the CPU runtime
+    is active.
+    """
+    global _active
+    if _active:
+        return True
+    if not cuda_absent():
+        return False
+    _redirect_cuda_device_queries()
+    _redirect_cuda_factory_literals()
+    _report_cpu_tensors_as_device_tensors()
+    _use_cpu_generator_for_cuda_rng()
+    _fix_megatron_sites()
+    _active = True
+    return True
+
+
+def is_active() -> bool:
+    return _active
+
+
+def _redirect_cuda_device_queries():
+    """megatron-core allocates with ``device=torch.cuda.current_device()`` (~40 sites) and syncs
+    with ``torch.cuda.synchronize()``; on CPU the current device is the CPU and there is nothing to
+    synchronise. Streams and events map onto torch.cpu's stream (a no-op stream)."""
+    cpu = torch.device("cpu")
+    torch.cuda.current_device = lambda: cpu
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.empty_cache = lambda: None
+    torch.cuda.current_stream = lambda device=None: torch.cpu.current_stream()
+    torch.cuda.default_stream = lambda device=None: torch.cpu.current_stream()
+    torch.cuda.Stream = _CPUStream
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    torch.cuda.Event = _CPUEvent
+    torch.cuda.nvtx.range_push = lambda msg: None
+    torch.cuda.nvtx.range_pop = lambda: None
+    torch.cuda.memory_allocated = lambda device=None: 0
+    torch.cuda.max_memory_allocated = lambda device=None: 0
+    # Literal `.cuda()` calls (model wrappers, loss-scale buffers) keep tensors where they are.
+    torch.Tensor.cuda = lambda self, device=None, non_blocking=False, **kwargs: self
+    torch.nn.Module.cuda = lambda self, device=None: self
+
+
+_TENSOR_FACTORIES = (
+    "tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint",
+    "zeros_like", "ones_like", "empty_like", "full_like",
+)  # fmt: skip
+
+
+def _redirect_cuda_factory_literals():
+    """Some sites create tensors with a literal ``device="cuda"`` (schedules.py total_num_tokens,
+    clip_grads.py, optimizer.py, transformer/utils.py causal masks). Only the factory functions are
+    wrapped, not every op, so compute pays nothing."""
+    for name in _TENSOR_FACTORIES:
+        setattr(torch, name, _with_cuda_device_on_cpu(getattr(torch, name)))
+
+
+def _with_cuda_device_on_cpu(factory):
+    def factory_on_cpu(*args, **kwargs):
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    factory_on_cpu.__wrapped__ = factory
+    factory_on_cpu.__doc__ = factory.__doc__
+    return factory_on_cpu
+
+
+class _CPUStream:
+    """Stand-in for torch.cuda.Stream: CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event or _CPUEvent()
+
+    def synchronize(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _CPUEvent:
+    """Stand-in for torch.cuda.Event: CPU work is complete when the call returns."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+_CPU_TO_DEVICE_TYPE_NAME = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+def _report_cpu_tensors_as_device_tensors():
+    """The optimizers and grad clipping dispatch on ``param.type() == 'torch.cuda.FloatTensor'``
+    (clip_grads.py, optimizer.py, distrib_optimizer.py). With no CUDA the CPU is the training
+    device, so a bare ``.type()`` of a CPU float tensor answers with the device type name.
+    Conversions (``.type(dtype)``) are untouched."""
+    original_type = torch.Tensor.type
+
+    def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original_type(self)
+            return _CPU_TO_DEVICE_TYPE_NAME.get(name, name)
+        return original_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = tensor_type
+
+
+def _use_cpu_generator_for_cuda_rng():
+    """Dropout and weight init draw from the CPU generator on CPU, so the model-parallel RNG
+    tracker (tensor_parallel/random.py) must save, seed and fork the CPU generator."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    # (torch.cuda.manual_seed_all stays: torch.manual_seed itself calls it.)
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
+        torch.get_rng_state()
+    )
+    mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
+        torch.set_rng_state(new_state)
+    )
+    # fork() warns whenever the CPU generator moved inside a forked region; on CPU that generator
+    # *is* the forked one, so the warning would fire on every dropout.
+    logging.getLogger(mcore_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed" not in record.getMessage()
+    )
+
+
+def _fix_megatron_sites():
+    """Individual megatron-core sites that the redirections above do not reach."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    # The alltoall dispatcher keeps its split sizes as tensors unless they are CUDA tensors
+    # (maybe_move_tensor_to_cpu only converts `is_cuda` tensors), and all_to_all_single wants lists.
+    original_move = moe_utils.maybe_move_tensor_to_cpu
+
+    def move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.numpy()
+        return original_move(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = move_tensor_to_cpu
+
+    # megatron's jit_fuser is torch.compile: on CPU a cold compile costs tens of seconds for no
+    # fused kernel worth having. An explicit TORCHDYNAMO_DISABLE in the environment still wins.
+    if "TORCHDYNAMO_DISABLE" not in os.environ:
+        torch._dynamo.config.disable = True
+
+
+def distributed_backend() -> str:
+    """The process-group backend for this machine: nccl with CUDA, gloo on CPU."""
+    return "gloo" if cuda_absent() else "nccl"

@@ -1,0 +1,290 @@
+"""The pre-training loop: megatron-core's pipeline schedules over DDP-wrapped model chunks, with
+Megatron-LM's iteration log line, evaluation and TensorBoard scalars."""
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+from megatron_r1.arguments import current_seq_length, transformer_config_from_args
+from megatron_r1.checkpointing import save_checkpoint
+from megatron_r1.data.pretrain import MicroBatches, build_datasets
+from megatron_r1.distributed import initialize_distributed
+from megatron_r1.model import build_gpt_model
+from megatron_r1.moe_stats import ExpertLoadTracker
+from megatron_r1.optim import build_optimizer, build_scheduler
+from megatron_r1.tokenizer import build_tokenizer, vocab_size_with_padding
+
+
+@dataclass
+class TrainState:
+    model: list
+    optimizer: object
+    scheduler: object
+    tokenizer: object
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iterations: int = 0
+    nan_iterations: int = 0
+
+
+def setup(args) -> TrainState:
+    """Process groups, tokenizer, model chunks (DDP-wrapped), optimizer and LR schedule."""
+    initialize_distributed(
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        args.expert_model_parallel_size,
+        args.expert_tensor_parallel_size,
+        args.virtual_pipeline_model_parallel_size,
+        seed=args.seed,
+    )
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model) if args.tokenizer_model else None
+    vocab_size = tokenizer.vocab_size if tokenizer else args.vocab_size
+    args.padded_vocab_size = vocab_size_with_padding(
+        vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+    )
+    config = transformer_config_from_args(args)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer
+    )
+    model = []  # one chunk per virtual pipeline stage (one without interleaving)
+    vpp = args.virtual_pipeline_model_parallel_size
+    for vp_stage in range(vpp) if vpp else [None]:
+        chunk = build_gpt_model(
+            config,
+            vocab_size=args.padded_vocab_size,
+            max_sequence_length=args.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            position_embedding_type=args.position_embedding_type,
+            rotary_base=args.rotary_base,
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            label_smoothing=args.label_smoothing,
+            use_transformer_engine=args.transformer_impl == "transformer_engine",
+            vp_stage=vp_stage,
+        )
+        # Later chunks' grads are reduced in one piece, as in Megatron-LM.
+        model.append(DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=len(model) > 0))
+    config.finalize_model_grads_func = finalize_model_grads
+    optimizer = build_optimizer(args, model)
+    return TrainState(model, optimizer, build_scheduler(args, optimizer), tokenizer)
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    per_token_loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+
+    def loss_func(per_token_loss):
+        mask = batch["loss_mask"].float()
+        loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1)
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return per_token_loss, loss_func
+
+
+def _run_schedule(args, state, data_iterators, forward_only):
+    """One global batch through megatron-core's schedule (one data iterator per model chunk); the
+    mean lm loss over micro-batches and data-parallel ranks (last pipeline stage; None elsewhere)."""
+    seq_length = data_iterators[0].seq_length or args.seq_length
+    reduced = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=data_iterators if len(data_iterators) > 1 else data_iterators[0],
+        model=state.model,
+        num_microbatches=args.num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=args.micro_batch_size * args.seq_length // seq_length,
+        forward_only=forward_only,
+    )
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    loss = torch.stack([item["lm loss"] for item in reduced]).mean()
+    torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+    return loss.item() / parallel_state.get_data_parallel_world_size()
+
+
+def _grads_are_finite(model_chunks) -> bool:
+    """Whether every synced gradient on every rank is finite: one pass over the grad buffers and a
+    one-element all-reduce, so all ranks agree on skipping the step."""
+    finite = torch.ones(1, device=torch.cuda.current_device())
+    for chunk in model_chunks:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            finite *= torch.isfinite(buffer.grad_data).all()
+    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def _moe_track_names(args):
+    if not args.num_experts:
+        return []
+    names = {
+        "aux_loss": "load_balancing_loss",
+        "seq_aux_loss": "seq_load_balancing_loss",
+        "global_aux_loss": "global_load_balancing_loss",
+    }
+    balancing = args.moe_router_load_balancing_type in names and args.moe_aux_loss_coeff > 0
+    tracked = [names[args.moe_router_load_balancing_type]] if balancing else []
+    return tracked + (["z_loss"] if args.moe_z_loss_coeff is not None else [])
+
+
+def _auxiliary_losses(args, iteration, writer):
+    """MoE load-balancing / z losses and MTP losses of the last step (collective: every rank)."""
+    losses = {}
+    track_names = _moe_track_names(args)
+    if track_names:
+        track_moe_metrics(
+            loss_scale=1.0 / args.num_microbatches,
+            iteration=iteration,
+            writer=writer,
+            total_loss_dict=losses,
+            force_initialize=True,
+            track_names=track_names,
+            # Sized as the routers size it, so stages without MoE layers join the same reduction.
+            num_layers=args.num_layers + (args.mtp_num_layers or 0),
+            moe_layer_freq=args.moe_layer_freq,
+            mtp_num_layers=args.mtp_num_layers,
+        )
+    if args.mtp_num_layers:
+        MTPLossLoggingHelper.track_mtp_metrics(1.0 / args.num_microbatches, iteration, writer, total_loss_dict=losses)
+    return {name: float(value) for name, value in losses.items()}
+
+
+def is_logging_rank() -> bool:
+    """The last rank holds the last pipeline stage's losses, as in Megatron-LM."""
+    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+
+
+def print_rank_last(message: str) -> None:
+    if is_logging_rank():
+        print(message, flush=True)
+
+
+def evaluate(args, state, valid_data) -> float | None:
+    """Mean validation lm loss over --eval-iters global batches (None off the last stage)."""
+    for chunk in state.model:
+        chunk.eval()
+    losses = []
+    with torch.no_grad():
+        for _ in range(args.eval_iters):
+            losses.append(_run_schedule(args, state, valid_data, forward_only=True))
+    for chunk in state.model:
+        chunk.train()
+    return None if losses[0] is None else sum(losses) / len(losses)
+
+
+def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, metrics=None) -> dict:
+    """Train to --train-iters; returns the last logged figures (for callers and tests). `writer`
+    (TensorBoard) and `metrics` (a MetricsServer) receive them on the logging rank."""
+    # Every model chunk reads the same micro-batch sequence through its own iterator.
+    train_data = [MicroBatches(train_dataset, args.micro_batch_size, state.consumed_samples) for _ in state.model]
+    valid_data = [MicroBatches(valid_dataset, args.micro_batch_size, cycle=True) for _ in state.model] if valid_dataset else None
+    expert_load = None
+    if args.num_experts:
+        expert_load = ExpertLoadTracker(state.model, args.num_layers + (args.mtp_num_layers or 0), args.num_experts)
+    tokens_per_step = args.global_batch_size * args.seq_length
+    last = {}
+    while state.iteration < args.train_iters:
+        start = time.perf_counter()
+        for chunk_data in train_data:
+            chunk_data.seq_length = current_seq_length(args, state.iteration)
+        if expert_load:
+            expert_load.reset()
+        for chunk in state.model:
+            chunk.zero_grad_buffer()
+        state.optimizer.zero_grad()
+        loss = _run_schedule(args, state, train_data, forward_only=False)
+        # A NaN/Inf gradient would poison the weights and optimizer moments: skip the update.
+        if _grads_are_finite(state.model):
+            update_successful, grad_norm, _ = state.optimizer.step()
+        else:
+            update_successful, grad_norm = False, None
+            state.nan_iterations += 1
+        if update_successful:
+            state.scheduler.step(increment=1)
+        else:
+            state.skipped_iterations += 1
+        state.iteration += 1
+        state.consumed_samples += args.global_batch_size
+        elapsed = time.perf_counter() - start
+        aux_losses = _auxiliary_losses(args, state.iteration, writer)
+        load_imbalance = expert_load.collect() if expert_load else {}
+
+        if state.iteration % args.log_interval == 0 and is_logging_rank():
+            learning_rate = state.optimizer.param_groups[0]["lr"]
+            last = {"iteration": state.iteration, "lm loss": loss, "grad norm": grad_norm,
+                    "learning rate": learning_rate, "expert load max/mean": load_imbalance, **aux_losses}  # fmt: skip
+            fields = [
+                f"iteration {state.iteration:8d}/{args.train_iters:8d}",
+                f"consumed samples: {state.consumed_samples:12d}",
+                f"elapsed time per iteration (ms): {elapsed * 1000:.1f}",
+                f"throughput (tokens/s): {tokens_per_step / elapsed:.1f}",
+                f"learning rate: {learning_rate:.6E}",
+                f"global batch size: {args.global_batch_size:5d}",
+                f"lm loss: {loss:.6E}",
+                *(f"{name}: {value:.6E}" for name, value in aux_losses.items()),
+                *([f"expert load max/mean: {max(load_imbalance.values()):.2f}"] if load_imbalance else []),
+                f"grad norm: {grad_norm:.3f}" if grad_norm is not None else "grad norm: n/a",
+                f"number of skipped iterations: {state.skipped_iterations:3d}",
+                f"number of nan iterations: {state.nan_iterations:3d}",
+            ]
+            print(" " + " | ".join(fields) + " |", flush=True)
+            if metrics is not None:
+                metrics.update({**last, "consumed samples": state.consumed_samples, "skipped iterations":
+                                state.skipped_iterations, "nan iterations": state.nan_iterations,
+                                "throughput tokens per second": tokens_per_step / elapsed})  # fmt: skip
+            if writer is not None:
+                for name, value in (("lm loss", loss), ("learning-rate", learning_rate), ("grad-norm", grad_norm),
+                                    ("throughput", tokens_per_step / elapsed)):  # fmt: skip
+                    if value is not None:
+                        writer.add_scalar(name, value, state.iteration)
+                for layer, imbalance in load_imbalance.items():
+                    writer.add_scalar(f"moe/expert_load_max_over_mean_layer_{layer}", imbalance, state.iteration)
+
+        if args.save_interval and state.iteration % args.save_interval == 0:
+            save_checkpoint(args, state)
+        if args.exit_interval and state.iteration % args.exit_interval == 0:
+            print_rank_last(f" exiting at iteration {state.iteration} (--exit-interval {args.exit_interval})")
+            break
+
+        if args.eval_interval and valid_data and (
+            state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters
+        ):
+            valid_loss = evaluate(args, state, valid_data)
+            if is_logging_rank():
+                perplexity = math.exp(min(20.0, valid_loss))
+                last.update({"validation loss": valid_loss, "validation ppl": perplexity})
+                print_rank_last(
+                    f" validation loss at iteration {state.iteration} | lm loss value: {valid_loss:.6E} "
+                    f"| lm loss PPL: {perplexity:.6E} |"
+                )
+                if writer is not None:
+                    writer.add_scalar("lm loss validation", valid_loss, state.iteration)
+                    writer.add_scalar("lm loss validation ppl", perplexity, state.iteration)
+    if args.save and not (args.save_interval and state.iteration % args.save_interval == 0):
+        save_checkpoint(args, state)  # the final state, unless the loop just saved it
+    return last
+
+
+def evaluate_and_print(args, state: TrainState, valid_dataset) -> float | None:
+    """--skip-train: one evaluation of the loaded model."""
+    valid_data = [MicroBatches(valid_dataset, args.micro_batch_size, cycle=True) for _ in state.model]
+    valid_loss = evaluate(args, state, valid_data)
+    if is_logging_rank():
+        print_rank_last(f" validation loss at iteration {state.iteration} | lm loss value: {valid_loss:.6E} "
+                        f"| lm loss PPL: {math.exp(min(20.0, valid_loss)):.6E} |")  # fmt: skip
+    return valid_loss
+
+
+def build_data(args, state: TrainState):
+    eval_samples = 0
+    if args.skip_train:
+        eval_samples = args.eval_iters * args.global_batch_size
+    elif args.eval_interval:
+        eval_samples = (args.train_iters // args.eval_interval + 1) * args.eval_iters * args.global_batch_size
+    return build_datasets(args, state.tokenizer, args.train_iters * args.global_batch_size, eval_samples)

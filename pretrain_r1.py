@@ -1,0 +1,32 @@
+"""Pre-train a DeepSeek-R1/V3-style MoE GPT on megatron-core.
+
+    torchrun --nproc_per_node=N pretrain_r1.py <Megatron-LM style flags>   (see examples/)
+    python pretrain_r1.py --mock-data --vocab-size 1024 ...                 (one CPU process)
+"""
+
+from torch.utils.tensorboard import SummaryWriter
+
+from megatron_r1.arguments import parse_args
+from megatron_r1.checkpointing import load_checkpoint
+from megatron_r1.distributed import destroy_distributed
+from megatron_r1.metrics import MetricsServer
+from megatron_r1.training import build_data, evaluate_and_print, is_logging_rank, print_rank_last, setup, train
+
+
+def main():
+    args = parse_args(__doc__)
+    state = setup(args)
+    if load_checkpoint(args, state):
+        print_rank_last(f" resumed from iteration {state.iteration} ({state.consumed_samples} samples consumed)")
+    train_dataset, valid_dataset = build_data(args, state)
+    writer = SummaryWriter(args.tensorboard_dir) if args.tensorboard_dir and is_logging_rank() else None
+    metrics = MetricsServer(args.metrics_port) if args.metrics_port is not None and is_logging_rank() else None
+    if args.skip_train:
+        evaluate_and_print(args, state, valid_dataset)
+    else:
+        train(args, state, train_dataset, valid_dataset, writer, metrics)
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

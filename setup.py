@@ -1,0 +1,26 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+def read_requirements():
+    lines = Path(__file__).with_name("requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+setup(
+    name="megatron-r1",
+    version="0.1.0",
+    description="Pre-train, fine-tune and export DeepSeek-R1/V3-style MoE models on megatron-core",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_r1", "megatron_r1.*"]),
+    package_data={"megatron_r1": ["assets/*"]},
+    install_requires=read_requirements(),
+    extras_require={
+        # GPU-only accelerations; everything falls back to megatron-core's local implementations without them.
+        "gpu": ["apex", "flash-attn", "transformer-engine[pytorch]"],
+        "dev": ["pytest", "datasketch"],
+    },
+)

@@ -1,0 +1,88 @@
+"""Launch checks run before any process group exists: one clear line naming the flags."""
+
+import pytest
+import torch
+
+from megatron_r1.arguments import parse_args, transformer_config_from_args
+
+TINY = ["--mock-data", "--vocab-size", "256", "--num-layers", "4", "--hidden-size", "64", "--disable-bias-linear",
+        "--num-attention-heads", "4", "--micro-batch-size", "2"]  # fmt: skip
+
+
+def parse_error(argv, capsys, world_size=1, monkeypatch=None):
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args("test", argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "extra, world_size, expected",
+    [
+        (["--num-attention-heads", "6", "--tensor-model-parallel-size", "4"], 4,
+         "--num-attention-heads (6) is not divisible by --tensor-model-parallel-size (4)"),
+        (["--num-experts", "6", "--expert-model-parallel-size", "4"], 4,
+         "--num-experts (6) is not divisible by --expert-model-parallel-size (4)"),
+        (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], 2,
+         "--num-layers (3) is not divisible by --pipeline-model-parallel-size (2)"),
+        (["--global-batch-size", "6"], 2,
+         "--global-batch-size (6) is not divisible by --micro-batch-size (2) x data-parallel size (2)"),
+        (["--tensor-model-parallel-size", "3"], 4,
+         "world size 4 is not divisible by --tensor-model-parallel-size (3) x --pipeline-model-parallel-size (1)"),
+        (["--num-experts", "4", "--tensor-model-parallel-size", "2"], 2,
+         "MoE with --tensor-model-parallel-size > 1 requires --sequence-parallel"),
+        (["--multi-latent-attention", "--tensor-model-parallel-size", "2"], 2,
+         "--multi-latent-attention with --tensor-model-parallel-size > 1 requires --sequence-parallel"),
+        (["--moe-layer-freq", "[0]+[1]*2", "--num-experts", "4"], 1,
+         "--moe-layer-freq pattern has 3 entries, --num-layers is 4"),
+        (["--num-layers-per-virtual-pipeline-stage", "1", "--pipeline-model-parallel-size", "2",
+          "--global-batch-size", "2"], 2,
+         "interleaved pipelining needs the number of micro-batches (1 = --global-batch-size / (--micro-batch-size"
+         " x data-parallel size)) divisible by --pipeline-model-parallel-size (2)"),
+        (["--fp8-format", "e4m3", "--transformer-impl", "local"], 1,
+         "--fp8-format needs --transformer-impl transformer_engine (CUDA + TransformerEngine)"),
+        (["--seq-length", "128", "--seq-length-curriculum", "48:0"], 1,
+         "--seq-length-curriculum: 48 does not divide --seq-length (128)"),
+    ],
+)
+def test_inconsistent_layouts_are_rejected_naming_the_flags(extra, world_size, expected, capsys, monkeypatch):
+    line = parse_error(TINY + extra, capsys, world_size, monkeypatch)
+    assert line.endswith(expected), line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only expectation")
+def test_cpu_defaults_to_the_local_implementation(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert parse_args("test", TINY).transformer_impl == "local"
+    line = parse_error(TINY + ["--transformer-impl", "transformer_engine"], capsys, 1, monkeypatch)
+    assert line.endswith("--transformer-impl transformer_engine needs CUDA and TransformerEngine (pip install -e .[gpu])")
+
+
+def test_missing_data_files_are_named(tmp_path, capsys, monkeypatch):
+    model = tmp_path / "tok.model"
+    model.write_bytes(b"")
+    (tmp_path / "corpus_text_document.bin").write_bytes(b"")
+    prefix = str(tmp_path / "corpus_text_document")
+    argv = [a for a in TINY if a != "--mock-data"] + ["--tokenizer-model", str(model), "--data-path", "0.5", prefix,
+                                                     "0.5", str(tmp_path / "missing")]  # fmt: skip
+    line = parse_error(argv, capsys, 1, monkeypatch)
+    assert line.endswith(f"--data-path: {prefix}.idx does not exist"), line
+
+
+def test_deepseek_flags_reach_the_transformer_config(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = parse_args("test", TINY + [
+        "--swiglu", "--disable-bias-linear", "--multi-latent-attention", "--kv-lora-rank", "16",
+        "--num-experts", "8", "--moe-layer-freq", "[0]+[1]*3", "--moe-router-score-function", "sigmoid",
+        "--moe-router-enable-expert-bias", "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
+        "--moe-router-topk-scaling-factor", "2.5", "--mtp-num-layers", "1", "--norm-epsilon", "1e-5",
+        "--window-size", "32", "0",
+    ])  # fmt: skip
+    config = transformer_config_from_args(args)
+    assert type(config).__name__ == "MLATransformerConfig"
+    assert (config.num_moe_experts, config.moe_layer_freq, config.kv_lora_rank) == (8, [0, 1, 1, 1], 16)
+    assert config.moe_router_score_function == "sigmoid" and config.moe_router_enable_expert_bias
+    assert (config.moe_router_num_groups, config.moe_router_group_topk) == (4, 2)
+    assert config.mtp_num_layers == 1 and config.layernorm_epsilon == 1e-5
+    assert config.gated_linear_unit and not config.add_bias_linear and config.window_size == (32, 0)

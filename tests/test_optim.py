@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from megatron_r1.optim import Lion, ParamScheduler
+
+
+def test_lion_follows_the_published_update_rule():
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(5))
+    reference, momentum = param.detach().clone(), torch.zeros(5)
+    optimizer = Lion([param], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
+    for _ in range(3):
+        grad = torch.randn(5)
+        param.grad = grad.clone()
+        optimizer.step()
+        update = torch.sign(0.9 * momentum + 0.1 * grad)
+        reference = reference * (1 - 0.1 * 0.5) - 0.1 * update
+        momentum = 0.99 * momentum + 0.01 * grad
+        assert torch.allclose(param.detach(), reference, atol=1e-6)
+    assert torch.allclose(optimizer.state[param]["exp_avg"], momentum, atol=1e-6)
+
+
+class _StubOptimizer:
+    def __init__(self):
+        self.param_groups = [{"lr": 0.0, "weight_decay": 0.0}]
+
+
+def test_cosine_warm_restarts_schedule():
+    scheduler = ParamScheduler(
+        _StubOptimizer(), init_lr=0.0, max_lr=1.0, min_lr=0.0, lr_warmup_steps=2, lr_decay_steps=100,
+        lr_decay_style="cosine-warm-restarts", start_wd=0.0, end_wd=0.0, wd_incr_steps=100,
+        wd_incr_style="constant", restart_iters=4, restart_mult=2.0,
+    )  # fmt: skip
+    lrs = []
+    for _ in range(14):
+        scheduler.step(increment=1)
+        lrs.append(scheduler.optimizer.param_groups[0]["lr"])
+    # warmup 0.5, 1.0; first cycle of 4 steps; restart to max; second cycle of 8 steps.
+    cycle = lambda position, length: 0.5 * (1 + math.cos(math.pi * position / length))  # noqa: E731
+    expected = [0.5, 1.0, cycle(1, 4), cycle(2, 4), cycle(3, 4), 1.0] + [cycle(i, 8) for i in range(1, 8)] + [1.0]
+    assert lrs == pytest.approx(expected)
+
+
+def test_lion_replaces_adam_inside_megatron_optimizer_stack(monkeypatch):
+    """Lion's first step moves every weight with a gradient by exactly +-lr (sign update, m = 0)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_r1.arguments import parse_args, transformer_config_from_args
+    from megatron_r1.distributed import destroy_distributed, initialize_distributed
+    from megatron_r1.model import build_gpt_model
+    from megatron_r1.optim import build_optimizer
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = parse_args("test", ["--mock-data", "--vocab-size", "64", "--num-layers", "1", "--hidden-size", "32",
+                               "--num-attention-heads", "4", "--optimizer", "lion", "--lr", "0.01",
+                               "--weight-decay", "0", "--seq-length", "8"])  # fmt: skip
+    initialize_distributed()
+    try:
+        config = transformer_config_from_args(args)
+        model = DistributedDataParallel(config, DistributedDataParallelConfig(), build_gpt_model(config, 64, 8))
+        optimizer = build_optimizer(args, [model])
+        assert isinstance(optimizer.optimizer, Lion)
+        assert all(group["betas"] == (0.9, 0.99) for group in optimizer.optimizer.param_groups)
+        before = [param.detach().clone() for param in model.parameters()]
+        tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+        model.zero_grad_buffer()
+        model(tokens, torch.arange(8).expand(2, 8), None, labels=tokens).mean().backward()
+        model.finish_grad_sync()
+        assert optimizer.step()[0]
+        for param, old in zip(model.parameters(), before):
+            moved = (param.detach() - old).abs()
+            assert torch.allclose(moved[param.main_grad != 0], torch.tensor(0.01), atol=1e-6)
+    finally:
+        destroy_distributed()

@@ -1,0 +1,81 @@
+"""The CPU runtime: megatron-core on CPU + gloo, and equivalence of every parallel layout."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_r1 import platform
+
+def test_noop_when_cuda_is_available():
+    code = """
+import torch
+torch.cuda.is_available = lambda: True
+originals = (torch.zeros, torch.cuda.current_device, torch.Tensor.type, torch.Tensor.cuda)
+from megatron_r1 import platform
+assert platform.use_cpu_if_no_cuda() is False
+assert not platform.is_active()
+assert originals == (torch.zeros, torch.cuda.current_device, torch.Tensor.type, torch.Tensor.cuda)
+assert platform.distributed_backend() == "nccl"
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU runtime only")
+def test_cpu_stands_in_for_the_cuda_device():
+    assert platform.use_cpu_if_no_cuda() is True
+    assert platform.distributed_backend() == "gloo"
+    assert torch.zeros(2, device="cuda").device.type == "cpu"
+    assert torch.ones(2, device=torch.cuda.current_device()).device.type == "cpu"
+    weight = torch.ones(2)
+    assert weight.type() == "torch.cuda.FloatTensor"
+    assert weight.type(torch.float64).dtype == torch.float64  # conversions untouched
+    assert torch.ones(2, dtype=torch.int64).type() == "torch.LongTensor"
+    assert weight.cuda() is weight
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU runtime only")
+def test_rng_tracker_forks_the_cpu_generator():
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    platform.use_cpu_if_no_cuda()
+    mcore_random.initialize_rng_tracker(force_reset=True)
+    tracker = mcore_random.get_cuda_rng_tracker()
+    tracker.add("model-parallel-rng", 77)
+    torch.manual_seed(5)
+    with tracker.fork("model-parallel-rng"):
+        forked_first = torch.rand(3)
+    after_fork = torch.rand(3)
+    with tracker.fork("model-parallel-rng"):
+        forked_second = torch.rand(3)
+
+    torch.manual_seed(5)
+    assert torch.equal(after_fork, torch.rand(3)), "fork must restore the default stream"
+    torch.manual_seed(77)
+    expected = torch.rand(6)
+    assert torch.equal(torch.cat([forked_first, forked_second]), expected)
+
+
+def test_single_process_trains(tiny_gpt_runs):
+    _, result = tiny_gpt_runs.reference()
+    losses = result["losses"]
+    assert len(losses) == tiny_gpt_runs.steps
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+LAYOUTS = {
+    "tp2_sequence_parallel": ["--tp", "2", "--sequence-parallel"],
+    "ep2_allgather": ["--ep", "2", "--dispatcher", "allgather"],
+    "ep2_alltoall": ["--ep", "2", "--dispatcher", "alltoall"],
+    "pp2": ["--pp", "2"],
+    "dp2": [],
+    "dp2_distributed_optimizer": ["--distributed-optimizer"],
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_two_process_layout_matches_single_process(tiny_gpt_runs, layout, tmp_path):
+    """A tiny GQA + MoE GPT (megatron-core's own layers) on 2 processes over gloo."""
+    tiny_gpt_runs.assert_layout_matches([], LAYOUTS[layout], tmp_path)
