@@ -2,16 +2,23 @@
 # the parallel / data / logging flags and launches pretrain_r1.py under torchrun.
 #
 # Environment (each preset sets the layout defaults):
-#   NNODES GPUS_PER_NODE NODE_RANK MASTER_ADDR MASTER_PORT   the torchrun rendezvous; one node without
-#                                                           MASTER_ADDR uses --standalone (a free port)
+#   NNODES GPUS_PER_NODE    nodes, and processes (GPUs) per node; the world size is their product
+#   MASTER_ADDR MASTER_PORT the rendezvous host (the first node) and port (default 29500); one node
+#                           without MASTER_ADDR uses --standalone (a free local port)
+#   RDZV_BACKEND            static (default): every node passes its NODE_RANK (0 on the MASTER_ADDR node);
+#                           c10d: torchrun's elastic rendezvous at MASTER_ADDR:MASTER_PORT assigns the node
+#                           ranks, RDZV_ID names the run (examples/slurm/*.sbatch: the job id)
 #   TP PP EP ETP            tensor / pipeline / expert / expert-tensor parallel sizes
+#   VPP_LAYERS              layers per virtual pipeline stage (interleaved 1F1B; needs PP > 1)
 #   DATA_PATH               indexed-dataset prefixes, optionally weighted ("0.7 a_text_document 0.3 b_...");
 #                           unset: --mock-data
 #   TOKENIZER_MODEL TOKENIZER_TYPE   the tokenizer the data was made with (unset: --vocab-size of the preset)
 #   TENSORBOARD_DIR         TensorBoard event files
 #   EXTRA_ARGS              more flags, appended last (so they override the preset's)
-#   DRY_RUN=1               print the torchrun command and the model size (tools/model_size.py, flags
-#                           validated for the whole world size) instead of training
+#   DRY_RUN=1               instead of training, print the torchrun command, then tools/model_size.py's
+#                           report: flags validated for the whole world size, parallel layout, parameters,
+#                           memory per GPU and tokens per step; exit status 1 if the busiest pipeline stage
+#                           needs more than GPU_MEMORY_GB (default 80) per GPU
 
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
@@ -24,6 +31,7 @@ PARALLEL_ARGS=(
     --expert-model-parallel-size "$EP"
 )
 [[ -n "${ETP:-}" ]] && PARALLEL_ARGS+=(--expert-tensor-parallel-size "$ETP")
+[[ -n "${VPP_LAYERS:-}" ]] && PARALLEL_ARGS+=(--num-layers-per-virtual-pipeline-stage "$VPP_LAYERS")
 # MoE and MLA under tensor parallelism need sequence parallelism.
 ((TP > 1)) && PARALLEL_ARGS+=(--sequence-parallel)
 # With data parallelism, shard the optimizer states over the data-parallel ranks (ZeRO-1).
@@ -58,16 +66,23 @@ launch() {
     local rendezvous
     if ((NNODES == 1)) && [[ -z "${MASTER_ADDR:-}" ]]; then
         rendezvous=(--standalone)
-    else
+    elif [[ "${RDZV_BACKEND:-static}" == c10d ]]; then
+        local endpoint="${MASTER_ADDR:?a multi-node run needs MASTER_ADDR (the first node)}:${MASTER_PORT:-29500}"
+        rendezvous=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-id "${RDZV_ID:-megatron-r1}" --rdzv-endpoint "$endpoint")
+    elif [[ "${RDZV_BACKEND:-static}" == static ]]; then
         rendezvous=(--nnodes "$NNODES" --node-rank "$NODE_RANK"
                     --master-addr "${MASTER_ADDR:?a multi-node run needs MASTER_ADDR (the rank-0 node)}"
                     --master-port "${MASTER_PORT:-29500}")
+    else
+        echo "RDZV_BACKEND=$RDZV_BACKEND: use static or c10d" >&2
+        exit 2
     fi
     local command=(torchrun "${rendezvous[@]}" --nproc-per-node "$GPUS_PER_NODE" pretrain_r1.py "${flags[@]}")
     if [[ -n "${DRY_RUN:-}" ]]; then
         printf '%q ' "${command[@]}"
         echo
-        WORLD_SIZE=$PROCESSES python tools/model_size.py "${flags[@]}"
+        WORLD_SIZE=$PROCESSES python tools/model_size.py "${flags[@]}" \
+            --gpus-per-node "$GPUS_PER_NODE" --gpu-memory-gb "${GPU_MEMORY_GB:-80}"
     else
         exec "${command[@]}"
     fi

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_r1.compat import transformer_engine_installed
+from megatron_r1.signals import EXIT_SIGNALS
 from megatron_r1.tokenizer import add_tokenizer_arguments
 
 # Megatron-LM flag dest -> megatron-core TransformerConfig field.
@@ -56,6 +57,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="RMSNorm")
     model.add_argument("--norm-epsilon", type=float, default=1e-6)
     model.add_argument("--swiglu", action="store_true", help="SwiGLU MLPs (gated SiLU)")
+    model.add_argument("--qk-layernorm", action="store_true",
+                       help="RMS/LayerNorm on queries and keys (MLA: on the compressed q and kv, as DeepSeek-V3)")
     model.add_argument("--disable-bias-linear", action="store_true")
     model.add_argument("--position-embedding-type", choices=["rope", "learned_absolute", "none"], default="rope")
     model.add_argument("--rotary-base", type=int, default=10000)
@@ -192,6 +195,21 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                             help="on resume, take the LR/WD schedule from the flags, not the checkpoint")
     checkpoint.add_argument("--exit-interval", type=int, default=None,
                             help="save (with --save) and exit after an iteration divisible by this")
+    checkpoint.add_argument("--async-save", action="store_true",
+                            help="write checkpoints from a forked process while training goes on; each becomes "
+                                 "visible (rename, tracker) once written on every rank")
+    checkpoint.add_argument("--exit-signal-handler", action="store_true",
+                            help="on --exit-signal, every rank stops after the same iteration, saves (with --save) "
+                                 "and exits 0")
+    checkpoint.add_argument("--exit-signal", choices=EXIT_SIGNALS, default="SIGTERM",
+                            help="the signal --exit-signal-handler catches; e.g. SIGUSR1 with SLURM's "
+                                 "--signal=B:USR1@120")
+    checkpoint.add_argument("--exit-duration-in-mins", type=float, default=None,
+                            help="save (with --save) and exit once the run has lasted this long (all ranks agree)")
+    checkpoint.add_argument("--rollback-after-bad-steps", type=int, default=None, metavar="N",
+                            help="after N consecutive skipped (NaN/Inf) iterations, restore weights, optimizer and LR "
+                                 "schedule from the latest checkpoint under --save; the data goes on past the "
+                                 "batches since then")
 
     logging = parser.add_argument_group("logging and evaluation")
     logging.add_argument("--log-interval", type=int, default=1)
@@ -282,21 +300,30 @@ def validate_args(args, error) -> None:
               f"--global-batch-size / (--micro-batch-size x data-parallel size)) divisible by "
               f"--pipeline-model-parallel-size ({pp})")
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    # TransformerConfig's defaults, resolved here so that a checkpoint's saved shape compares equal
+    # whether a size was given explicitly or by default.
+    args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
+    args.kv_channels = args.kv_channels or args.hidden_size // args.num_attention_heads
     if args.seq_length_curriculum:
         args.seq_length_curriculum = _parse_curriculum(args, error)
-    args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    # --train-iters 0 (load, then save in another layout) still builds a schedule.
+    args.lr_decay_iters = args.lr_decay_iters or max(args.train_iters, 1)
     if args.lr_decay_style == "cosine-warm-restarts" and not args.lr_restart_iters:
         error("--lr-decay-style cosine-warm-restarts needs --lr-restart-iters")
     if args.lr_decay_style == "WSD" and not args.lr_wsd_decay_iters:
         error("--lr-decay-style WSD needs --lr-wsd-decay-iters")
     if not 0.0 <= args.label_smoothing < 1.0:
         error(f"--label-smoothing ({args.label_smoothing}) must be in [0, 1)")
-    if args.lr_warmup_iters > args.lr_decay_iters:
-        error(f"--lr-warmup-iters ({args.lr_warmup_iters}) exceeds --lr-decay-iters ({args.lr_decay_iters})")
+    if args.lr_warmup_iters and args.lr_warmup_iters >= args.lr_decay_iters:
+        error(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be below --lr-decay-iters ({args.lr_decay_iters}, "
+              f"default --train-iters)")
 
     args.load = args.load or args.save
     if args.save_interval and not args.save:
         error("--save-interval needs --save DIR")
+    if args.rollback_after_bad_steps is not None and (args.rollback_after_bad_steps < 1 or not args.save):
+        error(f"--rollback-after-bad-steps ({args.rollback_after_bad_steps}) must be at least 1 and needs --save DIR "
+              f"(the checkpoints it rolls back to)")
     if args.keep_last_n is not None and args.keep_last_n < 1:
         error(f"--keep-last-n ({args.keep_last_n}) must be at least 1")
     if args.mock_data:
@@ -387,8 +414,12 @@ def transformer_config_from_args(args, padded_vocab_size: int | None = None) -> 
     if not args.multi_latent_attention:
         for mla_field in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
             kwargs.pop(mla_field, None)
-    elif args.original_max_position_embeddings is None:
-        kwargs["original_max_position_embeddings"] = args.max_position_embeddings
+    else:
+        # None means "no q compression" (DeepSeek-V2-Lite); dropped with the other None flags above,
+        # MLATransformerConfig would fall back to its default rank of 512.
+        kwargs["q_lora_rank"] = args.q_lora_rank
+        if args.original_max_position_embeddings is None:
+            kwargs["original_max_position_embeddings"] = args.max_position_embeddings
     if args.num_experts is None:
         kwargs = {k: v for k, v in kwargs.items() if not k.startswith("moe_")}
     return config_cls(**kwargs)

@@ -8,10 +8,18 @@
 
 A checkpoint is written as ``iter_XXXXXXX.tmp`` and renamed only once every rank has finished,
 then the tracker file is replaced; a crash mid-save leaves the previous checkpoint the latest.
+
+Loading runs no code from the checkpoint: torch_dist unpickles its ``.metadata`` and its byte
+objects (RNG states, layers' extra state) without restriction, so every pickle in a checkpoint is
+first read under an allow-list (:func:`refuse_executable_pickles`); the RNG states are stored as
+tensors and plain Python values so that they pass ``torch.load(weights_only=True)``.
 """
 
+import functools
+import io
 import json
 import os
+import pickle
 import random
 import shutil
 
@@ -19,6 +27,8 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 METADATA_FILE = "megatron_r1.json"
@@ -28,7 +38,16 @@ MODEL_SHAPE_ARGS = (
     "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
     "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_layer_freq", "mtp_num_layers",
     "swiglu", "disable_bias_linear", "normalization", "position_embedding_type", "untie_embeddings_and_output_weights",
-    "padded_vocab_size", "moe_router_enable_expert_bias",
+    "padded_vocab_size", "moe_router_enable_expert_bias", "qk_layernorm",
+)  # fmt: skip
+# Flags that change what the model computes without changing the weights' shapes; saved beside the
+# shape flags (not checked on load) so that tools (export to Hugging Face, generation) rebuild the same model.
+MODEL_FUNCTION_ARGS = (
+    "norm_epsilon", "max_position_embeddings", "rotary_base", "rope_type", "rotary_scaling_factor",
+    "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "window_size",
+    "moe_router_topk", "moe_router_score_function", "moe_router_pre_softmax", "moe_router_num_groups",
+    "moe_router_group_topk", "moe_router_topk_scaling_factor", "moe_router_dtype", "init_method_std",
+    "vocab_size", "tokenizer_type", "tokenizer_model", "make_vocab_size_divisible_by",
 )  # fmt: skip
 # Optimizer state in a layout that reloads under another data-parallel size.
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -55,9 +74,11 @@ def _layout(args) -> dict:
 def _rng_state() -> ShardedObject:
     """This rank's generators; one shard per global rank, so a resume on the same layout restores
     every rank's dropout and routing noise exactly."""
+    numpy_state = np.random.get_state(legacy=False)  # MT19937: a key array and plain values
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
     state = {
-        "random": random.getstate(),
-        "numpy": np.random.get_state(),
+        "random": random.getstate(),  # (version, tuple of ints, None or a float)
+        "numpy": numpy_state,
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
@@ -68,19 +89,29 @@ def _rng_state() -> ShardedObject:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def model_sharded_state_dict(model) -> dict:
+    """A GPTModel's sharded state with one key per layer ("decoder.layers.3.mlp..."): megatron-core
+    otherwise stacks the layers of a uniform model under one "decoder.layers..." key, which changes
+    the checkpoint's keys with the dense/MoE layer pattern and forces a reader to load every layer
+    at once (the HF converter streams layer by layer)."""
+    return model.sharded_state_dict(metadata={"non_homogeneous_layers": True})
+
+
 def _model_state_dict(model_chunks) -> dict:
     """The unwrapped (not DDP) models' state under Megatron-LM's keys: "model", or "model0",
     "model1", ... with virtual pipeline stages."""
     if len(model_chunks) == 1:
-        return {"model": model_chunks[0].module.sharded_state_dict(metadata={})}
-    return {f"model{i}": chunk.module.sharded_state_dict(metadata={}) for i, chunk in enumerate(model_chunks)}
+        return {"model": model_sharded_state_dict(model_chunks[0].module)}
+    return {f"model{i}": model_sharded_state_dict(chunk.module) for i, chunk in enumerate(model_chunks)}
 
 
 def _sharded_state_dict(state, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
@@ -104,7 +135,12 @@ def _write_text_atomically(path: str, text: str) -> None:
 
 
 def save_checkpoint(args, state) -> str:
-    """Write the checkpoint of `state.iteration` under args.save (collective: every rank)."""
+    """Write the checkpoint of `state.iteration` under args.save (collective: every rank).
+
+    With --async-save the shards are written by a forked process (a copy-on-write snapshot of
+    this moment's state) while training goes on; the checkpoint is published (metadata, rename,
+    tracker) by `finalize_async_saves` once every rank's writer has finished."""
+    finalize_async_saves(blocking=True)  # one save in flight at a time: a re-save reuses the directory
     final = checkpoint_dir(args.save, state.iteration)
     temporary = f"{final}.tmp"
     rank0 = torch.distributed.get_rank() == 0
@@ -112,28 +148,58 @@ def save_checkpoint(args, state) -> str:
         shutil.rmtree(temporary, ignore_errors=True)  # debris of an interrupted save
         os.makedirs(temporary)
     torch.distributed.barrier()
-    dist_checkpointing.save(_sharded_state_dict(state, False, True, True), temporary)
+    # Taken now: training moves on before an asynchronous save is published.
+    metadata = {
+        "iteration": state.iteration,
+        "consumed_samples": state.consumed_samples,
+        "skipped_iterations": state.skipped_iterations,
+        "nan_iterations": state.nan_iterations,
+        "scheduler": state.scheduler.state_dict(),
+        "layout": _layout(args),
+        "model_args": {name: getattr(args, name) for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS},
+    }
+    publish = functools.partial(_publish, args, metadata, temporary, final)
+    sharded = _sharded_state_dict(state, False, True, True)
+    if args.async_save:
+        request = dist_checkpointing.save(sharded, temporary, async_sharded_save=True)
+        request.add_finalize_fn(publish)
+        _async_saves().schedule_async_request(request)
+    else:
+        dist_checkpointing.save(sharded, temporary)
+        publish()
+    return final
+
+
+def _publish(args, metadata: dict, temporary: str, final: str) -> None:
+    """Make a fully written checkpoint visible: metadata file, directory rename, tracker file."""
     torch.distributed.barrier()
-    if rank0:
-        metadata = {
-            "iteration": state.iteration,
-            "consumed_samples": state.consumed_samples,
-            "skipped_iterations": state.skipped_iterations,
-            "nan_iterations": state.nan_iterations,
-            "scheduler": state.scheduler.state_dict(),
-            "layout": _layout(args),
-            "model_args": {name: getattr(args, name) for name in MODEL_SHAPE_ARGS},
-        }
+    if torch.distributed.get_rank() == 0:
         _write_text_atomically(os.path.join(temporary, METADATA_FILE), json.dumps(metadata, indent=1))
         if os.path.exists(final):  # saving the same iteration again
             shutil.rmtree(final)
         os.rename(temporary, final)
-        _write_text_atomically(os.path.join(args.save, TRACKER_FILE), str(state.iteration))
+        _write_text_atomically(os.path.join(args.save, TRACKER_FILE), str(metadata["iteration"]))
         if args.keep_last_n:
             for old in sorted(_saved_iterations(args.save))[: -args.keep_last_n]:
                 shutil.rmtree(checkpoint_dir(args.save, old))
     torch.distributed.barrier()
-    return final
+
+
+_async_save_queue = None
+
+
+def _async_saves():
+    global _async_save_queue
+    if _async_save_queue is None:
+        _async_save_queue = AsyncCallsQueue()
+    return _async_save_queue
+
+
+def finalize_async_saves(blocking: bool = False) -> None:
+    """Publish the asynchronous saves whose writers have finished on every rank (all of them, and
+    waiting for them, with `blocking`). Collective: every rank, at the same points."""
+    if _async_save_queue is not None:
+        _async_save_queue.maybe_finalize_async_calls(blocking=blocking)
 
 
 def _saved_iterations(root: str) -> list[int]:
@@ -151,13 +217,18 @@ def find_checkpoint(args) -> str | None:
         if not os.path.isdir(path):
             raise CheckpointError(f"--ckpt-step {args.ckpt_step}: {path} does not exist")
         return path
-    tracker = os.path.join(args.load, TRACKER_FILE)
+    return _latest_checkpoint(args.load)
+
+
+def _latest_checkpoint(root: str) -> str | None:
+    """The directory `root`'s tracker file names (None without a tracker file)."""
+    tracker = os.path.join(root, TRACKER_FILE)
     if not os.path.exists(tracker):
         return None
     text = open(tracker).read().strip()
     if not text.isdigit():
         raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}")
-    path = checkpoint_dir(args.load, int(text))
+    path = checkpoint_dir(root, int(text))
     if not os.path.isdir(path):
         raise CheckpointError(f"{tracker} names iteration {text}, but {path} does not exist")
     return path
@@ -173,21 +244,85 @@ def _check_model_shape(args, saved: dict, path: str) -> None:
         raise CheckpointError(f"{path} was saved for another model shape: " + "; ".join(mismatches))
 
 
-def load_checkpoint(args, state) -> bool:
-    """Restore `state` from the checkpoint `find_checkpoint` names; False when there is none.
-    --finetune loads the weights only; --no-load-optim / --no-load-rng skip those parts. RNG
-    states are per rank, so they are restored only on the layout they were saved with."""
-    path = find_checkpoint(args)
-    if path is None:
-        return False
+# The classes torch's distributed-checkpoint metadata (.metadata) is made of; torch dtypes too.
+_METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")),
+    *(("torch.distributed.checkpoint.planner", name) for name in (
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")),
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) not in _METADATA_GLOBALS and not is_dtype:
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which checkpoint metadata never holds")
+        return super().find_class(module, name)
+
+
+def _weights_only_load(file) -> None:
+    """torch.load(weights_only=True), its refusal shortened to the reason (torch's message goes on
+    to suggest weights_only=False, the very thing not to do with an untrusted checkpoint)."""
+    try:
+        torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reasons = [line for line in str(error).splitlines() if "WeightsUnpickler error:" in line]
+        reason = reasons[0].split("WeightsUnpickler error:")[1].strip() if reasons else str(error)
+        raise pickle.UnpicklingError(f"not plain data: {reason}") from None
+
+
+def refuse_executable_pickles(path: str) -> None:
+    """Raise CheckpointError unless every pickle megatron-core's torch_dist loader would unpickle
+    from checkpoint `path` is data only. That loader reads ``.metadata`` with plain pickle.load and
+    the byte objects (ShardedObjects) with torch.load(weights_only=False): a crafted checkpoint
+    could run code. Here ``.metadata`` may reference only torch's checkpoint-metadata classes, and
+    the byte objects and ``common.pt`` must pass torch.load(weights_only=True); tensors themselves
+    are already read with weights_only=True."""
+    metadata_file = os.path.join(path, ".metadata")
+    try:
+        with open(metadata_file, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except Exception as error:
+        raise CheckpointError(f"{metadata_file}: refused, {error}") from None
+    byte_objects = {key for key, item in metadata.state_dict_metadata.items() if isinstance(item, BytesStorageMetadata)}
+    for index, storage in metadata.storage_data.items():
+        if index.fqn not in byte_objects:
+            continue
+        shard_file = os.path.join(path, storage.relative_path)
+        if storage.transform_descriptors:
+            raise CheckpointError(f"{shard_file}: {index.fqn} is stored transformed {storage.transform_descriptors}; "
+                                  f"such objects cannot be checked for code before loading")  # fmt: skip
+        with open(shard_file, "rb") as f:
+            f.seek(storage.offset)
+            payload = f.read(storage.length)
+        try:
+            _weights_only_load(io.BytesIO(payload))
+        except Exception as error:
+            raise CheckpointError(f"{shard_file}: object {index.fqn} refused, {error}") from None
+    common_file = os.path.join(path, "common.pt")
+    if os.path.exists(common_file):
+        try:
+            _weights_only_load(common_file)
+        except Exception as error:
+            raise CheckpointError(f"{common_file}: refused, {error}") from None
+
+
+def _read_metadata(path: str) -> dict:
     metadata_path = os.path.join(path, METADATA_FILE)
     if not os.path.exists(metadata_path):
         raise CheckpointError(f"{path} has no {METADATA_FILE}: not a megatron-r1 checkpoint, or an incomplete one")
     with open(metadata_path) as f:
-        metadata = json.load(f)
-    _check_model_shape(args, metadata["model_args"], path)
-    load_optimizer = not (args.finetune or args.no_load_optim)
-    load_rng = not (args.finetune or args.no_load_rng) and metadata["layout"] == _layout(args)
+        return json.load(f)
+
+
+def _load_into(state, path: str, load_optimizer: bool, load_rng: bool) -> None:
+    """Model weights (and optimizer state, and this rank's RNG states) from `path` into `state`."""
+    refuse_executable_pickles(path)
     loaded = dist_checkpointing.load(_sharded_state_dict(state, True, load_optimizer, load_rng), path)
     if len(state.model) == 1:
         state.model[0].module.load_state_dict(loaded["model"])
@@ -198,15 +333,52 @@ def load_checkpoint(args, state) -> bool:
         state.optimizer.load_state_dict(loaded["optimizer"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])
+
+
+def _load_scheduler(state, metadata: dict, path: str) -> None:
+    state.scheduler.num_steps = 0  # load_state_dict steps forward by the saved count from the current one
+    try:
+        state.scheduler.load_state_dict(metadata["scheduler"])
+    except AssertionError as mismatch:
+        raise CheckpointError(
+            f"{path}: {mismatch}. Pass --override-opt-param-scheduler to use the new schedule flags"
+        ) from None
+
+
+def load_checkpoint(args, state) -> bool:
+    """Restore `state` from the checkpoint `find_checkpoint` names; False when there is none.
+    --finetune loads the weights only; --no-load-optim / --no-load-rng skip those parts. RNG
+    states are per rank, so they are restored only on the layout they were saved with."""
+    path = find_checkpoint(args)
+    if path is None:
+        return False
+    metadata = _read_metadata(path)
+    _check_model_shape(args, metadata["model_args"], path)
+    load_optimizer = not (args.finetune or args.no_load_optim)
+    load_rng = not (args.finetune or args.no_load_rng) and metadata["layout"] == _layout(args)
+    _load_into(state, path, load_optimizer, load_rng)
     if not args.finetune:
         state.iteration = metadata["iteration"]
         state.consumed_samples = metadata["consumed_samples"]
         state.skipped_iterations = metadata["skipped_iterations"]
         state.nan_iterations = metadata["nan_iterations"]
-        try:
-            state.scheduler.load_state_dict(metadata["scheduler"])
-        except AssertionError as mismatch:
-            raise CheckpointError(
-                f"{path}: {mismatch}. Pass --override-opt-param-scheduler to use the new schedule flags"
-            ) from None
+        _load_scheduler(state, metadata, path)
     return True
+
+
+def rollback_to_last_checkpoint(args, state) -> int:
+    """--rollback-after-bad-steps: undo the updates since the latest checkpoint under --save
+    (weights, optimizer state, LR schedule); returns its iteration.
+
+    The iteration counter, the data position and the RNG streams go on: the batches since that
+    checkpoint, the bad ones included, are not trained on again (replaying them from the restored
+    RNG state would reproduce a data-caused fault exactly), the run still ends after --train-iters
+    batches, and the undone iterations count as skipped ones, as if their updates had been."""
+    path = _latest_checkpoint(args.save)
+    if path is None:
+        raise CheckpointError(f"no checkpoint under --save {args.save} to roll back to")
+    metadata = _read_metadata(path)
+    _load_into(state, path, load_optimizer=True, load_rng=False)
+    _load_scheduler(state, metadata, path)
+    state.skipped_iterations = metadata["skipped_iterations"] + state.iteration - metadata["iteration"]
+    return metadata["iteration"]

@@ -33,7 +33,10 @@ def _fix_distributed_optimizer_state_loading():
       dict) asserts on every parameter's torch-style "step": empty state is initialised first;
     - `_set_main_param_and_optimizer_states` copies into the fp32 main parameter with autograd on
       ("a view of a leaf Variable that requires grad"), and expects a "step" tensor per parameter,
-      which the checkpoint keeps in the param groups (restored by `load_state_dict` already)."""
+      which the checkpoint keeps in the param groups (restored by `load_state_dict` already);
+    - `load_state_dict` hands every parameter's state one shared "step" tensor, which torch's Adam
+      then increments in place once per parameter per step: the bias correction goes wrong from the
+      first step after a resume. Each parameter gets its own copy."""
     from megatron.core.optimizer import distrib_optimizer
 
     cls = distrib_optimizer.DistributedOptimizer
@@ -62,6 +65,15 @@ def _fix_distributed_optimizer_state_loading():
                     self.optimizer.state[param].setdefault("step", torch.tensor(0.0))
         return original_sharded_state_dict(self, model_sharded_state_dict or {}, is_loading, **kwargs)
 
+    original_load_state_dict = cls.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        original_load_state_dict(self, state_dict)
+        for param_state in self.optimizer.state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].clone()
+
     cls._set_main_param_and_optimizer_states = set_main_param_and_optimizer_states
+    cls.load_state_dict = load_state_dict
     cls.sharded_state_dict = sharded_state_dict
     cls._megatron_r1_fixed = True

@@ -82,8 +82,10 @@ class SDPACoreAttention(MegatronModule):
         query, key, value = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         seq_q, seq_k = query.shape[2], key.shape[2]
         mask, is_causal = None, attn_mask_type == AttnMaskType.causal
-        if attention_mask is not None and attn_mask_type != AttnMaskType.causal:
-            mask = ~attention_mask  # megatron masks mark positions to drop
+        if attention_mask is not None:
+            # megatron masks mark positions to drop; given with the causal type it is the whole
+            # pattern, as megatron's unfused softmax takes it (packed samples: causal within each)
+            mask, is_causal = ~attention_mask, False
         if self.config.window_size is not None or (is_causal and seq_q != seq_k):
             # Explicit mask, aligned bottom-right (queries are the last seq_q positions).
             left, right = self.config.window_size or (seq_k, seq_k)

@@ -97,10 +97,15 @@ def build_gpt_model(
     vp_stage=None,
     label_smoothing: float = 0.0,
     use_transformer_engine: bool = False,
+    layer_spec_transform=None,
     **gpt_kwargs,
 ) -> GPTModel:
+    """`layer_spec_transform(spec)`, when given, rewrites the decoder block spec (e.g. LoRA
+    adapters, megatron_r1.lora); the MTP block follows it."""
     fix_megatron_without_transformer_engine()
     block_spec = decoder_block_spec(config, vp_stage=vp_stage, use_transformer_engine=use_transformer_engine)
+    if layer_spec_transform is not None:
+        block_spec = layer_spec_transform(block_spec)
     return LabelSmoothedGPTModel(
         config=config,
         transformer_layer_spec=block_spec,

@@ -3,6 +3,7 @@ Megatron-LM's iteration log line, evaluation and TensorBoard scalars."""
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,11 +15,12 @@ from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 from megatron_r1.arguments import current_seq_length, transformer_config_from_args
-from megatron_r1.checkpointing import save_checkpoint
+from megatron_r1.checkpointing import finalize_async_saves, rollback_to_last_checkpoint, save_checkpoint
 from megatron_r1.data.pretrain import MicroBatches, build_datasets
 from megatron_r1.distributed import initialize_distributed
 from megatron_r1.model import build_gpt_model
 from megatron_r1.moe_stats import ExpertLoadTracker
+from megatron_r1.signals import ExitConditions
 from megatron_r1.optim import build_optimizer, build_scheduler
 from megatron_r1.tokenizer import build_tokenizer, vocab_size_with_padding
 
@@ -33,10 +35,16 @@ class TrainState:
     consumed_samples: int = 0
     skipped_iterations: int = 0
     nan_iterations: int = 0
+    # Fine-tuning's hooks (megatron_r1/finetuning.py); None keeps pre-training's behaviour.
+    forward_step: Callable | None = None  # a megatron-core forward_step_func replacing _forward_step
+    on_iteration_start: Callable | None = None  # (args, state), before each training iteration
+    on_validation: Callable | None = None  # (args, state, valid_loss) -> True to stop training
 
 
-def setup(args) -> TrainState:
-    """Process groups, tokenizer, model chunks (DDP-wrapped), optimizer and LR schedule."""
+def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainState:
+    """Process groups, tokenizer, model chunks (DDP-wrapped), optimizer and LR schedule.
+    `layer_spec_transform(spec)` rewrites the decoder block spec (LoRA); `prepare_model_chunk(chunk)`
+    adjusts each built chunk before DDP and the optimizer see it (freezing, dropout)."""
     initialize_distributed(
         args.tensor_model_parallel_size,
         args.pipeline_model_parallel_size,
@@ -46,9 +54,10 @@ def setup(args) -> TrainState:
         seed=args.seed,
     )
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model) if args.tokenizer_model else None
-    vocab_size = tokenizer.vocab_size if tokenizer else args.vocab_size
+    if tokenizer:
+        args.vocab_size = tokenizer.vocab_size  # the real vocabulary, saved with checkpoints (export drops padding)
     args.padded_vocab_size = vocab_size_with_padding(
-        vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+        args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
     )
     config = transformer_config_from_args(args)
     ddp_config = DistributedDataParallelConfig(
@@ -69,7 +78,10 @@ def setup(args) -> TrainState:
             label_smoothing=args.label_smoothing,
             use_transformer_engine=args.transformer_impl == "transformer_engine",
             vp_stage=vp_stage,
+            layer_spec_transform=layer_spec_transform,
         )
+        if prepare_model_chunk is not None:
+            prepare_model_chunk(chunk)
         # Later chunks' grads are reduced in one piece, as in Megatron-LM.
         model.append(DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=len(model) > 0))
     config.finalize_model_grads_func = finalize_model_grads
@@ -94,7 +106,7 @@ def _run_schedule(args, state, data_iterators, forward_only):
     mean lm loss over micro-batches and data-parallel ranks (last pipeline stage; None elsewhere)."""
     seq_length = data_iterators[0].seq_length or args.seq_length
     reduced = get_forward_backward_func()(
-        forward_step_func=_forward_step,
+        forward_step_func=state.forward_step or _forward_step,
         data_iterator=data_iterators if len(data_iterators) > 1 else data_iterators[0],
         model=state.model,
         num_microbatches=args.num_microbatches,
@@ -189,8 +201,12 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
         expert_load = ExpertLoadTracker(state.model, args.num_layers + (args.mtp_num_layers or 0), args.num_experts)
     tokens_per_step = args.global_batch_size * args.seq_length
     last = {}
+    exit_conditions = ExitConditions(args.exit_signal if args.exit_signal_handler else None, args.exit_duration_in_mins)
+    bad_steps_in_a_row = 0
     while state.iteration < args.train_iters:
         start = time.perf_counter()
+        if state.on_iteration_start is not None:
+            state.on_iteration_start(args, state)
         for chunk_data in train_data:
             chunk_data.seq_length = current_seq_length(args, state.iteration)
         if expert_load:
@@ -209,6 +225,7 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
             state.scheduler.step(increment=1)
         else:
             state.skipped_iterations += 1
+        bad_steps_in_a_row = 0 if update_successful else bad_steps_in_a_row + 1
         state.iteration += 1
         state.consumed_samples += args.global_batch_size
         elapsed = time.perf_counter() - start
@@ -246,10 +263,20 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
                 for layer, imbalance in load_imbalance.items():
                     writer.add_scalar(f"moe/expert_load_max_over_mean_layer_{layer}", imbalance, state.iteration)
 
+        if args.rollback_after_bad_steps and bad_steps_in_a_row >= args.rollback_after_bad_steps:
+            restored = rollback_to_last_checkpoint(args, state)
+            print_rank_last(f" rolled back to the checkpoint of iteration {restored} after {bad_steps_in_a_row} "
+                            f"consecutive skipped iterations; data goes on at sample {state.consumed_samples}")  # fmt: skip
+            bad_steps_in_a_row = 0
         if args.save_interval and state.iteration % args.save_interval == 0:
             save_checkpoint(args, state)
+        finalize_async_saves()  # --async-save: publish the checkpoints written by now
         if args.exit_interval and state.iteration % args.exit_interval == 0:
             print_rank_last(f" exiting at iteration {state.iteration} (--exit-interval {args.exit_interval})")
+            break
+        exit_reason = exit_conditions.reason()  # collective: every rank takes the same decision
+        if exit_reason:
+            print_rank_last(f" exiting at iteration {state.iteration} ({exit_reason})")
             break
 
         if args.eval_interval and valid_data and (
@@ -266,8 +293,12 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
                 if writer is not None:
                     writer.add_scalar("lm loss validation", valid_loss, state.iteration)
                     writer.add_scalar("lm loss validation ppl", perplexity, state.iteration)
+            if state.on_validation is not None and state.on_validation(args, state, valid_loss):
+                break
     if args.save and not (args.save_interval and state.iteration % args.save_interval == 0):
         save_checkpoint(args, state)  # the final state, unless the loop just saved it
+    finalize_async_saves(blocking=True)
+    exit_conditions.restore_signal_handler()  # only now: a repeated signal must not cut the save short
     return last
 
 

@@ -1,14 +1,19 @@
 """Checkpoints: exact resume after kill -9, interrupted saves, distributed-optimizer state,
-resharding between layouts, and refusal of a mismatched model shape."""
+resharding between layouts, refusal of a mismatched model shape and of code in a checkpoint's
+pickles; leaving a run on a signal or a time limit; rollback after consecutive bad steps."""
 
 import os
+import pickle
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+import pytest
 import torch
 
 from conftest import run_command
@@ -78,10 +83,11 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_the_latest(tmp_path)
 
 
 def test_distributed_optimizer_state_survives_save_and_load(tmp_path):
+    """DP=2: 4 steps straight vs 2 steps, an (asynchronous) save, a resume and 2 more steps."""
     two = dict(launcher=TWO_PROCESSES)
     pretrain(tmp_path, "--use-distributed-optimizer", "--train-iters", "4", "--save", "straight", **two)
     pretrain(tmp_path, "--use-distributed-optimizer", "--train-iters", "4", "--save", "resumed", "--exit-interval", "2",
-             **two)  # fmt: skip
+             "--async-save", **two)  # fmt: skip
     output = pretrain(tmp_path, "--use-distributed-optimizer", "--train-iters", "4", "--save", "resumed", **two)
     assert "resumed from iteration 2 " in output
     assert_identical(tmp_path / "straight" / "iter_0000004", tmp_path / "resumed" / "iter_0000004")
@@ -104,9 +110,133 @@ def test_checkpoints_reshard_between_layouts(tmp_path):
         assert abs(loss - reference) <= 1e-5, (layout, loss, reference)
 
 
-def test_a_checkpoint_of_another_shape_is_refused_naming_the_flag(tmp_path):
-    pretrain(tmp_path, "--train-iters", "1", "--save", "ckpt")
-    result = subprocess.run([sys.executable, str(PRETRAIN), *TINY, "--hidden-size", "64", "--train-iters", "2",
+@pytest.fixture(scope="module")
+def time_limited_run(tmp_path_factory):
+    """A run of 100 iterations stopped by --exit-duration-in-mins after its first one: its output
+    and its checkpoint directory."""
+    workdir = tmp_path_factory.mktemp("time_limited")
+    output = pretrain(workdir, "--train-iters", "100", "--save", "ckpt", "--exit-duration-in-mins", "0.001")
+    return output, workdir / "ckpt"
+
+
+def test_exit_duration_in_mins_saves_and_exits(time_limited_run):
+    output, checkpoints = time_limited_run
+    assert re.search(r"exiting at iteration 1 \(--exit-duration-in-mins 0.001 reached after \S+ min\)", output), output
+    assert (checkpoints / "latest_checkpointed_iteration.txt").read_text() == "1"
+
+
+def test_a_checkpoint_of_another_shape_is_refused_naming_the_flag(tmp_path, time_limited_run):
+    shutil.copytree(time_limited_run[1], tmp_path / "ckpt")
+    result = subprocess.run([sys.executable, str(PRETRAIN), *TINY, "--hidden-size", "64", "--train-iters", "3",
                              "--load", "ckpt"], cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
     assert result.returncode != 0
     assert "--hidden-size 32 (checkpoint) vs 64 (now)" in result.stderr, result.stderr[-2000:]
+
+
+class _CreatesAFile:
+    """Unpickled without restriction, this creates `path`: the witness that code ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_code_in_a_checkpoint_pickle_is_refused_before_it_runs(tmp_path, time_limited_run):
+    from megatron_r1.checkpointing import CheckpointError, refuse_executable_pickles
+
+    shutil.copytree(time_limited_run[1], tmp_path / "ckpt")
+    iteration_dir = tmp_path / "ckpt" / "iter_0000001"
+    witness = tmp_path / "code_ran"
+    # Point rank 0's RNG-state object (unpickled by torch_dist with weights_only=False) at a
+    # payload appended to its shard file.
+    metadata_file = iteration_dir / ".metadata"
+    genuine_metadata = metadata_file.read_bytes()
+    metadata = pickle.loads(genuine_metadata)
+    index = next(index for index in metadata.storage_data if index.fqn.startswith("rng_state"))
+    storage = metadata.storage_data[index]
+    shard_file = iteration_dir / storage.relative_path
+    payload_file = tmp_path / "payload.pt"
+    torch.save(_CreatesAFile(witness), payload_file)
+    storage.offset, storage.length = shard_file.stat().st_size, payload_file.stat().st_size
+    with open(shard_file, "ab") as f:
+        f.write(payload_file.read_bytes())
+    metadata_file.write_bytes(pickle.dumps(metadata))
+    result = subprocess.run([sys.executable, str(PRETRAIN), *TINY, "--train-iters", "100", "--load", "ckpt"],
+                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode != 0
+    refusal = f"ckpt/iter_0000001/{storage.relative_path}: object {index.fqn} refused, not plain data: "
+    assert refusal + "Unsupported global: GLOBAL io.open" in result.stderr, result.stderr[-2000:]
+    assert not witness.exists()
+    # The metadata file (plain pickle) and common.pt (torch.save) are checked too.
+    metadata_file.write_bytes(genuine_metadata)
+    for name, payload in ((".metadata", pickle.dumps(_CreatesAFile(witness))), ("common.pt", payload_file.read_bytes())):
+        original = (iteration_dir / name).read_bytes()
+        (iteration_dir / name).write_bytes(payload)
+        with pytest.raises(CheckpointError, match=f"{name}: refused, .*io.open"):
+            refuse_executable_pickles(str(iteration_dir))
+        assert not witness.exists()
+        (iteration_dir / name).write_bytes(original)
+    refuse_executable_pickles(str(iteration_dir))  # the genuine checkpoint passes
+
+
+def test_sigterm_to_one_rank_makes_both_save_and_exit_0(tmp_path):
+    """The signal reaches rank 1 only (one node of a job preempted first); rank 0 learns of it
+    through the end-of-iteration all-reduce, both save the same iteration and exit 0."""
+    argv = [*TWO_PROCESSES, str(PRETRAIN), *TINY, "--train-iters", "1000", "--save", "ckpt", "--exit-signal-handler"]
+    process = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        for line in process.stdout:  # printed by rank 1, the logging rank
+            if line.startswith(f" iteration {2:8d}/"):
+                workers = psutil.Process(process.pid).children()
+                next(worker for worker in workers if worker.environ().get("RANK") == "1").send_signal(signal.SIGTERM)
+                break
+        output = process.communicate(timeout=240)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-3000:]  # torchrun: 0 only when every worker exited 0
+    exited = re.search(r"exiting at iteration (\d+) \(SIGTERM received\)", output)
+    assert exited, output[-3000:]
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == exited[1]
+    assert (tmp_path / "ckpt" / f"iter_{int(exited[1]):07d}").is_dir()
+
+
+def test_consecutive_bad_steps_roll_back_to_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """Checkpoint at 3, a good step 4, NaN at 5 and 6: with --rollback-after-bad-steps 2 the
+    weights of iteration 3 come back and training goes on with the next data."""
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.distributed import destroy_distributed
+    from megatron_r1.training import build_data, setup, train
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = parse_args("test", TINY + ["--train-iters", "7", "--save", str(tmp_path / "ckpt"), "--save-interval", "3",
+                                      "--rollback-after-bad-steps", "2"])  # fmt: skip
+    state = setup(args)
+    try:
+        train_dataset, valid_dataset = build_data(args, state)
+        weights_entering = {}  # iteration -> the weights its forward pass saw
+
+        def poison_iterations_5_and_6(module, inputs, output):
+            iteration = len(weights_entering) + 1
+            weights_entering[iteration] = [param.detach().clone() for param in state.model[0].parameters()]
+            if iteration in (5, 6):
+                return output[0] * float("nan"), output[1]
+
+        state.model[0].module.output_layer.register_forward_hook(poison_iterations_5_and_6)
+        last = train(args, state, train_dataset, valid_dataset)
+    finally:
+        destroy_distributed()
+    assert " rolled back to the checkpoint of iteration 3 after 2 consecutive skipped iterations" in capsys.readouterr().out
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(weights_entering[a], weights_entering[b]))
+
+    assert not same(4, 5), "iteration 4 did not update"
+    assert same(4, 7), "iteration 7 did not start from the checkpoint of iteration 3"
+    assert (state.iteration, state.consumed_samples) == (7, 7 * args.global_batch_size)
+    assert (state.nan_iterations, state.skipped_iterations, state.scheduler.num_steps) == (2, 3, 4)
+    final = [param.detach() for param in state.model[0].parameters()]
+    assert last["grad norm"] is not None and not all(torch.equal(x, y) for x, y in zip(final, weights_entering[7]))

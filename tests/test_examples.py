@@ -1,13 +1,42 @@
 """The presets in examples/: the tiny one trains on CPU; the DeepSeek ones launch the published
-shapes with flags that pass pretrain_r1.py's validation for their default layouts."""
+shapes with flags that pass pretrain_r1.py's validation for their default layouts and fit 80 GB GPUs.
+The SLURM files run with a stand-in srun (one run per node, in turn) and scontrol on PATH."""
 
 import os
 import re
 import shlex
+import signal
 import subprocess
+import time
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO_ROOT / "examples"
+
+FAKE_SRUN = r"""#!/usr/bin/env bash
+# srun inside a job: runs the command once per node of the allocation (in turn), as task 0 of that
+# node, with --output's %n replaced by the node's index.
+echo "$*" >> "$FAKE_SLURM_LOG/srun"
+output=/dev/stdout
+while [[ $1 == --* ]]; do
+    [[ $1 == --output=* ]] && output=${1#--output=}
+    shift
+done
+if [[ -n "${FAKE_SRUN_WAITS_FOR_SIGNAL:-}" ]]; then  # a long run: SIGUSR1 ends it with the given status
+    trap 'echo USR1 >> "$FAKE_SLURM_LOG/srun_signals"; exit "$FAKE_SRUN_WAITS_FOR_SIGNAL"' USR1
+    touch "$FAKE_SLURM_LOG/srun_started"
+    while true; do sleep 0.05; done
+fi
+for ((node = 0; node < SLURM_NNODES; node++)); do
+    SLURM_NODEID=$node SLURM_PROCID=$node "$@" >> "${output//%n/$node}" 2>&1 || exit $?
+done
+"""
+FAKE_SCONTROL = r"""#!/usr/bin/env bash
+echo "$*" >> "$FAKE_SLURM_LOG/scontrol"
+if [[ "$1 $2" == "show hostnames" ]]; then tr , '\n' <<< "$3"; fi
+"""
 
 
 def run_preset(script, tmp_path, timeout=120, **env):
@@ -77,9 +106,103 @@ def test_deepseek_v3_preset_on_128_nodes(tmp_path):
            "--expert-tensor-parallel-size 2 --sequence-parallel --use-distributed-optimizer" in joined
     # 671B + the MTP module; 36.6B active in the main model + 0.7B in MTP.
     assert result.stdout.strip().splitlines()[-1].startswith("total 682.6B params (MTP 11.6B), active 37.3B per token")
+    # The documented layout: 128 nodes, experts over 64 x 2 GPUs, within the 80 GB of a GPU.
+    assert "parallel layout: 1024 processes (128 nodes x 8)" in result.stdout
+    assert "experts: ETP 2 x EP 64 x expert-DP 8 x PP 1" in result.stdout
+    assert re.search(r"^peak \d+\.\d GB on pipeline stage 0: fits in 80 GB per GPU$", result.stdout, re.M)
 
 
 def test_multi_node_launch_needs_master_addr(tmp_path):
     result = run_preset("pretrain_deepseek_v3.sh", tmp_path, DRY_RUN="1")
     assert result.returncode != 0
     assert "a multi-node run needs MASTER_ADDR" in result.stderr
+
+
+def test_scripts_parse():
+    scripts = sorted(EXAMPLES.glob("*.sh")) + sorted((EXAMPLES / "slurm").iterdir())
+    assert len(scripts) >= 8
+    for script in scripts:
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{script}: {result.stderr}"
+
+
+def slurm_environment(tmp_path, nodes, **env):
+    """A job's environment with the stand-ins first on PATH; submitted from the repository root."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "slurm").mkdir()
+    environment = {name: value for name, value in os.environ.items()
+                   if name not in ("DATA_PATH", "TOKENIZER_MODEL", "MASTER_ADDR", "EXTRA_ARGS", "DRY_RUN", "PRESET")}
+    environment.update({
+        "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1", "FAKE_SLURM_LOG": str(tmp_path / "slurm"),
+        "SLURM_SUBMIT_DIR": str(REPO_ROOT), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "r1",
+        "SLURM_NNODES": str(nodes), "SLURM_JOB_NODELIST": ",".join(f"gpu-{i:02d}" for i in range(7, 7 + nodes)),
+        "SLURM_GPUS_ON_NODE": "8", "RUN_DIR": str(tmp_path / "run"), **env,
+    })  # fmt: skip
+    return environment
+
+
+def node_command(tmp_path, node):
+    """The torchrun command and flags a node logged in its dry run."""
+    log = (tmp_path / "run" / "logs" / f"node{node}.log").read_text()
+    command = shlex.split(log.splitlines()[0])
+    return command, command[command.index("pretrain_r1.py") + 1 :], log
+
+
+def test_multinode_sbatch_launches_torchrun_on_every_node(tmp_path):
+    environment = slurm_environment(tmp_path, nodes=2, DRY_RUN="1", PRESET="examples/pretrain_deepseek_v2_lite.sh")
+    result = subprocess.run(["bash", str(EXAMPLES / "slurm" / "pretrain_multinode.sbatch")], cwd=tmp_path,
+                            env=environment, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "rendezvous gpu-07:29500" in result.stdout
+    assert (tmp_path / "slurm" / "scontrol").read_text() == "show hostnames gpu-07,gpu-08\n"
+    assert "--ntasks-per-node=1" in (tmp_path / "slurm" / "srun").read_text()
+    for node in (0, 1):
+        command, flags, log = node_command(tmp_path, node)
+        # Both nodes meet at the first node's c10d rendezvous, named by the job id; torchrun assigns
+        # the node ranks (it ignores --node-rank unless the rendezvous is static).
+        assert command[:10] == ["torchrun", "--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-id", "4242",
+                                "--rdzv-endpoint", "gpu-07:29500", "--nproc-per-node"]  # fmt: skip
+        assert command[10] == "8" and "--node-rank" not in command
+        joined = " ".join(flags)
+        assert f"--save {tmp_path}/run/checkpoints --save-interval 1000 --exit-signal-handler --exit-signal SIGUSR1" \
+            in joined
+        assert f"--tensorboard-dir {tmp_path}/run/tensorboard" in joined
+        # The dry run validated the flags for 16 processes and fitted them in 80 GB.
+        assert "parallel layout: 16 processes (2 nodes x 8)" in log and "fits in 80 GB per GPU" in log
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+
+
+def test_single_node_sbatch_runs_standalone(tmp_path):
+    # Half a node's GPUs: the default preset (DeepSeek-V2-Lite) needs more than 80 GB each, so 141 GB ones.
+    environment = slurm_environment(tmp_path, nodes=1, DRY_RUN="1", SLURM_GPUS_ON_NODE="4", EP="4",
+                                    GPU_MEMORY_GB="141")  # fmt: skip
+    result = subprocess.run(["bash", str(EXAMPLES / "slurm" / "pretrain_single_node.sbatch")], cwd=tmp_path,
+                            env=environment, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    command, flags, log = node_command(tmp_path, 0)
+    assert command[:4] == ["torchrun", "--standalone", "--nproc-per-node", "4"]
+    assert "--num-experts 64" in " ".join(flags)  # the default preset: DeepSeek-V2-Lite
+    assert "parallel layout: 4 processes (1 node x 4)" in log and "fits in 141 GB per GPU" in log
+
+
+@pytest.mark.parametrize("exit_status, requeued", [(0, True), (1, False)])
+def test_time_limit_signal_saves_then_requeues(tmp_path, exit_status, requeued):
+    environment = slurm_environment(tmp_path, nodes=2, FAKE_SRUN_WAITS_FOR_SIGNAL=str(exit_status))
+    job = subprocess.Popen(["bash", str(EXAMPLES / "slurm" / "pretrain_multinode.sbatch")], cwd=tmp_path,
+                           env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "slurm" / "srun_started").exists():
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@180` sends the batch shell
+    stdout, stderr = job.communicate(timeout=30)
+    assert (tmp_path / "slurm" / "srun_signals").read_text() == "USR1\n"  # passed on to srun
+    assert job.returncode == exit_status, stdout + stderr
+    calls = (tmp_path / "slurm" / "scontrol").read_text().splitlines()
+    assert ("requeue 4242" in calls) == requeued
+    if not requeued:
+        assert "exited with status 1 after SIGUSR1: not requeued" in stderr

@@ -68,7 +68,7 @@ def _token_total(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", action="append", required=True, type=lambda text: _name_value(text, "--source"), metavar="NAME=PATH[,PATH...]", help="a source: name and comma-separated JSONL files / globs (repeat per source)")
+    parser.add_argument("--source", action="append", required=True, type=lambda text: _name_value(text, "--source"), metavar="NAME=PATH[,PATH...]", help="a source: name and comma-separated JSONL files (plain or .gz) / globs (repeat per source)")
     parser.add_argument("--weight", action="append", required=True, type=lambda text: _name_value(text, "--weight"), metavar="NAME=W", help="target token weight of a source (repeat per source; normalized to sum 1)")
     parser.add_argument("--total-tokens", type=_token_total, help="token budget of the mixture (default: the largest total without repeating documents)")
     parser.add_argument("--allow-upsample", action="store_true", help="allow a --total-tokens that repeats documents of some source")

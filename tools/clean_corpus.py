@@ -9,9 +9,9 @@ optional domain tag from keyword rules. Output records keep all input fields, wi
 replaced by the cleaned text and a language field added (and a domain field with --domain-rules).
 
 Streaming with --workers processes; output order = input order. Every dropped document is counted
-by reason (the first rule it fails); unusable lines (broken JSON, not UTF-8, missing or empty text)
+by reason (the first rule it fails); unusable lines (broken JSON, not UTF-8, missing or empty text, over 16 MiB)
 are counted with file:line examples. --keep-rejects writes dropped documents with
-"reject_reason" and "source" (file:line).
+"reject_reason" and "reject_location" (file:line).
 
 Example:
     python tools/clean_corpus.py --input raw/*.jsonl --output clean.jsonl --keep-rejects rejects.jsonl
@@ -38,7 +38,7 @@ from megatron_r1.data.jsonl import SkipCounter
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help="JSONL files or glob patterns")
+    parser.add_argument("--input", nargs="+", required=True, help="JSONL files (plain or .gz) or glob patterns")
     parser.add_argument("--output", required=True, help="JSONL of the kept, cleaned documents")
     parser.add_argument("--keep-rejects", metavar="FILE", help="also write every dropped document / bad line with its reason")
     parser.add_argument("--json-key", default="text", help="field holding the text (default: text)")

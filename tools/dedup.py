@@ -8,9 +8,9 @@ copied byte for byte. The clusters file has one JSON line per cluster of >= 2 do
 "match", "similarity"}, ...]}``, where ``match`` is ``exact_text``, ``minhash_estimate``,
 ``jaccard`` (exact Jaccard of the shingle sets) or ``simhash``.
 
-Memory: only the index grows, about 34 + 8 * bands bytes per document plus 4 * num_perm bytes per
-document in a temporary signature file (next to --output, or in --tmp-dir). See
-megatron_r1/corpus/dedup.py for the full method.
+Memory: only the index grows, about 31 + 8 * bands bytes per document (16 more while clustering)
+plus 4 * num_perm bytes per document in a temporary signature file (next to --output, or in
+--tmp-dir). See megatron_r1/corpus/dedup.py for the full method.
 
 Example:
     python tools/dedup.py --input clean/*.jsonl --output dedup.jsonl --clusters clusters.jsonl
@@ -39,7 +39,8 @@ from megatron_r1.corpus.dedup import (
 )
 from megatron_r1.corpus.jsonl import InputError, atomic_output, check_output_not_input, expand_inputs, iter_line_batches, iter_lines, total_bytes
 from megatron_r1.corpus.parallel import ordered_map
-from megatron_r1.corpus.shingles import SHINGLE_KINDS
+from megatron_r1.corpus.shingles import SHINGLE_KINDS, prepare
+from megatron_r1.data.jsonl import is_compressed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bands", type=int, help="MinHash: LSH bands (default: chosen from --threshold and --num-perm so that pairs at the threshold become candidates with probability >= 0.99, with the fewest false candidates)")
     parser.add_argument("--rows", type=int, help="MinHash: rows per band (give with --bands)")
     parser.add_argument("--verify", choices=VERIFY_MODES, default="exact", help="MinHash: 'exact' decides pairs whose estimate is within 3 standard errors of the threshold by the exact Jaccard similarity (re-read from disk); 'estimate' trusts the MinHash estimate alone (default: exact)")
-    parser.add_argument("--max-distance", type=int, default=3, help="SimHash: maximum Hamming distance between 64-bit fingerprints (default: 3)")
+    parser.add_argument("--max-distance", type=int, default=3, help="SimHash: maximum Hamming distance between 64-bit fingerprints; keep it <= 6, larger values make the candidate blocks too narrow (see megatron_r1/corpus/simhash.py) (default: 3)")
     parser.add_argument("--shingle", choices=SHINGLE_KINDS, default="auto", help="word or character n-grams; auto: characters for Chinese/CJK text, words otherwise (default: auto)")
     parser.add_argument("--ngram", type=int, default=5, help="shingle size in words or characters (default: 5)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the MinHash permutations (default: 1)")
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             check_output_not_input(output, paths, flag)
     except (InputError, ValueError) as error:
         parser.error(str(error))
+    compressed = [path for path in paths if is_compressed(path)]
+    if compressed:
+        parser.error(f"--input {compressed[0]!r}: compressed input is not supported (verification seeks to byte offsets); decompress it first")
     if len(paths) > 65535:
         parser.error(f"--input: at most 65535 files per run, got {len(paths)}")
 
@@ -89,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     input_bytes = total_bytes(paths)
     temporary_directory = args.tmp_dir or os.path.dirname(os.path.abspath(args.output))
     os.makedirs(temporary_directory, exist_ok=True)
+    prepare()
     store = SketchStore(config, paths, temporary_directory)
     try:
         with tqdm(total=input_bytes, unit="B", unit_scale=True, desc="sketch") as progress:
@@ -125,7 +130,7 @@ def _copy_lines(path: str, file_index: int, kept_lines, handle, progress) -> Non
     """Copy the kept lines (sorted 1-based numbers) of one input file verbatim."""
     position = 0
     for _, line_number, _, raw in iter_lines(path, file_index):
-        progress.update(len(raw))
+        progress.update(len(raw) if raw is not None else 0)  # (over-long lines were never kept)
         if position < len(kept_lines) and kept_lines[position] == line_number:
             handle.write(raw if raw.endswith(b"\n") else raw + b"\n")
             position += 1

@@ -5,25 +5,26 @@ For each input line, in order: parse (bad lines are counted, never raised) -> no
 language -> language filter -> quality rules -> PII anonymization -> domain tag. A kept document is
 the input record with its text replaced by the cleaned text and a language field (and a domain
 field) added. A rejected document is written to the rejects file (when asked) as the record with
-its cleaned, PII-masked text plus ``reject_reason`` and ``source`` (``file:line``); an unparsable
-line as ``{"source", "reject_reason", "raw"}`` with the PII-masked raw line.
+its cleaned, PII-masked text plus ``reject_reason`` and ``reject_location`` (``file:line``; its own
+name so that an input field such as ``source`` is kept); an unparsable line as
+``{"reject_location", "reject_reason", "raw"}`` with the PII-masked raw line (first 10 kB; empty
+for a line over the size limit).
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
 from megatron_r1.corpus.domain import DomainTagger
-import json
-
 from megatron_r1.corpus.jsonl import RawLine, dump_line, parse_text
 from megatron_r1.corpus.langid import detect_language
 from megatron_r1.corpus.normalize import normalize_text
 from megatron_r1.corpus.pii import mask_pii
 from megatron_r1.corpus.quality import QualityConfig, check_quality, remove_boilerplate_lines
 
-_MAX_RAW_REJECT_CHARS = 10_000
+_MAX_RAW_REJECT_BYTES = 10_000
 
 
 @dataclass(frozen=True)
@@ -67,14 +68,14 @@ def clean_batch(batch: list[RawLine]) -> CleanBatch:
     config = _config
     result = CleanBatch()
     for file_index, line_number, _, raw in batch:
-        source = f"{config.paths[file_index]}:{line_number}"
+        location = f"{config.paths[file_index]}:{line_number}"
         text, reason = parse_text(raw, config.json_key)
         if reason is not None:
             result.bad.append((reason, file_index, line_number))
             if config.keep_rejects and reason != "blank_line":
-                raw_text = raw.decode("utf-8", "replace")[:_MAX_RAW_REJECT_CHARS]
+                raw_text = raw[:_MAX_RAW_REJECT_BYTES].decode("utf-8", "replace") if raw is not None else ""
                 raw_text = mask_pii(raw_text)[0] if config.mask_pii else raw_text
-                result.rejects.append(dump_line({"source": source, "reject_reason": reason, "raw": raw_text}))
+                result.rejects.append(dump_line({"reject_location": location, "reject_reason": reason, "raw": raw_text}))
             continue
         result.documents += 1
         text, garbled = normalize_text(text)
@@ -89,7 +90,7 @@ def clean_batch(batch: list[RawLine]) -> CleanBatch:
             if config.keep_rejects:
                 text = mask_pii(text)[0] if config.mask_pii else text
                 record = json.loads(raw)
-                record.update({config.json_key: text, config.language_key: language, "reject_reason": reason, "source": source})
+                record.update({config.json_key: text, config.language_key: language, "reject_reason": reason, "reject_location": location})
                 result.rejects.append(dump_line(record))
             continue
         if config.mask_pii:

@@ -8,7 +8,8 @@ Pipeline (driven by tools/dedup.py):
    hashes, its MinHash signature (or SimHash fingerprint) and its LSH band keys.
    :class:`SketchStore` keeps per document only numpy arrays: file index, line number, byte
    offset, exact hash, band keys; MinHash signatures go to a temporary file read back through
-   ``np.memmap``. Texts are never kept: memory is about ``34 + 8 * bands`` bytes per document.
+   ``np.memmap``. Texts are never kept: memory is about ``31 + 8 * bands`` bytes per document
+   (and 16 more while clustering).
 2. **Exact duplicates**: documents with equal text hashes are merged into the first one.
 3. **Near duplicates** (:func:`find_duplicates`): for each band, documents are sorted by band key;
    each bucket of equal keys is walked in document order, each member is compared with one
@@ -43,13 +44,15 @@ from megatron_r1.corpus import minhash, simhash
 from megatron_r1.corpus.jsonl import RawLine, parse_text
 from megatron_r1.corpus.normalize import dedup_key
 from megatron_r1.corpus.parallel import ordered_map
-from megatron_r1.corpus.shingles import jaccard, shingle_hashes
+from megatron_r1.corpus.shingles import jaccard, shingle_hashes_batch
 from megatron_r1.data.jsonl import SkipCounter
 
 METHODS = ("minhash", "simhash")
 VERIFY_MODES = ("exact", "estimate")
 MARGIN_STANDARD_ERRORS = 3.0
 _PAIRS_PER_TASK = 2048
+_MIN_PAIRS_PER_TASK = 64
+_TEXTS_PER_SHINGLE_BATCH = 256  # as many as a sketch batch, which bounds the shingling arrays
 
 
 @dataclass(frozen=True)
@@ -104,13 +107,12 @@ class SketchBatch:
     indexable: np.ndarray  # bool[k]: has at least one shingle
     signatures: np.ndarray  # uint32[k, num_perm] or uint64[k]
     keys: np.ndarray  # uint64[k, bands]
-    nbytes: int
 
 
 def sketch_batch(batch: list[RawLine]) -> SketchBatch:
     config = _worker_config
     bands, rows = config.banding()
-    bad, kept, digests, indexable, signatures = [], [], [], [], []
+    bad, kept, digests, texts = [], [], [], []
     for file_index, line_number, offset, raw in batch:
         text, reason = parse_text(raw, config.json_key)
         if reason is not None:
@@ -118,30 +120,26 @@ def sketch_batch(batch: list[RawLine]) -> SketchBatch:
             continue
         kept.append((file_index, line_number, offset))
         digests.append(hashlib.blake2b(dedup_key(text).encode("utf-8", "surrogatepass"), digest_size=16).digest())
-        shingles = shingle_hashes(text, config.shingle, config.ngram)
-        indexable.append(len(shingles) > 0)
-        if config.method == "minhash":
-            signatures.append(minhash.signature(shingles, config.num_perm, config.seed))
-        else:
-            signatures.append(simhash.fingerprint(shingles))
-    count = len(kept)
-    locations = np.array(kept, dtype=np.uint64).reshape(count, 3)
+        texts.append(text)
+    hashes, offsets = shingle_hashes_batch(texts, config.shingle, config.ngram)
+    indexable = np.diff(offsets) > 0
     if config.method == "minhash":
-        signature_array = np.array(signatures, dtype=np.uint32).reshape(count, config.num_perm)
+        signature_array = minhash.signatures(hashes, offsets, config.num_perm, config.seed)
         keys = minhash.band_keys(signature_array, bands, rows)
     else:
-        signature_array = np.array(signatures, dtype=np.uint64)
+        signature_array = np.array([simhash.fingerprint(hashes[offsets[i] : offsets[i + 1]]) for i in range(len(texts))], dtype=np.uint64)
         keys = simhash.block_keys(signature_array, config.max_distance)
+    count = len(kept)
+    locations = np.array(kept, dtype=np.uint64).reshape(count, 3)
     return SketchBatch(
         bad=bad,
         file_index=locations[:, 0].astype(np.uint16),
         line=locations[:, 1].astype(np.uint32),
         offset=locations[:, 2],
         exact=np.frombuffer(b"".join(digests), dtype=np.uint64).reshape(count, 2),
-        indexable=np.array(indexable, dtype=bool),
+        indexable=indexable,
         signatures=signature_array,
         keys=keys,
-        nbytes=sum(len(line[3]) for line in batch),
     )
 
 
@@ -163,7 +161,6 @@ class SketchStore:
             handle, self._signature_path = tempfile.mkstemp(prefix=".dedup-signatures-", suffix=".bin", dir=temporary_directory)
             self._signature_file = os.fdopen(handle, "wb")
         self.count = 0
-        self.nbytes = 0
 
     def add(self, batch: SketchBatch) -> None:
         for reason, file_index, line_number in batch.bad:
@@ -175,7 +172,6 @@ class SketchStore:
         else:
             self._fingerprints.append(batch.signatures)
         self.count += len(batch.line)
-        self.nbytes += batch.nbytes
 
     def finish(self) -> "Sketches":
         arrays = {name: np.concatenate(chunks) if chunks else None for name, chunks in self._chunks.items()}
@@ -189,7 +185,8 @@ class SketchStore:
         if self._signature_file is not None:
             self._signature_file.close()
             if self.count:
-                signatures = np.memmap(self._signature_path, dtype=np.uint32, mode="r", shape=(self.count, self.config.num_perm))
+                # A plain ndarray view of the mapping: indexing a np.memmap subclass costs ~20 us per call.
+                signatures = np.memmap(self._signature_path, dtype=np.uint32, mode="r", shape=(self.count, self.config.num_perm)).view(np.ndarray)
             else:
                 signatures = np.empty((0, self.config.num_perm), np.uint32)
         else:
@@ -266,16 +263,20 @@ class DedupResult:
         return self.roots == np.arange(len(self.roots))
 
 
-def _runs_of_equal(sorted_values: np.ndarray) -> Iterator[tuple[int, int]]:
-    """(start, end) of every run of length >= 2 in a sorted 1-D (or row-sorted 2-D) array."""
+def _run_bounds(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of every run of length >= 2 in a sorted 1-D (or row-sorted 2-D) array."""
     if len(sorted_values) < 2:
-        return
+        return np.empty(0, np.int64), np.empty(0, np.int64)
     equal = sorted_values[1:] == sorted_values[:-1]
     if equal.ndim == 2:
         equal = equal.all(axis=1)
     changes = np.flatnonzero(np.diff(np.concatenate(([0], equal.astype(np.int8), [0]))))
-    for start, end in zip(changes[0::2], changes[1::2] + 1):
-        yield int(start), int(end)
+    return changes[0::2], changes[1::2] + 1
+
+
+def _runs_of_equal(sorted_values: np.ndarray) -> Iterator[tuple[int, int]]:
+    starts, ends = _run_bounds(sorted_values)
+    yield from zip(starts.tolist(), ends.tolist())
 
 
 def find_duplicates(
@@ -307,10 +308,19 @@ def find_duplicates(
     for band in progress(range(bands), desc="LSH bands", unit="band"):
         band_keys = sketches.keys[eligible, band]
         band_order = np.argsort(band_keys, kind="stable")
-        sorted_keys = band_keys[band_order]
-        for start, end in _runs_of_equal(sorted_keys):
-            members = eligible[band_order[start:end]]
-            checks += _merge_bucket(members, sketches.signatures, config, margin, union_find, edges, ambiguous)
+        members = eligible[band_order]
+        starts, ends = _run_bounds(band_keys[band_order])
+        # A bucket whose members were all in one cluster when the band started still is: skip it
+        # (most buckets of later bands). Their roots' minimum equals their maximum.
+        roots = np.append(union_find.roots()[members], 0)
+        bounds = np.stack([starts, ends], axis=1).ravel()
+        split = np.minimum.reduceat(roots, bounds)[0::2] != np.maximum.reduceat(roots, bounds)[0::2] if len(starts) else np.empty(0, bool)
+        pairs = split & (ends - starts == 2)
+        # Buckets of two (nearly all of them): every estimate of the band in one array operation.
+        first, second = members[starts[pairs]], members[starts[pairs] + 1]
+        checks += _merge_pairs(first, second, sketches.signatures, config, margin, union_find, edges, ambiguous)
+        for start, end in zip(starts[split & ~pairs].tolist(), ends[split & ~pairs].tolist()):
+            checks += _merge_bucket(members[start:end], sketches.signatures, config, margin, union_find, edges, ambiguous)
 
     exact_checks = 0
     pending = [(first, second) for first, second in sorted(ambiguous) if union_find.find(first) != union_find.find(second)]
@@ -320,9 +330,11 @@ def find_duplicates(
         groups.union(first, second)
     pending.sort(key=lambda pair: (groups.find(pair[0]), pair))
     if pending:
+        # At least 4 tasks per worker (when there are enough pairs), so that the workers share the work evenly.
+        per_task = max(_MIN_PAIRS_PER_TASK, min(_PAIRS_PER_TASK, math.ceil(len(pending) / (4 * workers))))
         tasks = [
-            [(paths[sketches.file_index[a]], int(sketches.offset[a]), paths[sketches.file_index[b]], int(sketches.offset[b])) for a, b in pending[start : start + _PAIRS_PER_TASK]]
-            for start in range(0, len(pending), _PAIRS_PER_TASK)
+            [(paths[sketches.file_index[a]], int(sketches.offset[a]), paths[sketches.file_index[b]], int(sketches.offset[b])) for a, b in pending[start : start + per_task]]
+            for start in range(0, len(pending), per_task)
         ]  # fmt: skip
         similarities = ordered_map(exact_jaccard_task, tasks, workers, init_worker, (config,))
         position = 0
@@ -336,6 +348,36 @@ def find_duplicates(
     return DedupResult(union_find.roots(), edges, exact_duplicates, checks, exact_checks)
 
 
+def _judge(config, margin, signature, others) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(similarities, accepted, undecided, match name) of one signature against rows of others,
+    or of two equally long arrays of signatures row by row."""
+    if config.method == "minhash":
+        similarities = minhash.estimated_jaccard(signature, others)
+        accepted = similarities >= config.threshold + margin
+        undecided = (similarities >= config.threshold - margin) & ~accepted
+        return similarities, accepted, undecided, "minhash_estimate"
+    distances = simhash.hamming_distance(signature, others)
+    return 1.0 - distances / simhash.BITS, distances <= config.max_distance, np.zeros(len(distances), bool), "simhash"
+
+
+def _merge_pairs(first, second, signatures, config, margin, union_find, edges, ambiguous) -> int:
+    """Judge the pairs (first[i], second[i]) of two-member buckets; first[i] < second[i]."""
+    if len(first) == 0:
+        return 0
+    similarities, accepted, undecided, match = _judge(config, margin, signatures[first], signatures[second])
+    checks = 0
+    for a, b, similarity, accept, unsure in zip(first.tolist(), second.tolist(), similarities.tolist(), accepted.tolist(), undecided.tolist()):
+        if union_find.find(a) == union_find.find(b) or (a, b) in ambiguous:
+            continue  # merged earlier in this band, or already queued for the exact check
+        checks += 1
+        if accept:
+            union_find.union(a, b)
+            edges.append(Edge(a, b, match, round(similarity, 4)))
+        elif unsure:
+            ambiguous.add((a, b))
+    return checks
+
+
 def _merge_bucket(members, signatures, config, margin, union_find, edges, ambiguous) -> int:
     """Compare each bucket member with one member of every other component seen before it."""
     component_members: dict[int, int] = {}
@@ -345,17 +387,7 @@ def _merge_bucket(members, signatures, config, margin, union_find, edges, ambigu
         others = [other for other_root, other in component_members.items() if union_find.find(other_root) != root]
         if others:
             checks += len(others)
-            if config.method == "minhash":
-                similarities = minhash.estimated_jaccard(signatures[member], signatures[others])
-                accepted = similarities >= config.threshold + margin
-                undecided = (similarities >= config.threshold - margin) & ~accepted
-                match = "minhash_estimate"
-            else:
-                distances = simhash.hamming_distance(signatures[member], signatures[others])
-                similarities = 1.0 - distances / simhash.BITS
-                accepted = distances <= config.max_distance
-                undecided = np.zeros_like(accepted)
-                match = "simhash"
+            similarities, accepted, undecided, match = _judge(config, margin, signatures[member], signatures[others])
             for other, similarity, accept, unsure in zip(others, similarities.tolist(), accepted, undecided):
                 if accept:
                     if union_find.union(other, member):
@@ -369,23 +401,25 @@ def _merge_bucket(members, signatures, config, margin, union_find, edges, ambigu
 def exact_jaccard_task(pairs: list[tuple[str, int, str, int]]) -> list[float]:
     """Exact Jaccard similarity for (path_a, offset_a, path_b, offset_b) pairs, read from disk."""
     config = _worker_config
-    cache: dict[tuple[str, int], np.ndarray] = {}
+    # Each document once, in file order; texts are read and shingled a batch at a time.
+    documents = sorted({(path, offset) for path_a, offset_a, path_b, offset_b in pairs for path, offset in ((path_a, offset_a), (path_b, offset_b))})
+    sets: dict[tuple[str, int], np.ndarray] = {}
     handles: dict[str, object] = {}
-
-    def shingles(path: str, offset: int) -> np.ndarray:
-        key = (path, offset)
-        if key not in cache:
-            handle = handles.get(path) or handles.setdefault(path, open(path, "rb"))
-            handle.seek(offset)
-            text, _ = parse_text(handle.readline(), config.json_key)
-            cache[key] = np.unique(shingle_hashes(text or "", config.shingle, config.ngram))
-        return cache[key]
-
     try:
-        return [round(jaccard(shingles(path_a, offset_a), shingles(path_b, offset_b)), 4) for path_a, offset_a, path_b, offset_b in pairs]
+        for start in range(0, len(documents), _TEXTS_PER_SHINGLE_BATCH):
+            chunk = documents[start : start + _TEXTS_PER_SHINGLE_BATCH]
+            texts = []
+            for path, offset in chunk:
+                handle = handles.get(path) or handles.setdefault(path, open(path, "rb"))
+                handle.seek(offset)
+                texts.append(parse_text(handle.readline(), config.json_key)[0] or "")
+            hashes, offsets = shingle_hashes_batch(texts, config.shingle, config.ngram)
+            for index, document in enumerate(chunk):
+                sets[document] = np.unique(hashes[offsets[index] : offsets[index + 1]])
     finally:
         for handle in handles.values():
             handle.close()
+    return [round(jaccard(sets[(path_a, offset_a)], sets[(path_b, offset_b)]), 4) for path_a, offset_a, path_b, offset_b in pairs]
 
 
 # ---------------------------------------------------------------- outputs

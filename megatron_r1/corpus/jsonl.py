@@ -2,7 +2,9 @@
 
 Lines are read as raw bytes together with their 1-based line number and byte offset, so that a
 later pass (or a random-access verification step) can find a document again without keeping its
-text in memory. Lines are validated with :func:`megatron_r1.data.jsonl.parse_document` and bad
+text in memory. A line longer than ``max_line_bytes`` is never held in memory: it comes as
+``None`` and is counted as ``too_large``. Files ending in ``.gz`` are read through gzip (offsets
+are then positions in the decompressed stream). Lines are validated with :func:`megatron_r1.data.jsonl.parse_document` and bad
 ones counted in its ``SkipCounter`` (the same reasons and ``file:line`` report as preprocessing).
 """
 
@@ -15,7 +17,7 @@ import os
 from collections.abc import Iterable, Iterator
 
 from megatron_r1.data.files import remove_if_exists, temporary_path
-from megatron_r1.data.jsonl import parse_document
+from megatron_r1.data.jsonl import DEFAULT_MAX_DOCUMENT_BYTES, ByteRange, parse_document, read_lines
 
 
 class InputError(ValueError):
@@ -49,41 +51,46 @@ def total_bytes(paths: Iterable[str]) -> int:
     return sum(os.path.getsize(path) for path in paths)
 
 
-# A line as read from disk: (file index, 1-based line number, byte offset, raw bytes).
-RawLine = tuple[int, int, int, bytes]
+# A line as read from disk: (file index, 1-based line number, byte offset, raw bytes or None when
+# the line is longer than the limit).
+RawLine = tuple[int, int, int, "bytes | None"]
 
 
-def iter_lines(path: str, file_index: int) -> Iterator[RawLine]:
+def iter_lines(path: str, file_index: int, max_line_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> Iterator[RawLine]:
     offset = 0
-    with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            yield file_index, line_number, offset, raw
-            offset += len(raw)
+    whole_file = ByteRange(path, 0, None, os.path.getsize(path))
+    for line_number, (raw, consumed) in enumerate(read_lines(whole_file, max_line_bytes), start=1):
+        yield file_index, line_number, offset, raw
+        offset += consumed
 
 
 def iter_line_batches(
     paths: list[str], batch_lines: int = 1024, batch_bytes: int = 4 << 20, progress=None
 ) -> Iterator[list[RawLine]]:
-    """Yield batches of raw lines from all files in order; ``progress`` (a tqdm) advances by bytes."""
+    """Yield batches of raw lines from all files in order; ``progress`` (a tqdm) advances by the
+    bytes read, and by the rest of the files' sizes at the end (skipped over-long lines)."""
     batch: list[RawLine] = []
-    size = 0
+    size = reported = 0
     for file_index, path in enumerate(paths):
         for line in iter_lines(path, file_index):
             batch.append(line)
-            size += len(line[3])
+            size += len(line[3]) if line[3] is not None else 0
             if len(batch) >= batch_lines or size >= batch_bytes:
                 if progress is not None:
                     progress.update(size)
+                    reported += size
                 yield batch
                 batch, size = [], 0
+    if progress is not None:
+        progress.update(max(size, total_bytes(paths) - reported))
     if batch:
-        if progress is not None:
-            progress.update(size)
         yield batch
 
 
-def parse_text(raw: bytes, json_key: str) -> tuple[str | None, str | None]:
+def parse_text(raw: bytes | None, json_key: str) -> tuple[str | None, str | None]:
     """``(text, None)`` for a usable line, ``(None, reason)`` with a ``SKIP_REASONS`` name otherwise."""
+    if raw is None:
+        return None, "too_large"
     texts, reason = parse_document(raw, [json_key])
     return (texts[0], None) if reason is None else (None, reason)
 

@@ -2,8 +2,9 @@
 
 The detector counts *units* per script with compiled regular expressions (so it runs in C):
 
-* Han ideographs count one unit each (a Chinese word is 1-2 characters); Japanese kana and Korean
-  Hangul count one unit each for their own scripts;
+* Han ideographs count 2/3 of a unit each (a Chinese word is 1.5 characters on average, so a
+  unit is about one word in every script); Japanese kana and Korean Hangul count one unit each for
+  their own scripts;
 * Latin text counts one unit per word (a run of Latin letters);
 * letters of any other script (Cyrillic, Arabic, Devanagari, Thai ...) count one unit per 4 letters.
 
@@ -14,6 +15,9 @@ Japanese -> ``other``). If Latin words dominate, the text is ``en`` when English
 outnumber the stopwords of French/German/Spanish/Italian/Portuguese/Dutch in it; when neither
 kind occurs (short texts) it is ``en`` if it has no non-ASCII Latin letters (accents), else
 ``other``. Anything else is ``other``.
+
+Examples: "我喜欢用Python写代码" and "GPU 训练" are ``zh``; "I love 北京" and "你好 hello world"
+are ``en``; "こんにちは世界" and "Привет, как дела?" are ``other``.
 
 Known limits: very short Latin texts without stopwords or accents ("Hola mundo") read as English;
 Chinese written without Han characters (pinyin) reads as Latin.
@@ -50,7 +54,7 @@ _OTHER_LATIN_STOPWORDS = frozenset(
 ) - ENGLISH_STOPWORDS
 
 
-def script_units(text: str) -> dict[str, int]:
+def script_units(text: str) -> dict[str, float]:
     """Units per script as described in the module docstring (``latin`` counts words)."""
     han = len(_HAN.findall(text))
     kana = len(_KANA.findall(text))
@@ -58,7 +62,7 @@ def script_units(text: str) -> dict[str, int]:
     latin_words = _LATIN_WORD.findall(text)
     latin_letters = sum(map(len, latin_words))
     other_letters = len(_LETTER.findall(text)) - han - kana - hangul - latin_letters
-    return {"han": han, "kana": kana, "hangul": hangul, "latin": len(latin_words), "other": max(other_letters, 0) // 4}
+    return {"han": han * 2 / 3, "kana": kana, "hangul": hangul, "latin": len(latin_words), "other": max(other_letters, 0) // 4}
 
 
 def detect_language(text: str) -> str:
@@ -67,7 +71,8 @@ def detect_language(text: str) -> str:
         return "other"
     best = max(units.values())
     if units["han"] == best:
-        return "other" if units["kana"] * 10 >= units["han"] + units["kana"] else "zh"
+        han_characters = units["han"] * 3 / 2
+        return "other" if units["kana"] * 10 >= han_characters + units["kana"] else "zh"
     if units["latin"] != best:
         return "other"
     words = [word.lower() for word in _LATIN_WORD.findall(text)]

@@ -3,10 +3,11 @@
 Signature: each shingle's 64-bit hash is cut to its low 32 bits ``x`` (the hashes are already
 avalanche-mixed); for permutation ``k`` with random odd ``a_k`` and random ``b_k`` (drawn from
 ``seed``), the signature value is ``min over shingles of (a_k * x + b_k) mod 2**32``, an affine
-bijection of the 32-bit space (the scheme datasketch >= 2.0 calls ``affine32``). It is computed as
-one numpy operation over the [num_shingles x num_perm] uint32 matrix (in blocks of 4096 shingles to
-bound memory) and a min over axis 0; there is no per-shingle Python work, which is where the speed
-over datasketch comes from (datasketch hashes every shingle with SHA-1 in a Python loop).
+bijection of the 32-bit space (the scheme datasketch >= 2.0 calls ``affine32``). It is computed for
+a batch of documents at once as the [num_shingles x num_perm] uint32 matrix (in blocks of about
+``_BLOCK_ROWS`` shingles to bound memory) and a minimum over each document's rows:
+there is no per-shingle Python work, which is where the speed over datasketch comes from
+(datasketch hashes every shingle with SHA-1 in a Python loop).
 
 LSH: the first ``bands * rows`` signature values are cut into ``bands`` bands; each band is reduced
 to a uint64 key. Two documents become candidates when any band key matches; the probability is
@@ -42,16 +43,35 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return multipliers, offsets
 
 
-def signature(shingles: np.ndarray, num_perm: int, seed: int) -> np.ndarray:
-    """uint32[num_perm] MinHash signature of a uint64 shingle-hash array (all EMPTY_VALUE if none)."""
-    multipliers, offsets = permutations(num_perm, seed)
-    low_bits = shingles.astype(np.uint32)
-    minimum = np.full(num_perm, EMPTY_VALUE, dtype=np.uint32)
-    for start in range(0, len(low_bits), _BLOCK_ROWS):
-        block = np.multiply.outer(low_bits[start : start + _BLOCK_ROWS], multipliers)
-        block += offsets
-        np.minimum(minimum, block.min(axis=0), out=minimum)
-    return minimum
+def signatures(hashes: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int) -> np.ndarray:
+    """uint32[docs, num_perm] MinHash signatures of the documents whose shingle hashes are
+    ``hashes[offsets[i]:offsets[i + 1]]`` (all EMPTY_VALUE for a document without shingles)."""
+    multipliers, offsets_k = permutations(num_perm, seed)
+    low_bits = hashes.astype(np.uint32)
+    documents = len(offsets) - 1
+    result = np.full((documents, num_perm), EMPTY_VALUE, dtype=np.uint32)
+    counts = np.diff(offsets)
+    document = 0
+    while document < documents:
+        if counts[document] > _BLOCK_ROWS:  # one long document: blocks of its own shingles
+            for start in range(int(offsets[document]), int(offsets[document + 1]), _BLOCK_ROWS):
+                block = np.multiply.outer(low_bits[start : min(start + _BLOCK_ROWS, int(offsets[document + 1]))], multipliers)
+                block += offsets_k
+                np.minimum(result[document], block.min(axis=0), out=result[document])
+            document += 1
+            continue
+        # Several documents whose shingles fit one block: one matrix, a minimum per document's rows.
+        last = int(np.searchsorted(offsets, offsets[document] + _BLOCK_ROWS, side="right")) - 1
+        last = max(min(last, documents), document + 1)
+        start = int(offsets[document])
+        block = np.multiply.outer(low_bits[start : int(offsets[last])], multipliers)
+        block += offsets_k
+        bounds = (offsets[document : last + 1] - start).tolist()
+        for member, (first, end) in enumerate(zip(bounds[:-1], bounds[1:]), start=document):
+            if end > first:  # (a loop of contiguous column minima beats minimum.reduceat over rows)
+                block[first:end].min(axis=0, out=result[member])
+        document = last
+    return result
 
 
 def _candidate_probability(similarity: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -88,5 +108,6 @@ def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 
 def estimated_jaccard(signature_a: np.ndarray, signatures_b: np.ndarray) -> np.ndarray:
-    """Fraction of equal signature values between one signature and each row of ``signatures_b``."""
+    """Fraction of equal signature values between one signature and each row of ``signatures_b``
+    (or row by row, for two arrays of signatures of the same shape)."""
     return (signatures_b == signature_a).mean(axis=-1)

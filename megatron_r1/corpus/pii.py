@@ -4,14 +4,17 @@ Placeholders (applied in this order, so an e-mail's digits are never read as a p
 
 * ``<EMAIL>``      local@domain.tld
 * ``<IP_ADDRESS>`` IPv6 (full, ``::``-compressed, with embedded IPv4 or ``%zone``; validated by
-  :mod:`ipaddress`, at least two non-empty groups) and IPv4 (four dotted octets 0-255). A dotted
+  :mod:`ipaddress`, at least two non-empty groups and a decimal digit, so that C++ / Ruby scopes
+  such as ``a::b`` or ``Dead::Beef`` survive) and IPv4 (four dotted octets 0-255). A dotted
   quad that is a valid address *is* masked, even if it was meant as a version number; "v1.2.3.4",
   "1.2.3", "1.2.3.4.5", "256.1.1.1" and "3.14159" survive.
 * ``<ID_NUMBER>``  Chinese resident identity number: 18 characters, region code starting 1-8, a
   real birth date between 1900 and 2099, and the ISO 7064 MOD 11-2 check character (0-9 or X).
 * ``<BANK_CARD>``  13-19 digits, optionally grouped by single spaces or dashes, first digit 2-6
   (the Visa / Mastercard / Amex / JCB / Discover / UnionPay issuer ranges) and a valid Luhn
-  checksum. Order numbers and millisecond timestamps (leading 1) survive, as do numbers failing Luhn.
+  checksum. Order numbers and millisecond timestamps (leading 1) survive, as do numbers failing Luhn
+  and ungrouped 18-digit numbers shaped like a resident ID (region code, birth date) whose ID
+  checksum failed.
 * ``<PHONE>``      Chinese mobile numbers ``1[3-9]x xxxx xxxx`` with optional ``+86``/``0086``/
   ``(+86)`` prefix and space/dash separators; Chinese landlines ``0xx(x)-xxxxxxx(x)`` (the dash or
   parentheses are required); North-American ``(xxx) xxx-xxxx`` / ``xxx-xxx-xxxx`` / ``xxx.xxx.xxxx``
@@ -74,7 +77,8 @@ def luhn_is_valid(digits: str) -> bool:
 
 def _ipv6(match: re.Match) -> str | None:
     candidate = match.group(0)
-    if sum(1 for group in candidate.split("%")[0].split(":") if group) < 2:
+    address = candidate.split("%")[0]
+    if sum(1 for group in address.split(":") if group) < 2 or not any(character.isdigit() for character in address):
         return None
     try:
         ipaddress.IPv6Address(candidate)
@@ -89,6 +93,8 @@ def _chinese_id(match: re.Match) -> str | None:
 
 def _bank_card(match: re.Match) -> str | None:
     digits = re.sub(r"[ -]", "", match.group(0))
+    if digits == match.group(0) and _CHINESE_ID.fullmatch(digits):
+        return None  # shaped like a resident ID whose checksum failed (a typo), not a card number
     return "<BANK_CARD>" if 13 <= len(digits) <= 19 and luhn_is_valid(digits) else None
 
 

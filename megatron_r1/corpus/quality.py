@@ -8,8 +8,10 @@ the first rule a document fails (its reject reason) or ``None``. Every threshold
 
 Chinese awareness: for ``zh`` documents a *unit* is one Han character or one run of other
 non-space characters (an English word, a number), so lengths count Chinese characters instead of
-whitespace words, and the repetition rules use character n-grams; the mean-word-length rule does
-not apply, and the stopword rule uses Chinese function characters. For ``en`` and ``other`` a unit
+whitespace words, and the repetition rules use character n-grams of ceil(1.5 n) characters for
+the word n-grams of rule n (a Chinese word is ~1.5 characters, so character 5-grams would repeat
+far more often than word 5-grams and fail ordinary text); the mean-word-length rule does not
+apply, and the stopword rule uses Chinese function characters. For ``en`` and ``other`` a unit
 is a whitespace-separated word.
 
 Repetition rules (Gopher): fractions of duplicate lines / paragraphs (by count and by characters);
@@ -21,13 +23,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_r1.corpus.shingles import window_hashes
+from megatron_r1.corpus.shingles import GrowingWindows
 
 REASONS = (
     "lorem_ipsum", "curly_brace", "garbled", "too_short", "too_long", "mean_word_length", "symbol_ratio",
@@ -38,8 +42,11 @@ REASONS = (
 GOPHER_STOPWORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 CHINESE_STOPWORDS = frozenset("的了是在和有不这我也就都与之为他")
 _HAN_OR_WORD = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\s\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
-_HAS_LETTER = re.compile(r"[^\W\d_]")
-_STRIP_PUNCTUATION = re.compile(r"^[\W_]+|[\W_]+$")
+# Applied to the document's units joined by single spaces (units contain no spaces), so that one
+# regular expression call replaces a call per unit.
+_UNIT_WITH_LETTER = re.compile(r"(?<!\S)(?=\S*?[^\W\d_])\S+")
+_UNIT_EDGE_PUNCTUATION = re.compile(r"(?<!\S)(?:[^\w\s]|_)+|(?:[^\w\s]|_)+(?!\S)")
+_DIGIT = re.compile(r"\d")
 _BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "◆", "◇", "►", "▶", "➢", "✓", "✔", "-", "*", "·", "‣", "⁃")
 _ELLIPSES = ("...", "…")
 _TERMINAL_PUNCTUATION = (".", "!", "?", '"', "'", "…", "。", "」", "”", "』", "»")
@@ -139,32 +146,56 @@ def _duplicate_fractions(pieces: list[str]) -> tuple[float, float]:
     return duplicates / len(pieces), duplicate_chars / max(sum(map(len, pieces)), 1)
 
 
-def _ngram_statistics(tokens: list[str]) -> tuple[dict[int, float], dict[int, float]]:
-    """Top n-gram character fractions (n=2..4) and duplicate n-gram character fractions (n=5..10)."""
-    vocabulary: dict[str, int] = {}
-    ids = np.array([vocabulary.setdefault(token, len(vocabulary)) for token in tokens], dtype=np.uint64)
-    lengths = np.array([len(token) for token in tokens], dtype=np.int64)
-    total = max(int(lengths.sum()), 1)
-    cumulative = np.concatenate(([0], np.cumsum(lengths)))
-    top, duplicate = {}, {}
-    for n in range(2, 11):
-        if len(tokens) < n:
-            top[n] = duplicate[n] = 0.0
-            continue
-        hashes = window_hashes(ids, n)
-        _, first_index, inverse, counts = np.unique(hashes, return_index=True, return_inverse=True, return_counts=True)
-        if n <= 4:
-            best = int(np.argmax(counts))
-            start = int(first_index[best])
-            top[n] = float(counts[best] * (cumulative[start + n] - cumulative[start]) / total) if counts[best] > 1 else 0.0
-        else:
-            repeats = np.flatnonzero(first_index[inverse] != np.arange(len(hashes)))
-            coverage = np.zeros(len(tokens) + 1, dtype=np.int64)
-            np.add.at(coverage, repeats, 1)
-            np.add.at(coverage, repeats + n, -1)
-            covered = np.cumsum(coverage[:-1]) > 0
-            duplicate[n] = float(lengths[covered].sum() / total)
-    return top, duplicate
+def ngram_span(n: int, language: str) -> int:
+    """Units in the "n-gram" of rule n: n words, or for zh ceil(1.5 n) characters (~n words)."""
+    return math.ceil(1.5 * n) if language == "zh" else n
+
+
+class _NgramRepetition:
+    """Gopher n-gram repetition statistics of one unit sequence, asked for non-decreasing spans."""
+
+    def __init__(self, tokens: list[str]):
+        vocabulary: dict[str, int] = {}
+        # setdefault with a running counter: each distinct unit gets the index of its first occurrence.
+        self.ids = np.fromiter(map(vocabulary.setdefault, tokens, itertools.count()), dtype=np.uint64, count=len(tokens))
+        self.lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+        self.total = max(int(self.lengths.sum()), 1)
+        self.cumulative = np.concatenate(([0], np.cumsum(self.lengths)))
+        self._windows = GrowingWindows(self.ids)
+
+    def _occurrences(self, span: int) -> tuple[np.ndarray, np.ndarray]:
+        """(window indices sorted by n-gram, True where a new n-gram starts in that order)."""
+        hashes = self._windows.hashes(span)
+        order = np.argsort(hashes, kind="stable")
+        ordered = hashes[order]
+        return order, np.concatenate(([True], ordered[1:] != ordered[:-1]))
+
+    def top_fraction(self, span: int) -> float:
+        """Characters covered by the occurrences of the most frequent n-gram / all characters."""
+        if len(self.ids) <= span:
+            return 0.0
+        order, new = self._occurrences(span)
+        starts = np.flatnonzero(new)
+        counts = np.diff(np.append(starts, len(order)))
+        best = int(np.argmax(counts))
+        if counts[best] < 2:
+            return 0.0
+        first = int(order[starts[best]])
+        return float(counts[best] * (self.cumulative[first + span] - self.cumulative[first]) / self.total)
+
+    def duplicate_fraction(self, span: int) -> float:
+        """Characters inside n-gram occurrences that repeat an earlier one (overlaps once) / all characters."""
+        if len(self.ids) <= span:
+            return 0.0
+        order, new = self._occurrences(span)
+        repeats = order[~new]  # the stable sort puts each n-gram's first occurrence first
+        if len(repeats) == 0:
+            return 0.0
+        coverage = np.zeros(len(self.ids) + 1, dtype=np.int64)
+        coverage[repeats] += 1  # (window indices are unique, so plain fancy indexing adds correctly)
+        coverage[repeats + span] -= 1
+        covered = np.cumsum(coverage[:-1]) > 0
+        return float(self.lengths[covered].sum() / self.total)
 
 
 def check_quality(text: str, language: str, config: QualityConfig, garbled: int = 0) -> str | None:
@@ -184,7 +215,7 @@ def check_quality(text: str, language: str, config: QualityConfig, garbled: int 
     if count > high:
         return "too_long"
     if language != "zh":
-        stripped = [word for word in (_STRIP_PUNCTUATION.sub("", token) for token in tokens) if word]
+        stripped = _UNIT_EDGE_PUNCTUATION.sub("", " ".join(tokens)).split()
         mean_length = sum(map(len, stripped)) / max(len(stripped), 1)
         if not config.min_mean_word_length <= mean_length <= config.max_mean_word_length:
             return "mean_word_length"
@@ -196,10 +227,10 @@ def check_quality(text: str, language: str, config: QualityConfig, garbled: int 
         return "bullet_lines"
     if sum(line.endswith(_ELLIPSES) for line in lines) > config.max_ellipsis_lines * len(lines):
         return "ellipsis_lines"
-    if sum(1 for token in tokens if _HAS_LETTER.search(token)) < config.min_alpha_words * count:
+    if len(_UNIT_WITH_LETTER.findall(" ".join(tokens))) < config.min_alpha_words * count:
         return "alpha_words"
     non_space = len(text) - sum(text.count(space) for space in (" ", "\n", "\t"))
-    if sum(character.isdigit() for character in text) > config.max_digit_ratio * max(non_space, 1):
+    if len(_DIGIT.findall(text)) > config.max_digit_ratio * max(non_space, 1):
         return "digit_ratio"
     if language in ("en", "zh"):
         stopwords = GOPHER_STOPWORDS if language == "en" else CHINESE_STOPWORDS
@@ -217,11 +248,11 @@ def check_quality(text: str, language: str, config: QualityConfig, garbled: int 
     ):
         if value > limit:
             return reason
-    top, duplicate = _ngram_statistics(tokens if language == "zh" else [token.lower() for token in tokens])
+    repetition = _NgramRepetition(tokens if language == "zh" else lowered.split())
     for n in (2, 3, 4):
-        if top[n] > getattr(config, f"max_top_{n}gram"):
+        if repetition.top_fraction(ngram_span(n, language)) > getattr(config, f"max_top_{n}gram"):
             return "top_ngram"
     for n in range(5, 11):
-        if duplicate[n] > getattr(config, f"max_dup_{n}gram"):
+        if repetition.duplicate_fraction(ngram_span(n, language)) > getattr(config, f"max_dup_{n}gram"):
             return "dup_ngram"
     return None

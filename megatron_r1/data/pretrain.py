@@ -75,7 +75,9 @@ class MicroBatches:
         start = self.consumed_samples + self.dp_rank * self.micro_batch_size
         samples = [self.dataset[i] for i in range(start, start + self.micro_batch_size)]
         self.consumed_samples += stride
-        batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in ("tokens", "labels", "loss_mask")}
+        # segment_ids: packed fine-tuning samples (megatron_r1.data.sft) say which sample each token is of.
+        keys = ("tokens", "labels", "loss_mask") + (("segment_ids",) if "segment_ids" in samples[0] else ())
+        batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in keys}
         length = self.seq_length or batch["tokens"].shape[1]
         batch = {key: value.reshape(-1, length) for key, value in batch.items()}
         batch["position_ids"] = torch.arange(length).expand_as(batch["tokens"])

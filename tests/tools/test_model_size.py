@@ -33,8 +33,32 @@ def test_table_and_summary():
     expert = 3 * 64 * 32
     assert table_row(result.stdout, "routed_experts")[1:3] == [f"{4 * expert:,}", f"{2 * expert:,}"]
     lines = result.stdout.strip().splitlines()
-    assert lines[-2] == "global batch 4 x sequence 16: 64 tokens/iteration"
-    assert lines[-1].startswith("total ") and "FLOPs/iteration" in lines[-1]
+    assert lines[-2] == ("global batch 4 x sequence 16: 64 tokens/iteration "
+                         "(2 micro-batches of 2 per data-parallel rank)")
+    assert lines[-1].startswith("total ") and "FLOPs/iteration" in lines[-1] and lines[-1].endswith(" GB/GPU")
+
+
+def test_layout_and_memory_report():
+    result = run_tool(TINY + ["--vocab-size", "100", "--pipeline-model-parallel-size", "2", "--bf16",
+                              "--expert-model-parallel-size", "2", "--use-distributed-optimizer",
+                              "--gpus-per-node", "2", "--gpu-memory-gb", "1"], world_size=4)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "parallel layout: 4 processes (2 nodes x 2)" in out
+    assert "attention/dense: TP 1 x PP 2 x DP 2" in out
+    assert "experts: ETP 1 x EP 2 x expert-DP 1 x PP 2; 2 of 4 per EP rank" in out
+    # megatron-core's order tp-cp-ep-dp-pp: data-parallel ranks adjacent, stages outermost.
+    assert "pipeline stage 0 (ranks 0-1): layers 0 (1 dense, 0 MoE), embedding" in out
+    assert "pipeline stage 1 (ranks 2-3): layers 1 (0 dense, 1 MoE), output layer" in out
+    stage_rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["0"], ["1"])]
+    assert len(stage_rows) == 2 and all(len(row) == 8 for row in stage_rows)
+    assert "fits in 1 GB per GPU" in out
+
+
+def test_layout_that_does_not_fit_fails():
+    result = run_tool(TINY + ["--vocab-size", "100", "--gpu-memory-gb", "0.0001"])
+    assert result.returncode == 1
+    assert "does NOT fit in 0.0001 GB per GPU" in result.stdout
 
 
 def test_vocabulary_comes_from_the_tokenizer(tmp_path):

@@ -1,0 +1,33 @@
+"""Fine-tune a megatron-r1 checkpoint on instruction / chat data: full-parameter or LoRA, with
+sequence packing, early stopping, progressive unfreezing and knowledge distillation.
+
+    torchrun --nproc_per_node=N finetune_r1.py --pretrained-checkpoint CKPT --data-path train.jsonl \\
+        --tokenizer-model tok.model <model flags of CKPT> [--lora] [--teacher-load BIG_CKPT] ...
+    python finetune_r1.py ...                                            (one CPU process)
+"""
+
+from torch.utils.tensorboard import SummaryWriter
+
+from megatron_r1.distributed import destroy_distributed
+from megatron_r1.finetuning import build_finetuning_data, parse_finetuning_args, setup_finetuning
+from megatron_r1.metrics import MetricsServer
+from megatron_r1.training import evaluate_and_print, is_logging_rank, print_rank_last, train
+
+
+def main():
+    args = parse_finetuning_args(__doc__)
+    state = setup_finetuning(args)
+    train_dataset, valid_dataset = build_finetuning_data(args, state)
+    print_rank_last(f" fine-tuning data: {len(train_dataset.bins)} packed training sequences"
+                    + (f", {len(valid_dataset.bins)} validation" if valid_dataset else ""))  # fmt: skip
+    writer = SummaryWriter(args.tensorboard_dir) if args.tensorboard_dir and is_logging_rank() else None
+    metrics = MetricsServer(args.metrics_port) if args.metrics_port is not None and is_logging_rank() else None
+    if args.skip_train:
+        evaluate_and_print(args, state, valid_dataset)
+    else:
+        train(args, state, train_dataset, valid_dataset, writer, metrics)
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Our checkpoint -> a Hugging Face ``DeepseekV3ForCausalLM`` directory, one layer at a time.
+
+Every check (model representable, every tensor present with the shape the configuration implies, no
+unmapped tensor) runs on the checkpoint's metadata before a byte is written; the directory is
+assembled under ``<output>.tmp`` and renamed when complete.
+"""
+
+import json
+import os
+import shutil
+
+import torch
+from tqdm import tqdm
+
+from megatron_r1.hf.config import UnsupportedModelError, checkpoint_args, deepseek_v3_config
+from megatron_r1.hf.keys import conversion_groups
+from megatron_r1.hf.storage import McoreCheckpointReader, ShardedSafetensorsWriter, WeightsError
+from megatron_r1.tokenizer import build_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def expected_hf_shapes(hf_config) -> dict:
+    """Parameter and buffer shapes of transformers' model for `hf_config`, MTP layers included (built
+    on the meta device: no memory)."""
+    from transformers import DeepseekV3ForCausalLM
+
+    mtp = getattr(hf_config, "num_nextn_predict_layers", 0)
+    config = hf_config.__class__.from_dict({**hf_config.to_dict(), "num_hidden_layers": hf_config.num_hidden_layers + mtp})
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    hidden, vocab = hf_config.hidden_size, hf_config.vocab_size
+    for i in range(mtp):
+        prefix = f"model.layers.{hf_config.num_hidden_layers + i}."
+        shapes.update({f"{prefix}enorm.weight": (hidden,), f"{prefix}hnorm.weight": (hidden,),
+                       f"{prefix}eh_proj.weight": (hidden, 2 * hidden), f"{prefix}shared_head.norm.weight": (hidden,),
+                       f"{prefix}embed_tokens.weight": (vocab, hidden), f"{prefix}shared_head.head.weight": (vocab, hidden)})  # fmt: skip
+    if hf_config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def check_mapping(groups, source_shapes: dict, target_shapes: dict, convert, source: str) -> None:
+    """Every mapped source tensor exists, none is left unmapped, and converting tensors of the source
+    shapes (meta tensors: no data) yields exactly the target's tensors and shapes."""
+    maps = [m for _, group in groups for m in group]
+    used = {key for m in maps for key in convert.source_keys(m)}
+    missing = sorted(used - set(source_shapes))
+    if missing:
+        raise WeightsError(f"{source}: the configuration needs tensors the weights lack: {', '.join(missing[:8])}"
+                           + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))  # fmt: skip
+    unmapped = sorted(set(source_shapes) - used)
+    if unmapped:
+        raise WeightsError(f"{source}: tensors the configuration does not account for: {', '.join(unmapped[:8])}")
+    produced, origin = {}, {}
+    for m in maps:
+        for name, shape in convert.meta(m, source_shapes).items():
+            produced[name], origin[name] = shape, convert.source_keys(m)[0]
+    wrong = [f"{name} {produced.get(name)} (from {origin.get(name)} in the weights) vs {shape} (configuration)"
+             for name, shape in target_shapes.items() if produced.get(name) != shape]  # fmt: skip
+    extra = sorted(set(produced) - set(target_shapes))
+    if wrong or extra:
+        raise WeightsError(f"{source}: weights do not match the configuration: " + "; ".join(wrong[:8] + extra[:8]))
+
+
+class _ToHF:
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    @staticmethod
+    def source_keys(m):
+        return [m.mcore]
+
+    def meta(self, m, shapes):
+        tensor = torch.empty(shapes[m.mcore], device="meta")
+        return {name: tuple(t.shape) for name, t in m.to_hf(tensor, self.vocab_size).items()}
+
+
+def export_to_hf(checkpoint: str, output: str, vocab_size: int | None = None, tokenizer_model: str | None = None,
+                 tokenizer_type: str | None = None, max_shard_bytes: int = 5 * 2**30, dtype: str = "float32",
+                 progress: bool = True) -> dict:  # fmt: skip
+    """Write the Hugging Face directory `output` for checkpoint directory `checkpoint` (an
+    ``iter_XXXXXXX``); needs a one-process torch.distributed group. Returns a summary."""
+    args = checkpoint_args(checkpoint)
+    tokenizer_model = tokenizer_model or args.tokenizer_model
+    tokenizer = None
+    if tokenizer_model:
+        if not os.path.exists(tokenizer_model):
+            raise FileNotFoundError(f"tokenizer {tokenizer_model} (--tokenizer-model, or saved in the checkpoint) does not exist")
+        tokenizer = build_tokenizer(tokenizer_type or args.tokenizer_type, tokenizer_model)
+    vocab_size = vocab_size or (tokenizer.vocab_size if tokenizer else args.vocab_size)
+    if not vocab_size:
+        raise UnsupportedModelError("the real vocabulary size is unknown: give --vocab-size or --tokenizer-model")
+    if vocab_size > args.padded_vocab_size:
+        raise WeightsError(f"vocabulary of {vocab_size} tokens, but the checkpoint's embedding has {args.padded_vocab_size} rows")
+    hf_config = deepseek_v3_config(
+        args, vocab_size,
+        bos_token_id=tokenizer.bos if tokenizer else None,
+        eos_token_id=tokenizer.eod if tokenizer else None,
+        pad_token_id=tokenizer.pad if tokenizer else None,
+    )  # fmt: skip
+    hf_config.torch_dtype = dtype
+    groups = conversion_groups(args)
+    reader = McoreCheckpointReader(checkpoint)
+    to_hf = _ToHF(vocab_size)
+    check_mapping(groups, {key: reader.shape(key) for key in reader.keys()}, expected_hf_shapes(hf_config), to_hf, checkpoint)
+
+    temporary = f"{output.rstrip('/')}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    os.makedirs(temporary)
+    writer = ShardedSafetensorsWriter(temporary, max_shard_bytes)
+    for _, maps in tqdm(groups, desc="mcore -> hf", unit="layer", disable=not progress):
+        tensors = reader.load([m.mcore for m in maps])
+        for m in maps:
+            for name, tensor in m.to_hf(tensors[m.mcore], vocab_size).items():
+                writer.add(name, tensor.to(DTYPES[dtype]))
+        del tensors
+    shards = writer.finish()
+    hf_config.save_pretrained(temporary)
+    from transformers import GenerationConfig
+
+    GenerationConfig(bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id,
+                     pad_token_id=hf_config.pad_token_id).save_pretrained(temporary)  # fmt: skip
+    if tokenizer is not None:
+        if tokenizer_type not in (None, "SentencePieceTokenizer") or args.tokenizer_type != "SentencePieceTokenizer":
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                source = os.path.join(os.path.dirname(tokenizer.model_file), name)
+                if os.path.isfile(source):
+                    shutil.copy(source, temporary)
+        else:
+            from megatron_r1.hf.tokenizer import save_hf_tokenizer
+
+            save_hf_tokenizer(tokenizer, temporary, args.max_position_embeddings)
+    if os.path.exists(output):
+        shutil.rmtree(output)
+    os.rename(temporary, output)
+    summary = {"tensors": len(json.load(open(os.path.join(output, "model.safetensors.index.json")))["weight_map"]),
+               "shards": shards, "bytes": writer.total_bytes, "vocab_size": vocab_size,
+               "padded_vocab_size": args.padded_vocab_size, "layers": args.num_layers, "mtp_layers": args.mtp_num_layers or 0,
+               "tokenizer": tokenizer is not None}  # fmt: skip
+    return summary

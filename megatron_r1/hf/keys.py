@@ -1,0 +1,141 @@
+"""Tensor-by-tensor mapping between our torch_dist checkpoint keys (megatron-core's sharded keys,
+the same for every TP/PP/EP layout) and the keys of the published DeepSeek-V3 checkpoints.
+
+The mapping is a list of groups, one per transformer layer plus the embedding and the head, so that
+either direction holds one layer's tensors at a time. Every :class:`TensorMap` converts one of our
+tensors to one or more Hugging Face tensors and back:
+
+=============  =====================================================================================
+``copy``       same tensor (norms, attention projections, router, ...)
+``vocab``      embedding / output rows: ours are padded to a multiple of --make-vocab-size-divisible-by x TP
+``glu``        ``linear_fc1`` = cat(gate_proj, up_proj) along the output dim
+``experts``    our experts are one tensor [E, out, in]; DeepSeek-V3 has ``mlp.experts.{e}.*_proj`` each
+``experts_glu``  both of the above
+``zeros``      e_score_correction_bias of a model trained without expert bias (export only)
+=============  =====================================================================================
+
+MTP layer i is published as ``model.layers.{num_layers + i}``: the transformer layer's keys plus
+``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm`` (its final norm) and copies of the embedding
+and output layer (``embed_tokens``, ``shared_head.head``), which megatron-core shares with the main model.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_r1.hf.config import first_dense_layers
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    mcore: str
+    hf: tuple
+    kind: str = "copy"
+    export_only: bool = False  # a copy of a tensor that another map imports
+
+    def to_hf(self, tensor: torch.Tensor, vocab_size: int) -> dict:
+        if self.kind == "copy":
+            return {self.hf[0]: tensor}
+        if self.kind == "vocab":
+            return {self.hf[0]: tensor[:vocab_size]}
+        if self.kind == "glu":
+            gate, up = torch.chunk(tensor, 2, dim=0)
+            return {self.hf[0]: gate, self.hf[1]: up}
+        if self.kind == "experts":
+            return {name: tensor[e] for e, name in enumerate(self.hf)}
+        if self.kind == "experts_glu":
+            out = {}
+            for e in range(tensor.shape[0]):
+                gate, up = torch.chunk(tensor[e], 2, dim=0)
+                out[self.hf[2 * e]], out[self.hf[2 * e + 1]] = gate, up
+            return out
+        if self.kind == "zeros":
+            return {self.hf[0]: torch.zeros(tensor.shape[0], dtype=tensor.dtype)}
+        raise AssertionError(self.kind)
+
+    def to_mcore(self, tensors: dict, padded_vocab_size: int) -> torch.Tensor:
+        if self.kind == "copy":
+            return tensors[self.hf[0]]
+        if self.kind == "vocab":
+            rows = tensors[self.hf[0]]
+            padding = rows.new_zeros(padded_vocab_size - rows.shape[0], *rows.shape[1:])
+            return torch.cat([rows, padding])
+        if self.kind == "glu":
+            return torch.cat([tensors[self.hf[0]], tensors[self.hf[1]]])
+        if self.kind == "experts":
+            return torch.stack([tensors[name] for name in self.hf])
+        if self.kind == "experts_glu":
+            pairs = zip(self.hf[0::2], self.hf[1::2])
+            return torch.stack([torch.cat([tensors[gate], tensors[up]]) for gate, up in pairs])
+        raise AssertionError(self.kind)
+
+
+def _transformer_layer(ours: str, theirs: str, args, moe: bool, expert_bias: bool) -> list[TensorMap]:
+    attention = [
+        TensorMap(f"{ours}input_layernorm.weight", (f"{theirs}input_layernorm.weight",)),
+        TensorMap(f"{ours}self_attention.linear_kv_down_proj.weight", (f"{theirs}self_attn.kv_a_proj_with_mqa.weight",)),
+        TensorMap(f"{ours}self_attention.kv_layernorm.weight", (f"{theirs}self_attn.kv_a_layernorm.weight",)),
+        TensorMap(f"{ours}self_attention.linear_kv_up_proj.weight", (f"{theirs}self_attn.kv_b_proj.weight",)),
+        TensorMap(f"{ours}self_attention.linear_proj.weight", (f"{theirs}self_attn.o_proj.weight",)),
+        TensorMap(f"{ours}pre_mlp_layernorm.weight", (f"{theirs}post_attention_layernorm.weight",)),
+    ]
+    if args.q_lora_rank:
+        attention += [
+            TensorMap(f"{ours}self_attention.linear_q_down_proj.weight", (f"{theirs}self_attn.q_a_proj.weight",)),
+            TensorMap(f"{ours}self_attention.q_layernorm.weight", (f"{theirs}self_attn.q_a_layernorm.weight",)),
+            TensorMap(f"{ours}self_attention.linear_q_up_proj.weight", (f"{theirs}self_attn.q_b_proj.weight",)),
+        ]
+    else:
+        attention.append(TensorMap(f"{ours}self_attention.linear_q_proj.weight", (f"{theirs}self_attn.q_proj.weight",)))
+    if not moe:
+        return attention + [
+            TensorMap(f"{ours}mlp.linear_fc1.weight", (f"{theirs}mlp.gate_proj.weight", f"{theirs}mlp.up_proj.weight"), "glu"),
+            TensorMap(f"{ours}mlp.linear_fc2.weight", (f"{theirs}mlp.down_proj.weight",)),
+        ]
+    experts = range(args.num_experts)
+    gate_up = tuple(f"{theirs}mlp.experts.{e}.{proj}.weight" for e in experts for proj in ("gate_proj", "up_proj"))
+    bias_key = f"{theirs}mlp.gate.e_score_correction_bias"
+    return attention + [
+        TensorMap(f"{ours}mlp.router.weight", (f"{theirs}mlp.gate.weight",)),
+        TensorMap(f"{ours}mlp.router.expert_bias", (bias_key,))
+        if expert_bias
+        else TensorMap(f"{ours}mlp.router.weight", (bias_key,), "zeros", export_only=True),
+        TensorMap(f"{ours}mlp.experts.experts.linear_fc1.weight", gate_up, "experts_glu"),
+        TensorMap(f"{ours}mlp.experts.experts.linear_fc2.weight",
+                  tuple(f"{theirs}mlp.experts.{e}.down_proj.weight" for e in experts), "experts"),  # fmt: skip
+        TensorMap(f"{ours}mlp.shared_experts.linear_fc1.weight",
+                  (f"{theirs}mlp.shared_experts.gate_proj.weight", f"{theirs}mlp.shared_experts.up_proj.weight"), "glu"),  # fmt: skip
+        TensorMap(f"{ours}mlp.shared_experts.linear_fc2.weight", (f"{theirs}mlp.shared_experts.down_proj.weight",)),
+    ]
+
+
+def conversion_groups(args) -> list[tuple[str, list[TensorMap]]]:
+    """(name, maps) per unit of work, in file order: embedding, each layer, each MTP layer, head."""
+    n_dense = first_dense_layers(args)
+    tied = not args.untie_embeddings_and_output_weights
+    embedding = "embedding.word_embeddings.weight"
+    output = embedding if tied else "output_layer.weight"
+    groups = [("embedding", [TensorMap(embedding, ("model.embed_tokens.weight",), "vocab")])]
+    for layer in range(args.num_layers):
+        maps = _transformer_layer(f"decoder.layers.{layer}.", f"model.layers.{layer}.", args, layer >= n_dense,
+                                  args.moe_router_enable_expert_bias)  # fmt: skip
+        groups.append((f"layer {layer}", maps))
+    for i in range(args.mtp_num_layers or 0):
+        ours, theirs = f"mtp.layers.{i}.", f"model.layers.{args.num_layers + i}."
+        # megatron-core builds MTP layers with the last decoder layer's spec.
+        maps = _transformer_layer(f"{ours}transformer_layer.", theirs, args, args.num_layers > n_dense,
+                                  args.moe_router_enable_expert_bias)  # fmt: skip
+        maps += [
+            TensorMap(f"{ours}enorm.weight", (f"{theirs}enorm.weight",)),
+            TensorMap(f"{ours}hnorm.weight", (f"{theirs}hnorm.weight",)),
+            TensorMap(f"{ours}eh_proj.weight", (f"{theirs}eh_proj.weight",)),
+            TensorMap(f"{ours}final_layernorm.weight", (f"{theirs}shared_head.norm.weight",)),
+            TensorMap(embedding, (f"{theirs}embed_tokens.weight",), "vocab", export_only=True),
+            TensorMap(output, (f"{theirs}shared_head.head.weight",), "vocab", export_only=True),
+        ]
+        groups.append((f"mtp layer {i}", maps))
+    head = [TensorMap("decoder.final_layernorm.weight", ("model.norm.weight",))]
+    if not tied:
+        head.append(TensorMap(output, ("lm_head.weight",), "vocab"))
+    groups.append(("head", head))
+    return groups

@@ -1,0 +1,138 @@
+"""Reading and writing weights a few tensors at a time: our torch_dist checkpoints (through
+megatron-core's dist_checkpointing, which reads only the requested tensors' bytes and reassembles
+them from however many TP/PP/EP shards were saved) and Hugging Face safetensors directories."""
+
+import copy
+import json
+import os
+
+import torch
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SINGLE_SAFETENSORS = "model.safetensors"
+
+
+class WeightsError(ValueError):
+    """Weights missing, unreadable, or not of the shapes the configuration implies."""
+
+
+class McoreCheckpointReader:
+    """The model tensors of a torch_dist checkpoint, as full (unsharded) tensors on request.
+    Needs a (one-process) torch.distributed group."""
+
+    def __init__(self, path: str):
+        from megatron.core import dist_checkpointing
+
+        self.path = path
+        self._metadata = {
+            key: entry for key, entry in dist_checkpointing.load_tensors_metadata(path).items()
+            if not key.startswith("optimizer.")
+        }  # fmt: skip
+
+    def keys(self) -> list[str]:
+        return list(self._metadata)
+
+    def shape(self, key: str) -> tuple:
+        return tuple(self._metadata[key].global_shape)
+
+    def load(self, keys) -> dict:
+        from megatron.core import dist_checkpointing
+
+        missing = sorted(set(keys) - set(self._metadata))
+        if missing:
+            raise WeightsError(f"{self.path}: no tensor {', '.join(missing)}")
+        request = {key: copy.copy(self._metadata[key]) for key in set(keys)}
+        loaded = dist_checkpointing.load(request, self.path, validate_access_integrity=False)
+        return {key: loaded[key] for key in request}  # without the common (non-tensor) state merged in
+
+
+class SafetensorsReader:
+    """The tensors of a Hugging Face directory (sharded with an index, or one model.safetensors),
+    opened lazily so that only the requested tensors are read."""
+
+    def __init__(self, directory: str):
+        index_path = os.path.join(directory, SAFETENSORS_INDEX)
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                try:
+                    self.weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as error:
+                    raise WeightsError(f"{index_path}: not a safetensors index ({error})") from None
+            missing = sorted({name for name in self.weight_map.values() if not os.path.isfile(os.path.join(directory, name))})
+            if missing:
+                raise WeightsError(f"{index_path} names shard(s) that do not exist: {', '.join(missing)}")
+        elif os.path.isfile(os.path.join(directory, SINGLE_SAFETENSORS)):
+            from safetensors import safe_open
+
+            with safe_open(os.path.join(directory, SINGLE_SAFETENSORS), "pt") as f:
+                self.weight_map = {name: SINGLE_SAFETENSORS for name in f.keys()}
+        else:
+            raise WeightsError(f"{directory}: neither {SAFETENSORS_INDEX} nor {SINGLE_SAFETENSORS}")
+        self.directory = directory
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def shape(self, name: str) -> tuple:
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(self.directory, self.weight_map[name]), "pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def load(self, names) -> dict:
+        from safetensors import safe_open
+
+        missing = sorted(set(names) - set(self.weight_map))
+        if missing:
+            raise WeightsError(f"{self.directory}: no tensor {', '.join(missing)}")
+        by_file = {}
+        for name in names:
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        tensors = {}
+        for filename, file_names in by_file.items():
+            with safe_open(os.path.join(self.directory, filename), "pt") as f:
+                for name in file_names:
+                    tensors[name] = f.get_tensor(name)
+        return tensors
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors in arrival order into ``model-XXXXX-of-YYYYY.safetensors`` files of at most
+    `max_shard_bytes` each (a larger single tensor gets a file of its own) and the index; holds at
+    most one shard in memory."""
+
+    def __init__(self, directory: str, max_shard_bytes: int):
+        self.directory = directory
+        self.max_shard_bytes = max_shard_bytes
+        self._pending, self._pending_bytes = {}, 0
+        self._files = []  # per shard: the names it holds
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self._pending, os.path.join(self.directory, f"shard-{len(self._files)}.tmp"), metadata={"format": "pt"})
+        self._files.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self) -> int:
+        """Names the shards model-XXXXX-of-YYYYY and writes the index; the number of shards."""
+        if self._pending:
+            self._flush()
+        weight_map = {}
+        count = len(self._files)
+        for i, names in enumerate(self._files):
+            filename = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(os.path.join(self.directory, f"shard-{i}.tmp"), os.path.join(self.directory, filename))
+            weight_map.update(dict.fromkeys(names, filename))
+        with open(os.path.join(self.directory, SAFETENSORS_INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
+        return count

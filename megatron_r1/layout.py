@@ -1,0 +1,144 @@
+"""Which ranks hold what under a parallel layout, from the flags alone (no process group): the
+tensor / data / pipeline / expert groups as megatron-core's ``RankGenerator`` numbers them (order
+``tp-cp-ep-dp-pp``: tensor-parallel ranks are adjacent, so a TP group that fits a node stays in
+it), and the decoder layers, embedding, output layer and MTP layers of each pipeline stage."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron.core.parallel_state import RankGenerator
+
+from megatron_r1.flops import moe_layer_pattern
+
+# megatron-core's default; initialize_model_parallel is called with it (megatron_r1.distributed).
+RANK_ORDER = "tp-cp-ep-dp-pp"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelSizes:
+    world: int
+    tp: int
+    pp: int
+    dp: int
+    ep: int
+    etp: int
+    expert_dp: int
+    vpp: int  # model chunks per pipeline rank (1: no interleaving)
+
+    @classmethod
+    def from_args(cls, args) -> ParallelSizes:
+        """From a namespace that ``megatron_r1.arguments.validate_args`` has filled."""
+        tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
+        etp = args.expert_tensor_parallel_size or tp
+        return cls(
+            world=args.world_size, tp=tp, pp=pp, dp=args.data_parallel_size, ep=ep, etp=etp,
+            expert_dp=args.world_size // (etp * ep * pp), vpp=args.virtual_pipeline_model_parallel_size or 1,
+        )  # fmt: skip
+
+    def dense_groups(self, kind: str) -> list[list[int]]:
+        """All groups of ``kind`` ("tp", "dp" or "pp") of the attention / dense part."""
+        return RankGenerator(tp=self.tp, ep=1, dp=self.dp, pp=self.pp, cp=1, order=RANK_ORDER).get_ranks(kind)
+
+    def expert_groups(self, kind: str) -> list[list[int]]:
+        """All groups of ``kind`` ("tp" = expert-tensor, "ep", "dp" = expert-data) of the experts."""
+        generator = RankGenerator(tp=self.etp, ep=self.ep, dp=self.expert_dp, pp=self.pp, cp=1, order=RANK_ORDER)
+        return generator.get_ranks(kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageContents:
+    """What each rank of one pipeline stage holds (all its virtual-pipeline chunks)."""
+
+    stage: int
+    ranks: list[int]
+    layers: list[int]  # decoder layer indices, 0-based
+    moe_layers: int
+    embedding: bool
+    output_layer: bool  # the final norm and output layer (and, tied and PP > 1, a copy of the embedding)
+    mtp_layers: int
+
+
+def pipeline_stages(args, sizes: ParallelSizes) -> list[StageContents]:
+    """Layers are split evenly (validate_args checks divisibility): the model is cut into PP x VPP
+    chunks of consecutive layers and rank ``p`` holds chunks ``p, p + PP, ...``; the first chunk has
+    the embedding, the last the output layer and the MTP layers."""
+    pattern = moe_layer_pattern(args)
+    chunks = sizes.pp * sizes.vpp
+    per_chunk = args.num_layers // chunks
+    stage_ranks = sizes.dense_groups("pp")
+    stages = []
+    for stage in range(sizes.pp):
+        layers = [layer for chunk in range(stage, chunks, sizes.pp)
+                  for layer in range(chunk * per_chunk, (chunk + 1) * per_chunk)]  # fmt: skip
+        last = stage == sizes.pp - 1
+        stages.append(StageContents(
+            stage=stage, ranks=[group[stage] for group in stage_ranks], layers=layers,
+            moe_layers=sum(pattern[layer] for layer in layers), embedding=stage == 0, output_layer=last,
+            mtp_layers=(args.mtp_num_layers or 0) if last else 0,
+        ))  # fmt: skip
+    return stages
+
+
+def format_ranks(ranks: list[int]) -> str:
+    """[0..7] -> '0-7'; [0, 8, ..., 1016] -> '0, 8, ..., 1016 (128 ranks)'; short lists in full."""
+    if len(ranks) == 1:
+        return str(ranks[0])
+    step = ranks[1] - ranks[0]
+    arithmetic = all(b - a == step for a, b in zip(ranks, ranks[1:]))
+    if arithmetic and step == 1:
+        return f"{ranks[0]}-{ranks[-1]}"
+    if arithmetic and len(ranks) > 4:
+        return f"{ranks[0]}, {ranks[1]}, ..., {ranks[-1]} ({len(ranks)} ranks)"
+    return ", ".join(map(str, ranks))
+
+
+def _layer_ranges(layers: list[int]) -> str:
+    ranges, start = [], layers[0]
+    for previous, layer in zip(layers, layers[1:] + [None]):
+        if layer != previous + 1:
+            ranges.append(str(start) if start == previous else f"{start}-{previous}")
+            start = layer
+    return ", ".join(ranges)
+
+
+def _group_of(groups: list[list[int]], rank: int) -> list[int]:
+    return next(group for group in groups if rank in group)
+
+
+def describe_layout(args, gpus_per_node: int) -> str:
+    """The layout as text: sizes, rank 0's groups, each pipeline stage's ranks and contents, where the
+    experts live, and warnings for groups that cross nodes."""
+    sizes = ParallelSizes.from_args(args)
+    nodes = -(-sizes.world // gpus_per_node)
+    lines = [
+        f"parallel layout: {sizes.world} processes ({nodes} node{'s' if nodes > 1 else ''} x {gpus_per_node})",
+        f"  attention/dense: TP {sizes.tp} x PP {sizes.pp} x DP {sizes.dp}"
+        + (f", {sizes.vpp} virtual pipeline chunks per rank" if sizes.vpp > 1 else ""),
+        f"  sequence parallel {'on' if args.sequence_parallel else 'off'}, distributed optimizer "
+        f"{'on' if args.use_distributed_optimizer else 'off'}",
+    ]
+    groups = {"TP": sizes.dense_groups("tp"), "DP": sizes.dense_groups("dp"), "PP": sizes.dense_groups("pp")}
+    if args.num_experts:
+        local = args.num_experts // sizes.ep
+        held = f"experts {local}k to {local}k+{local - 1}" if local > 1 else "expert k"
+        lines.append(f"  experts: ETP {sizes.etp} x EP {sizes.ep} x expert-DP {sizes.expert_dp} x PP {sizes.pp}; "
+                     f"{local} of {args.num_experts} per EP rank (EP rank k holds {held})")  # fmt: skip
+        groups.update(EP=sizes.expert_groups("ep"), ETP=sizes.expert_groups("tp"), EDP=sizes.expert_groups("dp"))
+    lines.append("  rank 0's groups: " + "; ".join(f"{name} [{format_ranks(_group_of(g, 0))}]"
+                                                  for name, g in groups.items()))  # fmt: skip
+    for stage in pipeline_stages(args, sizes):
+        held = [f"layers {_layer_ranges(stage.layers)} ({len(stage.layers) - stage.moe_layers} dense, "
+                f"{stage.moe_layers} MoE)"]  # fmt: skip
+        if stage.embedding:
+            held.append("embedding")
+        if stage.output_layer:
+            held.append("output layer")
+        if stage.mtp_layers:
+            held.append(f"{stage.mtp_layers} MTP layer{'s' if stage.mtp_layers > 1 else ''}")
+        lines.append(f"  pipeline stage {stage.stage} (ranks {format_ranks(stage.ranks)}): " + ", ".join(held))
+    for name, size in (("tensor-parallel", sizes.tp), ("expert-tensor-parallel", sizes.etp)):
+        if size > gpus_per_node or gpus_per_node % size:
+            lines.append(f"  warning: {name} groups of {size} cross node boundaries ({gpus_per_node} GPUs per "
+                         "node): their all-reduces would run over the inter-node network")  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""megatron_r1.hf: a tiny DeepSeek-V3-style model (MLA with q compression, a dense first layer, MoE
+with shared experts, sigmoid group-limited routing with a trained expert bias, yarn RoPE, MTP) gives
+transformers' DeepseekV3ForCausalLM the same logits after export, round-trips mcore -> HF -> mcore
+bit-exactly, and bad models / weights are refused before anything is written."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_command
+from megatron_r1.arguments import build_parser
+from megatron_r1.distributed import destroy_distributed, initialize_distributed
+from megatron_r1.hf.config import UnsupportedModelError, deepseek_v3_config
+from megatron_r1.hf.export import export_to_hf
+from megatron_r1.hf.import_ import import_from_hf
+from megatron_r1.hf.storage import McoreCheckpointReader, WeightsError
+from megatron_r1.hf.verify import compare_logits
+
+PRETRAIN = Path(__file__).resolve().parents[2] / "pretrain_r1.py"
+VOCAB = 100
+DEEPSEEK = ["--mock-data", "--vocab-size", str(VOCAB), "--make-vocab-size-divisible-by", "64", "--num-layers", "2",
+            "--hidden-size", "32", "--num-attention-heads", "4", "--swiglu", "--disable-bias-linear",
+            "--multi-latent-attention", "--qk-layernorm", "--q-lora-rank", "16", "--kv-lora-rank", "16",
+            "--qk-head-dim", "8", "--qk-pos-emb-head-dim", "8", "--v-head-dim", "8", "--rope-type", "yarn",
+            "--rotary-scaling-factor", "4", "--original-max-position-embeddings", "8", "--mscale", "1.0",
+            "--mscale-all-dim", "1.0", "--num-experts", "4", "--moe-ffn-hidden-size", "16",
+            "--moe-shared-expert-intermediate-size", "32", "--moe-layer-freq", "[0]+[1]", "--moe-router-topk", "2",
+            "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+            "--moe-router-bias-update-rate", "0.05", "--moe-router-num-groups", "2", "--moe-router-group-topk", "1",
+            "--moe-router-topk-scaling-factor", "2.5", "--mtp-num-layers", "1", "--untie-embeddings-and-output-weights",
+            "--seq-length", "32", "--micro-batch-size", "2", "--lr", "1e-2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    initialize_distributed()
+    yield
+    destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("deepseek")
+    run_command([sys.executable, str(PRETRAIN), *DEEPSEEK, "--train-iters", "3", "--save", "ckpt"], workdir, timeout=300)
+    return workdir / "ckpt" / "iter_0000003"
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, process_group, tmp_path_factory):
+    output = tmp_path_factory.mktemp("export") / "hf"
+    export_to_hf(str(checkpoint), str(output), vocab_size=VOCAB, max_shard_bytes=100_000, progress=False)
+    return output
+
+
+def test_export_writes_deepseek_v3_layout(exported):
+    config = json.loads((exported / "config.json").read_text())
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"] and config["vocab_size"] == VOCAB
+    assert (config["n_group"], config["topk_group"], config["first_k_dense_replace"]) == (2, 1, 1)
+    assert config["n_shared_experts"] == 2 and config["num_nextn_predict_layers"] == 1
+    index = json.loads((exported / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(index.values()))
+    assert len(shards) > 1 and all((exported / name).is_file() for name in shards)
+    assert not any(name.endswith(".tmp") for name in os.listdir(exported))
+    for name in ("model.layers.1.mlp.experts.3.gate_proj.weight", "model.layers.1.mlp.gate.e_score_correction_bias",
+                 "model.layers.1.mlp.shared_experts.up_proj.weight", "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+                 "model.layers.2.eh_proj.weight", "model.layers.2.shared_head.head.weight", "lm_head.weight"):  # fmt: skip
+        assert name in index, name
+    tensors = {}
+    for shard in shards:
+        tensors.update(load_file(exported / shard))
+    assert tensors["model.embed_tokens.weight"].shape[0] == VOCAB and tensors["lm_head.weight"].shape[0] == VOCAB
+    assert tensors["model.layers.1.mlp.gate.e_score_correction_bias"].abs().sum() > 0, "expert bias not trained"
+
+
+def test_logits_match_transformers(checkpoint, exported):
+    result = compare_logits(str(checkpoint), str(exported), seq_length=32)
+    assert result["max_abs_logit_diff"] <= 1e-4, result
+    assert result["top1_agreement"] == 1.0, result
+
+
+def test_mcore_hf_mcore_round_trip_is_bit_exact(checkpoint, exported, tmp_path):
+    import_from_hf(str(exported), str(tmp_path / "back"), make_vocab_size_divisible_by=64, progress=False)
+    original, back = McoreCheckpointReader(str(checkpoint)), McoreCheckpointReader(str(tmp_path / "back" / "iter_0000000"))
+    assert sorted(original.keys()) == sorted(back.keys())
+    first, second = original.load(original.keys()), back.load(back.keys())
+    for key in first:
+        if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            assert torch.equal(first[key][:VOCAB], second[key][:VOCAB]), key
+            assert not second[key][VOCAB:].any(), "padding rows should be zero"
+        else:
+            assert torch.equal(first[key], second[key]), key
+
+
+def test_unrepresentable_models_are_refused():
+    def args_for(*flags):
+        args = build_parser("").parse_args(["--multi-latent-attention", "--qk-layernorm", "--swiglu", "--disable-bias-linear",
+                                            "--num-experts", "4", "--moe-shared-expert-intermediate-size", "32",
+                                            "--moe-ffn-hidden-size", "16", "--moe-router-score-function", "sigmoid", *flags])  # fmt: skip
+        args.max_position_embeddings, args.virtual_pipeline_model_parallel_size = args.seq_length, None
+        return args
+
+    deepseek_v3_config(args_for(), 100)  # representable
+    cases = {
+        ("--moe-router-score-function", "softmax"): "sigmoid",
+        ("--moe-router-num-groups", "2", "--moe-router-group-topk", "2", "--moe-router-topk", "2"): "top 2",
+        ("--moe-layer-freq", "[1,0]"): "dense layers first",
+        ("--moe-shared-expert-intermediate-size", "24"): "n_shared_experts",
+        ("--normalization", "LayerNorm"): "RMSNorm",
+    }
+    for flags, message in cases.items():
+        with pytest.raises(UnsupportedModelError, match=message):
+            deepseek_v3_config(args_for(*flags), 100)
+    no_qk_norm = args_for()
+    no_qk_norm.qk_layernorm = False
+    with pytest.raises(UnsupportedModelError, match="--qk-layernorm"):
+        deepseek_v3_config(no_qk_norm, 100)
+    gqa = args_for()
+    gqa.multi_latent_attention = False
+    with pytest.raises(UnsupportedModelError, match="GQA"):
+        deepseek_v3_config(gqa, 100)
+
+
+def _copy(directory: Path, target: Path) -> Path:
+    target.mkdir()
+    for name in os.listdir(directory):
+        (target / name).write_bytes((directory / name).read_bytes())
+    return target
+
+
+def test_bad_hf_directories_fail_before_writing(exported, tmp_path, process_group):
+    missing_shard = _copy(exported, tmp_path / "missing_shard")
+    shard = json.loads((missing_shard / "model.safetensors.index.json").read_text())["weight_map"]["lm_head.weight"]
+    (missing_shard / shard).unlink()
+    mismatch = _copy(exported, tmp_path / "mismatch")
+    config = json.loads((mismatch / "config.json").read_text())
+    (mismatch / "config.json").write_text(json.dumps({**config, "kv_lora_rank": 8}))
+    no_mtp = _copy(exported, tmp_path / "no_mtp")
+    (no_mtp / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    other = _copy(exported, tmp_path / "other")
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "mixtral"}))
+    cases = [(missing_shard, WeightsError, f"shard.*{shard}"), (mismatch, WeightsError, "kv_a_proj_with_mqa"),
+             (no_mtp, WeightsError, "does not account for.*model.layers.2"),
+             (other, UnsupportedModelError, "model_type 'mixtral'")]  # fmt: skip
+    for directory, error, message in cases:
+        with pytest.raises(error, match=message):
+            import_from_hf(str(directory), str(tmp_path / "out"), progress=False)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()

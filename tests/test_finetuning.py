@@ -1,0 +1,124 @@
+"""finetune_r1's machinery in one process: SFT learns a task, packed samples compute as alone,
+early stopping restores the best, distillation approaches the teacher."""
+
+import pytest
+import torch
+
+from megatron_r1.data.pretrain import MicroBatches
+from megatron_r1.data.sft import ChatTemplate, packed_attention_inputs, parse_record
+from megatron_r1.distributed import destroy_distributed
+from megatron_r1.finetuning import build_finetuning_data, parse_finetuning_args, setup_finetuning
+from megatron_r1.training import train
+from sft_task import TINY_DENSE, task_records, train_task_tokenizer, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("task")
+    return {"tokenizer": train_task_tokenizer(directory),
+            "copy": write_jsonl(directory / "copy.jsonl", task_records("copy", 400, 0)),
+            "reverse": write_jsonl(directory / "reverse.jsonl", task_records("reverse", 100, 1)),
+            "copy_test": task_records("copy", 30, 99)}  # fmt: skip
+
+
+@pytest.fixture()
+def finetuning(monkeypatch):
+    """Set up fine-tuning from argv; process groups are torn down after the test."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    yield lambda argv: (lambda args: (args, setup_finetuning(args)))(parse_finetuning_args("test", argv))
+    destroy_distributed()
+
+
+def exact_match(state, records) -> float:
+    """Greedy decoding of each prompt until the end marker, compared with the expected output."""
+    model = state.model[0].module
+    model.eval()
+    template = ChatTemplate(state.tokenizer)
+    hits = 0
+    with torch.no_grad():
+        for record in records:
+            messages = parse_record(record, "test")[:-1]
+            tokens, _ = template.render(messages, add_generation_prompt=True)
+            generated = []
+            for _ in range(12):
+                ids = torch.tensor([tokens + generated])
+                logits = model(ids, torch.arange(ids.shape[1])[None], None)
+                generated.append(int(logits[0, -1].argmax()))
+                if generated[-1] in template.end_ids:
+                    break
+            hits += state.tokenizer.detokenize(generated[:-1]).strip() == record["output"]
+    model.train()
+    return hits / len(records)
+
+
+def test_sft_learns_the_copy_task(task, finetuning):
+    args, state = finetuning([*TINY_DENSE, "--data-path", task["copy"], "--tokenizer-model", task["tokenizer"],
+                              "--train-iters", "400", "--lr", "3e-3", "--lr-warmup-iters", "20", "--min-lr", "3e-4", "--log-interval", "100", "--micro-batch-size", "16",
+                              "--hidden-dropout", "0.0", "--split", "100,0,0"])  # fmt: skip
+    before = exact_match(state, task["copy_test"])
+    train(args, state, *build_finetuning_data(args, state))
+    after = exact_match(state, task["copy_test"])
+    assert before <= 0.1 and after >= 0.6, (before, after)
+
+
+def test_a_packed_sample_computes_as_it_does_alone(task, finetuning):
+    args, state = finetuning([*TINY_DENSE, "--data-path", task["copy"], "--tokenizer-model", task["tokenizer"]])
+    train_dataset, _ = build_finetuning_data(args, state)
+    packed = train_dataset[0]
+    assert len(set(packed["segment_ids"].tolist())) >= 3
+    model = state.model[0].module.eval()
+    segments = torch.as_tensor(packed["segment_ids"])[None]
+    attention_mask, position_ids = packed_attention_inputs(segments)
+    with torch.no_grad():
+        logits = model(torch.as_tensor(packed["tokens"])[None], position_ids, attention_mask)[0]
+        for segment in segments.unique()[:-1]:  # the last one is padding
+            where = (segments[0] == segment).nonzero()[:, 0]
+            alone = model(torch.as_tensor(packed["tokens"])[None, where], torch.arange(len(where))[None], None)[0]
+            assert (logits[where] - alone).abs().max() <= 1e-5
+
+
+def test_early_stopping_stops_and_restores_the_best(task, finetuning):
+    """Trained to copy, validated on reversing: the validation loss turns upward once copying is learnt."""
+    args, state = finetuning([*TINY_DENSE, "--data-path", task["copy"], "--valid-data-path", task["reverse"],
+                              "--tokenizer-model", task["tokenizer"], "--train-iters", "300", "--lr", "3e-3",
+                              "--eval-interval", "10", "--eval-iters", "2", "--early-stop-patience", "2",
+                              "--log-interval", "100"])  # fmt: skip
+    train_dataset, valid_dataset = build_finetuning_data(args, state)
+    stopper, weights_at = state.on_validation, {}
+
+    def record_weights_then_decide(args, state, valid_loss):
+        weights_at[state.iteration] = [p.detach().clone() for p in state.model[0].module.parameters()]
+        return stopper(args, state, valid_loss)
+
+    state.on_validation = record_weights_then_decide
+    train(args, state, train_dataset, valid_dataset)
+    losses = [loss for _, loss in stopper.losses]
+    assert state.iteration < args.train_iters and stopper.evaluations_without_improvement == 2, losses
+    assert stopper.best_iteration < state.iteration and min(losses) == stopper.best_loss
+    final = list(state.model[0].module.parameters())
+    assert all(torch.equal(p, best) for p, best in zip(final, weights_at[stopper.best_iteration]))
+    assert not all(torch.equal(p, last) for p, last in zip(final, weights_at[state.iteration]))
+
+
+def test_distillation_lowers_kl_to_the_teacher(task, finetuning, tmp_path, monkeypatch):
+    teacher_flags = ["--num-layers", "3", "--hidden-size", "96", "--num-attention-heads", "4", "--swiglu",
+                     "--disable-bias-linear", "--seq-length", "64", "--micro-batch-size", "4"]  # fmt: skip
+    common = ["--data-path", task["copy"], "--tokenizer-model", task["tokenizer"], "--split", "90,10,0"]
+    targs, teacher = finetuning([*teacher_flags, *common, "--save", str(tmp_path / "teacher"), "--train-iters", "60",
+                                 "--lr", "3e-3", "--log-interval", "60"])  # fmt: skip
+    train(targs, teacher, *build_finetuning_data(targs, teacher))  # a larger model that has learnt something
+    destroy_distributed()
+    args, state = finetuning([*TINY_DENSE, *common, "--teacher-load", str(tmp_path / "teacher"), "--kd-ce-weight", "0",
+                              "--kd-kl-weight", "1", "--kd-temperature", "1", "--train-iters", "40", "--lr", "3e-3"])  # fmt: skip
+    train_dataset, valid_dataset = build_finetuning_data(args, state)
+
+    def kl_to_teacher():
+        batch = MicroBatches(valid_dataset, 4, cycle=True)
+        with torch.no_grad():
+            output, loss_func = state.forward_step(batch, state.model[0])
+            return loss_func(output)[1]["kd loss"].item()
+
+    before = kl_to_teacher()
+    train(args, state, train_dataset, valid_dataset)
+    after = kl_to_teacher()
+    assert after < 0.5 * before, (before, after)

@@ -1,0 +1,75 @@
+"""tools/convert_checkpoint.py: a checkpoint saved under TP=2/EP=2 exports to the same Hugging Face
+weights as the TP=1 checkpoint it was resharded from; --verify reports matching logits; bad input
+fails with a message and writes nothing."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_command
+
+REPO = Path(__file__).resolve().parents[2]
+TOOL = REPO / "tools" / "convert_checkpoint.py"
+MODEL = ["--mock-data", "--vocab-size", "100", "--make-vocab-size-divisible-by", "64", "--num-layers", "2",
+         "--hidden-size", "32", "--num-attention-heads", "4", "--swiglu", "--disable-bias-linear",
+         "--multi-latent-attention", "--qk-layernorm", "--q-lora-rank", "16", "--kv-lora-rank", "16", "--qk-head-dim", "8",
+         "--qk-pos-emb-head-dim", "8", "--v-head-dim", "8", "--num-experts", "4", "--moe-ffn-hidden-size", "16",
+         "--moe-shared-expert-intermediate-size", "16", "--moe-layer-freq", "[0]+[1]", "--moe-router-score-function",
+         "sigmoid", "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.05", "--mtp-num-layers", "1",
+         "--untie-embeddings-and-output-weights", "--seq-length", "16", "--micro-batch-size", "2"]  # fmt: skip
+
+
+def hf_tensors(directory: Path) -> dict:
+    tensors = {}
+    for name in set(json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"].values()):
+        tensors.update(load_file(directory / name))
+    return tensors
+
+
+def test_tp2_ep2_checkpoint_exports_the_same_weights_as_tp1(tmp_path):
+    run_command([sys.executable, str(REPO / "pretrain_r1.py"), *MODEL, "--train-iters", "2", "--save", "tp1"], tmp_path)
+    # The same weights resharded: loaded and saved again by two processes under TP=2, EP=2.
+    run_command(["torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "pretrain_r1.py"), *MODEL,
+                 "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1",
+                 "--sequence-parallel",
+                 "--load", "tp1", "--finetune", "--train-iters", "0", "--save", "tp2"], tmp_path)  # fmt: skip
+    assert json.loads((tmp_path / "tp2" / "iter_0000000" / "megatron_r1.json").read_text())["layout"][
+        "tensor_model_parallel_size"] == 2  # fmt: skip
+    outputs = {}
+    for name in ("tp1", "tp2"):
+        result = run_command([sys.executable, str(TOOL), "--direction", "mcore2hf", "--load", name, "--save", f"hf_{name}",
+                              "--no-progress"] + (["--verify"] if name == "tp2" else []), tmp_path)  # fmt: skip
+        outputs[name] = result.stdout
+    first, second = hf_tensors(tmp_path / "hf_tp1"), hf_tensors(tmp_path / "hf_tp2")
+    assert first.keys() == second.keys()
+    assert [key for key in first if not torch.equal(first[key], second[key])] == []
+    verify = json.loads(outputs["tp2"][outputs["tp2"].index("{"):])["verify"]
+    assert verify["max_abs_logit_diff"] <= 1e-4 and verify["top1_agreement"] == 1.0, verify
+
+    result = run_command([sys.executable, str(TOOL), "--direction", "hf2mcore", "--load", "hf_tp1", "--save", "back",
+                          "--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "64", "--no-progress"],
+                         tmp_path)  # fmt: skip
+    assert "--finetune" in result.stdout
+    # The converted checkpoint loads for fine-tuning under the layout it was padded for.
+    run_command(["torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "pretrain_r1.py"), *MODEL,
+                 "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1",
+                 "--sequence-parallel",
+                 "--load", "back", "--finetune", "--train-iters", "1"], tmp_path)  # fmt: skip
+
+
+def test_bad_input_fails_with_a_message_and_writes_nothing(tmp_path):
+    def fails(*argv):
+        result = subprocess.run([sys.executable, str(TOOL), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0
+        return result.stderr
+
+    assert "does not exist" in fails("--direction", "mcore2hf", "--load", "nowhere", "--save", "out")
+    (tmp_path / "empty").mkdir()
+    assert "neither a checkpoint directory" in fails("--direction", "mcore2hf", "--load", "empty", "--save", "out")
+    assert "no config.json" in fails("--direction", "hf2mcore", "--load", "empty", "--save", "out")
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.tmp")

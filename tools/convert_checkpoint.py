@@ -1,0 +1,122 @@
+"""Convert between our torch_dist checkpoints and Hugging Face transformers directories
+(DeepseekV3ForCausalLM: MLA + MoE with shared experts and expert bias, MTP layers kept).
+
+    # ours (any TP/PP/EP layout it was saved with) -> Hugging Face
+    python tools/convert_checkpoint.py --direction mcore2hf --load ckpt [--ckpt-step N] --save hf_dir \\
+        [--tokenizer-model spm.model] [--max-shard-size 5GB] [--dtype bfloat16] [--verify]
+
+    # Hugging Face -> ours, padded for the layout you will train with
+    python tools/convert_checkpoint.py --direction hf2mcore --load hf_dir --save ckpt \\
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --expert-model-parallel-size 2 [--verify]
+    torchrun --nproc_per_node=4 pretrain_r1.py --load ckpt --finetune --tensor-model-parallel-size 2 \\
+        --expert-model-parallel-size 2 <the model flags printed by the conversion> ...
+
+mcore2hf reads one layer at a time (megatron-core's dist_checkpointing reassembles each tensor from
+however many TP/PP/EP shards were saved and reads only the requested bytes) and writes safetensors
+shards as they fill: peak memory is about one layer plus one shard, not the model. Padded vocabulary
+rows are dropped; the tokenizer files come from our SentencePiece model.
+
+hf2mcore runs in one process and writes a layout-independent torch_dist checkpoint (no optimizer
+state: load it with --finetune); the chosen TP size fixes the vocabulary padding, and TP/PP/EP are
+checked against the model. It holds the whole model in memory (see megatron_r1/hf/import_.py).
+
+Everything is checked (architecture representable, every tensor present with the configured shape)
+before anything is written; the output appears under its final name only when complete.
+"""
+
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_r1.tokenizer import TOKENIZER_TYPES  # noqa: E402
+
+
+def _size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB or 500MB")
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+    return int(float(match.group(1)) * units[(match.group(2) or "").upper()])
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--direction", choices=["mcore2hf", "hf2mcore"], required=True)
+    parser.add_argument("--load", required=True, help="mcore2hf: our checkpoint (--save root or iter_XXXXXXX); "
+                        "hf2mcore: the Hugging Face directory")  # fmt: skip
+    parser.add_argument("--save", required=True, help="output directory (replaced if it exists)")
+    parser.add_argument("--ckpt-step", type=int, default=None, help="mcore2hf: this iteration, not the latest")
+    parser.add_argument("--tokenizer-model", default=None,
+                        help="mcore2hf: SentencePiece model to export (default: the one saved with the checkpoint)")
+    parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="mcore2hf: real vocabulary size (default: the tokenizer's / the checkpoint's)")
+    parser.add_argument("--max-shard-size", type=_size, default=_size("5GB"), help="mcore2hf: safetensors shard size")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="mcore2hf: dtype of the written weights")
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="hf2mcore: target TP")
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="hf2mcore: target PP")
+    parser.add_argument("--expert-model-parallel-size", type=int, default=1, help="hf2mcore: target EP")
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="hf2mcore: vocabulary padding")
+    parser.add_argument("--verify", action="store_true",
+                        help="afterwards run both models on the same random tokens (CPU, fp32) and report the max "
+                             "|logit difference| and top-1 agreement")  # fmt: skip
+    parser.add_argument("--verify-tokens", type=int, default=32, help="sequence length for --verify")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not os.path.exists(args.load):
+        raise SystemExit(f"error: --load {args.load} does not exist")
+    if os.path.abspath(args.load) == os.path.abspath(args.save):
+        raise SystemExit("error: --save must differ from --load")
+    from megatron_r1.checkpointing import CheckpointError, checkpoint_dir
+    from megatron_r1.distributed import destroy_distributed, initialize_distributed
+    from megatron_r1.hf.config import UnsupportedModelError, resolve_checkpoint
+    from megatron_r1.hf.storage import WeightsError
+
+    initialize_distributed()
+    start = time.perf_counter()
+    try:
+        if args.direction == "mcore2hf":
+            from megatron_r1.hf.export import export_to_hf
+
+            checkpoint = checkpoint_dir(args.load, args.ckpt_step) if args.ckpt_step is not None else resolve_checkpoint(args.load)
+            summary = export_to_hf(checkpoint, args.save, vocab_size=args.vocab_size, tokenizer_model=args.tokenizer_model,
+                                   tokenizer_type=args.tokenizer_type, max_shard_bytes=args.max_shard_size,
+                                   dtype=args.dtype, progress=not args.no_progress)  # fmt: skip
+            ours, hf_dir = checkpoint, args.save
+        else:
+            from megatron_r1.hf.import_ import import_from_hf
+
+            summary = import_from_hf(args.load, args.save, args.tensor_model_parallel_size,
+                                     args.pipeline_model_parallel_size, args.expert_model_parallel_size,
+                                     args.make_vocab_size_divisible_by, progress=not args.no_progress)  # fmt: skip
+            ours, hf_dir = checkpoint_dir(args.save, 0), args.load
+        summary["seconds"] = round(time.perf_counter() - start, 2)
+        if args.verify:
+            from megatron_r1.hf.verify import compare_logits
+
+            summary["verify"] = compare_logits(ours, hf_dir, seq_length=args.verify_tokens)
+    except (UnsupportedModelError, WeightsError, CheckpointError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    finally:
+        destroy_distributed()
+    flags = summary.pop("flags", None)
+    print(f"converted {args.load} -> {args.save} ({args.direction})")
+    print(json.dumps(summary, indent=1))
+    if flags:
+        print("model flags for pretrain_r1.py --load " + args.save + " --finetune: " + shlex.join(flags))
+
+
+if __name__ == "__main__":
+    main()

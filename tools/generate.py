@@ -1,0 +1,95 @@
+"""Sample text from one of our checkpoints (one CPU/GPU process, any saved TP/PP/EP layout), with a
+KV cache (megatron-core's StaticInferenceContext).
+
+    python tools/generate.py --load ckpt --prompt "Once upon a time" --max-new-tokens 64
+    python tools/generate.py --load ckpt --prompt-file prompt.txt --temperature 0.8 --top-p 0.95 --seed 7
+
+Greedy by default (--temperature 0); generation stops after --max-new-tokens or at the end-of-document
+token. --prompt-ids takes token ids instead of text (no tokenizer needed).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_r1.tokenizer import TOKENIZER_TYPES  # noqa: E402
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True, help="checkpoint: --save root or an iter_XXXXXXX directory")
+    parser.add_argument("--ckpt-step", type=int, default=None, help="this iteration, not the latest")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-file", help="file whose text is the prompt")
+    prompt.add_argument("--prompt-ids", type=int, nargs="+", help="prompt as token ids")
+    parser.add_argument("--tokenizer-model", default=None, help="default: the tokenizer saved with the checkpoint")
+    parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus filter")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence per token")
+    parser.add_argument("--ignore-eod", action="store_true", help="do not stop at the end-of-document token")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
+        parser.error("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, --max-new-tokens >= 1")
+    if args.prompt_file and not os.path.isfile(args.prompt_file):
+        parser.error(f"--prompt-file {args.prompt_file}: no such file")
+    from tqdm import tqdm
+
+    from megatron_r1.checkpointing import CheckpointError, checkpoint_dir
+    from megatron_r1.distributed import destroy_distributed, initialize_distributed
+    from megatron_r1.generation import generate, load_model
+    from megatron_r1.hf.config import resolve_checkpoint
+    from megatron_r1.tokenizer import build_tokenizer
+
+    initialize_distributed()
+    try:
+        checkpoint = checkpoint_dir(args.load, args.ckpt_step) if args.ckpt_step is not None else resolve_checkpoint(args.load)
+        model_args, model = load_model(checkpoint)
+    except (CheckpointError, FileNotFoundError) as error:
+        parser.error(str(error))
+    tokenizer_model = args.tokenizer_model or model_args.tokenizer_model
+    tokenizer = None
+    if tokenizer_model:
+        tokenizer = build_tokenizer(args.tokenizer_type or model_args.tokenizer_type, tokenizer_model)
+    elif not args.prompt_ids:
+        parser.error("text prompts need a tokenizer: --tokenizer-model (none was saved with the checkpoint), or use --prompt-ids")
+    if args.prompt_ids:
+        prompt = args.prompt_ids
+    else:
+        text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
+        prompt = tokenizer.tokenize(text)
+    vocab_size = model_args.vocab_size or model_args.padded_vocab_size
+    if not prompt or max(prompt) >= vocab_size or min(prompt) < 0:
+        parser.error(f"the prompt must be 1+ token ids in [0, {vocab_size})")
+    if len(prompt) + args.max_new_tokens > model_args.max_position_embeddings:
+        parser.error(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's "
+                     f"{model_args.max_position_embeddings} positions")  # fmt: skip
+    eod = None if args.ignore_eod else (tokenizer.eod if tokenizer else None)
+    start = time.perf_counter()
+    with tqdm(total=args.max_new_tokens, desc="generating", unit="tok", file=sys.stderr) as bar:
+        new = generate(model, prompt, args.max_new_tokens, vocab_size, eod=eod, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_kv_cache=not args.no_kv_cache,
+                       on_token=lambda _: bar.update())  # fmt: skip
+    elapsed = time.perf_counter() - start
+    destroy_distributed()
+    print(tokenizer.detokenize(new) if tokenizer else "")
+    print(f"new token ids: {' '.join(map(str, new))}")
+    stopped = "end of document" if new and new[-1] == eod else "--max-new-tokens"
+    print(f"generated {len(new)} tokens after a {len(prompt)}-token prompt in {elapsed:.2f} s "
+          f"({len(new) / elapsed:.1f} tokens/s), stopped at {stopped}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
