@@ -320,6 +320,12 @@ def _read_metadata(path: str) -> dict:
         return json.load(f)
 
 
+def saved_model_args(args) -> dict:
+    """The model-shape arguments of the checkpoint `load_checkpoint` will load ({} if none)."""
+    path = find_checkpoint(args)
+    return _read_metadata(path)["model_args"] if path else {}
+
+
 def _load_into(state, path: str, load_optimizer: bool, load_rng: bool) -> None:
     """Model weights (and optimizer state, and this rank's RNG states) from `path` into `state`."""
     refuse_executable_pickles(path)
@@ -347,7 +353,8 @@ def _load_scheduler(state, metadata: dict, path: str) -> None:
 
 def load_checkpoint(args, state) -> bool:
     """Restore `state` from the checkpoint `find_checkpoint` names; False when there is none.
-    --finetune loads the weights only; --no-load-optim / --no-load-rng skip those parts. RNG
+    --finetune loads the weights only; --no-load-optim / --no-load-rng skip those parts, and
+    --skip-train the LR schedule (whose flags an evaluation need not repeat). RNG
     states are per rank, so they are restored only on the layout they were saved with."""
     path = find_checkpoint(args)
     if path is None:
@@ -362,7 +369,8 @@ def load_checkpoint(args, state) -> bool:
         state.consumed_samples = metadata["consumed_samples"]
         state.skipped_iterations = metadata["skipped_iterations"]
         state.nan_iterations = metadata["nan_iterations"]
-        _load_scheduler(state, metadata, path)
+        if not args.skip_train:  # evaluation alone has no schedule to continue
+            _load_scheduler(state, metadata, path)
     return True
 
 

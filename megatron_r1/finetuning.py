@@ -17,6 +17,7 @@ import json
 import math
 import os
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
@@ -31,6 +32,7 @@ from megatron_r1.checkpointing import (
     _write_text_atomically,
     find_checkpoint,
     load_checkpoint,
+    model_sharded_state_dict,
     save_checkpoint,
 )
 from megatron_r1.data.indexed import bin_path, idx_path
@@ -204,7 +206,9 @@ def prepare_model_chunk(args, chunk) -> None:
 
 
 def _full_sharded_state_dict(module) -> dict:
-    return getattr(module, "full_sharded_state_dict", module.sharded_state_dict)(metadata={})
+    """Base weights and adapters alike (checkpoint_adapters_only narrows sharded_state_dict)."""
+    full = getattr(module, "full_sharded_state_dict", None)
+    return model_sharded_state_dict(module if full is None else SimpleNamespace(sharded_state_dict=full))
 
 
 def load_pretrained(args, state) -> str | None:
@@ -343,7 +347,7 @@ def build_teacher(args):
         share_embeddings_and_output_weights=not targs.untie_embeddings_and_output_weights,
         use_transformer_engine=args.transformer_impl == "transformer_engine",
     )
-    loaded = dist_checkpointing.load({"model": teacher.sharded_state_dict(metadata={})}, path)
+    loaded = dist_checkpointing.load({"model": model_sharded_state_dict(teacher)}, path)
     teacher.load_state_dict(loaded["model"])
     teacher.eval()
     for param in teacher.parameters():

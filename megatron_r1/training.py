@@ -15,7 +15,12 @@ from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 from megatron_r1.arguments import current_seq_length, transformer_config_from_args
-from megatron_r1.checkpointing import finalize_async_saves, rollback_to_last_checkpoint, save_checkpoint
+from megatron_r1.checkpointing import (
+    finalize_async_saves,
+    rollback_to_last_checkpoint,
+    save_checkpoint,
+    saved_model_args,
+)
 from megatron_r1.data.pretrain import MicroBatches, build_datasets
 from megatron_r1.distributed import initialize_distributed
 from megatron_r1.model import build_gpt_model
@@ -59,6 +64,11 @@ def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainSta
     args.padded_vocab_size = vocab_size_with_padding(
         args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
     )
+    # The padding depends on TP; keep a checkpoint's where this layout can shard it, so that a
+    # checkpoint saved under TP=2 loads under TP=1 (and back) without reshaping the embeddings.
+    saved_padding = saved_model_args(args).get("padded_vocab_size")
+    if saved_padding and saved_padding >= args.vocab_size and saved_padding % args.tensor_model_parallel_size == 0:
+        args.padded_vocab_size = saved_padding
     config = transformer_config_from_args(args)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer

@@ -30,6 +30,7 @@ from megatron_r1.corpus.clean import CleanConfig, clean_batch, init_worker
 from megatron_r1.corpus.domain import DomainRulesError, load_domain_rules
 from megatron_r1.corpus.jsonl import InputError, atomic_output, check_output_not_input, expand_inputs, iter_line_batches, total_bytes
 from megatron_r1.corpus.langid import LANGUAGES
+from megatron_r1.corpus.normalize import prepare
 from megatron_r1.corpus.parallel import ordered_map
 from megatron_r1.corpus.pii import PLACEHOLDERS
 from megatron_r1.corpus.quality import REASONS, add_quality_arguments, quality_config_from_args
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
 
     started = time.perf_counter()
+    prepare()
     input_bytes = total_bytes(paths)
     bad = SkipCounter()
     totals = {name: Counter() for name in ("reasons", "languages", "pii", "domains")}

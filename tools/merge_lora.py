@@ -18,7 +18,14 @@ from megatron.core import dist_checkpointing
 from tqdm import tqdm
 
 from megatron_r1.arguments import build_parser, transformer_config_from_args
-from megatron_r1.checkpointing import METADATA_FILE, TRACKER_FILE, _write_text_atomically, checkpoint_dir, find_checkpoint
+from megatron_r1.checkpointing import (
+    METADATA_FILE,
+    TRACKER_FILE,
+    _write_text_atomically,
+    checkpoint_dir,
+    find_checkpoint,
+    model_sharded_state_dict,
+)
 from megatron_r1.distributed import destroy_distributed, initialize_distributed
 from megatron_r1.finetuning import LORA_CONFIG_FILE
 from megatron_r1.lora import (
@@ -86,7 +93,7 @@ def main(argv=None):
         layer_spec_transform=lora_spec_transform(lora, flags.swiglu),
     )
     add_adapters_to_duplicated_linears(model, lora)
-    sharded = model.sharded_state_dict(metadata={})
+    sharded = model_sharded_state_dict(model)
     base = {k: v for k, v in sharded.items() if not is_adapter_key(k)}
     adapters = {k: v for k, v in sharded.items() if is_adapter_key(k)}
     model.load_state_dict(dist_checkpointing.load({"model": base}, base_path)["model"], strict=False)
@@ -100,7 +107,7 @@ def main(argv=None):
     temporary = f"{final}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     os.makedirs(temporary)
-    merged = {k: v for k, v in model.sharded_state_dict(metadata={}).items() if not is_adapter_key(k)}
+    merged = {k: v for k, v in model_sharded_state_dict(model).items() if not is_adapter_key(k)}
     dist_checkpointing.save({"model": merged}, temporary)
     merged_metadata = {
         "iteration": metadata["iteration"], "consumed_samples": 0, "skipped_iterations": 0, "nan_iterations": 0,

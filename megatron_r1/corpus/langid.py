@@ -75,9 +75,9 @@ def detect_language(text: str) -> str:
         return "other" if units["kana"] * 10 >= han_characters + units["kana"] else "zh"
     if units["latin"] != best:
         return "other"
-    words = [word.lower() for word in _LATIN_WORD.findall(text)]
-    english = sum(word in ENGLISH_STOPWORDS for word in words)
-    foreign = sum(word in _OTHER_LATIN_STOPWORDS for word in words)
+    words = _LATIN_WORD.findall(text.lower())
+    english = sum(map(ENGLISH_STOPWORDS.__contains__, words))
+    foreign = sum(map(_OTHER_LATIN_STOPWORDS.__contains__, words))
     if english or foreign:
         return "en" if english > foreign else "other"
     return "other" if _NON_ASCII_LATIN.search(text) else "en"

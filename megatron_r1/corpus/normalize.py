@@ -57,6 +57,12 @@ def _tables() -> np.ndarray:
     return table
 
 
+def prepare() -> None:
+    """Build the lookup table now: called before worker processes are forked, they inherit it
+    instead of each building their own."""
+    _tables()
+
+
 def normalize_text(text: str) -> tuple[str, int]:
     """Return ``(normalized text, number of garbled characters / mojibake sequences found)``."""
     mojibake = len(_MOJIBAKE.findall(text))  # before NFKC, which folds e.g. the U+00A0 of "Ã\u00a0" (à)

@@ -26,7 +26,6 @@ import dataclasses
 import itertools
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -234,8 +233,7 @@ def check_quality(text: str, language: str, config: QualityConfig, garbled: int 
         return "digit_ratio"
     if language in ("en", "zh"):
         stopwords = GOPHER_STOPWORDS if language == "en" else CHINESE_STOPWORDS
-        counts = Counter(token.lower() for token in tokens) if language == "en" else Counter(tokens)
-        if sum(counts[word] for word in stopwords) < config.min_stopwords:
+        if sum(map(stopwords.__contains__, lowered.split() if language == "en" else tokens)) < config.min_stopwords:
             return "stopwords"
     line_fraction, line_chars = _duplicate_fractions(lines)
     paragraphs = [paragraph.strip() for paragraph in text.split("\n\n") if paragraph.strip()]

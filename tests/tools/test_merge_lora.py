@@ -36,10 +36,11 @@ def test_merged_checkpoint_matches_base_plus_adapters(tmp_path, monkeypatch):
     run_command([*finetune, "--train-iters", "3", "--pretrained-checkpoint", "base", "--lora", "--lora-rank", "4",
                  "--save", "lora"], tmp_path)  # fmt: skip
     result = run_command([sys.executable, str(REPO / "tools" / "merge_lora.py"), "--lora-load", "lora", "--save", "merged"], tmp_path)
-    assert "merged 4 adapted linears" in result.stdout, result.stdout
+    assert "merged 8 adapted linears" in result.stdout  # 2 layers x qkv, proj, fc1, fc2, result.stdout
 
     monkeypatch.chdir(tmp_path)
-    adapted = _logits([*common, "--pretrained-checkpoint", "base", "--lora", "--lora-rank", "4", "--load", "lora"], monkeypatch)
+    adapted = _logits([*common, "--pretrained-checkpoint", "base", "--lora", "--lora-rank", "4", "--load", "lora",
+                        "--train-iters", "3"], monkeypatch)
     merged = _logits([*common, "--pretrained-checkpoint", "merged"], monkeypatch)
     base = _logits([*common, "--pretrained-checkpoint", "base"], monkeypatch)
     assert (adapted - merged).abs().max() <= 1e-5
