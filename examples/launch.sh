@@ -1,7 +1,9 @@
-# Sourced by examples/pretrain_*.sh after a preset has set its defaults: turns the environment into
-# the parallel / data / logging flags and launches pretrain_r1.py under torchrun.
+# Sourced by examples/pretrain_*.sh and examples/finetune_*.sh after a preset has set its defaults:
+# turns the environment into the parallel / data / logging flags and launches $ENTRY under torchrun.
 #
 # Environment (each preset sets the layout defaults):
+#   ENTRY                   the training script: pretrain_r1.py (default) or finetune_r1.py; fine-tuning
+#                           scripts pass their own data flags (JSONL, after `--`), so DATA_PATH is not read
 #   NNODES GPUS_PER_NODE    nodes, and processes (GPUs) per node; the world size is their product
 #   MASTER_ADDR MASTER_PORT the rendezvous host (the first node) and port (default 29500); one node
 #                           without MASTER_ADDR uses --standalone (a free local port)
@@ -10,7 +12,7 @@
 #                           ranks, RDZV_ID names the run (examples/slurm/*.sbatch: the job id)
 #   TP PP EP ETP            tensor / pipeline / expert / expert-tensor parallel sizes
 #   VPP_LAYERS              layers per virtual pipeline stage (interleaved 1F1B; needs PP > 1)
-#   DATA_PATH               indexed-dataset prefixes, optionally weighted ("0.7 a_text_document 0.3 b_...");
+#   DATA_PATH               pre-training: indexed-dataset prefixes, optionally weighted ("0.7 a_text_document 0.3 b_...");
 #                           unset: --mock-data
 #   TOKENIZER_MODEL TOKENIZER_TYPE   the tokenizer the data was made with (unset: --vocab-size of the preset)
 #   TENSORBOARD_DIR         TensorBoard event files
@@ -18,8 +20,11 @@
 #   DRY_RUN=1               instead of training, print the torchrun command, then tools/model_size.py's
 #                           report: flags validated for the whole world size, parallel layout, parameters,
 #                           memory per GPU and tokens per step; exit status 1 if the busiest pipeline stage
-#                           needs more than GPU_MEMORY_GB (default 80) per GPU
+#                           needs more than GPU_MEMORY_GB (default 80) per GPU. Flags after `--` in
+#                           `launch` (fine-tuning's own) are not checked: model_size.py sizes the model on
+#                           mock data with full optimizer states, an upper bound for --lora
 
+ENTRY=${ENTRY:-pretrain_r1.py}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 PROCESSES=$((NNODES * GPUS_PER_NODE))
@@ -39,7 +44,10 @@ PARALLEL_ARGS=(
 
 # --- data and tokenizer
 DATA_ARGS=()
-if [[ -n "${DATA_PATH:-}" ]]; then
+DRY_RUN_ARGS=()
+if [[ "$ENTRY" != pretrain_r1.py ]]; then
+    DRY_RUN_ARGS+=(--mock-data)  # the fine-tuning data comes after `--`; model_size.py sizes on mock data
+elif [[ -n "${DATA_PATH:-}" ]]; then
     if [[ -z "${TOKENIZER_MODEL:-}" ]]; then
         echo "DATA_PATH needs TOKENIZER_MODEL (the tokenizer the data was made with)" >&2
         exit 2
@@ -59,10 +67,22 @@ fi
 LOGGING_ARGS=(--log-interval "${LOG_INTERVAL:-1}")
 [[ -n "${TENSORBOARD_DIR:-}" ]] && LOGGING_ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR")
 
-# `launch FLAGS...`: the preset's model/training flags, then the ones above, then EXTRA_ARGS.
+# `launch FLAGS... [-- ENTRY_FLAGS...]`: the preset's model/training flags, then the ones above, then
+# ENTRY_FLAGS (flags of $ENTRY alone, which the dry run does not check), then EXTRA_ARGS.
 launch() {
+    local common=() entry_only=()
+    while (($#)); do
+        if [[ "$1" == -- ]]; then
+            shift
+            entry_only=("$@")
+            break
+        fi
+        common+=("$1")
+        shift
+    done
+    local flags=("${common[@]}" "${PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" "${LOGGING_ARGS[@]}")
     # shellcheck disable=SC2206  # EXTRA_ARGS is a list of flags
-    local flags=("$@" "${PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" "${LOGGING_ARGS[@]}" ${EXTRA_ARGS:-})
+    local extra=(${EXTRA_ARGS:-})
     local rendezvous
     if ((NNODES == 1)) && [[ -z "${MASTER_ADDR:-}" ]]; then
         rendezvous=(--standalone)
@@ -77,11 +97,12 @@ launch() {
         echo "RDZV_BACKEND=$RDZV_BACKEND: use static or c10d" >&2
         exit 2
     fi
-    local command=(torchrun "${rendezvous[@]}" --nproc-per-node "$GPUS_PER_NODE" pretrain_r1.py "${flags[@]}")
+    local command=(torchrun "${rendezvous[@]}" --nproc-per-node "$GPUS_PER_NODE" "$ENTRY"
+                   "${flags[@]}" "${entry_only[@]}" "${extra[@]}")
     if [[ -n "${DRY_RUN:-}" ]]; then
         printf '%q ' "${command[@]}"
         echo
-        WORLD_SIZE=$PROCESSES python tools/model_size.py "${flags[@]}" \
+        WORLD_SIZE=$PROCESSES python tools/model_size.py "${flags[@]}" "${extra[@]}" "${DRY_RUN_ARGS[@]}" \
             --gpus-per-node "$GPUS_PER_NODE" --gpu-memory-gb "${GPU_MEMORY_GB:-80}"
     else
         exec "${command[@]}"

@@ -61,6 +61,12 @@ def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+def _optimizer_parts(optimizer) -> int:
+    """How many optimizers megatron-core chained (dense and expert parameters get their own when
+    the expert layout differs): the optimizer state's keys depend on it."""
+    return len(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def _layout(args) -> dict:
     return {
         "world_size": args.world_size,
@@ -156,6 +162,7 @@ def save_checkpoint(args, state) -> str:
         "nan_iterations": state.nan_iterations,
         "scheduler": state.scheduler.state_dict(),
         "layout": _layout(args),
+        "optimizer_parts": _optimizer_parts(state.optimizer),
         "model_args": {name: getattr(args, name) for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS},
     }
     publish = functools.partial(_publish, args, metadata, temporary, final)
@@ -354,15 +361,22 @@ def _load_scheduler(state, metadata: dict, path: str) -> None:
 def load_checkpoint(args, state) -> bool:
     """Restore `state` from the checkpoint `find_checkpoint` names; False when there is none.
     --finetune loads the weights only; --no-load-optim / --no-load-rng skip those parts, and
-    --skip-train the LR schedule (whose flags an evaluation need not repeat). RNG
+    --skip-train the optimizer and LR schedule (an evaluation needs neither). RNG
     states are per rank, so they are restored only on the layout they were saved with."""
     path = find_checkpoint(args)
     if path is None:
         return False
     metadata = _read_metadata(path)
     _check_model_shape(args, metadata["model_args"], path)
-    load_optimizer = not (args.finetune or args.no_load_optim)
+    load_optimizer = not (args.finetune or args.no_load_optim or args.skip_train)
     load_rng = not (args.finetune or args.no_load_rng) and metadata["layout"] == _layout(args)
+    saved_parts, parts = metadata.get("optimizer_parts", 1), _optimizer_parts(state.optimizer)
+    if load_optimizer and saved_parts != parts:
+        raise CheckpointError(
+            f"{path}: its optimizer state was saved in {saved_parts} part(s) (layout {metadata['layout']}), this layout "
+            f"has {parts} (dense and expert parameters); load it with --no-load-optim (fresh optimizer moments), or "
+            "resume on an expert layout like the saved one"
+        )
     _load_into(state, path, load_optimizer, load_rng)
     if not args.finetune:
         state.iteration = metadata["iteration"]

@@ -407,7 +407,8 @@ class EarlyStopping:
 
 class ProgressiveUnfreezing:
     """``on_iteration_start`` hook: per --unfreeze-schedule, only the top N transformer layers (and
-    everything after them: final norm, output layer, MTP) train; the rest have no gradient, and the
+    everything after them: final norm, output layer -- tied word embeddings with it --, MTP) train;
+    the rest (lower layers, embeddings) have no gradient, and the
     optimizer skips parameters without one, so they stay bit-unchanged (no weight decay either)."""
 
     def __init__(self, schedule, num_layers: int):
@@ -425,6 +426,10 @@ class ProgressiveUnfreezing:
             frozen = set()
             if module.pre_process:
                 frozen.update(id(p) for p in module.embedding.parameters())
+                if module.share_embeddings_and_output_weights:
+                    # Tied: the word embeddings are the output layer too, which trains throughout
+                    # (and the PP stages holding its two copies agree on that).
+                    frozen.discard(id(module.shared_embedding_or_output_weight()))
             for layer in module.decoder.layers:
                 if layer.layer_number - 1 < first_trainable:  # layer_number: global, 1-based
                     frozen.update(id(p) for p in layer.parameters())

@@ -48,7 +48,7 @@ class TinyGPTRuns:
 
     def assert_layout_matches(self, variant_args, layout_args, workdir, tolerance=1e-5):
         """Losses of every step and (except with the distributed optimizer) every parameter's
-        first-step gradient equal the single-process run's."""
+        first-step gradient equal the single-process run's; returns the 2-process result."""
         _, reference = self.reference(variant_args)
         result = self.two_process(variant_args, layout_args, workdir)
         loss_diffs = [abs(a - b) for a, b in zip(result["losses"], reference["losses"])]
@@ -57,6 +57,7 @@ class TinyGPTRuns:
             assert result["grad_rel_diff"], "no gradients compared"
             worst = max(result["grad_rel_diff"].items(), key=lambda item: item[1])
             assert worst[1] <= tolerance, worst
+        return result
 
 
 @pytest.fixture(scope="session")

@@ -122,3 +122,38 @@ def test_distillation_lowers_kl_to_the_teacher(task, finetuning, tmp_path, monke
     train(args, state, train_dataset, valid_dataset)
     after = kl_to_teacher()
     assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_progressive_unfreezing_trains_top_layers_first(task, finetuning, tied):
+    """Before its stage a layer is bit-unchanged, from it on it changes; tied word embeddings are
+    the output layer too and train throughout."""
+    untie = [] if tied else ["--untie-embeddings-and-output-weights"]
+    args, state = finetuning([*TINY_DENSE, "--num-layers", "3", *untie, "--data-path", task["copy"], "--tokenizer-model", task["tokenizer"], "--train-iters", "6",
+                              "--lr", "1e-3", "--unfreeze-schedule", "0:1", "2:2", "4:all", "--log-interval", "6"])  # fmt: skip
+    model = state.model[0].module
+    snapshots, unfreeze = [], state.on_iteration_start
+
+    def snapshot_then_unfreeze(args, state):
+        snapshots.append({name: p.detach().clone() for name, p in model.named_parameters()})
+        unfreeze(args, state)
+
+    state.on_iteration_start = snapshot_then_unfreeze
+    train(args, state, *build_finetuning_data(args, state))
+    snapshots.append({name: p.detach().clone() for name, p in model.named_parameters()})
+
+    def group(name):  # the unfreezing stage from which each parameter trains
+        if name.startswith("embedding."):
+            return "top 1" if tied else "all"
+        if name.startswith("decoder.layers."):
+            return {"0": "all", "1": "top 2", "2": "top 1"}[name.split(".")[2]]
+        return "top 1"  # final norm, output layer
+
+    stages = {0: {"top 1"}, 1: {"top 1"}, 2: {"top 1", "top 2"}, 3: {"top 1", "top 2"}, 4: {"top 1", "top 2", "all"}, 5: {"top 1", "top 2", "all"}}  # fmt: skip
+    assert {group(name) for name in snapshots[0]} == {"top 1", "top 2", "all"}
+    assert ("embedding.word_embeddings.weight" in snapshots[0]) and ("output_layer.weight" in snapshots[0]) != tied
+    for iteration, trainable in stages.items():
+        before, after = snapshots[iteration], snapshots[iteration + 1]
+        for name in before:
+            changed = not torch.equal(before[name], after[name])
+            assert changed == (group(name) in trainable), (iteration, name, changed)

@@ -142,28 +142,43 @@ class ChatTemplate:
         return self.markers[END_MARKER][-1:] + ([self.tokenizer.eod] if self.tokenizer.eod is not None else [])
 
 
-def read_conversations(path: str):
-    """Yield ``(line_number, messages)`` of every non-blank line of a JSONL file."""
+def read_conversations(path: str, on_bad_record=None):
+    """Yield ``(line_number, messages, consumed_bytes)`` for every non-blank line of a JSONL file
+    (``consumed_bytes``: bytes read since the previous yield, for progress). A malformed line raises
+    BadInputError naming ``file:line``; with ``on_bad_record``, the error is passed to it and the
+    line skipped instead."""
     byte_range = ByteRange(path, 0, None, os.path.getsize(path))
-    for line_number, (line, _) in enumerate(read_lines(byte_range, _MAX_LINE_BYTES), start=1):
+    consumed_since_yield = 0
+    for line_number, (line, consumed) in enumerate(read_lines(byte_range, _MAX_LINE_BYTES), start=1):
+        consumed_since_yield += consumed
         where = f"{path}:{line_number}"
-        if line is None:
-            raise BadInputError(f"{where}: line longer than {_MAX_LINE_BYTES} bytes")
-        if not line.strip():
-            continue
         try:
-            record = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as error:
-            raise BadInputError(f"{where}: not valid JSON ({error})") from None
-        yield line_number, parse_record(record, where)
+            if line is None:
+                raise BadInputError(f"{where}: line longer than {_MAX_LINE_BYTES} bytes")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as error:
+                raise BadInputError(f"{where}: not valid JSON ({error})") from None
+            messages = parse_record(record, where)
+        except BadInputError as error:
+            if on_bad_record is None:
+                raise
+            on_bad_record(error)
+            continue
+        yield line_number, messages, consumed_since_yield
+        consumed_since_yield = 0
 
 
 def tokenize_jsonl(path: str, template: ChatTemplate) -> list[tuple[np.ndarray, np.ndarray]]:
-    samples = []
-    for _, messages in read_conversations(path):
-        tokens, mask = template.render(messages)
-        samples.append((np.asarray(tokens, dtype=np.int64), np.asarray(mask, dtype=np.uint8)))
-    return samples
+    return [render_sample(template, messages) for _, messages, _ in read_conversations(path)]
+
+
+def render_sample(template: ChatTemplate, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """One conversation as the (tokens, 0/1 loss mask) arrays the datasets hold."""
+    tokens, mask = template.render(messages)
+    return np.asarray(tokens, dtype=np.int64), np.asarray(mask, dtype=np.uint8)
 
 
 def write_sft_dataset(samples, output_prefix: str, vocab_size: int) -> tuple[int, int]:

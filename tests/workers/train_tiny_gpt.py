@@ -19,6 +19,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_r1.distributed import destroy_distributed, initialize_distributed
+from megatron_r1.lora import (
+    LoRAConfig,
+    adapter_layers,
+    add_adapters_to_duplicated_linears,
+    freeze_base_model,
+    lora_spec_transform,
+)
 from megatron_r1.model import build_gpt_model
 
 VOCAB, SEQ, GLOBAL_BATCH, MICRO_BATCH = 128, 32, 4, 1
@@ -40,6 +47,7 @@ def parse_args():
         action="store_true",
         help="MLA, first layer dense, sigmoid router with expert bias, group-limited routing, MTP",
     )
+    parser.add_argument("--lora", action="store_true", help="LoRA adapters (rank 4) on every linear, base frozen")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--init-dir", required=True)
     parser.add_argument("--load-init", action="store_true")
@@ -110,6 +118,7 @@ def main():
         pipeline_dtype=torch.float32,
         use_cpu_initialization=True,
     )
+    lora = LoRAConfig(rank=4, alpha=8.0) if args.lora else None
     # One model chunk per virtual pipeline stage (a single chunk without interleaving).
     chunks = [
         build_gpt_model(
@@ -121,12 +130,24 @@ def main():
             position_embedding_type="rope",
             share_embeddings_and_output_weights=False,
             vp_stage=vp_stage,
+            layer_spec_transform=lora_spec_transform(lora, True) if lora else None,
         )
         for vp_stage in (range(args.vpp) if args.vpp else [None])
     ]
 
     def sharded_state_dict(modules):
         return {f"model{i}": module.sharded_state_dict(metadata={}) for i, module in enumerate(modules)}
+
+    if lora:
+        for chunk in chunks:
+            add_adapters_to_duplicated_linears(chunk, lora)
+            freeze_base_model(chunk)
+            if not args.load_init:
+                # B starts at zero, which would make A's first gradient zero: start from a random B
+                # so that both adapters' gradients are compared.
+                generator = torch.Generator().manual_seed(7)
+                for layer in adapter_layers(chunk):
+                    layer.lora_b.data.normal_(0.0, 0.02, generator=generator)
 
     if args.load_init:
         loaded = dist_checkpointing.load(sharded_state_dict(chunks), args.init_dir)
@@ -190,11 +211,13 @@ def main():
     # The distributed optimizer leaves only each rank's shard of the grad buffer reduced, so that
     # layout is compared by losses alone.
     capture_grads = not args.distributed_optimizer
+    # Frozen (LoRA base) parameters have no gradient: they keep their (common) initial weights below.
+    trainable_params = [param for chunk in model for param in chunk.parameters() if param.requires_grad]
     losses, first_step_grads = [], None
     for step in range(args.steps):
         losses.append(forward_backward(step))
         if step == 0 and capture_grads:
-            first_step_grads = [param.main_grad.clone() for chunk in model for param in chunk.parameters()]
+            first_step_grads = [param.main_grad.clone() for param in trainable_params]
         update_successful, _, _ = optimizer.step()
         assert update_successful
     result = {"losses": losses}
@@ -202,8 +225,7 @@ def main():
     if capture_grads:
         # Full gradients are gathered by saving them in place of the weights: dist_checkpointing
         # knows how every layout shards every parameter.
-        params = [param for chunk in model for param in chunk.parameters()]
-        for param, grad in zip(params, first_step_grads):
+        for param, grad in zip(trainable_params, first_step_grads):
             param.data.copy_(grad)
         os.makedirs(args.grads_dir, exist_ok=True)
         dist_checkpointing.save(sharded_state_dict([chunk.module for chunk in model]), args.grads_dir)
