@@ -215,7 +215,8 @@ class TransformersRun:
         self.model = DeepseekV3ForCausalLM(transformers_config(args)).to(device).train()
         self.implementation = (
             f"DeepseekV3ForCausalLM, attention={self.model.config._attn_implementation}, "
-            f"experts={self.model.config._experts_implementation}"
+            # transformers 4.x has one experts implementation (a loop over per-expert MLPs); 5.x names its choice.
+            f"experts={getattr(self.model.config, '_experts_implementation', 'per-expert loop')}"
             + (", bf16 autocast" if device.type == "cuda" else ", fp32")
         )
         self.optimizer = torch.optim.AdamW(

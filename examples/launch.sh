@@ -1,9 +1,10 @@
 # Sourced by examples/pretrain_*.sh and examples/finetune_*.sh after a preset has set its defaults:
 # turns the environment into the parallel / data / logging flags and launches $ENTRY under torchrun.
 #
+# Set by the preset: ENTRY (the training script: pretrain_r1.py, or finetune_r1.py whose presets pass
+# their own data flags after `--`, so DATA_PATH is not read), VOCAB_SIZE, DEFAULT_TOKENIZER_TYPE.
+#
 # Environment (each preset sets the layout defaults):
-#   ENTRY                   the training script: pretrain_r1.py (default) or finetune_r1.py; fine-tuning
-#                           scripts pass their own data flags (JSONL, after `--`), so DATA_PATH is not read
 #   NNODES GPUS_PER_NODE    nodes, and processes (GPUs) per node; the world size is their product
 #   MASTER_ADDR MASTER_PORT the rendezvous host (the first node) and port (default 29500); one node
 #                           without MASTER_ADDR uses --standalone (a free local port)
@@ -24,7 +25,6 @@
 #                           `launch` (fine-tuning's own) are not checked: model_size.py sizes the model on
 #                           mock data with full optimizer states, an upper bound for --lora
 
-ENTRY=${ENTRY:-pretrain_r1.py}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 PROCESSES=$((NNODES * GPUS_PER_NODE))
@@ -45,7 +45,7 @@ PARALLEL_ARGS=(
 # --- data and tokenizer
 DATA_ARGS=()
 DRY_RUN_ARGS=()
-if [[ "$ENTRY" != pretrain_r1.py ]]; then
+if [[ "${ENTRY:?the preset sets ENTRY}" != pretrain_r1.py ]]; then
     DRY_RUN_ARGS+=(--mock-data)  # the fine-tuning data comes after `--`; model_size.py sizes on mock data
 elif [[ -n "${DATA_PATH:-}" ]]; then
     if [[ -z "${TOKENIZER_MODEL:-}" ]]; then

@@ -20,6 +20,7 @@ EP=${EP:-8}                          # 64 experts: 8 per GPU
 SEQ_LENGTH=${SEQ_LENGTH:-4096}
 VOCAB_SIZE=102400                    # with mock data and no tokenizer
 DEFAULT_TOKENIZER_TYPE=HuggingFaceTokenizer
+ENTRY=pretrain_r1.py
 
 MODEL_ARGS=(
     --num-layers 27                     # decoder layers

@@ -31,6 +31,7 @@ ETP=${ETP:-2}                        # each expert split over 2 GPUs
 SEQ_LENGTH=${SEQ_LENGTH:-4096}
 VOCAB_SIZE=129280                    # with mock data and no tokenizer
 DEFAULT_TOKENIZER_TYPE=HuggingFaceTokenizer
+ENTRY=pretrain_r1.py
 
 MODEL_ARGS=(
     --num-layers 61                     # decoder layers

@@ -21,6 +21,7 @@ PP=${PP:-1}
 EP=${EP:-1}
 TRAIN_ITERS=${TRAIN_ITERS:-200}
 source examples/model_tiny.sh            # MODEL_ARGS, VOCAB_SIZE, DEFAULT_TOKENIZER_TYPE
+ENTRY=pretrain_r1.py
 
 TRAINING_ARGS=(
     --micro-batch-size "${MICRO_BATCH_SIZE:-4}"  # samples per forward pass per GPU

@@ -370,11 +370,12 @@ def load_checkpoint(args, state) -> bool:
     _check_model_shape(args, metadata["model_args"], path)
     load_optimizer = not (args.finetune or args.no_load_optim or args.skip_train)
     load_rng = not (args.finetune or args.no_load_rng) and metadata["layout"] == _layout(args)
-    saved_parts, parts = metadata.get("optimizer_parts", 1), _optimizer_parts(state.optimizer)
-    if load_optimizer and saved_parts != parts:
+    # Weights-only loads (generation, conversion) pass a state without an optimizer.
+    saved_parts = metadata.get("optimizer_parts", 1)
+    if load_optimizer and saved_parts != _optimizer_parts(state.optimizer):
         raise CheckpointError(
             f"{path}: its optimizer state was saved in {saved_parts} part(s) (layout {metadata['layout']}), this layout "
-            f"has {parts} (dense and expert parameters); load it with --no-load-optim (fresh optimizer moments), or "
+            f"has {_optimizer_parts(state.optimizer)} (dense and expert parameters); load it with --no-load-optim (fresh optimizer moments), or "
             "resume on an expert layout like the saved one"
         )
     _load_into(state, path, load_optimizer, load_rng)

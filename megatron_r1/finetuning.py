@@ -64,7 +64,8 @@ def add_finetuning_arguments(parser: argparse.ArgumentParser) -> None:
                        help="on the FFN's inner activations (dense, shared and routed experts)")
     group.add_argument("--unfreeze-schedule", nargs="+", default=None, metavar="ITER:LAYERS",
                        help="progressive unfreezing, top layers first: e.g. 0:1 50:2 100:all trains the top 1 layer "
-                            "(with the final norm and output layer) from iteration 0, the top 2 from 50, everything from 100")
+                            "(with the final norm and output layer; tied word embeddings count as the output layer) from iteration 0, "
+                            "the top 2 from 50, everything from 100")
     group.add_argument("--early-stop-patience", type=int, default=3,
                        help="stop after this many evaluations without a better validation loss (0: never)")
     group.add_argument("--early-stop-min-delta", type=float, default=0.0, help="smallest decrease that counts as better")

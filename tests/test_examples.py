@@ -1,6 +1,8 @@
 """The presets in examples/: the tiny one trains on CPU; the DeepSeek ones launch the published
-shapes with flags that pass pretrain_r1.py's validation for their default layouts and fit 80 GB GPUs.
-The SLURM files run with a stand-in srun (one run per node, in turn) and scontrol on PATH."""
+shapes with flags that pass pretrain_r1.py's validation for their default layouts and fit 80 GB GPUs;
+the fine-tuning and conversion scripts run on the tiny model (pre-train -> SFT -> HF -> back).
+The SLURM files run with a stand-in srun (one run per node, in turn) and scontrol on PATH.
+examples/quickstart.sh runs in tests/test_quickstart.py."""
 
 import os
 import re
@@ -11,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sft_task import train_task_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "examples"
@@ -42,16 +45,17 @@ if [[ "$1 $2" == "show hostnames" ]]; then tr , '\n' <<< "$3"; fi
 def run_preset(script, tmp_path, timeout=120, **env):
     # One thread per process: CPU tests share the machine.
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    for name in ("DATA_PATH", "TOKENIZER_MODEL", "MASTER_ADDR", "EXTRA_ARGS", "DRY_RUN"):
+    for name in ("DATA_PATH", "TOKENIZER_MODEL", "MASTER_ADDR", "EXTRA_ARGS", "DRY_RUN", "PRETRAINED", "SFT_DATA",
+                 "VALID_DATA", "SAVE", "MERGED", "LOAD", "DIRECTION", "TP", "PP", "EP"):
         if name not in env:
             environment.pop(name, None)
     return subprocess.run(["bash", str(EXAMPLES / script)], cwd=tmp_path, env=environment,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
-def dry_run_flags(result):
+def dry_run_flags(result, entry="pretrain_r1.py"):
     command = shlex.split(result.stdout.splitlines()[0])
-    return command, command[command.index("pretrain_r1.py") + 1 :]
+    return command, command[command.index(entry) + 1 :]
 
 
 def test_tiny_preset_trains_in_two_tensor_parallel_processes(tmp_path):
@@ -76,7 +80,7 @@ def test_tiny_preset_environment_becomes_flags(tmp_path):
     # Data parallel 2: the optimizer is sharded; TP 1: no sequence parallelism; mock data by default.
     assert "--use-distributed-optimizer" in flags and "--sequence-parallel" not in flags
     assert "--mock-data" in flags and flags[-2:] == ["--lr", "1e-3"]
-    assert result.stdout.strip().splitlines()[-1].startswith("total 1.9M params (MTP 417.4K), active 950.0K per token")
+    assert result.stdout.strip().splitlines()[-1].startswith("total 1.9M params (MTP 417.5K), active 950.5K per token")
 
 
 def test_data_path_without_tokenizer_is_refused(tmp_path):
@@ -120,7 +124,7 @@ def test_multi_node_launch_needs_master_addr(tmp_path):
 
 def test_scripts_parse():
     scripts = sorted(EXAMPLES.glob("*.sh")) + sorted((EXAMPLES / "slurm").iterdir())
-    assert len(scripts) >= 8
+    assert len(scripts) >= 12
     for script in scripts:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, f"{script}: {result.stderr}"
@@ -206,3 +210,70 @@ def test_time_limit_signal_saves_then_requeues(tmp_path, exit_status, requeued):
     assert ("requeue 4242" in calls) == requeued
     if not requeued:
         assert "exited with status 1 after SIGUSR1: not requeued" in stderr
+
+
+@pytest.mark.parametrize("script", ["finetune_sft.sh", "finetune_lora.sh"])
+def test_finetuning_presets_dry_run(tmp_path, script):
+    result = run_preset(script, tmp_path, DRY_RUN="1", GPUS_PER_NODE="2", TP="2", PRETRAINED="runs/base",
+                        SAVE="runs/ft", EXTRA_ARGS="--lr 1e-5")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    command, flags = dry_run_flags(result, "finetune_r1.py")
+    assert command[:4] == ["torchrun", "--standalone", "--nproc-per-node", "2"]
+    # The pretrained model's flags (the tiny preset's), the layout, then fine-tuning's own flags.
+    _, pretrain_flags = dry_run_flags(run_preset("pretrain_tiny.sh", tmp_path, DRY_RUN="1"))
+    model_flags = pretrain_flags[: pretrain_flags.index("--micro-batch-size")]
+    assert flags[: len(model_flags)] == model_flags and "--qk-layernorm" in model_flags
+    joined = " ".join(flags)
+    assert "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --expert-model-parallel-size 1 " \
+           "--sequence-parallel" in joined
+    assert "--pretrained-checkpoint runs/base --data-path megatron_r1/assets/tiny_sft.jsonl" in joined
+    assert "--save runs/ft" in joined and "--mock-data" not in flags and flags[-2:] == ["--lr", "1e-5"]
+    assert ("--lora" in flags) == (script == "finetune_lora.sh")
+    if script == "finetune_lora.sh":
+        assert "--transformer-impl local" in joined and "--lora-rank 8 --lora-alpha 16" in joined
+        assert "merged" not in result.stdout  # a dry run merges nothing
+    # model_size.py validated the shared flags for 2 processes and sized the model.
+    assert "parallel layout: 2 processes (1 node x 2)" in result.stdout
+    assert result.stdout.strip().splitlines()[-1].startswith("total 1.9M params (MTP 417.5K), active 950.5K per token")
+
+
+@pytest.mark.parametrize("script", ["finetune_sft.sh", "finetune_lora.sh"])
+def test_finetuning_presets_need_a_checkpoint_and_a_tokenizer(tmp_path, script):
+    result = run_preset(script, tmp_path)
+    assert result.returncode != 0 and "set PRETRAINED to the checkpoint to fine-tune" in result.stderr
+    result = run_preset(script, tmp_path, PRETRAINED="runs/base")
+    assert result.returncode == 2 and "set TOKENIZER_MODEL" in result.stderr
+
+
+def test_export_needs_a_direction_it_knows(tmp_path):
+    result = run_preset("export_hf.sh", tmp_path, LOAD="ckpt", DIRECTION="hf2hf")
+    assert result.returncode == 2 and "DIRECTION=hf2hf: use mcore2hf or hf2mcore" in result.stderr
+
+
+def test_pretrain_finetune_and_convert_both_ways(tmp_path):
+    """The tiny preset pre-trains (1 iteration, with a tokenizer), finetune_sft.sh fine-tunes every
+    weight from it on the bundled instruction set, export_hf.sh converts the result to Hugging Face
+    and back, each conversion verified."""
+    tokenizer = train_task_tokenizer(tmp_path)
+    base, sft = tmp_path / "base", tmp_path / "sft"
+    result = run_preset("pretrain_tiny.sh", tmp_path, TRAIN_ITERS="1", EVAL_INTERVAL="1", TOKENIZER_MODEL=tokenizer,
+                        EXTRA_ARGS=f"--save {base} --save-interval 1")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    result = run_preset("finetune_sft.sh", tmp_path, PRETRAINED=str(base), TOKENIZER_MODEL=tokenizer, SAVE=str(sft),
+                        TRAIN_ITERS="2", EVAL_INTERVAL="1", MICRO_BATCH_SIZE="2", GLOBAL_BATCH_SIZE="2")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"starting weights: {base}/iter_0000001" in result.stdout
+    assert re.findall(r"^ iteration +(\d+)/ +2 \|", result.stdout, re.M) == ["1", "2"]
+    assert "LoRA" not in result.stdout and (sft / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+
+    result = run_preset("export_hf.sh", tmp_path, LOAD=str(sft), timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert '"top1_agreement": 1.0' in result.stdout
+    assert (tmp_path / "sft-hf" / "config.json").is_file() and (tmp_path / "sft-hf" / "tokenizer.json").is_file()
+
+    result = run_preset("export_hf.sh", tmp_path, DIRECTION="hf2mcore", LOAD=str(tmp_path / "sft-hf"), TP="2",
+                        timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert '"top1_agreement": 1.0' in result.stdout
+    assert "--qk-layernorm" in result.stdout.split("--finetune: ", 1)[1]  # the model flags to train it with
+    assert (tmp_path / "sft-hf-mcore" / "latest_checkpointed_iteration.txt").is_file()

@@ -29,32 +29,40 @@ def finetuning(monkeypatch):
     destroy_distributed()
 
 
-def exact_match(state, records) -> float:
-    """Greedy decoding of each prompt until the end marker, compared with the expected output."""
+def exact_match(state, records, max_new_tokens=12) -> float:
+    """Greedy decoding of each prompt until an end id, compared with the expected output (a hit
+    needs the end id within max_new_tokens). Prompts of one length decode together as a batch."""
     model = state.model[0].module
     model.eval()
     template = ChatTemplate(state.tokenizer)
+    by_length = {}
+    for record in records:
+        tokens, _ = template.render(parse_record(record, "test")[:-1], add_generation_prompt=True)
+        by_length.setdefault(len(tokens), []).append((tokens, record["output"]))
     hits = 0
     with torch.no_grad():
-        for record in records:
-            messages = parse_record(record, "test")[:-1]
-            tokens, _ = template.render(messages, add_generation_prompt=True)
-            generated = []
-            for _ in range(12):
-                ids = torch.tensor([tokens + generated])
-                logits = model(ids, torch.arange(ids.shape[1])[None], None)
-                generated.append(int(logits[0, -1].argmax()))
-                if generated[-1] in template.end_ids:
+        for prompt_length, group in by_length.items():
+            ids = torch.tensor([tokens for tokens, _ in group])
+            ended = torch.zeros(len(group), dtype=torch.bool)
+            for _ in range(max_new_tokens):
+                logits = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
+                next_ids = logits[:, -1].argmax(dim=-1)
+                ids = torch.cat([ids, next_ids[:, None]], dim=1)
+                ended |= torch.isin(next_ids, torch.tensor(template.end_ids))
+                if ended.all():
                     break
-            hits += state.tokenizer.detokenize(generated[:-1]).strip() == record["output"]
+            for row, (_, expected) in zip(ids[:, prompt_length:].tolist(), group):
+                end = next((i for i, t in enumerate(row) if t in template.end_ids), None)
+                hits += end is not None and state.tokenizer.detokenize(row[:end]).strip() == expected
     model.train()
     return hits / len(records)
 
 
 def test_sft_learns_the_copy_task(task, finetuning):
     args, state = finetuning([*TINY_DENSE, "--data-path", task["copy"], "--tokenizer-model", task["tokenizer"],
-                              "--train-iters", "400", "--lr", "3e-3", "--lr-warmup-iters", "20", "--min-lr", "3e-4", "--log-interval", "100", "--micro-batch-size", "16",
-                              "--hidden-dropout", "0.0", "--split", "100,0,0"])  # fmt: skip
+                              "--train-iters", "400", "--lr", "3e-3", "--lr-warmup-iters", "20", "--min-lr", "3e-4",
+                              "--log-interval", "100", "--micro-batch-size", "8", "--hidden-dropout", "0.0",
+                              "--split", "100,0,0"])  # fmt: skip
     before = exact_match(state, task["copy_test"])
     train(args, state, *build_finetuning_data(args, state))
     after = exact_match(state, task["copy_test"])
@@ -129,8 +137,9 @@ def test_progressive_unfreezing_trains_top_layers_first(task, finetuning, tied):
     """Before its stage a layer is bit-unchanged, from it on it changes; tied word embeddings are
     the output layer too and train throughout."""
     untie = [] if tied else ["--untie-embeddings-and-output-weights"]
-    args, state = finetuning([*TINY_DENSE, "--num-layers", "3", *untie, "--data-path", task["copy"], "--tokenizer-model", task["tokenizer"], "--train-iters", "6",
-                              "--lr", "1e-3", "--unfreeze-schedule", "0:1", "2:2", "4:all", "--log-interval", "6"])  # fmt: skip
+    args, state = finetuning([*TINY_DENSE, "--num-layers", "3", *untie, "--data-path", task["copy"],
+                              "--tokenizer-model", task["tokenizer"], "--train-iters", "6", "--lr", "1e-3",
+                              "--unfreeze-schedule", "0:1", "2:2", "4:all", "--log-interval", "6"])  # fmt: skip
     model = state.model[0].module
     snapshots, unfreeze = [], state.on_iteration_start
 
@@ -149,7 +158,8 @@ def test_progressive_unfreezing_trains_top_layers_first(task, finetuning, tied):
             return {"0": "all", "1": "top 2", "2": "top 1"}[name.split(".")[2]]
         return "top 1"  # final norm, output layer
 
-    stages = {0: {"top 1"}, 1: {"top 1"}, 2: {"top 1", "top 2"}, 3: {"top 1", "top 2"}, 4: {"top 1", "top 2", "all"}, 5: {"top 1", "top 2", "all"}}  # fmt: skip
+    top_1, top_2, everything = {"top 1"}, {"top 1", "top 2"}, {"top 1", "top 2", "all"}
+    stages = {0: top_1, 1: top_1, 2: top_2, 3: top_2, 4: everything, 5: everything}  # iteration: trainable groups
     assert {group(name) for name in snapshots[0]} == {"top 1", "top 2", "all"}
     assert ("embedding.word_embeddings.weight" in snapshots[0]) and ("output_layer.weight" in snapshots[0]) != tied
     for iteration, trainable in stages.items():

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from megatron_r1.corpus.jsonl import InputError, expand_inputs, total_bytes
 from megatron_r1.data.indexed import bin_path, idx_path
-from megatron_r1.data.jsonl import BadInputError
+from megatron_r1.data.jsonl import BadInputError, is_compressed
 from megatron_r1.data.sft import LOSS_MASK_SUFFIX, ChatTemplate, read_conversations, render_sample, write_sft_dataset
 from megatron_r1.tokenizer import add_tokenizer_arguments, build_tokenizer
 
@@ -83,7 +83,9 @@ def main(argv=None) -> int:
     work = SFTPreprocessing(args.input_files, ChatTemplate(tokenizer), args.strict)
     start = time.perf_counter()
     try:
-        with tqdm(total=total_bytes(args.input_files), unit="B", unit_scale=True, desc="rendering") as progress:
+        # Progress counts bytes read: decompressed ones for .gz inputs, whose total is unknown.
+        total = None if any(is_compressed(path) for path in args.input_files) else total_bytes(args.input_files)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="rendering") as progress:
             write_sft_dataset(work.samples(progress), args.output_prefix, tokenizer.vocab_size)
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)

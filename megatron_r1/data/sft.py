@@ -37,6 +37,7 @@ import os
 import numpy as np
 import torch
 
+from megatron_r1.data.files import remove_if_exists
 from megatron_r1.data.indexed import IndexedDatasetWriter, bin_path, idx_path, read_index, token_dtype
 from megatron_r1.data.jsonl import BadInputError, ByteRange, read_lines
 
@@ -182,10 +183,12 @@ def render_sample(template: ChatTemplate, messages: list[dict]) -> tuple[np.ndar
 
 
 def write_sft_dataset(samples, output_prefix: str, vocab_size: int) -> tuple[int, int]:
-    """Write (tokens, mask) samples as the two indexed datasets of ``output_prefix`` (each atomic;
-    the tokens' .idx, which --data-path checks, last). Returns (samples, tokens)."""
+    """Write (tokens, mask) samples as the two indexed datasets of ``output_prefix``, each under
+    temporary names until complete (an exception in ``samples`` leaves no output and any previous
+    one in place). Returns (samples, tokens)."""
     count = total = 0
-    # The inner (mask) writer is finalized first: a prefix with a tokens .idx always has its mask.
+    # The inner (mask) writer is published first and the tokens' .idx, which --data-path checks,
+    # last; a previous tokens .idx goes before either, so that it never pairs with the new mask.
     with IndexedDatasetWriter(output_prefix, token_dtype(vocab_size)) as tokens_out:
         with IndexedDatasetWriter(output_prefix + LOSS_MASK_SUFFIX, np.uint8) as masks:
             for tokens, mask in samples:
@@ -194,6 +197,7 @@ def write_sft_dataset(samples, output_prefix: str, vocab_size: int) -> tuple[int
                 tokens_out.add_documents([len(tokens)])
                 masks.add_documents([len(tokens)])
                 count, total = count + 1, total + len(tokens)
+            remove_if_exists(idx_path(output_prefix))
     return count, total
 
 

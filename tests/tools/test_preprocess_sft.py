@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import run_command
-from megatron_r1.data.sft import load_samples, read_sft_dataset
+from megatron_r1.data.sft import load_samples, read_sft_dataset, write_sft_dataset
 from megatron_r1.tokenizer import SentencePieceTokenizer
 from sft_task import TINY_DENSE, task_records, train_task_tokenizer, write_jsonl
 
@@ -55,12 +55,17 @@ def test_output_equals_in_process_rendering_and_bad_lines_are_skipped_with_file_
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sft.bin", "sft.idx", "sft_loss_mask.bin", "sft_loss_mask.idx"]
 
 
-def test_strict_stops_at_the_first_bad_line_and_writes_nothing(inputs, tmp_path):
+def test_strict_stops_at_the_first_bad_line_and_keeps_the_previous_output(inputs, tmp_path):
+    tokenizer = SentencePieceTokenizer(inputs["tokenizer"])
+    previous = load_samples([inputs["clean"]], tokenizer)[:5]
+    write_sft_dataset(previous, str(tmp_path / "sft"), tokenizer.vocab_size)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     result = subprocess.run([*TOOL, "--input", inputs["dirty"], "--output-prefix", str(tmp_path / "sft"), "--strict",
                              "--tokenizer-model", inputs["tokenizer"]], capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 1
     assert f"error: {inputs['dirty']}:6: instruction-format record lacks 'output'" in result.stderr
-    assert list(tmp_path.iterdir()) == []  # not even temporary files
+    # Untouched, and no temporary file left behind.
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
 
 
 def test_finetune_trains_on_the_preprocessed_prefix(inputs, tmp_path):

@@ -1,0 +1,65 @@
+"""examples/quickstart.sh end to end, with the fewest iterations its stages allow: every artefact is
+made, the second pre-training run resumes from the first one's checkpoint, the Hugging Face export
+computes what our model computes, and both generators print the same continuation."""
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_runs_the_whole_pipeline(tmp_path):
+    out = tmp_path / "quickstart"
+    environment = {name: value for name, value in os.environ.items()
+                   if name not in ("DATA_PATH", "TOKENIZER_MODEL", "MASTER_ADDR", "EXTRA_ARGS", "DRY_RUN")}
+    environment.update(OUT=str(out), PRETRAIN_ITERS="2", SFT_ITERS="2", NEW_TOKENS="4", OMP_NUM_THREADS="1")  # fmt: skip
+    result = subprocess.run(["bash", str(REPO_ROOT / "examples" / "quickstart.sh")], cwd=tmp_path, env=environment,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    log = result.stdout
+    assert result.returncode == 0, log[-3000:] + result.stderr[-6000:]
+
+    # Every stage ran, in order.
+    stages = re.findall(r"^=== (\d+)/11 ", log, re.M)
+    assert stages == [str(i) for i in range(1, 12)], stages
+
+    # Pre-training stopped at iteration 1 and the second run went on from its checkpoint to 2.
+    first_run, resumed = log.split("=== 6/11 resume", 1)
+    assert re.search(r"^ iteration +1/ +2 \|", first_run, re.M) and not re.search(r"^ iteration +2/ +2 \|", first_run, re.M)
+    assert "resumed from iteration 1 (16 samples consumed)" in resumed
+    resumed_pretraining = resumed.split("=== 7/11", 1)[0]
+    assert re.findall(r"^ iteration +(\d+)/ +2 \|", resumed_pretraining, re.M) == ["2"]
+
+    # LoRA fine-tuning trained adapters on the pre-trained weights, and the merge wrote a full checkpoint.
+    sft = log.split("=== 7/11", 1)[1].split("=== 9/11", 1)[0]
+    assert f"starting weights: {out}/checkpoints/iter_0000002" in sft
+    assert re.search(r"LoRA: \d+ trainable parameters", sft)
+    assert re.findall(r"^ iteration +(\d+)/ +2 \|", sft, re.M) == ["1", "2"]
+    assert re.search(r"^merged \d+ adapted linears .* into .*: " + re.escape(f"{out}/sft_merged/iter_0000002"), sft, re.M)
+
+    # The export's check: the same top-1 token as our model everywhere.
+    assert re.search(r"^verify passed: top-1 agreement 1\.000, max \|logit diff\| ", log, re.M)
+
+    # transformers on the export and tools/generate.py on our checkpoint continue the prompt alike.
+    hf_ids = re.search(r"^transformers new token ids: ([\d ]+)$", log, re.M)
+    our_ids = re.search(r"^new token ids: ([\d ]+)$", log, re.M)
+    assert hf_ids and our_ids, log[-3000:]
+    assert hf_ids.group(1).split() == our_ids.group(1).split()
+    assert re.search(r"^transformers: '.+'$", log, re.M)
+    assert re.search(r"^generated \d+ tokens after a \d+-token prompt", log, re.M)
+
+    artefacts = ["clean.jsonl", "rejects.jsonl", "dedup.jsonl", "clusters.jsonl", "tokenizer.model",
+                 "corpus_text_document.bin", "corpus_text_document.idx", "checkpoints/iter_0000002",
+                 "sft_lora/lora.json", "sft_merged/iter_0000002", "hf/config.json", "hf/tokenizer.json",
+                 "hf/model.safetensors.index.json", "hf_export.log", "prompt_ids.txt"]  # fmt: skip
+    for artefact in artefacts:
+        assert (out / artefact).exists(), artefact
+    assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert (out / "sft_lora" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((out / "hf").glob("model-*.safetensors"))
+    # The closing list names where everything is.
+    listing = log.split("=== artefacts", 1)[1]
+    for name in ("checkpoints", "sft_lora", "sft_merged", "hf", "tokenizer.model", "tensorboard"):
+        assert f"{out}/{name}" in listing, name
