@@ -6,12 +6,9 @@ sequence packing, early stopping, progressive unfreezing and knowledge distillat
     python finetune_r1.py ...                                            (one CPU process)
 """
 
-from torch.utils.tensorboard import SummaryWriter
-
 from megatron_r1.distributed import destroy_distributed
 from megatron_r1.finetuning import build_finetuning_data, parse_finetuning_args, setup_finetuning
-from megatron_r1.metrics import MetricsServer
-from megatron_r1.training import evaluate_and_print, is_logging_rank, print_rank_last, train
+from megatron_r1.training import print_rank_last, train_or_evaluate
 
 
 def main():
@@ -20,12 +17,7 @@ def main():
     train_dataset, valid_dataset = build_finetuning_data(args, state)
     print_rank_last(f" fine-tuning data: {len(train_dataset.bins)} packed training sequences"
                     + (f", {len(valid_dataset.bins)} validation" if valid_dataset else ""))  # fmt: skip
-    writer = SummaryWriter(args.tensorboard_dir) if args.tensorboard_dir and is_logging_rank() else None
-    metrics = MetricsServer(args.metrics_port) if args.metrics_port is not None and is_logging_rank() else None
-    if args.skip_train:
-        evaluate_and_print(args, state, valid_dataset)
-    else:
-        train(args, state, train_dataset, valid_dataset, writer, metrics)
+    train_or_evaluate(args, state, train_dataset, valid_dataset)
     destroy_distributed()
 
 

@@ -4,13 +4,10 @@
     python pretrain_r1.py --mock-data --vocab-size 1024 ...                 (one CPU process)
 """
 
-from torch.utils.tensorboard import SummaryWriter
-
 from megatron_r1.arguments import parse_args
 from megatron_r1.checkpointing import load_checkpoint
 from megatron_r1.distributed import destroy_distributed
-from megatron_r1.metrics import MetricsServer
-from megatron_r1.training import build_data, evaluate_and_print, is_logging_rank, print_rank_last, setup, train
+from megatron_r1.training import build_data, print_rank_last, setup, train_or_evaluate
 
 
 def main():
@@ -19,12 +16,7 @@ def main():
     if load_checkpoint(args, state):
         print_rank_last(f" resumed from iteration {state.iteration} ({state.consumed_samples} samples consumed)")
     train_dataset, valid_dataset = build_data(args, state)
-    writer = SummaryWriter(args.tensorboard_dir) if args.tensorboard_dir and is_logging_rank() else None
-    metrics = MetricsServer(args.metrics_port) if args.metrics_port is not None and is_logging_rank() else None
-    if args.skip_train:
-        evaluate_and_print(args, state, valid_dataset)
-    else:
-        train(args, state, train_dataset, valid_dataset, writer, metrics)
+    train_or_evaluate(args, state, train_dataset, valid_dataset)
     destroy_distributed()
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -23,6 +24,7 @@ from megatron_r1.checkpointing import (
 )
 from megatron_r1.data.pretrain import MicroBatches, build_datasets
 from megatron_r1.distributed import initialize_distributed
+from megatron_r1.metrics import MetricsServer
 from megatron_r1.model import build_gpt_model
 from megatron_r1.moe_stats import ExpertLoadTracker
 from megatron_r1.signals import ExitConditions
@@ -320,6 +322,18 @@ def evaluate_and_print(args, state: TrainState, valid_dataset) -> float | None:
         print_rank_last(f" validation loss at iteration {state.iteration} | lm loss value: {valid_loss:.6E} "
                         f"| lm loss PPL: {math.exp(min(20.0, valid_loss)):.6E} |")  # fmt: skip
     return valid_loss
+
+
+def train_or_evaluate(args, state: TrainState, train_dataset, valid_dataset) -> None:
+    """The entry scripts' last step: --skip-train evaluates once; otherwise train, with TensorBoard
+    (--tensorboard-dir) and Prometheus (--metrics-port) on the logging rank."""
+    if args.skip_train:
+        evaluate_and_print(args, state, valid_dataset)
+        return
+    logging_rank = is_logging_rank()
+    writer = SummaryWriter(args.tensorboard_dir) if args.tensorboard_dir and logging_rank else None
+    metrics = MetricsServer(args.metrics_port) if args.metrics_port is not None and logging_rank else None
+    train(args, state, train_dataset, valid_dataset, writer, metrics)
 
 
 def build_data(args, state: TrainState):

@@ -7,7 +7,6 @@ weights with dist_checkpointing, and parallel runs load them resharded to their 
 import argparse
 import json
 import os
-from functools import partial
 
 import torch
 import torch.nn.functional as F
