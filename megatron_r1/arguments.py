@@ -312,6 +312,9 @@ def validate_args(args, error) -> None:
         error("--lr-decay-style cosine-warm-restarts needs --lr-restart-iters")
     if args.lr_decay_style == "WSD" and not args.lr_wsd_decay_iters:
         error("--lr-decay-style WSD needs --lr-wsd-decay-iters")
+    for flag in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(args, flag) < 1.0:
+            error(f"--{flag.replace('_', '-')} ({getattr(args, flag)}) must be in [0, 1)")
     if not 0.0 <= args.label_smoothing < 1.0:
         error(f"--label-smoothing ({args.label_smoothing}) must be in [0, 1)")
     if args.lr_warmup_iters and args.lr_warmup_iters >= args.lr_decay_iters:

@@ -161,6 +161,9 @@ def validate_finetuning_args(args, error) -> None:
             error(f"--kd-temperature ({args.kd_temperature}) must be > 0")
     if args.early_stop_patience < 0:
         error(f"--early-stop-patience ({args.early_stop_patience}) must be >= 0")
+    for flag, probability in (("--embedding-dropout", args.embedding_dropout), ("--ffn-dropout", args.ffn_dropout)):
+        if probability is not None and not 0 <= probability < 1:
+            error(f"{flag} ({probability}) must be in [0, 1)")
 
 
 def parse_finetuning_args(description: str, argv=None) -> argparse.Namespace:

@@ -44,6 +44,7 @@ def parse_error(argv, capsys, world_size=1, monkeypatch=None):
          "--fp8-format needs --transformer-impl transformer_engine (CUDA + TransformerEngine)"),
         (["--seq-length", "128", "--seq-length-curriculum", "48:0"], 1,
          "--seq-length-curriculum: 48 does not divide --seq-length (128)"),
+        (["--attention-dropout", "1.0"], 1, "--attention-dropout (1.0) must be in [0, 1)"),
     ],
 )
 def test_inconsistent_layouts_are_rejected_naming_the_flags(extra, world_size, expected, capsys, monkeypatch):

@@ -1,5 +1,6 @@
 """finetune_r1's machinery in one process: SFT learns a task, packed samples compute as alone,
-early stopping restores the best, distillation approaches the teacher."""
+early stopping restores the best, distillation approaches the teacher, each dropout flag drops
+where it says and only in training."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from megatron_r1.data.sft import ChatTemplate, packed_attention_inputs, parse_re
 from megatron_r1.distributed import destroy_distributed
 from megatron_r1.finetuning import build_finetuning_data, parse_finetuning_args, setup_finetuning
 from megatron_r1.training import train
-from sft_task import TINY_DENSE, task_records, train_task_tokenizer, write_jsonl
+from sft_task import TINY_DEEPSEEK, TINY_DENSE, task_records, train_task_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +168,111 @@ def test_progressive_unfreezing_trains_top_layers_first(task, finetuning, tied):
         for name in before:
             changed = not torch.equal(before[name], after[name])
             assert changed == (group(name) in trainable), (iteration, name, changed)
+
+
+# ---- per-component dropout ---------------------------------------------------------------------
+
+# Recorded in forward order: layer 0's core attention output, the input of its linear_fc2 (the
+# FFN's inner activations) and its MLP output.
+DROPOUT_POINTS = ["embedding", "core attention", "fc2 input", "mlp output", "logits"]
+DROPOUT_CASES = {  # flags: (first point that changes, point where a p=0.5 mask shows or None)
+    "embedding": (["--embedding-dropout", "0.5"], "embedding", "embedding"),
+    "attention": (["--attention-dropout", "0.5"], "core attention", None),
+    "ffn": (["--ffn-dropout", "0.5"], "fc2 input", "fc2 input"),
+    "hidden": (["--hidden-dropout", "0.5", "--embedding-dropout", "0"], "fc2 input", None),
+    "embedding follows hidden": (["--hidden-dropout", "0.5"], "embedding", "embedding"),
+}
+
+
+def recorded_forward(model, tokens) -> dict:
+    """The DROPOUT_POINTS of one forward pass."""
+    layer = model.decoder.layers[0]
+    points = {}
+
+    def record(name, value):
+        points[name] = (value[0] if isinstance(value, tuple) else value).detach().clone()
+
+    hooks = [
+        model.embedding.register_forward_hook(lambda m, i, out: record("embedding", out)),
+        layer.self_attention.core_attention.register_forward_hook(lambda m, i, out: record("core attention", out)),
+        layer.mlp.linear_fc2.register_forward_pre_hook(lambda m, inputs: record("fc2 input", inputs)),
+        layer.mlp.register_forward_hook(lambda m, i, out: record("mlp output", out)),
+    ]
+    with torch.no_grad():
+        record("logits", model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None))
+    for hook in hooks:
+        hook.remove()
+    return points
+
+
+def assert_half_dropped(dropped, kept):
+    """`dropped` is `kept` with about half its entries zeroed and the rest scaled by 1 / (1 - 0.5)."""
+    zeros = dropped == 0
+    assert 0.4 < zeros.float().mean() < 0.6 and (kept != 0).all()
+    assert torch.equal(dropped[~zeros], 2 * kept[~zeros])
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda case: case.replace(" ", "_"))
+def test_dropout_acts_where_its_flag_says_and_only_in_training(task, finetuning, case):
+    flags, first_changed, masked = DROPOUT_CASES[case]
+    common = [*TINY_DENSE, "--data-path", task["copy"], "--tokenizer-model", task["tokenizer"]]
+    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    _, reference = finetuning(common)  # every dropout 0
+    reference_model = reference.model[0].module
+    assert reference_model.training
+    expected = recorded_forward(reference_model, tokens)
+    state_dict = reference_model.state_dict()
+    destroy_distributed()
+    _, state = finetuning([*common, *flags])
+    model = state.model[0].module
+    model.load_state_dict(state_dict)
+
+    first, second = recorded_forward(model, tokens), recorded_forward(model, tokens)
+    changed_from = DROPOUT_POINTS.index(first_changed)
+    for point in DROPOUT_POINTS[:changed_from]:
+        assert torch.equal(first[point], expected[point]), f"{case}: {point} changed"
+    for point in DROPOUT_POINTS[changed_from:]:
+        assert not torch.equal(first[point], expected[point]), f"{case}: {point} unchanged"
+        assert not torch.equal(first[point], second[point]), f"{case}: {point} drew the same mask twice"
+    if masked:
+        assert_half_dropped(first[masked], expected[masked])
+        assert_half_dropped(second[masked], expected[masked])
+
+    model.eval()
+    evaluated = recorded_forward(model, tokens)
+    assert all(torch.equal(evaluated[point], expected[point]) for point in DROPOUT_POINTS), case
+
+
+def test_ffn_dropout_reaches_every_ffn_of_a_moe_model(task, finetuning):
+    """Dense MLP, each routed expert, the shared experts, and those of the MTP layer."""
+    _, state = finetuning([*TINY_DEEPSEEK, "--data-path", task["copy"], "--tokenizer-model", task["tokenizer"],
+                           "--ffn-dropout", "0.5"])  # fmt: skip
+    model = state.model[0].module
+    fc2_inputs = {}
+    for name, module in model.named_modules():
+        if name.endswith(".linear_fc2"):
+            module.register_forward_pre_hook(lambda m, inputs, name=name: fc2_inputs.__setitem__(name, inputs[0]))
+    tokens = torch.randint(0, 300, (4, 64), generator=torch.Generator().manual_seed(0))
+    position_ids = torch.arange(64).expand_as(tokens)
+
+    def zero_fractions():
+        fc2_inputs.clear()
+        with torch.no_grad():
+            model(tokens, position_ids, None, labels=tokens)  # MTP needs the labels
+        return {name: (value == 0).float().mean().item() for name, value in fc2_inputs.items()}
+
+    training = zero_fractions()
+    assert any("local_experts" in n for n in training) and any("shared_experts" in n for n in training)
+    assert any(n.startswith("mtp.") for n in training) and "decoder.layers.0.mlp.linear_fc2" in training
+    assert all(0.35 < fraction < 0.65 for fraction in training.values()), training
+    model.eval()
+    assert all(fraction < 0.01 for fraction in zero_fractions().values())
+
+
+@pytest.mark.parametrize("flag", ["--embedding-dropout", "--ffn-dropout"])
+@pytest.mark.parametrize("probability", ["-0.1", "1"])
+def test_dropout_probabilities_out_of_range_are_rejected(task, flag, probability, capsys):
+    with pytest.raises(SystemExit):
+        parse_finetuning_args("test", [*TINY_DENSE, "--data-path", task["copy"], "--tokenizer-model",
+                                       task["tokenizer"], flag, probability])  # fmt: skip
+    assert f"{flag} ({float(probability)}) must be in [0, 1)" in capsys.readouterr().err
