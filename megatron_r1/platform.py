@@ -18,6 +18,7 @@ import logging
 import os
 
 import torch
+import torch.utils._device
 
 _active = False
 
@@ -81,7 +82,12 @@ _TENSOR_FACTORIES = (
 def _redirect_cuda_factory_literals():
     """Some sites create tensors with a literal ``device="cuda"`` (schedules.py total_num_tokens,
     clip_grads.py, optimizer.py, transformer/utils.py causal masks). Only the factory functions are
-    wrapped, not every op, so compute pays nothing."""
+    wrapped, not every op, so compute pays nothing.
+
+    torch caches the set of factories that ``with torch.device(...)`` redirects on first use; it is
+    filled here, before wrapping, so that it holds the functions the wrappers call and meta-device
+    construction keeps working."""
+    torch.utils._device._device_constructors()
     for name in _TENSOR_FACTORIES:
         setattr(torch, name, _with_cuda_device_on_cpu(getattr(torch, name)))
 

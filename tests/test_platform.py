@@ -24,6 +24,22 @@ assert platform.distributed_backend() == "nccl"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU runtime only")
+def test_meta_device_construction_still_works_on_the_cpu_runtime():
+    """In a fresh process (torch caches which factories `with torch.device(...)` redirects): building
+    a model on the meta device allocates nothing once the runtime has wrapped the factories."""
+    code = """
+import torch
+from megatron_r1 import platform
+platform.use_cpu_if_no_cuda()
+with torch.device("meta"):
+    assert torch.empty(4).device.type == "meta"
+    assert torch.nn.Linear(4, 4).weight.device.type == "meta"
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU runtime only")
 def test_cpu_stands_in_for_the_cuda_device():
     assert platform.use_cpu_if_no_cuda() is True
     assert platform.distributed_backend() == "gloo"

@@ -13,8 +13,9 @@
 
 mcore2hf reads one layer at a time (megatron-core's dist_checkpointing reassembles each tensor from
 however many TP/PP/EP shards were saved and reads only the requested bytes) and writes safetensors
-shards as they fill: peak memory is about one layer plus one shard, not the model. Padded vocabulary
-rows are dropped; the tokenizer files come from our SentencePiece model.
+shards as they fill: peak memory is about one layer plus one shard, not the model (measured by
+benchmarks/bench_convert.py). Padded vocabulary rows are dropped; the tokenizer files come from our
+SentencePiece model.
 
 hf2mcore runs in one process and writes a layout-independent torch_dist checkpoint (no optimizer
 state: load it with --finetune); the chosen TP size fixes the vocabulary padding, and TP/PP/EP are
@@ -82,8 +83,9 @@ def main(argv=None):
     from megatron_r1.checkpointing import CheckpointError, checkpoint_dir
     from megatron_r1.distributed import destroy_distributed, initialize_distributed
     from megatron_r1.hf.config import UnsupportedModelError, resolve_checkpoint
-    from megatron_r1.hf.storage import WeightsError
+    from megatron_r1.hf.storage import WeightsError, unmap_freed_tensors
 
+    unmap_freed_tensors()
     initialize_distributed()
     start = time.perf_counter()
     try:

@@ -77,6 +77,15 @@ class _ToHF:
         return {name: tuple(t.shape) for name, t in m.to_hf(tensor, self.vocab_size).items()}
 
 
+def _export_group(reader, maps, writer, vocab_size: int, dtype: torch.dtype) -> None:
+    """One layer's tensors into the writer. A function of its own so that nothing of the layer
+    outlives it: the writer keeps copies, not views, of what it has not written yet."""
+    tensors = reader.load([m.mcore for m in maps])
+    for m in maps:
+        for name, tensor in m.to_hf(tensors[m.mcore], vocab_size).items():
+            writer.add(name, tensor.to(dtype))
+
+
 def export_to_hf(checkpoint: str, output: str, vocab_size: int | None = None, tokenizer_model: str | None = None,
                  tokenizer_type: str | None = None, max_shard_bytes: int = 5 * 2**30, dtype: str = "float32",
                  progress: bool = True) -> dict:  # fmt: skip
@@ -111,11 +120,7 @@ def export_to_hf(checkpoint: str, output: str, vocab_size: int | None = None, to
     os.makedirs(temporary)
     writer = ShardedSafetensorsWriter(temporary, max_shard_bytes)
     for _, maps in tqdm(groups, desc="mcore -> hf", unit="layer", disable=not progress):
-        tensors = reader.load([m.mcore for m in maps])
-        for m in maps:
-            for name, tensor in m.to_hf(tensors[m.mcore], vocab_size).items():
-                writer.add(name, tensor.to(DTYPES[dtype]))
-        del tensors
+        _export_group(reader, maps, writer, vocab_size, DTYPES[dtype])
     shards = writer.finish()
     hf_config.save_pretrained(temporary)
     from transformers import GenerationConfig

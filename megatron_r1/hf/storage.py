@@ -3,6 +3,7 @@ megatron-core's dist_checkpointing, which reads only the requested tensors' byte
 them from however many TP/PP/EP shards were saved) and Hugging Face safetensors directories."""
 
 import copy
+import ctypes
 import json
 import os
 
@@ -14,6 +15,20 @@ SINGLE_SAFETENSORS = "model.safetensors"
 
 class WeightsError(ValueError):
     """Weights missing, unreadable, or not of the shapes the configuration implies."""
+
+
+def unmap_freed_tensors() -> bool:
+    """Make glibc give each tensor-sized allocation its own mapping, returned to the OS when freed;
+    True if set (glibc only). By default a freed allocation raises glibc's mmap threshold to its size
+    (up to 32 MiB), so later tensors come from the heap, where layer after layer of freed tensors
+    fragments it and stays resident: the peak then grows with the number of layers streamed.
+    Process-wide, so for a conversion process (tools/convert_checkpoint.py), not a library call."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold = -3  # <malloc.h>; setting it also turns off the dynamic adjustment
+    return libc.mallopt(m_mmap_threshold, 128 * 1024) == 1  # glibc's initial threshold
 
 
 class McoreCheckpointReader:
@@ -112,7 +127,12 @@ class ShardedSafetensorsWriter:
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.contiguous()
+        tensor = tensor.contiguous()
+        if tensor.untyped_storage().nbytes() > size:
+            # A view (one expert of our [E, out, in] tensor, the unpadded vocabulary rows) would keep
+            # its whole base alive until the shard is written; the copy holds only its own bytes.
+            tensor = tensor.clone()
+        self._pending[name] = tensor
         self._pending_bytes += size
         self.total_bytes += size
 
