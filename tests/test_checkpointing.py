@@ -83,7 +83,8 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_the_latest(tmp_path)
 
 
 def test_distributed_optimizer_state_survives_save_and_load(tmp_path):
-    """DP=2: 4 steps straight vs 2 steps, an (asynchronous) save, a resume and 2 more steps."""
+    """DP=2: 4 steps straight vs 2 steps, an (asynchronous) save, a resume and 2 more steps; then the
+    checkpoint evaluates alike with DP=2 and DP=1."""
     two = dict(launcher=TWO_PROCESSES)
     pretrain(tmp_path, "--use-distributed-optimizer", "--train-iters", "4", "--save", "straight", **two)
     pretrain(tmp_path, "--use-distributed-optimizer", "--train-iters", "4", "--save", "resumed", "--exit-interval", "2",
@@ -91,6 +92,10 @@ def test_distributed_optimizer_state_survives_save_and_load(tmp_path):
     output = pretrain(tmp_path, "--use-distributed-optimizer", "--train-iters", "4", "--save", "resumed", **two)
     assert "resumed from iteration 2 " in output
     assert_identical(tmp_path / "straight" / "iter_0000004", tmp_path / "resumed" / "iter_0000004")
+    # Resharding DP=2 -> DP=1: the same evaluation loss on the same 4 validation samples per batch.
+    evaluate = ["--load", "straight", "--skip-train", "--eval-iters", "2", "--hidden-dropout", "0.0", "--global-batch-size", "4"]
+    dp2 = _validation_loss(pretrain(tmp_path, "--use-distributed-optimizer", *evaluate, **two))
+    assert abs(_validation_loss(pretrain(tmp_path, *evaluate)) - dp2) <= 1e-5
 
 
 def _validation_loss(output):
