@@ -12,8 +12,8 @@ router, routed + shared experts, untied output layer) is trained in one process,
 
 Both use fp32 on CPU (bf16 autocast with fp32 weights for transformers, --bf16 for megatron_r1 on a
 GPU) and the same number of threads. transformers' DeepSeek-V3 has no multi-token prediction, so MTP
-is off on both sides; its router always has the DeepSeek-V3 form (sigmoid, groups), which costs the
-same as V2-Lite's softmax router.
+is off on both sides. transformers' side is configured by the Hugging Face exporter's mapping
+(megatron_r1.hf.config.deepseek_v3_config), so each config is one both libraries compute alike.
 
 Timing: after warm-up steps, the median step time over rounds of a few steps. On CPU the two
 implementations alternate round by round, so that load from other processes on a shared machine
@@ -50,7 +50,8 @@ from tqdm import tqdm
 
 from megatron_r1.arguments import parse_args
 from megatron_r1.distributed import destroy_distributed
-from megatron_r1.flops import count_model, human_count, moe_layer_pattern, padded_vocab_size
+from megatron_r1.flops import count_model, human_count, padded_vocab_size
+from megatron_r1.hf.config import deepseek_v3_config
 from megatron_r1.training import build_data, setup, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,28 +63,28 @@ CONFIGS = {
     "50m": (
         "--num-layers 8 --hidden-size 512 --ffn-hidden-size 1536 --num-attention-heads 8 --seq-length 256 "
         "--max-position-embeddings 256 --normalization RMSNorm --swiglu --disable-bias-linear "
-        "--untie-embeddings-and-output-weights --multi-latent-attention --q-lora-rank 256 --kv-lora-rank 128 "
+        "--untie-embeddings-and-output-weights --multi-latent-attention --qk-layernorm --q-lora-rank 256 --kv-lora-rank 128 "
         "--qk-head-dim 64 --qk-pos-emb-head-dim 32 --v-head-dim 64 --rope-type yarn --rotary-scaling-factor 4 "
         "--original-max-position-embeddings 64 --mscale 1.0 --mscale-all-dim 1.0 --num-experts 16 "
         "--moe-layer-freq [0]*1+[1]*7 --moe-router-topk 2 --moe-ffn-hidden-size 192 "
         "--moe-shared-expert-intermediate-size 192 --moe-router-score-function sigmoid "
-        "--moe-router-enable-expert-bias --moe-router-num-groups 4 --moe-router-group-topk 2 "
+        "--moe-router-enable-expert-bias --moe-router-num-groups 4 --moe-router-group-topk 1 "
         "--moe-router-topk-scaling-factor 2.5 --moe-router-load-balancing-type seq_aux_loss "
         "--moe-aux-loss-coeff 1e-4 --moe-token-dispatcher-type alltoall --vocab-size 8192 --mock-data "
         "--micro-batch-size 4 --global-batch-size 8 --lr 1e-3 --weight-decay 0.1 --clip-grad 1.0"
     ),
-    # DeepSeek-V2-Lite's widths (64 experts top-6, 2 shared, kv latent 512) with 1 dense and 3 MoE
-    # layers, so that weights, gradients and Adam states fit one 80 GB GPU. V2-Lite has no q
-    # compression, but megatron_r1 cannot build that yet (transformer_config_from_args drops
-    # --q-lora-rank None and megatron-core's default 512 applies), so both sides use V3's 1536.
+    # DeepSeek-V2-Lite's widths (no q compression, 64 experts top-6, 2 shared, kv latent 512) with 1
+    # dense and 3 MoE layers, so that weights, gradients and Adam states fit one 80 GB GPU. Its router
+    # and kv norms take DeepSeek-V3's form (sigmoid scores, --qk-layernorm), which transformers'
+    # DeepseekV3 requires and which costs the same as V2-Lite's softmax router.
     "v2-lite-proxy": (
         "--num-layers 4 --hidden-size 2048 --ffn-hidden-size 10944 --num-attention-heads 16 --seq-length 4096 "
         "--max-position-embeddings 4096 --normalization RMSNorm --swiglu --disable-bias-linear "
-        "--untie-embeddings-and-output-weights --multi-latent-attention --q-lora-rank 1536 --kv-lora-rank 512 "
+        "--untie-embeddings-and-output-weights --multi-latent-attention --qk-layernorm --kv-lora-rank 512 "
         "--qk-head-dim 128 --qk-pos-emb-head-dim 64 --v-head-dim 128 --rope-type yarn --rotary-scaling-factor 40 "
         "--original-max-position-embeddings 4096 --mscale 0.707 --mscale-all-dim 0.707 --num-experts 64 "
         "--moe-layer-freq [0]*1+[1]*3 --moe-router-topk 6 --moe-ffn-hidden-size 1408 "
-        "--moe-shared-expert-intermediate-size 2816 --moe-router-score-function softmax "
+        "--moe-shared-expert-intermediate-size 2816 --moe-router-score-function sigmoid "
         "--moe-router-load-balancing-type seq_aux_loss --moe-aux-loss-coeff 1e-3 --moe-router-dtype fp32 "
         "--moe-token-dispatcher-type alltoall --vocab-size 102400 --mock-data --micro-batch-size 1 "
         "--global-batch-size 4 --lr 4.2e-4 --weight-decay 0.1 --clip-grad 1.0"
@@ -161,48 +162,11 @@ class MegatronRun:
 
 
 def transformers_config(args):
-    """DeepseekV3Config of the same shape as the megatron_r1 flags."""
-    from transformers import DeepseekV3Config
-
-    pattern = moe_layer_pattern(args)
-    first_moe = pattern.index(1)
-    if pattern != [0] * first_moe + [1] * (len(pattern) - first_moe):
-        raise ValueError(f"transformers' DeepSeek-V3 needs dense layers first, then MoE: {args.moe_layer_freq}")
-    if args.moe_shared_expert_intermediate_size % args.moe_ffn_hidden_size:
-        raise ValueError("the shared-expert size must be a multiple of --moe-ffn-hidden-size for transformers")
-    return DeepseekV3Config(
-        vocab_size=args.padded_vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.ffn_hidden_size,
-        moe_intermediate_size=args.moe_ffn_hidden_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_attention_heads,
-        num_key_value_heads=args.num_attention_heads,
-        n_shared_experts=args.moe_shared_expert_intermediate_size // args.moe_ffn_hidden_size,
-        n_routed_experts=args.num_experts,
-        num_experts_per_tok=args.moe_router_topk,
-        n_group=args.moe_router_num_groups or 1,
-        topk_group=args.moe_router_group_topk or 1,
-        routed_scaling_factor=args.moe_router_topk_scaling_factor or 1.0,
-        first_k_dense_replace=first_moe,
-        q_lora_rank=args.q_lora_rank,
-        kv_lora_rank=args.kv_lora_rank,
-        qk_nope_head_dim=args.qk_head_dim,
-        qk_rope_head_dim=args.qk_pos_emb_head_dim,
-        v_head_dim=args.v_head_dim,
-        max_position_embeddings=args.max_position_embeddings,
-        rms_norm_eps=args.norm_epsilon,
-        rope_parameters={
-            "rope_type": "yarn", "rope_theta": float(args.rotary_base), "factor": args.rotary_scaling_factor,
-            "original_max_position_embeddings": args.original_max_position_embeddings,
-            "beta_fast": args.beta_fast, "beta_slow": args.beta_slow,
-            "mscale": args.mscale, "mscale_all_dim": args.mscale_all_dim,
-        },  # fmt: skip
-        tie_word_embeddings=False,
-        attention_dropout=0.0,
-        num_mtp_layers=0,
-        use_cache=False,
-    )
+    """The DeepseekV3Config of the model the megatron_r1 flags describe: the HF exporter's own mapping,
+    so both sides compute the same function (no KV cache while training)."""
+    config = deepseek_v3_config(args, args.padded_vocab_size)
+    config.use_cache = False
+    return config
 
 
 class TransformersRun:

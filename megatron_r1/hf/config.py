@@ -21,6 +21,7 @@ import os
 
 from megatron_r1.arguments import build_parser, transformer_config_from_args
 from megatron_r1.checkpointing import METADATA_FILE, MODEL_FUNCTION_ARGS, MODEL_SHAPE_ARGS, CheckpointError, find_checkpoint
+from megatron_r1.flops import moe_layer_pattern
 
 
 class UnsupportedModelError(ValueError):
@@ -57,18 +58,9 @@ def checkpoint_args(path: str) -> argparse.Namespace:
     return args
 
 
-def _moe_pattern(args) -> list[int]:
-    """Per layer 1 (MoE) or 0 (dense), as megatron-core expands --moe-layer-freq."""
-    if not args.num_experts:
-        return [0] * args.num_layers
-    if isinstance(args.moe_layer_freq, int):
-        return [int(i % args.moe_layer_freq == 0) for i in range(args.num_layers)]
-    return list(args.moe_layer_freq)
-
-
 def first_dense_layers(args) -> int:
     """DeepSeek-V3's first_k_dense_replace; UnsupportedModelError unless the dense layers lead."""
-    pattern = _moe_pattern(args)
+    pattern = moe_layer_pattern(args)
     k = pattern.index(1) if 1 in pattern else len(pattern)
     if any(flag == 0 for flag in pattern[k:]):
         raise UnsupportedModelError(f"--moe-layer-freq {pattern}: DeepseekV3 needs the dense layers first and only MoE "
