@@ -146,6 +146,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                           help="e.g. 256:0 2048:1000 8192:5000; each LENGTH divides --seq-length, whose samples "
                                "are cut into LENGTH-token sequences (same tokens per step)")
     training.add_argument("--bf16", action="store_true", help="bf16 mixed precision (fp32 master weights)")
+    training.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion",
+                          action="store_false",
+                          help="compute each weight gradient apart and add it to the grad buffer, instead of "
+                               "accumulating it there in one GEMM (with Apex's CUDA extension, or on CPU)")
     training.add_argument("--optimizer", choices=["adam", "lion"], default="adam",
                           help="adam: AdamW (decoupled weight decay); lion: Lion")
     training.add_argument("--weight-decay", type=float, default=0.01)
@@ -413,6 +417,8 @@ def transformer_config_from_args(args, padded_vocab_size: int | None = None) -> 
         # from the same model for the same seed (megatron-core's use_cpu_initialization).
         use_cpu_initialization=True,
         perform_initialization=True,
+        # It needs the grad buffers of megatron-core's DDP wrapper: training.setup turns it on.
+        gradient_accumulation_fusion=False,
     )
     if not args.multi_latent_attention:
         for mla_field in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):

@@ -102,6 +102,12 @@ class SDPACoreAttention(MegatronModule):
             if dropout_p > 0 and not self.config.sequence_parallel
             else contextlib.nullcontext()
         )
+        # torch's fused CPU kernel (flash attention, which also skips the causally masked half)
+        # needs v's head dim to equal q's, and otherwise falls back to materialised scores; MLA's v is
+        # narrower, so it is zero-padded on CPU and the padding dropped from the output.
+        v_head_dim = value.shape[-1]
+        if query.device.type == "cpu" and v_head_dim < query.shape[-1]:
+            value = torch.nn.functional.pad(value, (0, query.shape[-1] - v_head_dim))
         with rng:
             output = torch.nn.functional.scaled_dot_product_attention(
                 query,
@@ -114,4 +120,4 @@ class SDPACoreAttention(MegatronModule):
                 enable_gqa=key.shape[1] != query.shape[1],
             )
         # [b, heads, s, dim] -> [s, b, heads * dim]
-        return output.permute(2, 0, 1, 3).flatten(2)
+        return output[..., :v_head_dim].permute(2, 0, 1, 3).flatten(2)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import types
 
 import torch
 import torch.utils._device
@@ -209,10 +210,37 @@ def _fix_megatron_sites():
     moe_utils.maybe_move_tensor_to_cpu = move_tensor_to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = move_tensor_to_cpu
 
+    # Gradient-accumulation fusion (Megatron-LM's default): weight gradients accumulate straight into
+    # the DDP grad buffer, instead of a fresh gradient per micro-batch that a hook then adds in.
+    # Apex's CUDA kernel for it is `main_grad += grad_output^T @ input`, which is one in-place GEMM.
+    from megatron.core.tensor_parallel import layers
+
+    layers.fused_weight_gradient_mlp_cuda = _CPUWeightGradientAccumulation
+    layers._grad_accum_fusion_available = True
+
     # megatron's jit_fuser is torch.compile: on CPU a cold compile costs tens of seconds for no
     # fused kernel worth having. An explicit TORCHDYNAMO_DISABLE in the environment still wins.
     if "TORCHDYNAMO_DISABLE" not in os.environ:
         torch._dynamo.config.disable = True
+
+
+def _accumulate_weight_gradient(input, grad_output, main_grad):
+    """Apex's fused_weight_gradient_mlp_cuda kernels on CPU: ``main_grad += grad_output^T @ input``
+    for 2-D [tokens, in] / [tokens, out] operands, in main_grad's precision (fp32 under --bf16)."""
+    main_grad.addmm_(grad_output.t().to(main_grad.dtype), input.to(main_grad.dtype))
+
+
+_CPUWeightGradientAccumulation = types.SimpleNamespace(
+    wgrad_gemm_accum_fp32=_accumulate_weight_gradient, wgrad_gemm_accum_fp16=_accumulate_weight_gradient
+)
+
+
+def gradient_accumulation_fusion_available() -> bool:
+    """Whether megatron-core's linear layers can accumulate weight gradients in place: Apex's CUDA
+    extension, or the CPU runtime's GEMM."""
+    from megatron.core.tensor_parallel import layers
+
+    return layers._grad_accum_fusion_available
 
 
 def distributed_backend() -> str:

@@ -29,6 +29,7 @@ from megatron_r1.model import build_gpt_model
 from megatron_r1.moe_stats import ExpertLoadTracker
 from megatron_r1.signals import ExitConditions
 from megatron_r1.optim import build_optimizer, build_scheduler
+from megatron_r1.platform import gradient_accumulation_fusion_available
 from megatron_r1.tokenizer import build_tokenizer, vocab_size_with_padding
 
 
@@ -72,6 +73,7 @@ def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainSta
     if saved_padding and saved_padding >= args.vocab_size and saved_padding % args.tensor_model_parallel_size == 0:
         args.padded_vocab_size = saved_padding
     config = transformer_config_from_args(args)
+    config.gradient_accumulation_fusion = args.gradient_accumulation_fusion and gradient_accumulation_fusion_available()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer
     )
@@ -134,12 +136,14 @@ def _run_schedule(args, state, data_iterators, forward_only):
 
 
 def _grads_are_finite(model_chunks) -> bool:
-    """Whether every synced gradient on every rank is finite: one pass over the grad buffers and a
-    one-element all-reduce, so all ranks agree on skipping the step."""
+    """Whether every synced gradient on every rank is finite: one read-only pass over the grad
+    buffers and a one-element all-reduce, so all ranks agree on skipping the step. A buffer's sum
+    is NaN/Inf exactly when one of its elements is (or when finite gradients overflow it, a step
+    as bad); an element-wise isfinite would write a temporary as large as the model."""
     finite = torch.ones(1, device=torch.cuda.current_device())
     for chunk in model_chunks:
         for buffer in chunk.buffers + chunk.expert_parallel_buffers:
-            finite *= torch.isfinite(buffer.grad_data).all()
+            finite *= torch.isfinite(buffer.grad_data.sum())
     torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
     return bool(finite.item())
 

@@ -39,6 +39,17 @@ def test_causal_matches_reference_with_distinct_value_head_dim(groups):
     assert torch.allclose(out, reference_attention(query, key, value, causal), atol=1e-5)
 
 
+def test_distinct_value_head_dim_uses_the_fused_cpu_kernel():
+    """MLA's narrower v is padded so that torch's flash kernel runs on CPU (no materialised scores)."""
+    torch.manual_seed(0)
+    query, key, value = torch.randn(16, 2, 4, 12), torch.randn(16, 2, 4, 12), torch.randn(16, 2, 4, 8)
+    with torch.profiler.profile() as profiler:
+        out = attention()(query, key, value, None)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in {event.key for event in profiler.key_averages()}
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()
+    assert torch.allclose(out, reference_attention(query, key, value, causal), atol=1e-5)
+
+
 def test_sliding_window_only_sees_the_last_tokens():
     torch.manual_seed(0)
     query, key, value = torch.randn(8, 1, 4, 8), torch.randn(8, 1, 4, 8), torch.randn(8, 1, 4, 8)
