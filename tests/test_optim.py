@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -43,8 +44,10 @@ def test_cosine_warm_restarts_schedule():
     assert lrs == pytest.approx(expected)
 
 
-def test_lion_replaces_adam_inside_megatron_optimizer_stack(monkeypatch):
-    """Lion's first step moves every weight with a gradient by exactly +-lr (sign update, m = 0)."""
+@contextlib.contextmanager
+def one_layer_gpt_and_optimizer(monkeypatch, flags):
+    """A one-layer GPT in megatron-core's DDP wrapper, the optimizer `build_optimizer` gives it, and
+    a function that leaves one fixed batch's gradients in the grad buffers."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_r1.arguments import parse_args, transformer_config_from_args
@@ -54,47 +57,42 @@ def test_lion_replaces_adam_inside_megatron_optimizer_stack(monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     args = parse_args("test", ["--mock-data", "--vocab-size", "64", "--num-layers", "1", "--hidden-size", "32",
-                               "--num-attention-heads", "4", "--optimizer", "lion", "--lr", "0.01",
-                               "--weight-decay", "0", "--seq-length", "8"])  # fmt: skip
+                               "--num-attention-heads", "4", "--lr", "0.01", "--seq-length", "8", *flags])  # fmt: skip
     initialize_distributed()
     try:
         config = transformer_config_from_args(args)
         model = DistributedDataParallel(config, DistributedDataParallelConfig(), build_gpt_model(config, 64, 8))
-        optimizer = build_optimizer(args, [model])
+        tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+
+        def compute_gradients():
+            model.zero_grad_buffer()
+            model(tokens, torch.arange(8).expand(2, 8), None, labels=tokens).mean().backward()
+            model.finish_grad_sync()
+
+        yield args, model, build_optimizer(args, [model]), compute_gradients
+    finally:
+        destroy_distributed()
+
+
+def test_lion_replaces_adam_inside_megatron_optimizer_stack(monkeypatch):
+    """Lion's first step moves every weight with a gradient by exactly +-lr (sign update, m = 0)."""
+    flags = ["--optimizer", "lion", "--weight-decay", "0"]
+    with one_layer_gpt_and_optimizer(monkeypatch, flags) as (_, model, optimizer, compute_gradients):
         assert isinstance(optimizer.optimizer, Lion)
         assert all(group["betas"] == (0.9, 0.99) for group in optimizer.optimizer.param_groups)
         before = [param.detach().clone() for param in model.parameters()]
-        tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-        model.zero_grad_buffer()
-        model(tokens, torch.arange(8).expand(2, 8), None, labels=tokens).mean().backward()
-        model.finish_grad_sync()
+        compute_gradients()
         assert optimizer.step()[0]
         for param, old in zip(model.parameters(), before):
             moved = (param.detach() - old).abs()
             assert torch.allclose(moved[param.main_grad != 0], torch.tensor(0.01), atol=1e-6)
-    finally:
-        destroy_distributed()
 
 
 def test_adam_is_torch_fused_adamw_with_megatron_param_groups(monkeypatch):
     """Without Apex/TE the Adam inside megatron-core's stack is torch's fused AdamW, and its step is
     AdamW's (per-group weight decay: none on norms)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    from megatron_r1.arguments import parse_args, transformer_config_from_args
-    from megatron_r1.distributed import destroy_distributed, initialize_distributed
-    from megatron_r1.model import build_gpt_model
-    from megatron_r1.optim import build_optimizer
-
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    args = parse_args("test", ["--mock-data", "--vocab-size", "64", "--num-layers", "1", "--hidden-size", "32",
-                               "--num-attention-heads", "4", "--lr", "0.01", "--weight-decay", "0.1",
-                               "--seq-length", "8"])  # fmt: skip
-    initialize_distributed()
-    try:
-        config = transformer_config_from_args(args)
-        model = DistributedDataParallel(config, DistributedDataParallelConfig(), build_gpt_model(config, 64, 8))
-        optimizer = build_optimizer(args, [model])
+    flags = ["--weight-decay", "0.1"]
+    with one_layer_gpt_and_optimizer(monkeypatch, flags) as (args, model, optimizer, compute_gradients):
         assert type(optimizer.optimizer) is torch.optim.AdamW
         assert all(group["fused"] for group in optimizer.optimizer.param_groups)
         assert {group["wd_mult"] for group in optimizer.optimizer.param_groups} == {0.0, 1.0}
@@ -106,11 +104,8 @@ def test_adam_is_torch_fused_adamw_with_megatron_param_groups(monkeypatch):
              for group in optimizer.optimizer.param_groups],
             lr=0.01, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, foreach=False,
         )  # fmt: skip
-        tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
         for _ in range(2):
-            model.zero_grad_buffer()
-            model(tokens, torch.arange(8).expand(2, 8), None, labels=tokens).mean().backward()
-            model.finish_grad_sync()
+            compute_gradients()
             for param, ref in zip(params, reference):
                 ref.grad = param.main_grad.clone()
             torch.nn.utils.clip_grad_norm_(reference, 1.0)
@@ -118,5 +113,3 @@ def test_adam_is_torch_fused_adamw_with_megatron_param_groups(monkeypatch):
             reference_optimizer.step()
         for param, ref in zip(params, reference):
             torch.testing.assert_close(param.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
-    finally:
-        destroy_distributed()
