@@ -210,6 +210,40 @@ def _fix_megatron_sites():
     moe_utils.maybe_move_tensor_to_cpu = move_tensor_to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = move_tensor_to_cpu
 
+    # With expert tensor parallelism and EP > 1 the alltoall dispatcher gathers (and, backwards,
+    # reduce-scatters) a different number of tokens from each expert-TP rank. NCCL's list all_gather
+    # and reduce_scatter take uneven sizes, gloo's refuse them; gloo's all_to_all_single takes them.
+    from megatron.core.tensor_parallel import mappings
+
+    original_gather = mappings._gather_along_first_dim
+    original_reduce_scatter = mappings._reduce_scatter_along_first_dim
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original_gather(input_, group, output_split_sizes, use_global_buffer)
+        input_ = input_.contiguous()
+        output = input_.new_empty((sum(output_split_sizes), *input_.shape[1:]))
+        # Every rank sends its whole input to every rank (itself included).
+        copies = input_.repeat(group.size(), *[1] * (input_.dim() - 1))
+        torch.distributed.all_to_all_single(
+            output, copies, output_split_sizes, [input_.shape[0]] * group.size(), group=group
+        )
+        return output
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return original_reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        own_size = input_split_sizes[group.rank()]
+        # Every rank's rows for this rank, stacked by source rank, then summed.
+        received = input_.new_empty((group.size() * own_size, *input_.shape[1:]))
+        torch.distributed.all_to_all_single(
+            received, input_.contiguous(), [own_size] * group.size(), list(input_split_sizes), group=group
+        )
+        return received.view(group.size(), own_size, *input_.shape[1:]).sum(dim=0)
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
+
     # Gradient-accumulation fusion (Megatron-LM's default): weight gradients accumulate straight into
     # the DDP grad buffer, instead of a fresh gradient per micro-batch that a hook then adds in.
     # Apex's CUDA kernel for it is `main_grad += grad_output^T @ input`, which is one in-place GEMM.

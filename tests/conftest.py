@@ -16,7 +16,7 @@ def run_command(cmd, cwd, timeout=600):
 
 class TinyGPTRuns:
     """Runs tests/workers/train_tiny_gpt.py: one single-process reference per model variant
-    (cached for the session), and 2-process layouts compared against it."""
+    (cached for the session), and multi-process layouts compared against it."""
 
     def __init__(self, tmp_path_factory, steps=4):
         self.tmp_path_factory = tmp_path_factory
@@ -35,10 +35,10 @@ class TinyGPTRuns:
             self._references[key] = workdir, json.loads((workdir / "result.json").read_text())
         return self._references[key]
 
-    def two_process(self, variant_args, layout_args, workdir):
+    def parallel(self, variant_args, layout_args, workdir, nproc=2):
         reference_dir, _ = self.reference(variant_args)
         run_command(
-            ["torchrun", "--standalone", "--nproc_per_node=2", str(TINY_GPT_WORKER),
+            ["torchrun", "--standalone", f"--nproc_per_node={nproc}", str(TINY_GPT_WORKER),
              *variant_args, *layout_args, "--steps", str(self.steps), "--load-init",
              "--init-dir", str(reference_dir / "init"), "--grads-dir", "grads",
              "--compare-grads-to", str(reference_dir / "grads"), "--out", "result.json"],
@@ -46,11 +46,11 @@ class TinyGPTRuns:
         )  # fmt: skip
         return json.loads((workdir / "result.json").read_text())
 
-    def assert_layout_matches(self, variant_args, layout_args, workdir, tolerance=1e-5):
+    def assert_layout_matches(self, variant_args, layout_args, workdir, tolerance=1e-5, nproc=2):
         """Losses of every step and (except with the distributed optimizer) every parameter's
-        first-step gradient equal the single-process run's; returns the 2-process result."""
+        first-step gradient equal the single-process run's; returns the nproc-process result."""
         _, reference = self.reference(variant_args)
-        result = self.two_process(variant_args, layout_args, workdir)
+        result = self.parallel(variant_args, layout_args, workdir, nproc)
         loss_diffs = [abs(a - b) for a, b in zip(result["losses"], reference["losses"])]
         assert len(loss_diffs) == self.steps and max(loss_diffs) <= tolerance, loss_diffs
         if "--distributed-optimizer" not in layout_args:

@@ -27,6 +27,14 @@ def test_deepseek_layout_matches_single_process(tiny_gpt_runs, layout, tmp_path)
     tiny_gpt_runs.assert_layout_matches(DEEPSEEK, LAYOUTS[layout], tmp_path)
 
 
+def test_deepseek_expert_tensor_parallel_under_ep_matches_single_process(tiny_gpt_runs, tmp_path):
+    """4 processes: attention over TP=2 + SP, each expert split over expert-TP=2 and the experts over
+    EP=2. Each expert-TP rank then receives a different number of tokens, which the alltoall
+    dispatcher gathers and (backwards) reduce-scatters in uneven parts."""
+    layout = ["--tp", "2", "--sequence-parallel", "--etp", "2", "--ep", "2", "--dispatcher", "alltoall"]
+    tiny_gpt_runs.assert_layout_matches(DEEPSEEK, layout, tmp_path, nproc=4)
+
+
 def test_deepseek_interleaved_pipeline_matches_single_process(tiny_gpt_runs, tmp_path):
     """PP=2 with two virtual stages per rank: both pipeline neighbours are the same rank, the case
     where batched p2p would pair activations with gradients."""
