@@ -39,8 +39,9 @@ PARALLEL_ARGS=(
 [[ -n "${VPP_LAYERS:-}" ]] && PARALLEL_ARGS+=(--num-layers-per-virtual-pipeline-stage "$VPP_LAYERS")
 # MoE and MLA under tensor parallelism need sequence parallelism.
 ((TP > 1)) && PARALLEL_ARGS+=(--sequence-parallel)
-# With data parallelism, shard the optimizer states over the data-parallel ranks (ZeRO-1).
-((PROCESSES > TP * PP)) && PARALLEL_ARGS+=(--use-distributed-optimizer)
+# With data parallelism, shard the optimizer states over the data-parallel ranks (ZeRO-1), and hide
+# the gradient reduce-scatter and the parameter all-gather behind the backward and forward passes.
+((PROCESSES > TP * PP)) && PARALLEL_ARGS+=(--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather)
 
 # --- data and tokenizer
 DATA_ARGS=()

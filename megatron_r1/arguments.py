@@ -132,6 +132,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                           help="interleaved 1F1B: each rank holds num_layers / (PP x this) model chunks")
     parallel.add_argument("--sequence-parallel", action="store_true")
     parallel.add_argument("--use-distributed-optimizer", action="store_true")
+    parallel.add_argument("--overlap-grad-reduce", action="store_true",
+                          help="reduce each gradient bucket while the backward pass goes on")
+    parallel.add_argument("--overlap-param-gather", action="store_true",
+                          help="with the distributed optimizer: all-gather the updated parameters during the "
+                               "next forward pass, bucket by bucket, instead of after the optimizer step")
     parallel.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     parallel.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
     parallel.add_argument("--recompute-num-layers", type=int, default=None)
@@ -253,6 +258,8 @@ def validate_args(args, error) -> None:
                   f"--tensor-model-parallel-size ({tp})")
     if args.num_layers % pp:
         error(f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp})")
+    if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
+        error("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
     args.virtual_pipeline_model_parallel_size = None
     if args.num_layers_per_virtual_pipeline_stage:
         layers_per_stage = args.num_layers // pp

@@ -30,6 +30,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
+from megatron_r1.distributed import parameters_gathered
+
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 METADATA_FILE = "megatron_r1.json"
 # Flags that fix the shapes of the weights: a checkpoint only loads into the same values.
@@ -166,14 +168,15 @@ def save_checkpoint(args, state) -> str:
         "model_args": {name: getattr(args, name) for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS},
     }
     publish = functools.partial(_publish, args, metadata, temporary, final)
-    sharded = _sharded_state_dict(state, False, True, True)
-    if args.async_save:
-        request = dist_checkpointing.save(sharded, temporary, async_sharded_save=True)
-        request.add_finalize_fn(publish)
-        _async_saves().schedule_async_request(request)
-    else:
-        dist_checkpointing.save(sharded, temporary)
-        publish()
+    with parameters_gathered(state.model):
+        sharded = _sharded_state_dict(state, False, True, True)
+        if args.async_save:
+            request = dist_checkpointing.save(sharded, temporary, async_sharded_save=True)
+            request.add_finalize_fn(publish)
+            _async_saves().schedule_async_request(request)
+        else:
+            dist_checkpointing.save(sharded, temporary)
+            publish()
     return final
 
 

@@ -1,6 +1,7 @@
 """Process groups and seeds: torch.distributed (nccl on GPU, gloo on CPU) and megatron-core's
 model-parallel state."""
 
+import contextlib
 import os
 import random
 import socket
@@ -64,3 +65,18 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def parameters_gathered(model_chunks):
+    """All parameters up to date on every rank for the block: --overlap-param-gather leaves the
+    all-gather of the updated parameters to the next forward pass (its pre-hooks, bucket by
+    bucket), so evaluation and checkpoints gather them first, as Megatron-LM does."""
+    deferred = [chunk for chunk in model_chunks if getattr(chunk, "use_forward_hook", False)]
+    for chunk in deferred:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in deferred:
+            chunk.enable_forward_pre_hook()

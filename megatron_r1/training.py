@@ -23,7 +23,7 @@ from megatron_r1.checkpointing import (
     saved_model_args,
 )
 from megatron_r1.data.pretrain import MicroBatches, build_datasets
-from megatron_r1.distributed import initialize_distributed
+from megatron_r1.distributed import initialize_distributed, parameters_gathered
 from megatron_r1.metrics import MetricsServer
 from megatron_r1.model import build_gpt_model
 from megatron_r1.moe_stats import ExpertLoadTracker
@@ -75,7 +75,10 @@ def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainSta
     config = transformer_config_from_args(args)
     config.gradient_accumulation_fusion = args.gradient_accumulation_fusion and gradient_accumulation_fusion_available()
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
     )
     model = []  # one chunk per virtual pipeline stage (one without interleaving)
     vpp = args.virtual_pipeline_model_parallel_size
@@ -99,6 +102,12 @@ def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainSta
         # Later chunks' grads are reduced in one piece, as in Megatron-LM.
         model.append(DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=len(model) > 0))
     config.finalize_model_grads_func = finalize_model_grads
+    if args.overlap_grad_reduce:
+        # The schedule holds the reduction back until each chunk's last micro-batch, then starts
+        # it (the wiring of Megatron-LM's training.py).
+        no_sync, start_grad_sync = [chunk.no_sync for chunk in model], [chunk.start_grad_sync for chunk in model]
+        config.no_sync_func = no_sync[0] if len(model) == 1 else no_sync
+        config.grad_sync_func = start_grad_sync[0] if len(model) == 1 else start_grad_sync
     optimizer = build_optimizer(args, model)
     return TrainState(model, optimizer, build_scheduler(args, optimizer), tokenizer)
 
@@ -198,7 +207,7 @@ def evaluate(args, state, valid_data) -> float | None:
     for chunk in state.model:
         chunk.eval()
     losses = []
-    with torch.no_grad():
+    with torch.no_grad(), parameters_gathered(state.model):
         for _ in range(args.eval_iters):
             losses.append(_run_schedule(args, state, valid_data, forward_only=True))
     for chunk in state.model:

@@ -45,6 +45,8 @@ def parse_error(argv, capsys, world_size=1, monkeypatch=None):
         (["--seq-length", "128", "--seq-length-curriculum", "48:0"], 1,
          "--seq-length-curriculum: 48 does not divide --seq-length (128)"),
         (["--attention-dropout", "1.0"], 1, "--attention-dropout (1.0) must be in [0, 1)"),
+        (["--overlap-param-gather", "--overlap-grad-reduce"], 2,
+         "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce"),
     ],
 )
 def test_inconsistent_layouts_are_rejected_naming_the_flags(extra, world_size, expected, capsys, monkeypatch):

@@ -84,14 +84,18 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_the_latest(tmp_path)
 
 
 def test_distributed_optimizer_state_survives_save_and_load(tmp_path):
-    """DP=2: 4 steps straight vs 2 steps, an (asynchronous) save, a resume and 2 more steps."""
+    """DP=2, 2 micro-batches per rank: 4 steps straight vs 2 steps, an (asynchronous) save, a resume
+    and 2 more steps; and vs 4 steps with --overlap-grad-reduce --overlap-param-gather, whose last
+    update reaches the checkpoint only through the gather before saving."""
+    run = ["--use-distributed-optimizer", "--global-batch-size", "8", "--train-iters", "4"]
     two = dict(launcher=TWO_PROCESSES)
-    pretrain(tmp_path, "--use-distributed-optimizer", "--train-iters", "4", "--save", "straight", **two)
-    pretrain(tmp_path, "--use-distributed-optimizer", "--train-iters", "4", "--save", "resumed", "--exit-interval", "2",
-             "--async-save", **two)  # fmt: skip
-    output = pretrain(tmp_path, "--use-distributed-optimizer", "--train-iters", "4", "--save", "resumed", **two)
+    pretrain(tmp_path, *run, "--save", "straight", **two)
+    pretrain(tmp_path, *run, "--save", "resumed", "--exit-interval", "2", "--async-save", **two)
+    output = pretrain(tmp_path, *run, "--save", "resumed", **two)
     assert "resumed from iteration 2 " in output
     assert_identical(tmp_path / "straight" / "iter_0000004", tmp_path / "resumed" / "iter_0000004")
+    pretrain(tmp_path, *run, "--save", "overlapped", "--overlap-grad-reduce", "--overlap-param-gather", **two)
+    assert_identical(tmp_path / "straight" / "iter_0000004", tmp_path / "overlapped" / "iter_0000004")
 
 
 def test_distributed_optimizer_state_reshards_to_another_data_parallel_size(tmp_path):

@@ -94,7 +94,8 @@ def test_deepseek_v2_lite_preset(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     command, flags = dry_run_flags(result)
     assert command[:4] == ["torchrun", "--standalone", "--nproc-per-node", "8"]
-    assert "--expert-model-parallel-size 8 --use-distributed-optimizer" in " ".join(flags)
+    assert ("--expert-model-parallel-size 8 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather"
+            in " ".join(flags))
     assert "--bf16" in flags and "--q-lora-rank" not in flags
     assert result.stdout.strip().splitlines()[-1].startswith("total 15.7B params, active 2.5B per token")
 
