@@ -14,8 +14,8 @@
 # down-projections stay whole); EP 64 x ETP 2 splits the 665B expert parameters to 5.2B. That is
 # ~50 GB of bf16 weights and fp32 gradients, ~8 GB of Adam states and master weights sharded over
 # the data-parallel ranks, and ~2 GB of activations with full recomputation: ~60 GB. DeepSeek's own
-# layout (PP 16 x EP 64, no TP) needs uneven pipeline stages (61 layers + MTP), which pretrain_r1.py
-# cannot express yet.
+# layout, PP 16 x EP 64 without TP, splits the 61 layers unevenly (~31 GB per GPU):
+#   TP=1 PP=16 ETP=1 EXTRA_ARGS="--decoder-first-pipeline-num-layers 3 --decoder-last-pipeline-num-layers 2"
 #
 # Environment: see examples/launch.sh; here also TRAIN_ITERS, MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE,
 # SEQ_LENGTH, EVAL_INTERVAL. TOKENIZER_TYPE defaults to HuggingFaceTokenizer (DeepSeek's tokenizer.json).
@@ -25,7 +25,7 @@ cd "$(dirname "$0")/.."
 NNODES=${NNODES:-128}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 TP=${TP:-8}                          # within a node (NVLink)
-PP=${PP:-1}                          # must divide 61 layers
+PP=${PP:-1}                          # divides 61 layers, or see the uneven split above
 EP=${EP:-64}                         # 256 experts: 4 per expert-parallel rank
 ETP=${ETP:-2}                        # each expert split over 2 GPUs
 SEQ_LENGTH=${SEQ_LENGTH:-4096}

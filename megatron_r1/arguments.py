@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_r1.compat import transformer_engine_installed
+from megatron_r1.layout import decoder_layers_per_stage
 from megatron_r1.signals import EXIT_SIGNALS
 from megatron_r1.tokenizer import add_tokenizer_arguments
 
@@ -22,6 +23,8 @@ from megatron_r1.tokenizer import add_tokenizer_arguments
 _CONFIG_RENAMES = {
     "num_experts": "num_moe_experts",
     "norm_epsilon": "layernorm_epsilon",
+    "decoder_first_pipeline_num_layers": "num_layers_in_first_pipeline_stage",
+    "decoder_last_pipeline_num_layers": "num_layers_in_last_pipeline_stage",
 }
 
 
@@ -128,6 +131,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parallel.add_argument("--expert-model-parallel-size", type=int, default=1)
     parallel.add_argument("--expert-tensor-parallel-size", type=int, default=None,
                           help="default: the tensor-parallel size")
+    parallel.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                          help="decoder layers on the first pipeline stage; the stages without a given number "
+                               "share the rest evenly (e.g. DeepSeek-V3's 61 layers)")
+    parallel.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                          help="decoder layers on the last pipeline stage (which also holds the output layer "
+                               "and the MTP layers)")
     parallel.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                           help="interleaved 1F1B: each rank holds num_layers / (PP x this) model chunks")
     parallel.add_argument("--sequence-parallel", action="store_true")
@@ -256,8 +265,19 @@ def validate_args(args, error) -> None:
         if args.num_query_groups % tp:
             error(f"--num-query-groups ({args.num_query_groups}) is not divisible by "
                   f"--tensor-model-parallel-size ({tp})")
-    if args.num_layers % pp:
-        error(f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp})")
+    uneven = args.decoder_first_pipeline_num_layers is not None or args.decoder_last_pipeline_num_layers is not None
+    if uneven:
+        if pp == 1 or args.num_layers_per_virtual_pipeline_stage:
+            error("--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1 and no "
+                  "--num-layers-per-virtual-pipeline-stage")
+        try:
+            decoder_layers_per_stage(args.num_layers, pp, args.decoder_first_pipeline_num_layers,
+                                     args.decoder_last_pipeline_num_layers)  # fmt: skip
+        except ValueError as exc:
+            error(str(exc))
+    elif args.num_layers % pp:
+        error(f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp}); "
+              "or split it unevenly with --decoder-first/last-pipeline-num-layers")
     if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
         error("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
     args.virtual_pipeline_model_parallel_size = None

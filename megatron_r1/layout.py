@@ -59,18 +59,46 @@ class StageContents:
     mtp_layers: int
 
 
+def decoder_layers_per_stage(num_layers: int, pp: int, first: int | None = None, last: int | None = None) -> list[int]:
+    """Decoder layers of each pipeline stage, as megatron-core splits them: ``first`` / ``last``
+    (--decoder-first/last-pipeline-num-layers) on the end stages when given, the rest evenly over
+    the other stages. ValueError, naming the flags, when that is not possible."""
+    counts = [None] * pp
+    if first is not None:
+        counts[0] = first
+    if last is not None:
+        counts[-1] = last
+    given = [count for count in counts if count is not None]
+    if any(count <= 0 for count in given):
+        raise ValueError("--decoder-first/last-pipeline-num-layers must be positive")
+    rest, even_stages = num_layers - sum(given), counts.count(None)
+    if rest < 0 or (rest and not even_stages) or (even_stages and (rest <= 0 or rest % even_stages)):
+        named = (f" minus --decoder-first-pipeline-num-layers ({first})" if first is not None else "") + (
+            f" minus --decoder-last-pipeline-num-layers ({last})" if last is not None else "")
+        raise ValueError(f"--num-layers ({num_layers}){named} leaves {rest} layers, which do not split evenly over "
+                         f"the other {even_stages} of --pipeline-model-parallel-size ({pp}) stages")
+    return [rest // even_stages if count is None else count for count in counts]
+
+
 def pipeline_stages(args, sizes: ParallelSizes) -> list[StageContents]:
-    """Layers are split evenly (validate_args checks divisibility): the model is cut into PP x VPP
-    chunks of consecutive layers and rank ``p`` holds chunks ``p, p + PP, ...``; the first chunk has
-    the embedding, the last the output layer and the MTP layers."""
+    """The model is cut into PP x VPP chunks of consecutive layers and rank ``p`` holds chunks
+    ``p, p + PP, ...`` (without interleaving, stage ``p`` may hold more or fewer layers than the
+    others: ``decoder_layers_per_stage``); the first chunk has the embedding, the last the output
+    layer and the MTP layers."""
     pattern = moe_layer_pattern(args)
     chunks = sizes.pp * sizes.vpp
+    counts = decoder_layers_per_stage(args.num_layers, sizes.pp, args.decoder_first_pipeline_num_layers,
+                                      args.decoder_last_pipeline_num_layers)  # fmt: skip
+    starts = [sum(counts[:stage]) for stage in range(sizes.pp)]
     per_chunk = args.num_layers // chunks
     stage_ranks = sizes.dense_groups("pp")
     stages = []
     for stage in range(sizes.pp):
-        layers = [layer for chunk in range(stage, chunks, sizes.pp)
-                  for layer in range(chunk * per_chunk, (chunk + 1) * per_chunk)]  # fmt: skip
+        if sizes.vpp == 1:
+            layers = list(range(starts[stage], starts[stage] + counts[stage]))
+        else:
+            layers = [layer for chunk in range(stage, chunks, sizes.pp)
+                      for layer in range(chunk * per_chunk, (chunk + 1) * per_chunk)]  # fmt: skip
         last = stage == sizes.pp - 1
         stages.append(StageContents(
             stage=stage, ranks=[group[stage] for group in stage_ranks], layers=layers,

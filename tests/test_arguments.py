@@ -25,7 +25,11 @@ def parse_error(argv, capsys, world_size=1, monkeypatch=None):
         (["--num-experts", "6", "--expert-model-parallel-size", "4"], 4,
          "--num-experts (6) is not divisible by --expert-model-parallel-size (4)"),
         (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], 2,
-         "--num-layers (3) is not divisible by --pipeline-model-parallel-size (2)"),
+         "--num-layers (3) is not divisible by --pipeline-model-parallel-size (2); "
+         "or split it unevenly with --decoder-first/last-pipeline-num-layers"),
+        (["--num-layers", "61", "--pipeline-model-parallel-size", "4", "--decoder-first-pipeline-num-layers", "3"], 4,
+         "--num-layers (61) minus --decoder-first-pipeline-num-layers (3) leaves 58 layers, which do not split "
+         "evenly over the other 3 of --pipeline-model-parallel-size (4) stages"),
         (["--global-batch-size", "6"], 2,
          "--global-batch-size (6) is not divisible by --micro-batch-size (2) x data-parallel size (2)"),
         (["--tensor-model-parallel-size", "3"], 4,

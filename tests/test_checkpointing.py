@@ -113,15 +113,18 @@ def _validation_loss(output):
 
 
 def test_checkpoints_reshard_between_layouts(tmp_path):
-    """Saved with TP=2 + SP: the same evaluation loss when loaded with TP=2, TP=1, EP=2 (DP=2) and PP=2."""
+    """Saved with TP=2 + SP: the same evaluation loss when loaded with TP=2, TP=1, EP=2 (DP=2) and PP=2
+    (3 layers, split 2 + 1)."""
     two = dict(launcher=TWO_PROCESSES)
-    tp2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    tp2 = ["--num-layers", "3", "--tensor-model-parallel-size", "2", "--sequence-parallel"]
     pretrain(tmp_path, *tp2, "--train-iters", "3", "--save", "ckpt", **two)
     # The same 4 validation samples per batch whatever the data-parallel size.
-    evaluate = ["--load", "ckpt", "--skip-train", "--eval-iters", "2", "--hidden-dropout", "0.0", "--global-batch-size", "4"]
+    evaluate = ["--num-layers", "3", "--load", "ckpt", "--skip-train", "--eval-iters", "2", "--hidden-dropout", "0.0",
+                "--global-batch-size", "4"]  # fmt: skip
     reference = _validation_loss(pretrain(tmp_path, *tp2, *evaluate, **two))
+    uneven_pp2 = ["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "2"]
     for layout, launcher in [([], (sys.executable,)), (["--expert-model-parallel-size", "2"], TWO_PROCESSES),
-                             (["--pipeline-model-parallel-size", "2"], TWO_PROCESSES)]:  # fmt: skip
+                             (uneven_pp2, TWO_PROCESSES)]:  # fmt: skip
         loss = _validation_loss(pretrain(tmp_path, *layout, *evaluate, launcher=launcher))
         assert abs(loss - reference) <= 1e-5, (layout, loss, reference)
 

@@ -117,6 +117,17 @@ def test_deepseek_v3_preset_on_128_nodes(tmp_path):
     assert re.search(r"^peak \d+\.\d GB on pipeline stage 0: fits in 80 GB per GPU$", result.stdout, re.M)
 
 
+def test_deepseek_v3_preset_in_deepseeks_uneven_pipeline_layout(tmp_path):
+    """PP 16 x EP 64 without TP: 61 layers as 3 (the dense ones) + 14 x 4 + 2 (with the output layer and MTP)."""
+    result = run_preset("pretrain_deepseek_v3.sh", tmp_path, DRY_RUN="1", MASTER_ADDR="node0", TP="1", PP="16",
+                        ETP="1", EXTRA_ARGS="--decoder-first-pipeline-num-layers 3 --decoder-last-pipeline-num-layers 2")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "pipeline stage 0 (ranks 0-63): layers 0-2 (3 dense, 0 MoE), embedding\n" in result.stdout
+    assert "pipeline stage 1 (ranks 64-127): layers 3-6 (0 dense, 4 MoE)\n" in result.stdout
+    assert "pipeline stage 15 (ranks 960-1023): layers 59-60 (0 dense, 2 MoE), output layer, 1 MTP layer" in result.stdout
+    assert re.search(r"^peak \d+\.\d GB on pipeline stage 15: fits in 80 GB per GPU$", result.stdout, re.M)
+
+
 def test_multi_node_launch_needs_master_addr(tmp_path):
     result = run_preset("pretrain_deepseek_v3.sh", tmp_path, DRY_RUN="1")
     assert result.returncode != 0

@@ -27,6 +27,12 @@ def test_deepseek_layout_matches_single_process(tiny_gpt_runs, layout, tmp_path)
     tiny_gpt_runs.assert_layout_matches(DEEPSEEK, LAYOUTS[layout], tmp_path)
 
 
+def test_deepseek_uneven_pipeline_matches_single_process(tiny_gpt_runs, tmp_path):
+    """PP=2 over 3 layers: the dense layer alone on the first stage, both MoE layers and MTP on the last."""
+    tiny_gpt_runs.assert_layout_matches(DEEPSEEK + ["--num-layers", "3"], ["--pp", "2", "--first-stage-layers", "1"],
+                                        tmp_path)  # fmt: skip
+
+
 def test_deepseek_expert_tensor_parallel_under_ep_matches_single_process(tiny_gpt_runs, tmp_path):
     """4 processes: attention over TP=2 + SP, each expert split over expert-TP=2 and the experts over
     EP=2. Each expert-TP rank then receives a different number of tokens, which the alltoall
