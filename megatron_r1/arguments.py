@@ -154,7 +154,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     training.add_argument("--micro-batch-size", type=int, default=2)
     training.add_argument("--global-batch-size", type=int, default=None,
                           help="default: micro-batch size x data-parallel size")
-    training.add_argument("--train-iters", type=int, default=20)
+    training.add_argument("--train-iters", type=int, default=None, help="optimizer steps (default 20)")
+    training.add_argument("--train-samples", type=int, default=None,
+                          help="instead of --train-iters: samples to train on; the LR schedule then counts "
+                               "samples (--lr-warmup-samples, --lr-decay-samples, --lr-wsd-decay-samples)")
     training.add_argument("--seed", type=int, default=1234)
     training.add_argument("--seq-length-curriculum", nargs="+", default=None, metavar="LENGTH:FROM_ITER",
                           help="e.g. 256:0 2048:1000 8192:5000; each LENGTH divides --seq-length, whose samples "
@@ -181,9 +184,15 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     lr.add_argument("--min-lr", type=float, default=0.0)
     lr.add_argument("--lr-decay-style", default="cosine",
                     choices=["constant", "linear", "cosine", "cosine-warm-restarts", "inverse-square-root", "WSD"])
-    lr.add_argument("--lr-warmup-iters", type=int, default=0)
+    lr.add_argument("--lr-warmup-init", type=float, default=0.0, help="the learning rate warm-up starts from")
+    lr.add_argument("--lr-warmup-iters", type=int, default=None, help="default: 0")
+    lr.add_argument("--lr-warmup-samples", type=int, default=None, help="with --train-samples; default: 0")
+    lr.add_argument("--lr-warmup-fraction", type=float, default=None,
+                    help="instead of --lr-warmup-iters/samples: this fraction of the decay")
     lr.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    lr.add_argument("--lr-decay-samples", type=int, default=None, help="with --train-samples; default: --train-samples")
     lr.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    lr.add_argument("--lr-wsd-decay-samples", type=int, default=None, help="with --train-samples")
     lr.add_argument("--lr-wsd-decay-style", choices=["exponential", "linear", "cosine"], default="exponential")
     lr.add_argument("--lr-restart-iters", type=int, default=None,
                     help="cosine-warm-restarts: length of the first cycle after warmup")
@@ -337,20 +346,12 @@ def validate_args(args, error) -> None:
     args.kv_channels = args.kv_channels or args.hidden_size // args.num_attention_heads
     if args.seq_length_curriculum:
         args.seq_length_curriculum = _parse_curriculum(args, error)
-    # --train-iters 0 (load, then save in another layout) still builds a schedule.
-    args.lr_decay_iters = args.lr_decay_iters or max(args.train_iters, 1)
-    if args.lr_decay_style == "cosine-warm-restarts" and not args.lr_restart_iters:
-        error("--lr-decay-style cosine-warm-restarts needs --lr-restart-iters")
-    if args.lr_decay_style == "WSD" and not args.lr_wsd_decay_iters:
-        error("--lr-decay-style WSD needs --lr-wsd-decay-iters")
+    _resolve_schedule_units(args, error)
     for flag in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(args, flag) < 1.0:
             error(f"--{flag.replace('_', '-')} ({getattr(args, flag)}) must be in [0, 1)")
     if not 0.0 <= args.label_smoothing < 1.0:
         error(f"--label-smoothing ({args.label_smoothing}) must be in [0, 1)")
-    if args.lr_warmup_iters and args.lr_warmup_iters >= args.lr_decay_iters:
-        error(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be below --lr-decay-iters ({args.lr_decay_iters}, "
-              f"default --train-iters)")
 
     args.load = args.load or args.save
     if args.save_interval and not args.save:
@@ -371,6 +372,45 @@ def validate_args(args, error) -> None:
         args.data_path = _parse_blend(args.data_path, error)
     if args.tokenizer_model and not os.path.exists(args.tokenizer_model):
         error(f"--tokenizer-model {args.tokenizer_model}: no such file or directory")
+
+
+def _resolve_schedule_units(args, error):
+    """--train-iters counts the run and its LR schedule in iterations, --train-samples in samples (as
+    Megatron-LM: the schedule then advances by the global batch size each iteration). Fills
+    args.train_iters and the schedule's warm-up / decay / WSD lengths in the chosen unit
+    (args.lr_warmup_steps, args.lr_decay_steps, args.lr_wsd_decay_steps)."""
+    unit = "samples" if args.train_samples is not None else "iters"
+    other = "iters" if unit == "samples" else "samples"
+    for name in ("lr_warmup", "lr_decay", "lr_wsd_decay"):
+        if getattr(args, f"{name}_{other}") is not None:
+            error(f"--{name.replace('_', '-')}-{other} does not go with --train-{unit}: "
+                  f"use --{name.replace('_', '-')}-{unit}")
+    if unit == "samples":
+        if args.train_iters is not None:
+            error("--train-iters and --train-samples are alternatives: give one")
+        if args.lr_decay_style == "cosine-warm-restarts":
+            error("--lr-decay-style cosine-warm-restarts counts iterations (--lr-restart-iters): use --train-iters")
+        args.train_iters = args.train_samples // args.global_batch_size
+        total = args.train_samples
+    else:
+        args.train_iters = 20 if args.train_iters is None else args.train_iters
+        total = args.train_iters
+    # --train-iters 0 (load, then save in another layout) still builds a schedule.
+    args.lr_decay_steps = getattr(args, f"lr_decay_{unit}") or max(total, 1)
+    args.lr_wsd_decay_steps = getattr(args, f"lr_wsd_decay_{unit}")
+    warmup = getattr(args, f"lr_warmup_{unit}")
+    if args.lr_warmup_fraction is not None:
+        if warmup is not None:
+            error(f"--lr-warmup-fraction and --lr-warmup-{unit} are alternatives: give one")
+        warmup = int(args.lr_warmup_fraction * args.lr_decay_steps)
+    args.lr_warmup_steps = warmup or 0
+    if args.lr_warmup_steps and args.lr_warmup_steps >= args.lr_decay_steps:
+        error(f"the warm-up ({args.lr_warmup_steps} {unit}) must be shorter than the decay "
+              f"(--lr-decay-{unit} {args.lr_decay_steps}, default --train-{unit})")
+    if args.lr_decay_style == "cosine-warm-restarts" and not args.lr_restart_iters:
+        error("--lr-decay-style cosine-warm-restarts needs --lr-restart-iters")
+    if args.lr_decay_style == "WSD" and not args.lr_wsd_decay_steps:
+        error(f"--lr-decay-style WSD needs --lr-wsd-decay-{unit}")
 
 
 def _parse_curriculum(args, error):

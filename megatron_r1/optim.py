@@ -111,19 +111,20 @@ class ParamScheduler(OptimizerParamScheduler):
 
 
 def build_scheduler(args, optimizer):
+    """The LR/WD schedule, in iterations or (--train-samples) in samples: see `schedule_increment`."""
     return ParamScheduler(
         optimizer,
-        init_lr=0.0,
+        init_lr=args.lr_warmup_init,
         max_lr=args.lr,
         min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.lr_decay_iters,
+        lr_warmup_steps=args.lr_warmup_steps,
+        lr_decay_steps=args.lr_decay_steps,
         lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay,
         end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
+        wd_incr_steps=args.train_samples if args.train_samples is not None else args.train_iters,
         wd_incr_style="constant",
-        wsd_decay_steps=args.lr_wsd_decay_iters,
+        wsd_decay_steps=args.lr_wsd_decay_steps,
         lr_wsd_decay_style=args.lr_wsd_decay_style,
         restart_iters=args.lr_restart_iters,
         restart_mult=args.lr_restart_mult,
@@ -131,3 +132,9 @@ def build_scheduler(args, optimizer):
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=args.override_opt_param_scheduler,
     )
+
+
+def schedule_increment(args) -> int:
+    """How far one iteration advances the schedule: one step, or with --train-samples the samples
+    of a global batch (Megatron-LM's sample-based schedules)."""
+    return args.global_batch_size if args.train_samples is not None else 1

@@ -28,7 +28,7 @@ from megatron_r1.metrics import MetricsServer
 from megatron_r1.model import build_gpt_model
 from megatron_r1.moe_stats import ExpertLoadTracker
 from megatron_r1.signals import ExitConditions
-from megatron_r1.optim import build_optimizer, build_scheduler
+from megatron_r1.optim import build_optimizer, build_scheduler, schedule_increment
 from megatron_r1.platform import gradient_accumulation_fusion_available
 from megatron_r1.tokenizer import build_tokenizer, vocab_size_with_padding
 
@@ -247,7 +247,7 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
             update_successful, grad_norm = False, None
             state.nan_iterations += 1
         if update_successful:
-            state.scheduler.step(increment=1)
+            state.scheduler.step(increment=schedule_increment(args))
         else:
             state.skipped_iterations += 1
         bad_steps_in_a_row = 0 if update_successful else bad_steps_in_a_row + 1

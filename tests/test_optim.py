@@ -44,6 +44,27 @@ def test_cosine_warm_restarts_schedule():
     assert lrs == pytest.approx(expected)
 
 
+def test_sample_based_schedule_advances_by_the_global_batch(monkeypatch):
+    """Megatron-LM's --train-samples schedule: 100 samples in global batches of 8 are 12 iterations;
+    the LR warms up from --lr-warmup-init over 20 samples, then decays (cosine) to --min-lr over 80."""
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.optim import build_scheduler, schedule_increment
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = parse_args("test", ["--mock-data", "--vocab-size", "64", "--global-batch-size", "8", "--train-samples", "100",
+                               "--lr", "1.0", "--min-lr", "0.1", "--lr-warmup-init", "0.2", "--lr-warmup-samples", "20",
+                               "--lr-decay-samples", "80"])  # fmt: skip
+    assert args.train_iters == 12 and schedule_increment(args) == 8
+    scheduler = build_scheduler(args, _StubOptimizer())
+    lrs = []
+    for _ in range(args.train_iters):
+        scheduler.step(increment=schedule_increment(args))
+        lrs.append(scheduler.optimizer.param_groups[0]["lr"])
+    warmup = [0.2 + 0.8 * samples / 20 for samples in (8, 16)]
+    decay = [0.1 + 0.45 * (1 + math.cos(math.pi * (samples - 20) / 60)) for samples in range(24, 81, 8)]
+    assert lrs == pytest.approx(warmup + decay + [0.1] * 2)  # samples 8, 16 | 24 ... 80 | 88, 96
+
+
 @contextlib.contextmanager
 def one_layer_gpt_and_optimizer(monkeypatch, flags):
     """A one-layer GPT in megatron-core's DDP wrapper, the optimizer `build_optimizer` gives it, and
