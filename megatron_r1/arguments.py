@@ -159,6 +159,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                           help="instead of --train-iters: samples to train on; the LR schedule then counts "
                                "samples (--lr-warmup-samples, --lr-decay-samples, --lr-wsd-decay-samples)")
     training.add_argument("--seed", type=int, default=1234)
+    training.add_argument("--manual-gc", action="store_true",
+                          help="turn Python's threshold-triggered garbage collector off during training and "
+                               "collect at fixed points instead, the same on every rank (no straggler pauses)")
+    training.add_argument("--manual-gc-interval", type=int, default=0,
+                          help="with --manual-gc: collect every this many iterations (0: only around evaluations)")
+    training.add_argument("--no-manual-gc-eval", dest="manual_gc_eval", action="store_false",
+                          help="with --manual-gc: do not collect before and after each evaluation")
     training.add_argument("--seq-length-curriculum", nargs="+", default=None, metavar="LENGTH:FROM_ITER",
                           help="e.g. 256:0 2048:1000 8192:5000; each LENGTH divides --seq-length, whose samples "
                                "are cut into LENGTH-token sequences (same tokens per step)")
@@ -205,6 +212,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     data.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
     data.add_argument("--mock-data", action="store_true", help="synthetic data, for smoke runs")
     data.add_argument("--data-cache-path", default=None)
+    data.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document tokens")
+    data.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false",
+                      help="read the .bin files with file reads instead of memory maps (e.g. on network file "
+                           "systems where mmap is slow)")
     add_tokenizer_arguments(parser, required=False)
 
     checkpoint = parser.add_argument_group("checkpointing")
@@ -287,6 +298,8 @@ def validate_args(args, error) -> None:
     elif args.num_layers % pp:
         error(f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp}); "
               "or split it unevenly with --decoder-first/last-pipeline-num-layers")
+    if args.manual_gc_interval < 0:
+        error(f"--manual-gc-interval ({args.manual_gc_interval}) must be 0 or positive")
     if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
         error("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
     args.virtual_pipeline_model_parallel_size = None

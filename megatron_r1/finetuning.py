@@ -129,6 +129,8 @@ def validate_finetuning_args(args, error) -> None:
         error("fine-tuning data is rendered with the chat template: give --tokenizer-model")
     if any(_is_number(p) for p in args.data_path):
         error("--data-path: fine-tuning data takes no blend weights, only files and prefixes")
+    if args.eod_mask_loss:
+        error("--eod-mask-loss is for pre-training documents: fine-tuning samples carry their own loss masks")
     data_path, args.data_path = args.data_path, None
     args.mock_data = True  # the shared checks, minus pre-training's indexed-data ones (SFT data is checked below)
     validate_args(args, error)

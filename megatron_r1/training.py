@@ -1,6 +1,7 @@
 """The pre-training loop: megatron-core's pipeline schedules over DDP-wrapped model chunks, with
 Megatron-LM's iteration log line, evaluation and TensorBoard scalars."""
 
+import gc
 import math
 import time
 from collections.abc import Callable
@@ -204,6 +205,8 @@ def print_rank_last(message: str) -> None:
 
 def evaluate(args, state, valid_data) -> float | None:
     """Mean validation lm loss over --eval-iters global batches (None off the last stage)."""
+    if args.manual_gc and args.manual_gc_eval:
+        gc.collect()
     for chunk in state.model:
         chunk.eval()
     losses = []
@@ -212,6 +215,8 @@ def evaluate(args, state, valid_data) -> float | None:
             losses.append(_run_schedule(args, state, valid_data, forward_only=True))
     for chunk in state.model:
         chunk.train()
+    if args.manual_gc and args.manual_gc_eval:
+        gc.collect()
     return None if losses[0] is None else sum(losses) / len(losses)
 
 
@@ -228,6 +233,9 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
     last = {}
     exit_conditions = ExitConditions(args.exit_signal if args.exit_signal_handler else None, args.exit_duration_in_mins)
     bad_steps_in_a_row = 0
+    if args.manual_gc:
+        gc.disable()  # collections happen below, at the same iteration on every rank
+        gc.collect()
     while state.iteration < args.train_iters:
         start = time.perf_counter()
         if state.on_iteration_start is not None:
@@ -304,6 +312,8 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
             print_rank_last(f" exiting at iteration {state.iteration} ({exit_reason})")
             break
 
+        if args.manual_gc and args.manual_gc_interval and state.iteration % args.manual_gc_interval == 0:
+            gc.collect()
         if args.eval_interval and valid_data and (
             state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters
         ):
@@ -324,6 +334,8 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
         save_checkpoint(args, state)  # the final state, unless the loop just saved it
     finalize_async_saves(blocking=True)
     exit_conditions.restore_signal_handler()  # only now: a repeated signal must not cut the save short
+    if args.manual_gc:
+        gc.enable()
     return last
 
 

@@ -99,6 +99,30 @@ def test_nonfinite_gradients_skip_the_update(monkeypatch):
         destroy_distributed()
 
 
+def test_manual_gc_collects_at_fixed_iterations_only(monkeypatch):
+    """--manual-gc: the automatic collector is off during training; collections at the start, every
+    --manual-gc-interval iterations and around each evaluation; back on afterwards."""
+    import gc
+
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.distributed import destroy_distributed
+    from megatron_r1.training import build_data, setup, train
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = parse_args("test", TINY_MOE + ["--train-iters", "4", "--manual-gc", "--manual-gc-interval", "2",
+                                          "--eval-interval", "4", "--eval-iters", "1"])  # fmt: skip
+    state = setup(args)
+    collected_after, automatic_during = [], []
+    monkeypatch.setattr(gc, "collect", lambda *a: collected_after.append(state.iteration))
+    state.on_iteration_start = lambda args, state: automatic_during.append(gc.isenabled())
+    try:
+        train(args, state, *build_data(args, state))
+    finally:
+        destroy_distributed()
+    assert automatic_during == [False] * 4 and gc.isenabled()
+    assert collected_after == [0, 2, 4, 4, 4]  # start; interval; interval, before and after evaluating
+
+
 def _grad_buffers_after_one_step(args):
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 

@@ -35,8 +35,9 @@ def build_datasets(args, tokenizer, train_samples: int, eval_samples: int):
         tokenizer=_token_ids(args, tokenizer),
         reset_position_ids=False,
         reset_attention_mask=False,
-        eod_mask_loss=False,
+        eod_mask_loss=args.eod_mask_loss,
         create_attention_mask=False,
+        mmap_bin_files=args.mmap_bin_files,
         mid_level_dataset_surplus=0.005,
     )
     dataset_cls = MockGPTDataset if args.mock_data else GPTDataset

@@ -31,3 +31,42 @@ def test_megatron_sample_order_and_curriculum_reshape(monkeypatch):
     assert torch.equal(second["labels"], second["tokens"] + 1)
     assert second["position_ids"].tolist() == [[0, 1, 2, 3]] * 4
     assert batches.consumed_samples == 8
+
+
+def _documents_dataset(tmp_path, eod):
+    """An indexed dataset of 40 documents of 5 tokens, each ending with the end-of-document id."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "docs_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for document in range(40):
+        builder.add_document(torch.tensor([document % 7 + 1] * 4 + [eod]), [5])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def test_eod_mask_loss_and_file_reads_reach_megatron_datasets(tmp_path):
+    """--eod-mask-loss: no loss on end-of-document tokens (only then); --no-mmap-bin-files reads the
+    same samples without memory maps."""
+    from types import SimpleNamespace
+
+    from megatron_r1.data.pretrain import build_datasets
+
+    vocab_size = 16  # the end-of-document id of a run without a tokenizer is vocab_size - 1
+    prefix = _documents_dataset(tmp_path, eod=vocab_size - 1)
+
+    def first_sample(**flags):
+        args = SimpleNamespace(seed=1, seq_length=12, mock_data=False, data_path=([prefix], None), split="100,0,0",
+                               data_cache_path=None, vocab_size=vocab_size, eod_mask_loss=False, mmap_bin_files=True)
+        train, _ = build_datasets(SimpleNamespace(**{**vars(args), **flags}), None, 8, 0)
+        readers.append(type(train.dataset.bin_reader).__name__)
+        return train[0]
+
+    readers = []
+    plain, masked, unmapped = first_sample(), first_sample(eod_mask_loss=True), first_sample(mmap_bin_files=False)
+    assert readers == ["_MMapBinReader", "_MMapBinReader", "_FileBinReader"]
+    is_eod = plain["tokens"] == vocab_size - 1
+    assert is_eod.any() and plain["loss_mask"].all()
+    assert torch.equal(masked["loss_mask"], (~is_eod).float())
+    assert torch.equal(unmapped["tokens"], plain["tokens"])
