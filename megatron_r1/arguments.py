@@ -149,6 +149,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parallel.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     parallel.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
     parallel.add_argument("--recompute-num-layers", type=int, default=None)
+    parallel.add_argument("--recompute-modules", nargs="+", default=None,
+                          choices=["core_attn", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts"],
+                          help="with --recompute-granularity selective: the submodules whose activations are "
+                               "recomputed in the backward pass (default: core_attn)")
 
     training = parser.add_argument_group("training")
     training.add_argument("--micro-batch-size", type=int, default=2)
@@ -298,6 +302,12 @@ def validate_args(args, error) -> None:
     elif args.num_layers % pp:
         error(f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp}); "
               "or split it unevenly with --decoder-first/last-pipeline-num-layers")
+    if args.recompute_modules and args.recompute_granularity != "selective":
+        error("--recompute-modules needs --recompute-granularity selective")
+    if args.recompute_modules and "mla_up_proj" in args.recompute_modules and not args.multi_latent_attention:
+        error("--recompute-modules mla_up_proj needs --multi-latent-attention")
+    if args.recompute_modules and "layernorm" in args.recompute_modules and not transformer_engine_installed():
+        error("--recompute-modules layernorm needs TransformerEngine (megatron-core recomputes TE's norms)")
     if args.manual_gc_interval < 0:
         error(f"--manual-gc-interval ({args.manual_gc_interval}) must be 0 or positive")
     if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):

@@ -55,6 +55,7 @@ def parse_error(argv, capsys, world_size=1, monkeypatch=None):
         (["--train-samples", "64", "--train-iters", "4"], 1, "--train-iters and --train-samples are alternatives: give one"),
         (["--train-samples", "64", "--lr-warmup-samples", "64"], 1,
          "the warm-up (64 samples) must be shorter than the decay (--lr-decay-samples 64, default --train-samples)"),
+        (["--recompute-modules", "mlp"], 1, "--recompute-modules needs --recompute-granularity selective"),
         (["--overlap-param-gather", "--overlap-grad-reduce"], 2,
          "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce"),
     ],
@@ -90,7 +91,7 @@ def test_deepseek_flags_reach_the_transformer_config(monkeypatch):
         "--num-experts", "8", "--moe-layer-freq", "[0]+[1]*3", "--moe-router-score-function", "sigmoid",
         "--moe-router-enable-expert-bias", "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
         "--moe-router-topk-scaling-factor", "2.5", "--mtp-num-layers", "1", "--norm-epsilon", "1e-5",
-        "--window-size", "32", "0",
+        "--window-size", "32", "0", "--recompute-granularity", "selective", "--recompute-modules", "mla_up_proj", "moe",
     ])  # fmt: skip
     config = transformer_config_from_args(args)
     assert type(config).__name__ == "MLATransformerConfig"
@@ -99,3 +100,4 @@ def test_deepseek_flags_reach_the_transformer_config(monkeypatch):
     assert (config.moe_router_num_groups, config.moe_router_group_topk) == (4, 2)
     assert config.mtp_num_layers == 1 and config.layernorm_epsilon == 1e-5
     assert config.gated_linear_unit and not config.add_bias_linear and config.window_size == (32, 0)
+    assert config.recompute_granularity == "selective" and config.recompute_modules == ["mla_up_proj", "moe"]

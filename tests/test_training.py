@@ -179,16 +179,16 @@ def test_metrics_endpoint_serves_the_iteration_figures(tmp_path):
     assert float(values['megatron_r1_expert_load_max_mean{layer="1"}']) >= 1.0
 
 
-def test_full_recomputation_gives_the_same_losses(tmp_path):
-    """Activation recomputation trades compute for memory; the numbers must not change."""
-    argv = [sys.executable, str(PRETRAIN), *TINY_MOE, "--train-iters", "2", "--hidden-dropout", "0.1"]
-    plain = run_command(argv, tmp_path).stdout
-    recomputed = run_command(
-        argv + ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"],
-        tmp_path,
-    ).stdout
-    losses = [re.findall(r"lm loss: (\S+)", out) for out in (plain, recomputed)]
-    assert len(losses[0]) == 2 and losses[0] == losses[1], losses
+def test_recomputation_gives_the_same_losses(tmp_path):
+    """Activation recomputation trades compute for memory; the numbers must not change (dropout on):
+    full, and selective of every submodule megatron-core recomputes without TransformerEngine."""
+    argv = [sys.executable, str(PRETRAIN), *DEEPSEEK_TINY, "--train-iters", "2", "--eval-interval", "0",
+            "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]  # fmt: skip
+    runs = [[], ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"],
+            ["--recompute-granularity", "selective", "--recompute-modules", "core_attn", "mla_up_proj", "mlp", "moe",
+             "shared_experts"]]  # fmt: skip
+    losses = [re.findall(r"lm loss: (\S+)", run_command(argv + extra, tmp_path).stdout) for extra in runs]
+    assert len(losses[0]) == 2 and losses[0] == losses[1] == losses[2], losses
 
 
 def test_tiny_model_learns_the_bundled_corpus(tmp_path):
