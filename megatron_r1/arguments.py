@@ -230,6 +230,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     checkpoint.add_argument("--ckpt-step", type=int, default=None, help="load this iteration, not the latest")
     checkpoint.add_argument("--no-load-optim", action="store_true", help="do not load the optimizer state")
     checkpoint.add_argument("--no-load-rng", action="store_true", help="do not load the RNG states")
+    checkpoint.add_argument("--no-save-optim", action="store_true",
+                            help="checkpoints without the optimizer state (a resume then needs --no-load-optim)")
+    checkpoint.add_argument("--no-save-rng", action="store_true", help="checkpoints without the RNG states")
     checkpoint.add_argument("--finetune", action="store_true",
                             help="load weights only: iteration, data position, optimizer and schedule start anew")
     checkpoint.add_argument("--keep-last-n", type=int, default=None, help="delete older checkpoints than the last N")
@@ -382,6 +385,8 @@ def validate_args(args, error) -> None:
     if args.rollback_after_bad_steps is not None and (args.rollback_after_bad_steps < 1 or not args.save):
         error(f"--rollback-after-bad-steps ({args.rollback_after_bad_steps}) must be at least 1 and needs --save DIR "
               f"(the checkpoints it rolls back to)")
+    if args.rollback_after_bad_steps is not None and args.no_save_optim:
+        error("--rollback-after-bad-steps restores the optimizer state from the checkpoints: not with --no-save-optim")
     if args.keep_last_n is not None and args.keep_last_n < 1:
         error(f"--keep-last-n ({args.keep_last_n}) must be at least 1")
     if args.mock_data:

@@ -164,12 +164,13 @@ def save_checkpoint(args, state) -> str:
         "nan_iterations": state.nan_iterations,
         "scheduler": state.scheduler.state_dict(),
         "layout": _layout(args),
-        "optimizer_parts": _optimizer_parts(state.optimizer),
+        "optimizer_parts": 0 if args.no_save_optim else _optimizer_parts(state.optimizer),
+        "rng_saved": not args.no_save_rng,
         "model_args": {name: getattr(args, name) for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS},
     }
     publish = functools.partial(_publish, args, metadata, temporary, final)
     with parameters_gathered(state.model):
-        sharded = _sharded_state_dict(state, False, True, True)
+        sharded = _sharded_state_dict(state, False, not args.no_save_optim, not args.no_save_rng)
         if args.async_save:
             request = dist_checkpointing.save(sharded, temporary, async_sharded_save=True)
             request.add_finalize_fn(publish)
@@ -373,8 +374,12 @@ def load_checkpoint(args, state) -> bool:
     _check_model_shape(args, metadata["model_args"], path)
     load_optimizer = not (args.finetune or args.no_load_optim or args.skip_train)
     load_rng = not (args.finetune or args.no_load_rng) and metadata["layout"] == _layout(args)
+    load_rng = load_rng and metadata.get("rng_saved", True)  # --no-save-rng: the streams go on from --seed
     # Weights-only loads (generation, conversion) pass a state without an optimizer.
     saved_parts = metadata.get("optimizer_parts", 1)
+    if load_optimizer and saved_parts == 0:
+        raise CheckpointError(f"{path}: saved without its optimizer state (--no-save-optim); resume from it with "
+                              "--no-load-optim (fresh optimizer moments) or --finetune")
     if load_optimizer and saved_parts != _optimizer_parts(state.optimizer):
         raise CheckpointError(
             f"{path}: its optimizer state was saved in {saved_parts} part(s) (layout {metadata['layout']}), this layout "

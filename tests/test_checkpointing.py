@@ -152,6 +152,18 @@ def test_a_checkpoint_of_another_shape_is_refused_naming_the_flag(tmp_path, time
     assert "--hidden-size 32 (checkpoint) vs 64 (now)" in result.stderr, result.stderr[-2000:]
 
 
+def test_a_checkpoint_without_optimizer_state_resumes_only_with_no_load_optim(tmp_path):
+    pretrain(tmp_path, "--train-iters", "4", "--exit-interval", "3", "--save", "light", "--no-save-optim", "--no-save-rng")
+    assert not any(key.startswith("optimizer") for key in plain_tensors(tmp_path / "light" / "iter_0000003"))
+    result = subprocess.run([sys.executable, str(PRETRAIN), *TINY, "--train-iters", "4", "--save", "light"],
+                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode != 0
+    assert "iter_0000003: saved without its optimizer state (--no-save-optim); resume from it with --no-load-optim" \
+        in result.stderr, result.stderr[-2000:]
+    output = pretrain(tmp_path, "--train-iters", "4", "--save", "light", "--no-load-optim")
+    assert "resumed from iteration 3 " in output and " iteration        4/       4 |" in output
+
+
 class _CreatesAFile:
     """Unpickled without restriction, this creates `path`: the witness that code ran."""
 
