@@ -2,6 +2,7 @@
 resharding between layouts, refusal of a mismatched model shape and of code in a checkpoint's
 pickles; leaving a run on a signal or a time limit; rollback after consecutive bad steps."""
 
+import functools
 import os
 import pickle
 import random
@@ -30,8 +31,10 @@ def pretrain(cwd, *argv, launcher=(sys.executable,)):
     return run_command([*launcher, str(PRETRAIN), *TINY, *argv], cwd, timeout=300).stdout
 
 
+@functools.cache
 def plain_tensors(path):
-    """Every tensor of a checkpoint (model and optimizer state), read in a one-process world."""
+    """Every tensor of a checkpoint (model and optimizer state), read in a one-process world; read
+    once per path (the tests here compare a checkpoint several times, never after overwriting it)."""
     code = (
         "import sys, torch\n"
         "from megatron.core import dist_checkpointing\n"
@@ -84,28 +87,24 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_the_latest(tmp_path)
 
 
 def test_distributed_optimizer_state_survives_save_and_load(tmp_path):
-    """DP=2, 2 micro-batches per rank: 4 steps straight vs 2 steps, an (asynchronous) save, a resume
-    and 2 more steps; and vs 4 steps with --overlap-grad-reduce --overlap-param-gather, whose last
-    update reaches the checkpoint only through the gather before saving."""
-    run = ["--use-distributed-optimizer", "--global-batch-size", "8", "--train-iters", "4"]
+    """DP=2, 2 micro-batches per rank, 4 steps straight (saving at 2 and 4), against
+    - 2 steps, an (asynchronous) save, a resume and 2 more steps: bit-identical;
+    - --overlap-grad-reduce --overlap-param-gather, whose last update reaches the checkpoint only
+      through the gather before saving: bit-identical;
+    - a resume from the straight run's iteration 2 by one process (the optimizer state resharded to
+      DP=1): weights and Adam moments equal to summation order."""
+    run = ["--use-distributed-optimizer", "--global-batch-size", "8", "--train-iters", "4", "--hidden-dropout", "0.0"]
     two = dict(launcher=TWO_PROCESSES)
-    pretrain(tmp_path, *run, "--save", "straight", **two)
+    pretrain(tmp_path, *run, "--save", "straight", "--save-interval", "2", **two)
     pretrain(tmp_path, *run, "--save", "resumed", "--exit-interval", "2", "--async-save", **two)
     output = pretrain(tmp_path, *run, "--save", "resumed", **two)
     assert "resumed from iteration 2 " in output
     assert_identical(tmp_path / "straight" / "iter_0000004", tmp_path / "resumed" / "iter_0000004")
     pretrain(tmp_path, *run, "--save", "overlapped", "--overlap-grad-reduce", "--overlap-param-gather", **two)
     assert_identical(tmp_path / "straight" / "iter_0000004", tmp_path / "overlapped" / "iter_0000004")
-
-
-def test_distributed_optimizer_state_reshards_to_another_data_parallel_size(tmp_path):
-    """Saved at iteration 2 by DP=2 with the distributed optimizer, resumed by one process: iteration 4's
-    weights and Adam moments equal those of the DP=2 run that went straight on (to summation order)."""
-    run = ["--use-distributed-optimizer", "--hidden-dropout", "0.0", "--global-batch-size", "8", "--train-iters", "4"]
-    pretrain(tmp_path, *run, "--save-interval", "2", "--save", "dp2", launcher=TWO_PROCESSES)
-    output = pretrain(tmp_path, *run, "--load", "dp2", "--ckpt-step", "2", "--save", "dp1")
+    output = pretrain(tmp_path, *run, "--load", "straight", "--ckpt-step", "2", "--save", "dp1")
     assert "resumed from iteration 2 " in output
-    assert_identical(tmp_path / "dp2" / "iter_0000004", tmp_path / "dp1" / "iter_0000004", atol=1e-6)
+    assert_identical(tmp_path / "straight" / "iter_0000004", tmp_path / "dp1" / "iter_0000004", atol=1e-6)
 
 
 def _validation_loss(output):
@@ -154,7 +153,6 @@ def test_a_checkpoint_of_another_shape_is_refused_naming_the_flag(tmp_path, time
 
 def test_a_checkpoint_without_optimizer_state_resumes_only_with_no_load_optim(tmp_path):
     pretrain(tmp_path, "--train-iters", "4", "--exit-interval", "3", "--save", "light", "--no-save-optim", "--no-save-rng")
-    assert not any(key.startswith("optimizer") for key in plain_tensors(tmp_path / "light" / "iter_0000003"))
     result = subprocess.run([sys.executable, str(PRETRAIN), *TINY, "--train-iters", "4", "--save", "light"],
                             cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
     assert result.returncode != 0

@@ -28,8 +28,8 @@ def test_deepseek_layout_matches_single_process(tiny_gpt_runs, layout, tmp_path)
 
 
 def test_deepseek_uneven_pipeline_matches_single_process(tiny_gpt_runs, tmp_path):
-    """PP=2 over 3 layers: the dense layer alone on the first stage, both MoE layers and MTP on the last."""
-    tiny_gpt_runs.assert_layout_matches(DEEPSEEK + ["--num-layers", "3"], ["--pp", "2", "--first-stage-layers", "1"],
+    """PP=2 over 4 layers: the dense layer alone on the first stage, the 3 MoE layers and MTP on the last."""
+    tiny_gpt_runs.assert_layout_matches(DEEPSEEK + ["--num-layers", "4"], ["--pp", "2", "--first-stage-layers", "1"],
                                         tmp_path)  # fmt: skip
 
 
