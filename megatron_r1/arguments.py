@@ -140,6 +140,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parallel.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                           help="interleaved 1F1B: each rank holds num_layers / (PP x this) model chunks")
     parallel.add_argument("--sequence-parallel", action="store_true")
+    parallel.add_argument("--distributed-timeout-minutes", type=float, default=10,
+                          help="how long a collective may wait for the other ranks before the run fails (raise "
+                               "it when loading or saving checkpoints on a slow file system takes longer)")
     parallel.add_argument("--use-distributed-optimizer", action="store_true")
     parallel.add_argument("--overlap-grad-reduce", action="store_true",
                           help="reduce each gradient bucket while the backward pass goes on")
@@ -311,6 +314,8 @@ def validate_args(args, error) -> None:
         error("--recompute-modules mla_up_proj needs --multi-latent-attention")
     if args.recompute_modules and "layernorm" in args.recompute_modules and not transformer_engine_installed():
         error("--recompute-modules layernorm needs TransformerEngine (megatron-core recomputes TE's norms)")
+    if args.distributed_timeout_minutes <= 0:
+        error(f"--distributed-timeout-minutes ({args.distributed_timeout_minutes:g}) must be positive")
     if args.manual_gc_interval < 0:
         error(f"--manual-gc-interval ({args.manual_gc_interval}) must be 0 or positive")
     if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):

@@ -2,6 +2,7 @@
 model-parallel state."""
 
 import contextlib
+import datetime
 import os
 import random
 import socket
@@ -26,21 +27,25 @@ def initialize_distributed(
     expert_tensor_parallel_size: int | None = None,
     virtual_pipeline_model_parallel_size: int | None = None,
     seed: int = 1234,
+    timeout_minutes: float = 10,
 ) -> None:
     """Join (or, when launched without torchrun, create a one-process) process group and set up
-    megatron-core's tensor/pipeline/expert/data parallel groups and RNG states."""
+    megatron-core's tensor/pipeline/expert/data parallel groups and RNG states. A collective that
+    waits longer than `timeout_minutes` (--distributed-timeout-minutes) fails the run."""
     platform.use_cpu_if_no_cuda()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if "RANK" in os.environ:  # torchrun / srun
-            torch.distributed.init_process_group(backend=platform.distributed_backend())
+            torch.distributed.init_process_group(backend=platform.distributed_backend(), timeout=timeout)
         else:  # plain `python script.py`: a world of one
             torch.distributed.init_process_group(
                 backend=platform.distributed_backend(),
                 init_method=f"tcp://127.0.0.1:{_free_port()}",
                 rank=0,
                 world_size=1,
+                timeout=timeout,
             )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
@@ -48,6 +53,7 @@ def initialize_distributed(
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
         expert_tensor_parallel_size=expert_tensor_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
     )
     set_random_seed(seed)
 

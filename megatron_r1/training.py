@@ -61,6 +61,7 @@ def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainSta
         args.expert_tensor_parallel_size,
         args.virtual_pipeline_model_parallel_size,
         seed=args.seed,
+        timeout_minutes=args.distributed_timeout_minutes,
     )
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model) if args.tokenizer_model else None
     if tokenizer:

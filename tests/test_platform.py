@@ -95,3 +95,24 @@ LAYOUTS = {
 def test_two_process_layout_matches_single_process(tiny_gpt_runs, layout, tmp_path):
     """A tiny GQA + MoE GPT (megatron-core's own layers) on 2 processes over gloo."""
     tiny_gpt_runs.assert_layout_matches([], LAYOUTS[layout], tmp_path)
+
+
+def test_distributed_timeout_reaches_every_process_group(monkeypatch):
+    """--distributed-timeout-minutes bounds the default group's and megatron-core's groups' waits."""
+    import datetime
+
+    from megatron.core import parallel_state
+
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.distributed import destroy_distributed
+    from megatron_r1.training import setup
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    setup(parse_args("test", ["--mock-data", "--vocab-size", "64", "--num-layers", "1", "--hidden-size", "16",
+                              "--num-attention-heads", "2", "--distributed-timeout-minutes", "3"]))  # fmt: skip
+    try:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        groups = [torch.distributed.distributed_c10d._get_default_group(), parallel_state.get_data_parallel_group()]
+        assert [group._get_backend(device).options._timeout for group in groups] == [datetime.timedelta(minutes=3)] * 2
+    finally:
+        destroy_distributed()
