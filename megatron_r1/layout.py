@@ -72,7 +72,8 @@ def decoder_layers_per_stage(num_layers: int, pp: int, first: int | None = None,
     if any(count <= 0 for count in given):
         raise ValueError("--decoder-first/last-pipeline-num-layers must be positive")
     rest, even_stages = num_layers - sum(given), counts.count(None)
-    if rest < 0 or (rest and not even_stages) or (even_stages and (rest <= 0 or rest % even_stages)):
+    splits = (rest > 0 and rest % even_stages == 0) if even_stages else rest == 0
+    if not splits:
         named = (f" minus --decoder-first-pipeline-num-layers ({first})" if first is not None else "") + (
             f" minus --decoder-last-pipeline-num-layers ({last})" if last is not None else "")
         raise ValueError(f"--num-layers ({num_layers}){named} leaves {rest} layers, which do not split evenly over "
