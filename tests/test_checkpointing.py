@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from conftest import run_command
 
@@ -153,6 +154,8 @@ def test_a_checkpoint_of_another_shape_is_refused_naming_the_flag(tmp_path, time
 
 def test_a_checkpoint_without_optimizer_state_resumes_only_with_no_load_optim(tmp_path):
     pretrain(tmp_path, "--train-iters", "4", "--exit-interval", "3", "--save", "light", "--no-save-optim", "--no-save-rng")
+    saved = FileSystemReader(str(tmp_path / "light" / "iter_0000003")).read_metadata().state_dict_metadata
+    assert {key.split(".")[0].split("/")[0] for key in saved} == {"decoder", "embedding"}, sorted(saved)
     result = subprocess.run([sys.executable, str(PRETRAIN), *TINY, "--train-iters", "4", "--save", "light"],
                             cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
     assert result.returncode != 0
