@@ -14,8 +14,10 @@ Every workaround lives here, each tied to the megatron-core site it serves (see
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
+import sys
 import types
 
 import torch
@@ -253,9 +255,39 @@ def _fix_megatron_sites():
     layers._grad_accum_fusion_available = True
 
     # megatron's jit_fuser is torch.compile: on CPU a cold compile costs tens of seconds for no
-    # fused kernel worth having. An explicit TORCHDYNAMO_DISABLE in the environment still wins.
-    if "TORCHDYNAMO_DISABLE" not in os.environ:
-        torch._dynamo.config.disable = True
+    # fused kernel worth having. TORCH_COMPILE_DISABLE=0 in the environment keeps it on.
+    if os.environ.get("TORCH_COMPILE_DISABLE") != "0":
+        os.environ["TORCH_COMPILE_DISABLE"] = "1"  # read when TorchDynamo loads
+        if "torch._dynamo" in sys.modules:
+            torch._dynamo.config.disable = True
+
+
+def megatron_core_import_spec():
+    """How to import megatron.core (megatron_r1/__init__.py asks before its first import): as it is
+    with CUDA; without, with torch.compile a no-op while its modules load. megatron-core decorates
+    its fusions with torch.compile (megatron.core.jit), which loads TorchDynamo and Inductor, ~3 s
+    per process; compilation is off on CPU anyway (above), so the functions run as written either
+    way. TORCH_COMPILE_DISABLE=0 keeps torch.compile."""
+    spec = importlib.util.find_spec("megatron.core")
+    if spec is None or not cuda_absent() or os.environ.get("TORCH_COMPILE_DISABLE") == "0":
+        return spec
+    load = spec.loader.exec_module
+
+    def load_without_compiling(module):
+        compile_ = torch.compile
+        torch.compile = _compile_nothing
+        try:
+            load(module)
+        finally:
+            torch.compile = compile_
+
+    spec.loader.exec_module = load_without_compiling
+    return spec
+
+
+def _compile_nothing(model=None, **options):
+    """torch.compile's calling forms (decorator with or without options), compiling nothing."""
+    return model if model is not None else (lambda function: function)
 
 
 def _accumulate_weight_gradient(input, grad_output, main_grad):

@@ -18,6 +18,23 @@ assert platform.use_cpu_if_no_cuda() is False
 assert not platform.is_active()
 assert originals == (torch.zeros, torch.cuda.current_device, torch.Tensor.type, torch.Tensor.cuda)
 assert platform.distributed_backend() == "nccl"
+import megatron.core.jit
+assert megatron.core.jit.jit_fuser is torch.compile  # megatron-core's fusions compile as usual
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU runtime only")
+def test_megatron_core_loads_without_torchdynamo_on_cpu():
+    """Compilation is off without CUDA, so megatron-core's torch.compile decorators stay no-ops and
+    its import does not load TorchDynamo and Inductor (~3 s of every process's start)."""
+    code = """
+import sys, types
+import megatron_r1.training
+from megatron.core.fusions import fused_bias_swiglu
+assert type(fused_bias_swiglu.swiglu) is types.FunctionType, type(fused_bias_swiglu.swiglu)
+assert "torch._dynamo" not in sys.modules and "torch._inductor" not in sys.modules
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
