@@ -12,10 +12,13 @@ import os
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnBackend
+from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_r1.compat import transformer_engine_installed
 from megatron_r1.layout import decoder_layers_per_stage
+from megatron_r1.megatron_lm_flags import add_megatron_lm_arguments, parse_known_flags, validate_megatron_lm_arguments
 from megatron_r1.signals import EXIT_SIGNALS
 from megatron_r1.tokenizer import add_tokenizer_arguments
 
@@ -29,8 +32,9 @@ _CONFIG_RENAMES = {
 
 
 def _int_or_list(value: str):
-    """--moe-layer-freq: an int (every Nth layer is MoE) or a Python list such as "[0]*1+[1]*3"."""
-    if value.strip().startswith("["):
+    """--moe-layer-freq: an int (every Nth layer is MoE) or a Python list such as "[0]*1+[1]*3"
+    (Megatron-LM's recipes also write "([0]*3+[1]*58)")."""
+    if value.strip().startswith(("[", "(")):
         try:
             pattern = eval(value, {"__builtins__": {}})  # list arithmetic only, no names
         except Exception as error:
@@ -64,10 +68,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                        help="RMS/LayerNorm on queries and keys (MLA: on the compressed q and kv, as DeepSeek-V3)")
     model.add_argument("--disable-bias-linear", action="store_true")
     model.add_argument("--position-embedding-type", choices=["rope", "learned_absolute", "none"], default="rope")
+    model.add_argument("--use-rotary-position-embeddings", dest="position_embedding_type", action="store_const",
+                       const="rope", help="Megatron-LM's older spelling of --position-embedding-type rope")
     model.add_argument("--rotary-base", type=int, default=10000)
     model.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    model.add_argument("--window-size", type=int, nargs=2, default=None, metavar=("LEFT", "RIGHT"),
-                       help="sliding-window attention; (LEFT, 0) for causal models")
+    model.add_argument("--window-size", nargs="+", default=None, metavar="LEFT,RIGHT",
+                       help="sliding-window attention; LEFT,0 for causal models (LEFT RIGHT also accepted)")
     model.add_argument("--hidden-dropout", type=float, default=0.0)
     model.add_argument("--attention-dropout", type=float, default=0.0)
     model.add_argument("--init-method-std", type=float, default=0.02)
@@ -110,12 +116,25 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                      help="aux-loss-free load balancing (DeepSeek-V3)")
     moe.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
     moe.add_argument("--moe-router-dtype", choices=["fp32", "fp64"], default=None)
-    moe.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="allgather")
+    moe.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall", "flex"], default="allgather",
+                     help="flex: DeepEP/HybridEP kernels (CUDA; without it, alltoall)")
+    moe.add_argument("--moe-flex-dispatcher-backend", choices=["deepep", "hybridep"], default="deepep")
     moe.add_argument("--moe-expert-capacity-factor", type=float, default=None,
                      help="None: dropless")
     moe.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
     moe.add_argument("--moe-token-drop-policy", choices=["probs", "position"], default="probs")
-    moe.add_argument("--moe-grouped-gemm", action="store_true", help="CUDA grouped_gemm package")
+    moe.add_argument("--moe-grouped-gemm", action="store_true",
+                     help="the experts' GEMMs as one grouped GEMM (CUDA; without it, one GEMM per expert)")
+    moe.add_argument("--moe-permute-fusion", action="store_true",
+                     help="fused token permutation (TransformerEngine on CUDA; without it, the plain path)")
+    moe.add_argument("--moe-router-fusion", action="store_true",
+                     help="fused top-k routing and aux loss (TransformerEngine on CUDA; without it, the plain path)")
+    moe.add_argument("--moe-shared-expert-overlap", action="store_true",
+                     help="run the shared experts beside the alltoall dispatch (CUDA streams; without them, in turn)")
+    moe.add_argument("--moe-router-force-load-balancing", action="store_true",
+                     help="benchmarking only: random router scores, so every expert gets its share of tokens")
+    moe.add_argument("--moe-per-layer-logging", action="store_true",
+                     help="the load-balancing and z losses of every MoE layer in TensorBoard")
     moe.add_argument("--mtp-num-layers", type=int, default=None)
     moe.add_argument("--mtp-loss-scaling-factor", type=float, default=0.1)
 
@@ -124,6 +143,18 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                             "is available, else local (megatron-core modules + megatron_r1.layers)")
     model.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
                        help="FP8 training through TransformerEngine")
+    model.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise"], default="delayed",
+                       help="with --fp8-format: TransformerEngine's scaling recipe")
+    model.add_argument("--fp8-amax-history-len", type=int, default=1, help="with --fp8-recipe delayed")
+    model.add_argument("--fp8-amax-compute-algo", choices=["most_recent", "max"], default="most_recent",
+                       help="with --fp8-recipe delayed")
+    model.add_argument("--attention-backend", choices=[backend.name for backend in AttnBackend], default="auto",
+                       help="TransformerEngine's attention kernel (megatron-core sets NVTE_*_ATTN); the local "
+                            "implementation always uses torch's scaled_dot_product_attention")
+    model.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                       help="fused vocab-parallel cross entropy (CUDA; without it, the plain path)")
+    model.add_argument("--cross-entropy-fusion-impl", choices=["native", "te"], default="native",
+                       help="with --cross-entropy-loss-fusion: megatron-core's or TransformerEngine's kernel")
 
     parallel = parser.add_argument_group("parallelism")
     parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -137,8 +168,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parallel.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
                           help="decoder layers on the last pipeline stage (which also holds the output layer "
                                "and the MTP layers)")
+    parallel.add_argument("--pipeline-model-parallel-layout", default=None, metavar="LAYOUT",
+                          help="the layers of every pipeline stage, as Megatron-LM writes them: E embedding, t decoder "
+                               "layer, m MTP layer, L loss, | between stages (PP x virtual stages, in layer order), "
+                               "(...)*n repeats; e.g. DeepSeek-V3 on PP 16 x 2 virtual stages: Et|(tt|)*30mL")
     parallel.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                           help="interleaved 1F1B: each rank holds num_layers / (PP x this) model chunks")
+    parallel.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,
+                          help="interleaved 1F1B, the other way to say it: model chunks per pipeline rank")
     parallel.add_argument("--sequence-parallel", action="store_true")
     parallel.add_argument("--distributed-timeout-minutes", type=float, default=10,
                           help="how long a collective may wait for the other ranks before the run fails (raise "
@@ -150,10 +187,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                           help="with the distributed optimizer: all-gather the updated parameters during the "
                                "next forward pass, bucket by bucket, instead of after the optimizer step")
     parallel.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    parallel.add_argument("--recompute-activations", dest="recompute_granularity", action="store_const",
+                          const="selective", help="Megatron-LM's older spelling of --recompute-granularity selective")
     parallel.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
     parallel.add_argument("--recompute-num-layers", type=int, default=None)
     parallel.add_argument("--recompute-modules", nargs="+", default=None,
-                          choices=["core_attn", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts"],
+                          choices=["core_attn", "layernorm", "mla_up_proj", "mlp", "moe", "moe_act", "shared_experts"],
                           help="with --recompute-granularity selective: the submodules whose activations are "
                                "recomputed in the backward pass (default: core_attn)")
 
@@ -190,6 +229,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     training.add_argument("--adam-eps", type=float, default=1e-8)
     training.add_argument("--lion-beta1", type=float, default=0.9)
     training.add_argument("--lion-beta2", type=float, default=0.99)
+    training.add_argument("--calculate-per-token-loss", action="store_true",
+                          help="the loss is the mean over all loss tokens of the global batch, not the mean of each "
+                               "micro-batch's mean (the same when every micro-batch has as many loss tokens)")
     training.add_argument("--label-smoothing", type=float, default=0.0,
                           help="of the training LM loss (validation loss stays plain cross entropy)")
 
@@ -216,10 +258,21 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--data-path", nargs="*", default=None,
                       help="indexed-dataset prefixes, optionally weighted: 0.45 zh_text_document 0.55 en_...")
+    data.add_argument("--train-data-path", nargs="*", default=None,
+                      help="instead of --data-path and --split: the training data (prefixes, optionally weighted)")
+    data.add_argument("--valid-data-path", nargs="*", default=None,
+                      help="with --train-data-path: the validation data (fine-tuning: .jsonl files or "
+                           "tools/preprocess_sft.py prefixes; default: a --split share of --data-path)")
     data.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
     data.add_argument("--mock-data", action="store_true", help="synthetic data, for smoke runs")
     data.add_argument("--data-cache-path", default=None)
     data.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document tokens")
+    data.add_argument("--reset-attention-mask", action="store_true",
+                      help="tokens attend only within their own document of a sample (documents end at the "
+                           "end-of-document token)")
+    data.add_argument("--reset-position-ids", action="store_true",
+                      help="position ids restart at each document of a sample (what RoPE sees does not change: it "
+                           "depends on relative positions only)")
     data.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false",
                       help="read the .bin files with file reads instead of memory maps (e.g. on network file "
                            "systems where mmap is slow)")
@@ -267,12 +320,29 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     logging.add_argument("--tensorboard-dir", default=None)
     logging.add_argument("--metrics-port", type=int, default=None,
                          help="serve Prometheus /metrics on this port from the logging (last) rank")
+    logging.add_argument("--profile", action="store_true",
+                         help="profile iterations --profile-step-start to --profile-step-end (exclusive) on "
+                              "--profile-ranks: with --use-pytorch-profiler into --tensorboard-dir, else for nsys "
+                              "(nsys profile -c cudaProfilerApi)")
+    logging.add_argument("--use-pytorch-profiler", action="store_true", help="with --profile: torch.profiler")
+    logging.add_argument("--profile-step-start", type=int, default=10)
+    logging.add_argument("--profile-step-end", type=int, default=12)
+    logging.add_argument("--profile-ranks", type=int, nargs="+", default=[0])
+    logging.add_argument("--tensorboard-queue-size", type=int, default=1000,
+                         help="TensorBoard events held before they are written out")
+    logging.add_argument("--log-num-zeros-in-grad", action="store_true",
+                         help="the number of zero gradient elements in the iteration line and TensorBoard")
+    logging.add_argument("--logging-level", type=int, default=None,
+                         help="Python logging level of megatron-core and megatron-r1 (e.g. 40: errors only)")
+    model.add_argument("--enable-experimental", action="store_true",
+                       help="megatron-core's experimental features (megatron.core.config.set_experimental_flag)")
+    add_megatron_lm_arguments(parser)
     return parser
 
 
 def parse_args(description: str, argv=None) -> argparse.Namespace:
     parser = build_parser(description)
-    args = parser.parse_args(argv)
+    args = parse_known_flags(parser, argv)
     validate_args(args, parser.error)
     return args
 
@@ -295,39 +365,29 @@ def validate_args(args, error) -> None:
         if args.num_query_groups % tp:
             error(f"--num-query-groups ({args.num_query_groups}) is not divisible by "
                   f"--tensor-model-parallel-size ({tp})")
-    uneven = args.decoder_first_pipeline_num_layers is not None or args.decoder_last_pipeline_num_layers is not None
-    if uneven:
-        if pp == 1 or args.num_layers_per_virtual_pipeline_stage:
-            error("--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1 and no "
-                  "--num-layers-per-virtual-pipeline-stage")
-        try:
-            decoder_layers_per_stage(args.num_layers, pp, args.decoder_first_pipeline_num_layers,
-                                     args.decoder_last_pipeline_num_layers)  # fmt: skip
-        except ValueError as exc:
-            error(str(exc))
-    elif args.num_layers % pp:
-        error(f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp}); "
-              "or split it unevenly with --decoder-first/last-pipeline-num-layers")
+    _resolve_pipeline_split(args, error)
     if args.recompute_modules and args.recompute_granularity != "selective":
         error("--recompute-modules needs --recompute-granularity selective")
     if args.recompute_modules and "mla_up_proj" in args.recompute_modules and not args.multi_latent_attention:
         error("--recompute-modules mla_up_proj needs --multi-latent-attention")
     if args.recompute_modules and "layernorm" in args.recompute_modules and not transformer_engine_installed():
         error("--recompute-modules layernorm needs TransformerEngine (megatron-core recomputes TE's norms)")
+    if args.recompute_modules and "moe_act" in args.recompute_modules and not args.moe_grouped_gemm:
+        error("--recompute-modules moe_act needs --moe-grouped-gemm (and so CUDA)")
     if args.distributed_timeout_minutes <= 0:
         error(f"--distributed-timeout-minutes ({args.distributed_timeout_minutes:g}) must be positive")
     if args.manual_gc_interval < 0:
         error(f"--manual-gc-interval ({args.manual_gc_interval}) must be 0 or positive")
+    if args.profile and not 0 <= args.profile_step_start < args.profile_step_end:
+        error(f"--profile-step-start ({args.profile_step_start}) must be below --profile-step-end "
+              f"({args.profile_step_end})")
+    if args.profile and args.use_pytorch_profiler and not args.tensorboard_dir:
+        error("--use-pytorch-profiler writes its trace into --tensorboard-dir: give one")
+    if args.profile and not args.use_pytorch_profiler and not torch.cuda.is_available():
+        error("--profile without --use-pytorch-profiler marks the iterations for nsys, which needs CUDA: add "
+              "--use-pytorch-profiler")
     if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
         error("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
-    args.virtual_pipeline_model_parallel_size = None
-    if args.num_layers_per_virtual_pipeline_stage:
-        layers_per_stage = args.num_layers // pp
-        if pp == 1 or layers_per_stage % args.num_layers_per_virtual_pipeline_stage:
-            error(f"--num-layers-per-virtual-pipeline-stage ({args.num_layers_per_virtual_pipeline_stage}) needs "
-                  f"--pipeline-model-parallel-size > 1 and must divide the {layers_per_stage} layers per stage")
-        vpp = layers_per_stage // args.num_layers_per_virtual_pipeline_stage
-        args.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
     if isinstance(args.moe_layer_freq, list) and len(args.moe_layer_freq) != args.num_layers:
         error(f"--moe-layer-freq pattern has {len(args.moe_layer_freq)} entries, --num-layers is {args.num_layers}")
     if args.num_experts:
@@ -342,8 +402,6 @@ def validate_args(args, error) -> None:
         if not args.disable_bias_linear:
             # megatron-core 0.16's expert MLP adds its bias in place on an autograd view.
             error("--num-experts requires --disable-bias-linear (expert biases are not supported)")
-        if args.moe_grouped_gemm and not torch.cuda.is_available():
-            error("--moe-grouped-gemm needs CUDA (the grouped_gemm package); leave it off on CPU")
     elif ep > 1:
         error("--expert-model-parallel-size > 1 needs --num-experts")
     if args.multi_latent_attention and tp > 1 and not args.sequence_parallel:
@@ -353,8 +411,11 @@ def validate_args(args, error) -> None:
         args.transformer_impl = "transformer_engine" if te_usable else "local"
     if args.transformer_impl == "transformer_engine" and not te_usable:
         error("--transformer-impl transformer_engine needs CUDA and TransformerEngine (pip install -e .[gpu])")
+    validate_megatron_lm_arguments(args, error)
     if args.fp8_format and args.transformer_impl != "transformer_engine":
         error("--fp8-format needs --transformer-impl transformer_engine (CUDA + TransformerEngine)")
+    if args.window_size is not None:
+        args.window_size = _parse_window(args.window_size, error)
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # nothing to split; as Megatron-LM does
     if args.mtp_num_layers and args.position_embedding_type == "learned_absolute":
@@ -377,6 +438,12 @@ def validate_args(args, error) -> None:
     args.kv_channels = args.kv_channels or args.hidden_size // args.num_attention_heads
     if args.seq_length_curriculum:
         args.seq_length_curriculum = _parse_curriculum(args, error)
+        if args.reset_attention_mask or args.reset_position_ids:
+            error("--seq-length-curriculum cuts samples into independent sequences: not with "
+                  "--reset-attention-mask/--reset-position-ids")
+    if args.reset_attention_mask and args.transformer_impl == "transformer_engine":
+        error("--reset-attention-mask needs --transformer-impl local (TransformerEngine's causal attention takes "
+              "no document mask)")
     _resolve_schedule_units(args, error)
     for flag in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(args, flag) < 1.0:
@@ -394,17 +461,90 @@ def validate_args(args, error) -> None:
         error("--rollback-after-bad-steps restores the optimizer state from the checkpoints: not with --no-save-optim")
     if args.keep_last_n is not None and args.keep_last_n < 1:
         error(f"--keep-last-n ({args.keep_last_n}) must be at least 1")
+    args.data_per_split = None  # [train, valid, test] blends, from --train/valid-data-path
     if args.mock_data:
         if not (args.tokenizer_model or args.vocab_size):
             error("--mock-data needs --vocab-size or a tokenizer (--tokenizer-model)")
     else:
-        if not args.data_path:
+        per_split = args.train_data_path is not None or args.valid_data_path is not None
+        if per_split and args.data_path:
+            error("--data-path and --train-data-path/--valid-data-path are alternatives: give one")
+        if not (args.data_path or per_split):
             error("give --data-path PREFIX [...] (indexed datasets from tools/preprocess_data.py) or --mock-data")
         if not args.tokenizer_model:
             error("--data-path needs the tokenizer the data was made with: --tokenizer-model")
-        args.data_path = _parse_blend(args.data_path, error)
+        if per_split:
+            if args.train_data_path is None:
+                error("--valid-data-path needs --train-data-path (or use --data-path with --split)")
+            train = _parse_blend(args.train_data_path, "--train-data-path", error)
+            valid = None if args.valid_data_path is None else _parse_blend(args.valid_data_path, "--valid-data-path", error)
+            args.data_per_split = [train, valid, None]
+        else:
+            args.data_path = _parse_blend(args.data_path, "--data-path", error)
     if args.tokenizer_model and not os.path.exists(args.tokenizer_model):
         error(f"--tokenizer-model {args.tokenizer_model}: no such file or directory")
+
+
+def _resolve_pipeline_split(args, error):
+    """Which decoder layers each pipeline stage (and virtual-pipeline chunk) holds: an even split,
+    --decoder-first/last-pipeline-num-layers, or Megatron-LM's --pipeline-model-parallel-layout.
+    Sets args.virtual_pipeline_model_parallel_size (None without interleaving)."""
+    pp = args.pipeline_model_parallel_size
+    uneven = args.decoder_first_pipeline_num_layers is not None or args.decoder_last_pipeline_num_layers is not None
+    virtual = args.num_layers_per_virtual_pipeline_stage or args.num_virtual_stages_per_pipeline_rank
+    args.virtual_pipeline_model_parallel_size = None
+    if args.pipeline_model_parallel_layout:
+        if uneven or virtual:
+            error("--pipeline-model-parallel-layout places every layer: not with --decoder-first/last-pipeline-num-layers, "
+                  "--num-layers-per-virtual-pipeline-stage or --num-virtual-stages-per-pipeline-rank")
+        layout = parse_pipeline_layout(args, error)
+        vpp = layout.virtual_pipeline_model_parallel_size
+        args.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
+        return
+    if uneven:
+        if pp == 1 or virtual:
+            error("--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1 and no virtual "
+                  "pipeline (for both: --pipeline-model-parallel-layout)")
+        try:
+            decoder_layers_per_stage(args.num_layers, pp, args.decoder_first_pipeline_num_layers,
+                                     args.decoder_last_pipeline_num_layers)  # fmt: skip
+        except ValueError as exc:
+            error(str(exc))
+    elif args.num_layers % pp:
+        error(f"--num-layers ({args.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp}); "
+              "or split it unevenly with --decoder-first/last-pipeline-num-layers")
+    if args.num_virtual_stages_per_pipeline_rank:
+        if args.num_layers_per_virtual_pipeline_stage:
+            error("--num-virtual-stages-per-pipeline-rank and --num-layers-per-virtual-pipeline-stage are "
+                  "alternatives: give one")
+        chunks = pp * args.num_virtual_stages_per_pipeline_rank
+        if pp == 1 or args.num_layers % chunks:
+            error(f"--num-virtual-stages-per-pipeline-rank ({args.num_virtual_stages_per_pipeline_rank}) needs "
+                  f"--pipeline-model-parallel-size > 1 and --num-layers ({args.num_layers}) divisible by "
+                  f"PP x it ({chunks})")
+        args.num_layers_per_virtual_pipeline_stage = args.num_layers // chunks
+    if args.num_layers_per_virtual_pipeline_stage:
+        layers_per_stage = args.num_layers // pp
+        if pp == 1 or layers_per_stage % args.num_layers_per_virtual_pipeline_stage:
+            error(f"--num-layers-per-virtual-pipeline-stage ({args.num_layers_per_virtual_pipeline_stage}) needs "
+                  f"--pipeline-model-parallel-size > 1 and must divide the {layers_per_stage} layers per stage")
+        vpp = layers_per_stage // args.num_layers_per_virtual_pipeline_stage
+        args.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
+
+
+def parse_pipeline_layout(args, error) -> PipelineParallelLayerLayout:
+    """--pipeline-model-parallel-layout, parsed and checked by megatron-core; MTP layers must sit with
+    the loss (on the last stage)."""
+    flag = f"--pipeline-model-parallel-layout {args.pipeline_model_parallel_layout}"
+    try:
+        layout = PipelineParallelLayerLayout(args.pipeline_model_parallel_layout, args.pipeline_model_parallel_size)
+        mtp_apart = layout.validate_layer_layout(args.num_layers, args.mtp_num_layers)
+    except (AssertionError, ValueError) as exc:
+        error(f"{flag}: {exc} (--num-layers {args.num_layers}, --mtp-num-layers {args.mtp_num_layers or 0}, "
+              f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size})")
+    if mtp_apart:
+        error(f"{flag}: the MTP layers (m) must be on the last pipeline stage, with the loss (L)")
+    return layout
 
 
 def _resolve_schedule_units(args, error):
@@ -446,6 +586,17 @@ def _resolve_schedule_units(args, error):
         error(f"--lr-decay-style WSD needs --lr-wsd-decay-{unit}")
 
 
+def _parse_window(tokens, error) -> list[int]:
+    """`--window-size 4096,0` (Megatron-LM) or `--window-size 4096 0` -> [4096, 0]."""
+    try:
+        window = [int(part) for part in ",".join(tokens).split(",")]
+    except ValueError:
+        window = []
+    if len(window) != 2 or min(window) < 0:
+        error(f"--window-size {' '.join(tokens)}: give LEFT,RIGHT, two numbers of tokens (e.g. 4096,0)")
+    return window
+
+
 def _parse_curriculum(args, error):
     """`256:0 2048:1000` -> [(0, 256), (1000, 2048)], checked against --seq-length and TP."""
     stages = []
@@ -473,20 +624,22 @@ def current_seq_length(args, iteration: int) -> int:
     return [length for start, length in args.seq_length_curriculum if start <= iteration][-1]
 
 
-def _parse_blend(tokens, error):
+def _parse_blend(tokens, flag, error):
     """`--data-path a b` or `--data-path 0.4 a 0.6 b` -> (prefixes, weights or None), with every
     prefix's .bin/.idx checked."""
+    if not tokens:
+        error(f"{flag}: give indexed-dataset prefixes (from tools/preprocess_data.py)")
     try:
         weights = [float(t) for t in tokens[0::2]]
         prefixes = tokens[1::2]
         if len(weights) != len(prefixes):
-            error(f"--data-path: weights and prefixes must alternate, got {' '.join(tokens)}")
+            error(f"{flag}: weights and prefixes must alternate, got {' '.join(tokens)}")
     except ValueError:
         weights, prefixes = None, list(tokens)
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):
             if not os.path.isfile(prefix + suffix):
-                error(f"--data-path: {prefix}{suffix} does not exist")
+                error(f"{flag}: {prefix}{suffix} does not exist")
     return prefixes, weights
 
 
@@ -509,6 +662,7 @@ def transformer_config_from_args(args, padded_vocab_size: int | None = None) -> 
         bf16=args.bf16,
         window_size=tuple(args.window_size) if args.window_size else None,
         fp8=args.fp8_format,
+        attention_backend=AttnBackend[args.attention_backend],
         # Interleaving as Megatron-LM sets it up: with PP=2 both pipeline neighbours are one rank,
         # and only the unbatched, rank-parity-ordered p2p path matches their messages correctly.
         overlap_p2p_comm=bool(args.virtual_pipeline_model_parallel_size),

@@ -45,8 +45,9 @@ from megatron_r1.lora import (
     is_adapter_key,
     lora_spec_transform,
 )
+from megatron_r1.megatron_lm_flags import parse_known_flags
 from megatron_r1.model import build_gpt_model
-from megatron_r1.training import print_rank_last, setup
+from megatron_r1.training import micro_batch_loss, print_rank_last, setup
 
 LORA_CONFIG_FILE = "lora.json"
 
@@ -55,8 +56,6 @@ def add_finetuning_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("fine-tuning")
     group.add_argument("--pretrained-checkpoint", default=None,
                        help="checkpoint directory to start from (weights only); none: random initialisation")
-    group.add_argument("--valid-data-path", nargs="*", default=None,
-                       help="validation data (.jsonl files or tools/preprocess_sft.py prefixes); default: a --split share of --data-path")
     group.add_argument("--no-pack-sequences", action="store_true",
                        help="one sample per sequence (padded) instead of packing several")
     group.add_argument("--embedding-dropout", type=float, default=None, help="on the embeddings; default --hidden-dropout")
@@ -123,6 +122,10 @@ def _parse_unfreeze_schedule(entries, num_layers, error):
 
 
 def validate_finetuning_args(args, error) -> None:
+    if args.train_data_path is not None:
+        if args.data_path:
+            error("--data-path and --train-data-path are alternatives: give one")
+        args.data_path = args.train_data_path
     if not args.data_path:
         error("give --data-path with .jsonl files or tools/preprocess_sft.py prefixes")
     if not args.tokenizer_model:
@@ -131,6 +134,9 @@ def validate_finetuning_args(args, error) -> None:
         error("--data-path: fine-tuning data takes no blend weights, only files and prefixes")
     if args.eod_mask_loss:
         error("--eod-mask-loss is for pre-training documents: fine-tuning samples carry their own loss masks")
+    if args.reset_attention_mask or args.reset_position_ids:
+        error("--reset-attention-mask/--reset-position-ids are for pre-training documents: packed fine-tuning "
+              "samples never attend to each other and count their own positions")
     data_path, args.data_path = args.data_path, None
     args.mock_data = True  # the shared checks, minus pre-training's indexed-data ones (SFT data is checked below)
     validate_args(args, error)
@@ -172,7 +178,7 @@ def parse_finetuning_args(description: str, argv=None) -> argparse.Namespace:
     parser = build_parser(description)
     add_finetuning_arguments(parser)
     parser.set_defaults(split="98,2,0", lr=1e-5, lr_decay_style="cosine")
-    args = parser.parse_args(argv)
+    args = parse_known_flags(parser, argv)
     validate_finetuning_args(args, parser.error)
     return args
 
@@ -259,19 +265,19 @@ def _to_device(batch: dict) -> dict:
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def _masked_mean(values, mask):
-    return (values.float() * mask).sum() / mask.sum().clamp(min=1)
+def _masked_sum(values, mask):
+    return (values.float() * mask).sum()
 
 
 def sft_forward_step(data_iterator, model):
-    """Packed SFT batch -> per-token loss; the loss is the mean over response tokens."""
+    """Packed SFT batch -> per-token loss; the loss is over the response tokens."""
     batch = _to_device(next(data_iterator))
     attention_mask, position_ids = packed_attention_inputs(batch["segment_ids"])
     per_token_loss = model(batch["tokens"], position_ids, attention_mask, labels=batch["labels"], loss_mask=batch["loss_mask"])
 
     def loss_func(per_token_loss):
-        loss = _masked_mean(per_token_loss, batch["loss_mask"].float())
-        return loss, {"lm loss": loss.detach().clone()}
+        mask = batch["loss_mask"].float()
+        return micro_batch_loss(_masked_sum(per_token_loss, mask), mask)
 
     return per_token_loss, loss_func
 
@@ -318,9 +324,8 @@ def distillation_forward_step(args, teacher, data_iterator, model):
 
     def loss_func(per_token_loss):
         mask = batch["loss_mask"].float()
-        ce, kd = _masked_mean(per_token_loss, mask), _masked_mean(kl, mask)
-        loss = args.kd_ce_weight * ce + args.kd_kl_weight * args.kd_temperature**2 * kd
-        return loss, {"lm loss": ce.detach().clone(), "kd loss": kd.detach().clone()}
+        ce, kd = _masked_sum(per_token_loss, mask), _masked_sum(kl, mask)
+        return micro_batch_loss(args.kd_ce_weight * ce + args.kd_kl_weight * args.kd_temperature**2 * kd, mask, ce)
 
     return per_token_loss, loss_func
 

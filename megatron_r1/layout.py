@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 
 from megatron.core.parallel_state import RankGenerator
+from megatron.core.transformer.enums import LayerType
+from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
 
 from megatron_r1.flops import moe_layer_pattern
 
@@ -83,30 +85,40 @@ def decoder_layers_per_stage(num_layers: int, pp: int, first: int | None = None,
 
 def pipeline_stages(args, sizes: ParallelSizes) -> list[StageContents]:
     """The model is cut into PP x VPP chunks of consecutive layers and rank ``p`` holds chunks
-    ``p, p + PP, ...`` (without interleaving, stage ``p`` may hold more or fewer layers than the
-    others: ``decoder_layers_per_stage``); the first chunk has the embedding, the last the output
+    ``p, p + PP, ...``: evenly, or as --decoder-first/last-pipeline-num-layers (``decoder_layers_per_stage``)
+    or --pipeline-model-parallel-layout say. The first chunk has the embedding, the last the output
     layer and the MTP layers."""
+    chunks = _chunk_contents(args, sizes)
     pattern = moe_layer_pattern(args)
-    chunks = sizes.pp * sizes.vpp
-    counts = decoder_layers_per_stage(args.num_layers, sizes.pp, args.decoder_first_pipeline_num_layers,
-                                      args.decoder_last_pipeline_num_layers)  # fmt: skip
-    starts = [sum(counts[:stage]) for stage in range(sizes.pp)]
-    per_chunk = args.num_layers // chunks
     stage_ranks = sizes.dense_groups("pp")
-    stages = []
-    for stage in range(sizes.pp):
-        if sizes.vpp == 1:
-            layers = list(range(starts[stage], starts[stage] + counts[stage]))
-        else:
-            layers = [layer for chunk in range(stage, chunks, sizes.pp)
-                      for layer in range(chunk * per_chunk, (chunk + 1) * per_chunk)]  # fmt: skip
-        last = stage == sizes.pp - 1
-        stages.append(StageContents(
+    stages, first_layer = [[] for _ in range(sizes.pp)], 0
+    for chunk, (decoder_layers, _) in enumerate(chunks):  # in layer order: stage chunk % PP
+        stages[chunk % sizes.pp] += range(first_layer, first_layer + decoder_layers)
+        first_layer += decoder_layers
+    return [
+        StageContents(
             stage=stage, ranks=[group[stage] for group in stage_ranks], layers=layers,
-            moe_layers=sum(pattern[layer] for layer in layers), embedding=stage == 0, output_layer=last,
-            mtp_layers=(args.mtp_num_layers or 0) if last else 0,
-        ))  # fmt: skip
-    return stages
+            moe_layers=sum(pattern[layer] for layer in layers), embedding=stage == 0,
+            output_layer=stage == sizes.pp - 1, mtp_layers=sum(mtp for _, mtp in chunks[stage::sizes.pp]),
+        )  # fmt: skip
+        for stage, layers in enumerate(stages)
+    ]
+
+
+def _chunk_contents(args, sizes: ParallelSizes) -> list[tuple[int, int]]:
+    """(decoder layers, MTP layers) of each of the PP x VPP model chunks, in layer order."""
+    if args.pipeline_model_parallel_layout:
+        layout = PipelineParallelLayerLayout(args.pipeline_model_parallel_layout, sizes.pp)
+        return [(layout.layout[chunk % sizes.pp][chunk // sizes.pp].count(LayerType.decoder),
+                 layout.layout[chunk % sizes.pp][chunk // sizes.pp].count(LayerType.mtp))
+                for chunk in range(sizes.pp * sizes.vpp)]  # fmt: skip
+    if sizes.vpp > 1:
+        per_chunk = [args.num_layers // (sizes.pp * sizes.vpp)] * (sizes.pp * sizes.vpp)
+    else:
+        per_chunk = decoder_layers_per_stage(args.num_layers, sizes.pp, args.decoder_first_pipeline_num_layers,
+                                             args.decoder_last_pipeline_num_layers)  # fmt: skip
+    mtp = [0] * (len(per_chunk) - 1) + [args.mtp_num_layers or 0]
+    return list(zip(per_chunk, mtp))
 
 
 def format_ranks(ranks: list[int]) -> str:

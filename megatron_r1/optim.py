@@ -66,6 +66,7 @@ def build_optimizer(args, model_chunks):
         bf16=args.bf16,
         params_dtype=model_chunks[0].config.params_dtype,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        log_num_zeros_in_grad=args.log_num_zeros_in_grad,
     )
     optimizer = get_megatron_optimizer(config, model_chunks)
     if args.optimizer == "adam":

@@ -2,6 +2,7 @@
 Megatron-LM's iteration log line, evaluation and TensorBoard scalars."""
 
 import gc
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from megatron.core import parallel_state
+from megatron.core.config import set_experimental_flag
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -54,6 +56,10 @@ def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainSta
     """Process groups, tokenizer, model chunks (DDP-wrapped), optimizer and LR schedule.
     `layer_spec_transform(spec)` rewrites the decoder block spec (LoRA); `prepare_model_chunk(chunk)`
     adjusts each built chunk before DDP and the optimizer see it (freezing, dropout)."""
+    if args.logging_level is not None:
+        logging.basicConfig(level=args.logging_level)
+    if args.enable_experimental:
+        set_experimental_flag(True)
     initialize_distributed(
         args.tensor_model_parallel_size,
         args.pipeline_model_parallel_size,
@@ -114,21 +120,32 @@ def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainSta
     return TrainState(model, optimizer, build_scheduler(args, optimizer), tokenizer)
 
 
+def micro_batch_loss(loss_sum: torch.Tensor, mask: torch.Tensor, lm_loss_sum: torch.Tensor | None = None):
+    """A loss_func's result in megatron-core's three parts: the micro-batch's loss summed over its
+    loss tokens, their number, and the logged lm loss as [sum, number] (`lm_loss_sum`, default the
+    loss). The schedule divides by the number (a mean per micro-batch, averaged over micro-batches),
+    or with --calculate-per-token-loss keeps sums and divides the gradients by the global batch's
+    loss tokens."""
+    num_tokens = mask.sum().int()
+    logged = loss_sum if lm_loss_sum is None else lm_loss_sum
+    return loss_sum, num_tokens, {"lm loss": torch.stack([logged.detach().float(), num_tokens.float()])}
+
+
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
-    per_token_loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    per_token_loss = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
 
     def loss_func(per_token_loss):
         mask = batch["loss_mask"].float()
-        loss = (per_token_loss.float() * mask).sum() / mask.sum().clamp(min=1)
-        return loss, {"lm loss": loss.detach().clone()}
+        return micro_batch_loss((per_token_loss.float() * mask).sum(), mask)
 
     return per_token_loss, loss_func
 
 
 def _run_schedule(args, state, data_iterators, forward_only):
     """One global batch through megatron-core's schedule (one data iterator per model chunk); the
-    mean lm loss over micro-batches and data-parallel ranks (last pipeline stage; None elsewhere)."""
+    lm loss over the loss tokens of all micro-batches and data-parallel ranks (last pipeline stage;
+    None elsewhere)."""
     seq_length = data_iterators[0].seq_length or args.seq_length
     reduced = get_forward_backward_func()(
         forward_step_func=state.forward_step or _forward_step,
@@ -141,9 +158,10 @@ def _run_schedule(args, state, data_iterators, forward_only):
     )
     if not parallel_state.is_pipeline_last_stage():
         return None
-    loss = torch.stack([item["lm loss"] for item in reduced]).mean()
-    torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-    return loss.item() / parallel_state.get_data_parallel_world_size()
+    loss_sum, num_tokens = torch.stack([item["lm loss"] for item in reduced]).sum(dim=0)
+    totals = torch.stack([loss_sum, num_tokens])
+    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return (totals[0] / totals[1].clamp(min=1)).item()
 
 
 def _grads_are_finite(model_chunks) -> bool:
@@ -182,6 +200,7 @@ def _auxiliary_losses(args, iteration, writer):
             iteration=iteration,
             writer=writer,
             total_loss_dict=losses,
+            per_layer_logging=args.moe_per_layer_logging,
             force_initialize=True,
             track_names=track_names,
             # Sized as the routers size it, so stages without MoE layers join the same reduction.
@@ -192,6 +211,31 @@ def _auxiliary_losses(args, iteration, writer):
     if args.mtp_num_layers:
         MTPLossLoggingHelper.track_mtp_metrics(1.0 / args.num_microbatches, iteration, writer, total_loss_dict=losses)
     return {name: float(value) for name, value in losses.items()}
+
+
+class IterationProfiler:
+    """--profile: iterations [--profile-step-start, --profile-step-end) of the --profile-ranks,
+    recorded by torch.profiler into --tensorboard-dir (--use-pytorch-profiler; TensorBoard's profiler
+    tab and chrome://tracing read the trace), or marked with the CUDA profiler API for
+    `nsys profile -c cudaProfilerApi` (Megatron-LM's default)."""
+
+    def __init__(self, args):
+        self.on = args.profile and torch.distributed.get_rank() in args.profile_ranks
+        self.start, self.end = args.profile_step_start, args.profile_step_end
+        self.torch_profiler = None
+        if self.on and args.use_pytorch_profiler:
+            self.torch_profiler = torch.profiler.profile(
+                on_trace_ready=torch.profiler.tensorboard_trace_handler(args.tensorboard_dir),
+                record_shapes=True, with_stack=True,
+            )  # fmt: skip
+
+    def iteration_starts(self, iteration: int) -> None:
+        if self.on and iteration == self.start:
+            self.torch_profiler.start() if self.torch_profiler else torch.cuda.cudart().cudaProfilerStart()
+
+    def iteration_ended(self, iteration: int) -> None:
+        if self.on and iteration == self.end:
+            self.torch_profiler.stop() if self.torch_profiler else torch.cuda.cudart().cudaProfilerStop()
 
 
 def is_logging_rank() -> bool:
@@ -237,8 +281,10 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
     if args.manual_gc:
         gc.disable()  # collections happen below, at the same iteration on every rank
         gc.collect()
+    profiler = IterationProfiler(args)
     while state.iteration < args.train_iters:
         start = time.perf_counter()
+        profiler.iteration_starts(state.iteration)
         if state.on_iteration_start is not None:
             state.on_iteration_start(args, state)
         for chunk_data in train_data:
@@ -251,9 +297,9 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
         loss = _run_schedule(args, state, train_data, forward_only=False)
         # A NaN/Inf gradient would poison the weights and optimizer moments: skip the update.
         if _grads_are_finite(state.model):
-            update_successful, grad_norm, _ = state.optimizer.step()
+            update_successful, grad_norm, num_zeros = state.optimizer.step()
         else:
-            update_successful, grad_norm = False, None
+            update_successful, grad_norm, num_zeros = False, None, None
             state.nan_iterations += 1
         if update_successful:
             state.scheduler.step(increment=schedule_increment(args))
@@ -261,6 +307,7 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
             state.skipped_iterations += 1
         bad_steps_in_a_row = 0 if update_successful else bad_steps_in_a_row + 1
         state.iteration += 1
+        profiler.iteration_ended(state.iteration)
         state.consumed_samples += args.global_batch_size
         elapsed = time.perf_counter() - start
         aux_losses = _auxiliary_losses(args, state.iteration, writer)
@@ -281,6 +328,8 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
                 *(f"{name}: {value:.6E}" for name, value in aux_losses.items()),
                 *([f"expert load max/mean: {max(load_imbalance.values()):.2f}"] if load_imbalance else []),
                 f"grad norm: {grad_norm:.3f}" if grad_norm is not None else "grad norm: n/a",
+                *([f"num zeros: {num_zeros:.1f}" if num_zeros is not None else "num zeros: n/a"]
+                  if args.log_num_zeros_in_grad else []),
                 f"number of skipped iterations: {state.skipped_iterations:3d}",
                 f"number of nan iterations: {state.nan_iterations:3d}",
             ]
@@ -291,7 +340,7 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
                                 "throughput tokens per second": tokens_per_step / elapsed})  # fmt: skip
             if writer is not None:
                 for name, value in (("lm loss", loss), ("learning-rate", learning_rate), ("grad-norm", grad_norm),
-                                    ("throughput", tokens_per_step / elapsed)):  # fmt: skip
+                                    ("throughput", tokens_per_step / elapsed), ("num-zeros", num_zeros)):  # fmt: skip
                     if value is not None:
                         writer.add_scalar(name, value, state.iteration)
                 for layer, imbalance in load_imbalance.items():
@@ -357,7 +406,9 @@ def train_or_evaluate(args, state: TrainState, train_dataset, valid_dataset) -> 
         evaluate_and_print(args, state, valid_dataset)
         return
     logging_rank = is_logging_rank()
-    writer = SummaryWriter(args.tensorboard_dir) if args.tensorboard_dir and logging_rank else None
+    writer = None
+    if args.tensorboard_dir and logging_rank:
+        writer = SummaryWriter(args.tensorboard_dir, max_queue=args.tensorboard_queue_size)
     metrics = MetricsServer(args.metrics_port) if args.metrics_port is not None and logging_rank else None
     train(args, state, train_dataset, valid_dataset, writer, metrics)
 

@@ -91,7 +91,7 @@ def test_deepseek_flags_reach_the_transformer_config(monkeypatch):
         "--num-experts", "8", "--moe-layer-freq", "[0]+[1]*3", "--moe-router-score-function", "sigmoid",
         "--moe-router-enable-expert-bias", "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
         "--moe-router-topk-scaling-factor", "2.5", "--mtp-num-layers", "1", "--norm-epsilon", "1e-5",
-        "--window-size", "32", "0", "--recompute-granularity", "selective", "--recompute-modules", "mla_up_proj", "moe",
+        "--window-size", "32,0", "--recompute-granularity", "selective", "--recompute-modules", "mla_up_proj", "moe",
     ])  # fmt: skip
     config = transformer_config_from_args(args)
     assert type(config).__name__ == "MLATransformerConfig"
@@ -101,3 +101,61 @@ def test_deepseek_flags_reach_the_transformer_config(monkeypatch):
     assert config.mtp_num_layers == 1 and config.layernorm_epsilon == 1e-5
     assert config.gated_linear_unit and not config.add_bias_linear and config.window_size == (32, 0)
     assert config.recompute_granularity == "selective" and config.recompute_modules == ["mla_up_proj", "moe"]
+
+
+def test_a_megatron_lm_deepseek_v3_recipe_parses(monkeypatch):
+    """Flags as NVIDIA's DeepSeek-V3 recipes spell them (Megatron-MoE-ModelZoo, Megatron-LM examples)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = parse_args("test", TINY + [
+        "--use-mcore-models", "--moe-layer-freq", "([0]*1+[1]*3)", "--num-experts", "4", "--moe-grouped-gemm",
+        "--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
+        "--global-batch-size", "8", "--recompute-activations", "--window-size", "127", "0",
+        "--attention-backend", "fused", "--use-rotary-position-embeddings", "--position-embedding-type", "none",
+        "--moe-router-force-load-balancing", "--log-validation-ppl-to-tensorboard", "--no-rope-fusion",
+    ])  # fmt: skip
+    config = transformer_config_from_args(args)
+    assert config.moe_layer_freq == [0, 1, 1, 1] and config.recompute_granularity == "selective"
+    assert (args.virtual_pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage) == (2, 1)
+    assert config.window_size == (127, 0) and config.attention_backend.name == "fused"
+    assert config.moe_router_force_load_balancing and args.position_embedding_type == "none"  # the last flag wins
+    assert config.moe_grouped_gemm == torch.cuda.is_available()
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--fp16"], "--fp16: fp16 training (with loss scaling) is not supported: use --bf16"),
+        (["--wandb-project", "p", "--use-precision-aware-optimizer"],
+         "--wandb-project: Weights & Biases is not built in: use --tensorboard-dir or --metrics-port; "
+         "--use-precision-aware-optimizer: low-precision optimizer state is not supported (it is kept in fp32)"),
+        (["--moe-router-top-k", "2"], "--moe-router-top-k: unknown flag (did you mean --moe-router-topk?)"),
+        (["--context-parallel-size", "2"], "--context-parallel-size 2: only 1 is supported here; context parallelism "
+         "is not supported (long sequences: --recompute-granularity, --sequence-parallel)"),
+        (["--rotary-percent", "0.5"], "--rotary-percent 0.5: only 1 is supported here; partial RoPE is not supported"),
+        (["--window-size", "4096"], "--window-size 4096: give LEFT,RIGHT, two numbers of tokens (e.g. 4096,0)"),
+        (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
+          "--num-layers-per-virtual-pipeline-stage", "1"],
+         "--num-virtual-stages-per-pipeline-rank and --num-layers-per-virtual-pipeline-stage are alternatives: give one"),
+        (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "3"],
+         "--num-virtual-stages-per-pipeline-rank (3) needs --pipeline-model-parallel-size > 1 and --num-layers (4) "
+         "divisible by PP x it (6)"),
+        (["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Et|ttt|tL"],
+         "--pipeline-model-parallel-layout Et|ttt|tL: pipeline_model_parallel_layout must be divisible by "
+         "pipeline_model_parallel_size (len(layout)=3, pipeline_model_parallel_size=2) (--num-layers 4, "
+         "--mtp-num-layers 0, --pipeline-model-parallel-size 2)"),
+        (["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Et|tL"],
+         "Number of decoder layers 2must match num_layers 4 (--num-layers 4, --mtp-num-layers 0, "
+         "--pipeline-model-parallel-size 2)"),
+        (["--pipeline-model-parallel-size", "2", "--mtp-num-layers", "1", "--pipeline-model-parallel-layout",
+          "Ettttm|L"], "--pipeline-model-parallel-layout Ettttm|L: the MTP layers (m) must be on the last pipeline "
+         "stage, with the loss (L)"),
+        (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1",
+          "--pipeline-model-parallel-layout", "Et|tttL"], "--pipeline-model-parallel-layout places every layer: not "
+         "with --decoder-first/last-pipeline-num-layers, --num-layers-per-virtual-pipeline-stage or "
+         "--num-virtual-stages-per-pipeline-rank"),
+        (["--dataloader-type", "cyclic"], "argument --dataloader-type: invalid choice: 'cyclic' (choose from 'single')"),
+    ],
+)
+def test_megatron_lm_flags_without_a_counterpart_are_refused_with_the_reason(extra, expected, capsys, monkeypatch):
+    line = parse_error(TINY + extra, capsys, 2, monkeypatch)
+    assert line.endswith(expected), line

@@ -276,3 +276,15 @@ def test_dropout_probabilities_out_of_range_are_rejected(task, flag, probability
         parse_finetuning_args("test", [*TINY_DENSE, "--data-path", task["copy"], "--tokenizer-model",
                                        task["tokenizer"], flag, probability])  # fmt: skip
     assert f"{flag} ({float(probability)}) must be in [0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--reset-attention-mask"], "--reset-attention-mask/--reset-position-ids are for pre-training documents"),
+    (["--eod-mask-loss"], "--eod-mask-loss is for pre-training documents"),
+    (["--fp16"], "--fp16: fp16 training (with loss scaling) is not supported: use --bf16"),
+])  # fmt: skip
+def test_pre_training_only_and_unsupported_flags_are_refused(task, flags, expected, capsys):
+    with pytest.raises(SystemExit):
+        parse_finetuning_args("test", [*TINY_DENSE, "--data-path", task["copy"], "--tokenizer-model",
+                                       task["tokenizer"], *flags])  # fmt: skip
+    assert expected in capsys.readouterr().err

@@ -108,6 +108,18 @@ def test_interleaved_stages_hold_every_pp_th_chunk():
     assert first.ranks == [0] and last.ranks == [1]
 
 
+def test_a_pipeline_layout_places_the_layers_it_names():
+    """--pipeline-model-parallel-layout, DeepSeek-V3's style on PP=2 x 2 virtual stages: chunks of 2, 3,
+    2 and 1 decoder layers in layer order, the MTP layer with the loss."""
+    args = parse(TINY_MOE + ["--num-layers", "8", "--moe-layer-freq", "[0]*2+[1]*6", "--mtp-num-layers", "1",
+                             "--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Ett|ttt|tt|tmL",
+                             "--global-batch-size", "8"], world_size=2)  # fmt: skip
+    assert args.virtual_pipeline_model_parallel_size == 2
+    first, last = pipeline_stages(args, ParallelSizes.from_args(args))
+    assert first.layers == [0, 1, 5, 6] and last.layers == [2, 3, 4, 7]
+    assert (first.moe_layers, last.moe_layers, first.mtp_layers, last.mtp_layers) == (2, 4, 0, 1)
+
+
 def test_in_flight_microbatches_follow_the_1f1b_schedule():
     sizes = ParallelSizes(world=4, tp=1, pp=4, dp=1, ep=1, etp=1, expert_dp=1, vpp=1)
     assert [in_flight_microbatches(sizes, stage, 8) for stage in range(4)] == [4, 3, 2, 1]

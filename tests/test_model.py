@@ -47,6 +47,13 @@ def test_deepseek_interleaved_pipeline_matches_single_process(tiny_gpt_runs, tmp
     tiny_gpt_runs.assert_layout_matches(DEEPSEEK + ["--num-layers", "4"], ["--pp", "2", "--vpp", "2"], tmp_path)
 
 
+def test_deepseek_pipeline_layout_matches_single_process(tiny_gpt_runs, tmp_path):
+    """--pipeline-model-parallel-layout: PP=2 x 2 virtual stages of 1, 2, 1 and 0 decoder layers (the
+    last chunk only MTP and loss), an uneven interleaved split the other flags cannot express."""
+    tiny_gpt_runs.assert_layout_matches(DEEPSEEK + ["--num-layers", "4"], ["--pp", "2", "--vpp", "2", "--layout",
+                                                                           "Et|tt|t|mL"], tmp_path)  # fmt: skip
+
+
 def test_label_smoothing_applies_to_training_loss_only():
     """Smoothed loss = (1 - eps') * CE + eps' * mean(-log p) over the vocabulary, as megatron's
     vocab_parallel_cross_entropy defines eps' = eps * V / (V - 1)."""

@@ -1,5 +1,6 @@
 """pretrain_r1.py end to end on CPU: one process and two."""
 
+import json
 import math
 import re
 import subprocess
@@ -39,10 +40,36 @@ def assert_complete_log(stdout, train_iters=3):
     assert re.search(r"validation loss at iteration 3 \| lm loss value: \S+ \| lm loss PPL: \S+", stdout), stdout
 
 
+# Flags of Megatron-LM's MoE recipes: GPU kernel choices (without CUDA, the plain path stands in),
+# switches that change nothing here, and older spellings.
+MEGATRON_LM_RECIPE_FLAGS = [
+    "--moe-grouped-gemm", "--moe-permute-fusion", "--moe-token-dispatcher-type", "flex", "--use-mcore-models",
+    "--use-flash-attn", "--log-throughput", "--num-workers", "6", "--no-create-attention-mask-in-dataloader",
+    "--recompute-activations", "--attention-backend", "auto", "--context-parallel-size", "1", "--ckpt-format",
+    "torch_dist",
+]  # fmt: skip
+
+
 def test_single_process_deepseek_run(tmp_path):
-    result = run_command([sys.executable, str(PRETRAIN), *DEEPSEEK_TINY, "--tensorboard-dir", "tb"], tmp_path)
+    """Also: a Megatron-LM MoE recipe's kernel and no-op flags train on CPU, and the logging flags
+    reach the iteration line and TensorBoard."""
+    result = run_command([sys.executable, str(PRETRAIN), *DEEPSEEK_TINY, *MEGATRON_LM_RECIPE_FLAGS,
+                          "--tensorboard-dir", "tb", "--tensorboard-queue-size", "1", "--log-num-zeros-in-grad",
+                          "--moe-per-layer-logging", "--logging-level", "20", "--enable-experimental", "--profile",
+                          "--use-pytorch-profiler", "--profile-step-start", "1", "--profile-step-end", "2"], tmp_path)  # fmt: skip
     assert_complete_log(result.stdout)
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*")), "no TensorBoard events written"
+    assert "INFO:megatron.core.datasets" in result.stderr, result.stderr  # --logging-level 20 lets INFO through
+    if not torch.cuda.is_available():
+        assert ("the plain megatron-core path stands in for --moe-grouped-gemm, --moe-permute-fusion, "
+                "--moe-token-dispatcher-type flex") in result.stderr, result.stderr
+    assert re.search(r"num zeros: \d+\.\d", result.stdout), result.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"lm loss", "num-zeros", "moe/seq_load_balancing_loss_layer_1", "lm loss validation ppl"} <= set(tags), tags
+    trace = json.loads(next((tmp_path / "tb").glob("*.pt.trace.json")).read_text())  # --profile: iteration 2 only
+    assert sum(event.get("name") == "Optimizer.step#AdamW.step" for event in trace["traceEvents"]) == 1
 
 
 def test_two_process_pipeline_with_mtp_on_the_last_stage(tmp_path):
@@ -97,6 +124,80 @@ def test_nonfinite_gradients_skip_the_update(monkeypatch):
         assert not all(torch.equal(a, b) for a, b in zip(after_first, _weights(state)))
     finally:
         destroy_distributed()
+
+
+def test_reset_attention_mask_keeps_documents_apart(monkeypatch):
+    """--reset-attention-mask: the data's document mask reaches attention, so a document's losses do
+    not depend on the document before it in the sample (and do without the mask)."""
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.distributed import destroy_distributed
+    from megatron_r1.training import _forward_step, setup
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = parse_args("test", TINY_MOE + ["--reset-attention-mask", "--reset-position-ids"])
+    state = setup(args)
+    try:
+        eod, generator = 127, torch.Generator().manual_seed(0)
+        first, second = torch.randint(0, 127, (6,), generator=generator), torch.randint(0, 127, (11,), generator=generator)
+        first[-1] = eod
+        packed, alone = torch.cat([first, second]), torch.cat([second, torch.randint(0, 127, (6,), generator=generator)])
+
+        def losses(tokens, masked=True):
+            mask, _, positions = _get_ltor_masks_and_position_ids(tokens[:-1], eod, True, True, False, True)
+            batch = {"tokens": tokens[None, :-1], "labels": tokens[None, 1:], "position_ids": positions[None],
+                     "attention_mask": mask[None] if masked else None}  # fmt: skip
+            with torch.no_grad():
+                return _forward_step(iter([batch]), state.model[0])[0][0]
+
+        state.model[0].eval()
+        assert torch.allclose(losses(packed)[6:], losses(alone)[:10], atol=1e-5)
+        assert not torch.allclose(losses(packed, masked=False)[6:], losses(alone)[:10], atol=1e-3)
+    finally:
+        destroy_distributed()
+
+
+class _UnevenlyMaskedSamples:
+    """Two samples with 4 and 16 loss tokens."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        tokens = torch.arange(17) * (index + 3) % 128
+        mask = torch.ones(16) if index else (torch.arange(16) < 4).float()
+        return {"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": mask}
+
+
+def _loss_and_gradients(flags):
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.data.pretrain import MicroBatches
+    from megatron_r1.distributed import destroy_distributed
+    from megatron_r1.training import _run_schedule, setup
+
+    args = parse_args("test", TINY_MOE + ["--global-batch-size", "2", *flags])
+    state = setup(args)
+    try:
+        state.model[0].zero_grad_buffer()
+        loss = _run_schedule(args, state, [MicroBatches(_UnevenlyMaskedSamples(), args.micro_batch_size)], False)
+        return loss, [param.main_grad.clone() for param in state.model[0].parameters()]
+    finally:
+        destroy_distributed()
+
+
+def test_per_token_loss_does_not_depend_on_the_micro_batch_cut(monkeypatch):
+    """--calculate-per-token-loss: one micro-batch of both samples and two micro-batches of one give
+    the same loss and gradients (the mean over all 20 loss tokens); the default means per micro-batch
+    first, so there the two cuts differ."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    whole_loss, whole = _loss_and_gradients(["--micro-batch-size", "2", "--calculate-per-token-loss"])
+    cut_loss, cut = _loss_and_gradients(["--micro-batch-size", "1", "--calculate-per-token-loss"])
+    assert abs(whole_loss - cut_loss) < 1e-6
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, cut))
+    default_cut_loss, default_cut = _loss_and_gradients(["--micro-batch-size", "1"])
+    assert abs(default_cut_loss - cut_loss) < 1e-6  # the logged loss is over tokens either way
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(default_cut, cut))
 
 
 def test_manual_gc_collects_at_fixed_iterations_only(monkeypatch):

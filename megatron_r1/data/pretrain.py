@@ -29,14 +29,15 @@ def build_datasets(args, tokenizer, train_samples: int, eval_samples: int):
     config = GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_length,
-        blend=None if args.mock_data else args.data_path,
-        split=args.split,
+        blend=None if args.mock_data or args.data_per_split else args.data_path,
+        blend_per_split=args.data_per_split,
+        split=None if args.data_per_split else args.split,
         path_to_cache=args.data_cache_path,
         tokenizer=_token_ids(args, tokenizer),
-        reset_position_ids=False,
-        reset_attention_mask=False,
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss,
-        create_attention_mask=False,
+        create_attention_mask=args.reset_attention_mask,  # otherwise causal attention needs no mask
         mmap_bin_files=args.mmap_bin_files,
         mid_level_dataset_surplus=0.005,
     )
@@ -76,10 +77,13 @@ class MicroBatches:
         start = self.consumed_samples + self.dp_rank * self.micro_batch_size
         samples = [self.dataset[i] for i in range(start, start + self.micro_batch_size)]
         self.consumed_samples += stride
-        # segment_ids: packed fine-tuning samples (megatron_r1.data.sft) say which sample each token is of.
-        keys = ("tokens", "labels", "loss_mask") + (("segment_ids",) if "segment_ids" in samples[0] else ())
+        # segment_ids: packed fine-tuning samples (megatron_r1.data.sft) say which sample each token is
+        # of; attention_mask (--reset-attention-mask) and reset position_ids keep documents apart.
+        optional = ("segment_ids", "position_ids", "attention_mask")
+        keys = ("tokens", "labels", "loss_mask") + tuple(key for key in optional if key in samples[0])
         batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in keys}
         length = self.seq_length or batch["tokens"].shape[1]
-        batch = {key: value.reshape(-1, length) for key, value in batch.items()}
-        batch["position_ids"] = torch.arange(length).expand_as(batch["tokens"])
+        if length != batch["tokens"].shape[1]:  # independent sequences (no document masks: validate_args)
+            batch = {key: value.reshape(-1, length) for key, value in batch.items() if key not in optional[1:]}
+        batch.setdefault("position_ids", torch.arange(length).expand_as(batch["tokens"]))
         return batch

@@ -58,7 +58,8 @@ def test_eod_mask_loss_and_file_reads_reach_megatron_datasets(tmp_path):
 
     def first_sample(**flags):
         args = SimpleNamespace(seed=1, seq_length=12, mock_data=False, data_path=([prefix], None), split="100,0,0",
-                               data_cache_path=None, vocab_size=vocab_size, eod_mask_loss=False, mmap_bin_files=True)
+                               data_per_split=None, data_cache_path=None, vocab_size=vocab_size, eod_mask_loss=False,
+                               mmap_bin_files=True, reset_attention_mask=False, reset_position_ids=False)
         train, _ = build_datasets(SimpleNamespace(**{**vars(args), **flags}), None, 8, 0)
         readers.append(type(train.dataset.bin_reader).__name__)
         return train[0]
@@ -70,3 +71,35 @@ def test_eod_mask_loss_and_file_reads_reach_megatron_datasets(tmp_path):
     assert is_eod.any() and plain["loss_mask"].all()
     assert torch.equal(masked["loss_mask"], (~is_eod).float())
     assert torch.equal(unmapped["tokens"], plain["tokens"])
+
+
+def test_document_masks_and_separate_validation_data_reach_the_batches(tmp_path, monkeypatch):
+    """--reset-attention-mask / --reset-position-ids: each document of a sample attends only to itself
+    and counts positions from 0, in the micro-batches the model gets; --train-data-path and
+    --valid-data-path build each split from its own files."""
+    from megatron.core import parallel_state
+
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.data.pretrain import build_datasets
+
+    monkeypatch.setattr(parallel_state, "get_data_parallel_rank", lambda: 0)
+    monkeypatch.setattr(parallel_state, "get_data_parallel_world_size", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    model = tmp_path / "tok.model"
+    model.write_bytes(b"")
+    train_prefix = _documents_dataset(tmp_path, eod=15)
+    (tmp_path / "valid").mkdir()
+    valid_prefix = _documents_dataset(tmp_path / "valid", eod=15)
+    args = parse_args("test", ["--train-data-path", train_prefix, "--valid-data-path", valid_prefix, "--tokenizer-model",
+                               str(model), "--seq-length", "12", "--reset-attention-mask", "--reset-position-ids"])  # fmt: skip
+    args.vocab_size = 16  # what setup() takes from the tokenizer
+    train, valid = build_datasets(args, None, 8, 4)
+    assert [d.dataset.path_prefix for d in (train, valid)] == [train_prefix, valid_prefix]
+    batch = next(MicroBatches(train, micro_batch_size=2))
+    for tokens, positions, mask in zip(batch["tokens"], batch["position_ids"], batch["attention_mask"][:, 0]):
+        document = torch.cat([torch.zeros(1, dtype=torch.long), (tokens == 15).long().cumsum(0)[:-1]])
+        assert document.max() > 0, "the sample should span documents"
+        starts = [int((document == d).nonzero()[0]) for d in document.tolist()]
+        assert positions.tolist() == [i - start for i, start in enumerate(starts)]
+        allowed = (document[:, None] == document[None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
+        assert torch.equal(~mask, allowed)

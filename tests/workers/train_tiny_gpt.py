@@ -38,6 +38,7 @@ def parse_args():
     parser.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank")
     parser.add_argument("--first-stage-layers", type=int, default=None,
                         help="decoder layers on the first pipeline stage (uneven split)")
+    parser.add_argument("--layout", default=None, help="--pipeline-model-parallel-layout (with --vpp when it interleaves)")
     parser.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: --tp)")
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--sequence-parallel", action="store_true")
@@ -110,6 +111,7 @@ def main():
         pipeline_model_parallel_size=args.pp,
         virtual_pipeline_model_parallel_size=args.vpp,
         num_layers_in_first_pipeline_stage=args.first_stage_layers,
+        pipeline_model_parallel_layout=args.layout,
         # Interleaving as Megatron-LM sets it up: with PP=2 both pipeline neighbours are one rank,
         # and only the unbatched, rank-parity-ordered p2p path matches their messages correctly.
         overlap_p2p_comm=bool(args.vpp),
