@@ -19,12 +19,14 @@ from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_block_spec,
+    get_gpt_decoder_layer_specs,
     get_gpt_mtp_block_spec,
 )
 from megatron.core.post_training.modelopt.layers import Linear as DuplicatedLinear
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -63,8 +65,15 @@ def decoder_block_spec(config: TransformerConfig, vp_stage=None, use_transformer
     return spec if use_transformer_engine else _substitute(spec)
 
 
+def last_decoder_layer_spec(config: TransformerConfig, use_transformer_engine=False):
+    """A block spec of the model's last decoder layer alone, wherever it lives."""
+    layer = get_gpt_decoder_layer_specs(config, use_transformer_engine, normalization=config.normalization)[-1]
+    return TransformerBlockSubmodules(layer_specs=[layer if use_transformer_engine else _substitute(layer)])
+
+
 def mtp_block_spec(config: TransformerConfig, block_spec, vp_stage=None, use_transformer_engine=False):
-    """The multi-token-prediction block for this pipeline stage (None where it has no MTP layer)."""
+    """The multi-token-prediction block for this pipeline stage (None where it has no MTP layer);
+    megatron-core builds MTP layers like the last decoder layer of `block_spec`."""
     if not config.mtp_num_layers:
         return None
     spec = get_gpt_mtp_block_spec(config, block_spec, use_transformer_engine=use_transformer_engine, vp_stage=vp_stage)
@@ -78,6 +87,12 @@ class LabelSmoothedGPTModel(GPTModel):
     def __init__(self, *args, label_smoothing: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.label_smoothing = label_smoothing
+        if self.post_process and self.mtp_process and not self.pre_process and self.share_embeddings_and_output_weights:
+            # A later pipeline stage with MTP layers holds a copy of the word embeddings, and its
+            # output layer computes with that copy (shared_embedding_or_output_weight); megatron-core
+            # 0.16 still allocates the output layer a weight of its own, which nothing uses and its
+            # sharded_state_dict refuses (saving failed).
+            self.output_layer.weight = None
 
     def compute_language_model_loss(self, labels, logits):
         if not (self.training and self.label_smoothing > 0):
@@ -106,6 +121,13 @@ def build_gpt_model(
     block_spec = decoder_block_spec(config, vp_stage=vp_stage, use_transformer_engine=use_transformer_engine)
     if layer_spec_transform is not None:
         block_spec = layer_spec_transform(block_spec)
+    # MTP layers are built like the model's last decoder layer, which is in this chunk unless
+    # --pipeline-model-parallel-layout gives the MTP layers a chunk of their own ("...|mL").
+    mtp_source = block_spec
+    if not block_spec.layer_specs:
+        mtp_source = last_decoder_layer_spec(config, use_transformer_engine)
+        if layer_spec_transform is not None:
+            mtp_source = layer_spec_transform(mtp_source)
     return LabelSmoothedGPTModel(
         config=config,
         transformer_layer_spec=block_spec,
@@ -113,7 +135,7 @@ def build_gpt_model(
         max_sequence_length=max_sequence_length,
         pre_process=pre_process,
         post_process=post_process,
-        mtp_block_spec=mtp_block_spec(config, block_spec, vp_stage, use_transformer_engine),
+        mtp_block_spec=mtp_block_spec(config, mtp_source, vp_stage, use_transformer_engine),
         vp_stage=vp_stage,
         label_smoothing=label_smoothing,
         **gpt_kwargs,
