@@ -55,7 +55,7 @@ def test_single_process_deepseek_run(tmp_path):
     reach the iteration line and TensorBoard."""
     result = run_command([sys.executable, str(PRETRAIN), *DEEPSEEK_TINY, *MEGATRON_LM_RECIPE_FLAGS,
                           "--tensorboard-dir", "tb", "--tensorboard-queue-size", "1", "--log-num-zeros-in-grad",
-                          "--moe-per-layer-logging", "--logging-level", "20", "--enable-experimental", "--profile",
+                          "--moe-per-layer-logging", "--log-memory-to-tensorboard", "--logging-level", "20", "--enable-experimental", "--profile",
                           "--use-pytorch-profiler", "--profile-step-start", "1", "--profile-step-end", "2"], tmp_path)  # fmt: skip
     assert_complete_log(result.stdout)
     assert "INFO:megatron.core.datasets" in result.stderr, result.stderr  # --logging-level 20 lets INFO through
@@ -67,20 +67,28 @@ def test_single_process_deepseek_run(tmp_path):
 
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     tags = events.Tags()["scalars"]
-    assert {"lm loss", "num-zeros", "moe/seq_load_balancing_loss_layer_1", "lm loss validation ppl"} <= set(tags), tags
+    memory = "mem-max-allocated-bytes" if torch.cuda.is_available() else "mem-max-rss-bytes"
+    assert {"lm loss", "num-zeros", "moe/seq_load_balancing_loss_layer_1", "lm loss validation ppl", memory} <= set(tags)
+    assert events.Scalars(memory)[-1].value > 100e6  # megatron-core and torch alone take more
     trace = json.loads(next((tmp_path / "tb").glob("*.pt.trace.json")).read_text())  # --profile: iteration 2 only
     assert sum(event.get("name") == "Optimizer.step#AdamW.step" for event in trace["traceEvents"]) == 1
 
 
 def test_two_process_pipeline_with_mtp_on_the_last_stage(tmp_path):
-    """The first stage has no MoE or MTP layer yet joins the loss-tracker reductions."""
+    """The first stage has no MoE or MTP layer yet joins the loss-tracker reductions. With tied
+    embeddings, both decoder layers on the first stage and the MTP layer alone with the loss on the
+    second (--pipeline-model-parallel-layout): the checkpoint evaluates alike in one process."""
+    tied = [flag for flag in DEEPSEEK_TINY if flag != "--untie-embeddings-and-output-weights"]
     result = run_command(
-        ["torchrun", "--standalone", "--nproc_per_node=2", str(PRETRAIN), *DEEPSEEK_TINY,
-         "--pipeline-model-parallel-size", "2"],
+        ["torchrun", "--standalone", "--nproc_per_node=2", str(PRETRAIN), *tied, "--pipeline-model-parallel-size", "2",
+         "--pipeline-model-parallel-layout", "Ett|mL", "--save", "ckpt"],
         tmp_path,
         timeout=300,
     )  # fmt: skip
     assert_complete_log(result.stdout)
+    loaded = run_command([sys.executable, str(PRETRAIN), *tied, "--load", "ckpt", "--skip-train"], tmp_path)
+    loss = re.compile(r"validation loss at iteration 3 \| lm loss value: (\S+)")
+    assert abs(float(loss.search(loaded.stdout)[1]) - float(loss.search(result.stdout)[1])) <= 1e-5
 
 
 TINY_MOE = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-size", "32",
