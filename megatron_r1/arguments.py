@@ -330,6 +330,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     logging.add_argument("--profile-ranks", type=int, nargs="+", default=[0])
     logging.add_argument("--tensorboard-queue-size", type=int, default=1000,
                          help="TensorBoard events held before they are written out")
+    logging.add_argument("--log-memory-to-tensorboard", action="store_true",
+                         help="memory figures in TensorBoard: the CUDA allocator's, or without CUDA the peak RSS")
     logging.add_argument("--log-num-zeros-in-grad", action="store_true",
                          help="the number of zero gradient elements in the iteration line and TensorBoard")
     logging.add_argument("--logging-level", type=int, default=None,

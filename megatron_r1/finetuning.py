@@ -325,7 +325,8 @@ def distillation_forward_step(args, teacher, data_iterator, model):
     def loss_func(per_token_loss):
         mask = batch["loss_mask"].float()
         ce, kd = _masked_sum(per_token_loss, mask), _masked_sum(kl, mask)
-        return micro_batch_loss(args.kd_ce_weight * ce + args.kd_kl_weight * args.kd_temperature**2 * kd, mask, ce)
+        loss = args.kd_ce_weight * ce + args.kd_kl_weight * args.kd_temperature**2 * kd
+        return micro_batch_loss(loss, mask, {"lm loss": ce, "kd loss": kd})
 
     return per_token_loss, loss_func
 

@@ -4,6 +4,7 @@ Megatron-LM's iteration log line, evaluation and TensorBoard scalars."""
 import gc
 import logging
 import math
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,15 +121,16 @@ def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainSta
     return TrainState(model, optimizer, build_scheduler(args, optimizer), tokenizer)
 
 
-def micro_batch_loss(loss_sum: torch.Tensor, mask: torch.Tensor, lm_loss_sum: torch.Tensor | None = None):
+def micro_batch_loss(loss_sum: torch.Tensor, mask: torch.Tensor, logged_sums: dict | None = None):
     """A loss_func's result in megatron-core's three parts: the micro-batch's loss summed over its
-    loss tokens, their number, and the logged lm loss as [sum, number] (`lm_loss_sum`, default the
-    loss). The schedule divides by the number (a mean per micro-batch, averaged over micro-batches),
-    or with --calculate-per-token-loss keeps sums and divides the gradients by the global batch's
-    loss tokens."""
+    loss tokens, their number, and the logged losses as [sum, number] (`logged_sums`, default
+    {"lm loss": the loss}). The schedule divides by the number (a mean per micro-batch, averaged over
+    micro-batches), or with --calculate-per-token-loss keeps sums and divides the gradients by the
+    global batch's loss tokens."""
     num_tokens = mask.sum().int()
-    logged = loss_sum if lm_loss_sum is None else lm_loss_sum
-    return loss_sum, num_tokens, {"lm loss": torch.stack([logged.detach().float(), num_tokens.float()])}
+    logged = {"lm loss": loss_sum} if logged_sums is None else logged_sums
+    return loss_sum, num_tokens, {name: torch.stack([value.detach().float(), num_tokens.float()])
+                                  for name, value in logged.items()}  # fmt: skip
 
 
 def _forward_step(data_iterator, model):
@@ -222,7 +224,7 @@ class IterationProfiler:
     def __init__(self, args):
         self.on = args.profile and torch.distributed.get_rank() in args.profile_ranks
         self.start, self.end = args.profile_step_start, args.profile_step_end
-        self.torch_profiler = None
+        self.torch_profiler, self.recording = None, False
         if self.on and args.use_pytorch_profiler:
             self.torch_profiler = torch.profiler.profile(
                 on_trace_ready=torch.profiler.tensorboard_trace_handler(args.tensorboard_dir),
@@ -231,11 +233,35 @@ class IterationProfiler:
 
     def iteration_starts(self, iteration: int) -> None:
         if self.on and iteration == self.start:
-            self.torch_profiler.start() if self.torch_profiler else torch.cuda.cudart().cudaProfilerStart()
+            if self.torch_profiler:
+                self.torch_profiler.start()
+            else:
+                torch.cuda.cudart().cudaProfilerStart()
+            self.recording = True
 
     def iteration_ended(self, iteration: int) -> None:
-        if self.on and iteration == self.end:
-            self.torch_profiler.stop() if self.torch_profiler else torch.cuda.cudart().cudaProfilerStop()
+        if self.recording and iteration == self.end:
+            self.stop()
+
+    def stop(self) -> None:
+        """Ends the recording (writing the trace); also when training ends inside the window."""
+        if self.recording:
+            if self.torch_profiler:
+                self.torch_profiler.stop()
+            else:
+                torch.cuda.cudart().cudaProfilerStop()
+            self.recording = False
+
+
+def memory_figures() -> dict:
+    """--log-memory-to-tensorboard: Megatron-LM's CUDA allocator figures, or without CUDA the
+    process's peak resident memory."""
+    if torch.cuda.is_available():
+        stats = torch.cuda.memory_stats()
+        return {"mem-reserved-bytes": stats["reserved_bytes.all.current"],
+                "mem-allocated-bytes": stats["allocated_bytes.all.current"],
+                "mem-max-allocated-bytes": stats["allocated_bytes.all.peak"]}  # fmt: skip
+    return {"mem-max-rss-bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
 
 
 def is_logging_rank() -> bool:
@@ -345,6 +371,9 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
                         writer.add_scalar(name, value, state.iteration)
                 for layer, imbalance in load_imbalance.items():
                     writer.add_scalar(f"moe/expert_load_max_over_mean_layer_{layer}", imbalance, state.iteration)
+                if args.log_memory_to_tensorboard:
+                    for name, value in memory_figures().items():
+                        writer.add_scalar(name, value, state.iteration)
 
         if args.rollback_after_bad_steps and bad_steps_in_a_row >= args.rollback_after_bad_steps:
             restored = rollback_to_last_checkpoint(args, state)
@@ -380,6 +409,7 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
                     writer.add_scalar("lm loss validation ppl", perplexity, state.iteration)
             if state.on_validation is not None and state.on_validation(args, state, valid_loss):
                 break
+    profiler.stop()
     if args.save and not (args.save_interval and state.iteration % args.save_interval == 0):
         save_checkpoint(args, state)  # the final state, unless the loop just saved it
     finalize_async_saves(blocking=True)

@@ -125,7 +125,8 @@ def test_distillation_lowers_kl_to_the_teacher(task, finetuning, tmp_path, monke
         batch = MicroBatches(valid_dataset, 4, cycle=True)
         with torch.no_grad():
             output, loss_func = state.forward_step(batch, state.model[0])
-            return loss_func(output)[1]["kd loss"].item()
+            kl_sum, tokens = loss_func(output)[2]["kd loss"]  # summed over the loss tokens
+            return (kl_sum / tokens).item()
 
     before = kl_to_teacher()
     train(args, state, train_dataset, valid_dataset)

@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 
+import megatron_r1  # noqa: F401  before megatron.core: on CPU its import then skips TorchDynamo (platform.py)
 from megatron.core import dist_checkpointing
 from tqdm import tqdm
 

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 
+import megatron_r1  # noqa: F401  before megatron.core: on CPU its import then skips TorchDynamo (platform.py)
 import torch
 import torch.nn.functional as F
 from megatron.core import dist_checkpointing, parallel_state
