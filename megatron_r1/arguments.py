@@ -70,6 +70,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--position-embedding-type", choices=["rope", "learned_absolute", "none"], default="rope")
     model.add_argument("--use-rotary-position-embeddings", dest="position_embedding_type", action="store_const",
                        const="rope", help="Megatron-LM's older spelling of --position-embedding-type rope")
+    model.add_argument("--no-position-embedding", action="store_true",
+                       help="Megatron-LM's older switch, accepted with RoPE (which adds no position embedding)")
     model.add_argument("--rotary-base", type=int, default=10000)
     model.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     model.add_argument("--window-size", nargs="+", default=None, metavar="LEFT,RIGHT",
@@ -418,6 +420,9 @@ def validate_args(args, error) -> None:
         error("--fp8-format needs --transformer-impl transformer_engine (CUDA + TransformerEngine)")
     if args.window_size is not None:
         args.window_size = _parse_window(args.window_size, error)
+    if args.no_position_embedding and args.position_embedding_type != "rope":
+        error(f"--no-position-embedding goes with RoPE only; for no position information at all: "
+              f"--position-embedding-type none (not {args.position_embedding_type})")
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # nothing to split; as Megatron-LM does
     if args.mtp_num_layers and args.position_embedding_type == "learned_absolute":

@@ -113,6 +113,7 @@ def test_a_megatron_lm_deepseek_v3_recipe_parses(monkeypatch):
         "--attention-backend", "fused", "--use-rotary-position-embeddings", "--position-embedding-type", "none",
         "--moe-router-force-load-balancing", "--log-validation-ppl-to-tensorboard", "--no-rope-fusion",
     ])  # fmt: skip
+    assert parse_args("test", TINY + ["--no-position-embedding"]).position_embedding_type == "rope"
     config = transformer_config_from_args(args)
     assert config.moe_layer_freq == [0, 1, 1, 1] and config.recompute_granularity == "selective"
     assert (args.virtual_pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage) == (2, 1)
@@ -153,6 +154,9 @@ def test_a_megatron_lm_deepseek_v3_recipe_parses(monkeypatch):
           "--pipeline-model-parallel-layout", "Et|tttL"], "--pipeline-model-parallel-layout places every layer: not "
          "with --decoder-first/last-pipeline-num-layers, --num-layers-per-virtual-pipeline-stage or "
          "--num-virtual-stages-per-pipeline-rank"),
+        (["--no-position-embedding", "--position-embedding-type", "learned_absolute"],
+         "--no-position-embedding goes with RoPE only; for no position information at all: --position-embedding-type "
+         "none (not learned_absolute)"),
         (["--dataloader-type", "cyclic"], "argument --dataloader-type: invalid choice: 'cyclic' (choose from 'single')"),
     ],
 )
