@@ -143,6 +143,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
                        help="layer implementation; default: transformer_engine when it is installed and CUDA "
                             "is available, else local (megatron-core modules + megatron_r1.layers)")
+    model.add_argument("--enable-experimental", action="store_true",
+                       help="megatron-core's experimental features (megatron.core.config.set_experimental_flag)")
     model.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
                        help="FP8 training through TransformerEngine")
     model.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise"], default="delayed",
@@ -288,6 +290,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     checkpoint.add_argument("--ckpt-step", type=int, default=None, help="load this iteration, not the latest")
     checkpoint.add_argument("--no-load-optim", action="store_true", help="do not load the optimizer state")
     checkpoint.add_argument("--no-load-rng", action="store_true", help="do not load the RNG states")
+    checkpoint.add_argument("--dist-ckpt-strictness", default="assume_ok_unexpected",
+                            choices=["assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected",
+                                     "raise_all", "ignore_all"],
+                            help="megatron-core's handling of keys the model asks for that the checkpoint lacks "
+                                 "('unexpected') and, with the '_all' values, of checkpoint keys nothing loads "
+                                 "('missing', e.g. the optimizer state under --no-load-optim)")
     checkpoint.add_argument("--no-save-optim", action="store_true",
                             help="checkpoints without the optimizer state (a resume then needs --no-load-optim)")
     checkpoint.add_argument("--no-save-rng", action="store_true", help="checkpoints without the RNG states")
@@ -338,8 +346,6 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                          help="the number of zero gradient elements in the iteration line and TensorBoard")
     logging.add_argument("--logging-level", type=int, default=None,
                          help="Python logging level of megatron-core and megatron-r1 (e.g. 40: errors only)")
-    model.add_argument("--enable-experimental", action="store_true",
-                       help="megatron-core's experimental features (megatron.core.config.set_experimental_flag)")
     add_megatron_lm_arguments(parser)
     return parser
 
@@ -502,10 +508,14 @@ def _resolve_pipeline_split(args, error):
     args.virtual_pipeline_model_parallel_size = None
     if args.pipeline_model_parallel_layout:
         if uneven or virtual:
-            error("--pipeline-model-parallel-layout places every layer: not with --decoder-first/last-pipeline-num-layers, "
-                  "--num-layers-per-virtual-pipeline-stage or --num-virtual-stages-per-pipeline-rank")
-        layout = parse_pipeline_layout(args, error)
+            error("--pipeline-model-parallel-layout places every layer: not with "
+                  "--decoder-first/last-pipeline-num-layers, --num-layers-per-virtual-pipeline-stage or "
+                  "--num-virtual-stages-per-pipeline-rank")
+        layout = _parse_pipeline_layout(args, error)
         vpp = layout.virtual_pipeline_model_parallel_size
+        if pp == 1 and vpp > 1:
+            error(f"--pipeline-model-parallel-layout {args.pipeline_model_parallel_layout}: {vpp} stages need "
+                  "--pipeline-model-parallel-size > 1")
         args.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
         return
     if uneven:
@@ -539,7 +549,7 @@ def _resolve_pipeline_split(args, error):
         args.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
 
 
-def parse_pipeline_layout(args, error) -> PipelineParallelLayerLayout:
+def _parse_pipeline_layout(args, error) -> PipelineParallelLayerLayout:
     """--pipeline-model-parallel-layout, parsed and checked by megatron-core; MTP layers must sit with
     the loss (on the last stage)."""
     flag = f"--pipeline-model-parallel-layout {args.pipeline_model_parallel_layout}"

@@ -337,10 +337,11 @@ def saved_model_args(args) -> dict:
     return _read_metadata(path)["model_args"] if path else {}
 
 
-def _load_into(state, path: str, load_optimizer: bool, load_rng: bool) -> None:
-    """Model weights (and optimizer state, and this rank's RNG states) from `path` into `state`."""
+def _load_into(state, path: str, load_optimizer: bool, load_rng: bool, strict: str) -> None:
+    """Model weights (and optimizer state, and this rank's RNG states) from `path` into `state`;
+    `strict`: --dist-ckpt-strictness."""
     refuse_executable_pickles(path)
-    loaded = dist_checkpointing.load(_sharded_state_dict(state, True, load_optimizer, load_rng), path)
+    loaded = dist_checkpointing.load(_sharded_state_dict(state, True, load_optimizer, load_rng), path, strict=strict)
     if len(state.model) == 1:
         state.model[0].module.load_state_dict(loaded["model"])
     else:
@@ -386,7 +387,7 @@ def load_checkpoint(args, state) -> bool:
             f"has {_optimizer_parts(state.optimizer)} (dense and expert parameters); load it with --no-load-optim (fresh optimizer moments), or "
             "resume on an expert layout like the saved one"
         )
-    _load_into(state, path, load_optimizer, load_rng)
+    _load_into(state, path, load_optimizer, load_rng, args.dist_ckpt_strictness)
     if not args.finetune:
         state.iteration = metadata["iteration"]
         state.consumed_samples = metadata["consumed_samples"]
@@ -409,7 +410,7 @@ def rollback_to_last_checkpoint(args, state) -> int:
     if path is None:
         raise CheckpointError(f"no checkpoint under --save {args.save} to roll back to")
     metadata = _read_metadata(path)
-    _load_into(state, path, load_optimizer=True, load_rng=False)
+    _load_into(state, path, load_optimizer=True, load_rng=False, strict=args.dist_ckpt_strictness)
     _load_scheduler(state, metadata, path)
     state.skipped_iterations = metadata["skipped_iterations"] + state.iteration - metadata["iteration"]
     return metadata["iteration"]

@@ -157,6 +157,8 @@ def test_a_megatron_lm_deepseek_v3_recipe_parses(monkeypatch):
         (["--no-position-embedding", "--position-embedding-type", "learned_absolute"],
          "--no-position-embedding goes with RoPE only; for no position information at all: --position-embedding-type "
          "none (not learned_absolute)"),
+        (["--pipeline-model-parallel-layout", "Ett|ttL"], "--pipeline-model-parallel-layout Ett|ttL: 2 stages need "
+         "--pipeline-model-parallel-size > 1"),
         (["--dataloader-type", "cyclic"], "argument --dataloader-type: invalid choice: 'cyclic' (choose from 'single')"),
     ],
 )

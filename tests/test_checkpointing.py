@@ -142,6 +142,16 @@ def test_exit_duration_in_mins_saves_and_exits(time_limited_run):
     assert (checkpoints / "latest_checkpointed_iteration.txt").read_text() == "1"
 
 
+def test_dist_ckpt_strictness_reaches_the_loader(tmp_path, time_limited_run):
+    """raise_all: the optimizer state that --no-load-optim leaves in the checkpoint stops the load."""
+    shutil.copytree(time_limited_run[1], tmp_path / "ckpt")
+    result = subprocess.run([sys.executable, str(PRETRAIN), *TINY, "--train-iters", "100", "--load", "ckpt",
+                             "--no-load-optim", "--dist-ckpt-strictness", "raise_all"],
+                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode != 0
+    assert "Some keys found in the checkpoint are missing" in result.stderr, result.stderr[-2000:]
+
+
 def test_a_checkpoint_of_another_shape_is_refused_naming_the_flag(tmp_path, time_limited_run):
     shutil.copytree(time_limited_run[1], tmp_path / "ckpt")
     result = subprocess.run([sys.executable, str(PRETRAIN), *TINY, "--hidden-size", "64", "--train-iters", "3",
