@@ -121,6 +121,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     moe.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall", "flex"], default="allgather",
                      help="flex: DeepEP/HybridEP kernels (CUDA; without it, alltoall)")
     moe.add_argument("--moe-flex-dispatcher-backend", choices=["deepep", "hybridep"], default="deepep")
+    moe.add_argument("--moe-deepep-num-sms", type=int, default=20, help="streaming multiprocessors DeepEP may use")
+    moe.add_argument("--moe-hybridep-num-sms", type=int, default=16, help="streaming multiprocessors HybridEP may use")
     moe.add_argument("--moe-expert-capacity-factor", type=float, default=None,
                      help="None: dropless")
     moe.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")

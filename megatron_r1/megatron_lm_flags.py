@@ -76,6 +76,7 @@ UNSUPPORTED = {
                                          "not supported",
     "--delay-wgrad-compute": "it goes with --overlap-moe-expert-parallel-comm, which is not supported",
     "--fp8-param-gather": "fp8 parameter all-gather is not supported (fp8 compute is: --fp8-format)",
+    "--reuse-grad-buf-for-mxfp8-param-ag": "fp8 parameter all-gather is not supported (fp8 compute is: --fp8-format)",
     "--moe-router-padding-for-fp8": "fp8 expert-GEMM padding is not supported",
     "--moe-router-padding-for-quantization": "fp8 expert-GEMM padding is not supported",
     "--rampup-batch-size": "batch-size ramp-up is not supported",

@@ -112,6 +112,7 @@ def test_a_megatron_lm_deepseek_v3_recipe_parses(monkeypatch):
         "--global-batch-size", "8", "--recompute-activations", "--window-size", "127", "0",
         "--attention-backend", "fused", "--use-rotary-position-embeddings", "--position-embedding-type", "none",
         "--moe-router-force-load-balancing", "--log-validation-ppl-to-tensorboard", "--no-rope-fusion",
+        "--moe-token-dispatcher-type", "flex", "--moe-flex-dispatcher-backend", "hybridep", "--moe-hybridep-num-sms", "32",
     ])  # fmt: skip
     assert parse_args("test", TINY + ["--no-position-embedding"]).position_embedding_type == "rope"
     config = transformer_config_from_args(args)
@@ -120,6 +121,8 @@ def test_a_megatron_lm_deepseek_v3_recipe_parses(monkeypatch):
     assert config.window_size == (127, 0) and config.attention_backend.name == "fused"
     assert config.moe_router_force_load_balancing and args.position_embedding_type == "none"  # the last flag wins
     assert config.moe_grouped_gemm == torch.cuda.is_available()
+    assert (config.moe_flex_dispatcher_backend, config.moe_hybridep_num_sms) == ("hybridep", 32)
+    assert config.moe_token_dispatcher_type == ("flex" if torch.cuda.is_available() else "alltoall")
 
 
 @pytest.mark.parametrize(
