@@ -265,10 +265,6 @@ def _to_device(batch: dict) -> dict:
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def _masked_sum(values, mask):
-    return (values.float() * mask).sum()
-
-
 def sft_forward_step(data_iterator, model):
     """Packed SFT batch -> per-token loss; the loss is over the response tokens."""
     batch = _to_device(next(data_iterator))
@@ -276,8 +272,7 @@ def sft_forward_step(data_iterator, model):
     per_token_loss = model(batch["tokens"], position_ids, attention_mask, labels=batch["labels"], loss_mask=batch["loss_mask"])
 
     def loss_func(per_token_loss):
-        mask = batch["loss_mask"].float()
-        return micro_batch_loss(_masked_sum(per_token_loss, mask), mask)
+        return micro_batch_loss(per_token_loss, batch["loss_mask"])
 
     return per_token_loss, loss_func
 
@@ -323,10 +318,8 @@ def distillation_forward_step(args, teacher, data_iterator, model):
     kl = vocab_parallel_kl(captured["logits"].transpose(0, 1), teacher_logits, args.kd_temperature, args.vocab_size)
 
     def loss_func(per_token_loss):
-        mask = batch["loss_mask"].float()
-        ce, kd = _masked_sum(per_token_loss, mask), _masked_sum(kl, mask)
-        loss = args.kd_ce_weight * ce + args.kd_kl_weight * args.kd_temperature**2 * kd
-        return micro_batch_loss(loss, mask, {"lm loss": ce, "kd loss": kd})
+        loss = args.kd_ce_weight * per_token_loss.float() + args.kd_kl_weight * args.kd_temperature**2 * kl.float()
+        return micro_batch_loss(loss, batch["loss_mask"], {"lm loss": per_token_loss, "kd loss": kl})
 
     return per_token_loss, loss_func
 

@@ -256,7 +256,7 @@ def _fix_megatron_sites():
 
     # megatron's jit_fuser is torch.compile: on CPU a cold compile costs tens of seconds for no
     # fused kernel worth having. TORCH_COMPILE_DISABLE=0 in the environment keeps it on.
-    if os.environ.get("TORCH_COMPILE_DISABLE") != "0":
+    if not _compiling_kept():
         os.environ["TORCH_COMPILE_DISABLE"] = "1"  # read when TorchDynamo loads
         if "torch._dynamo" in sys.modules:
             torch._dynamo.config.disable = True
@@ -269,7 +269,7 @@ def megatron_core_import_spec():
     per process; compilation is off on CPU anyway (above), so the functions run as written either
     way. TORCH_COMPILE_DISABLE=0 keeps torch.compile."""
     spec = importlib.util.find_spec("megatron.core")
-    if spec is None or not cuda_absent() or os.environ.get("TORCH_COMPILE_DISABLE") == "0":
+    if spec is None or not cuda_absent() or _compiling_kept():
         return spec
     load = spec.loader.exec_module
 
@@ -283,6 +283,11 @@ def megatron_core_import_spec():
 
     spec.loader.exec_module = load_without_compiling
     return spec
+
+
+def _compiling_kept() -> bool:
+    """TORCH_COMPILE_DISABLE=0: the user keeps torch.compile on CPU."""
+    return os.environ.get("TORCH_COMPILE_DISABLE") == "0"
 
 
 def _compile_nothing(model=None, **options):

@@ -121,16 +121,19 @@ def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainSta
     return TrainState(model, optimizer, build_scheduler(args, optimizer), tokenizer)
 
 
-def micro_batch_loss(loss_sum: torch.Tensor, mask: torch.Tensor, logged_sums: dict | None = None):
-    """A loss_func's result in megatron-core's three parts: the micro-batch's loss summed over its
-    loss tokens, their number, and the logged losses as [sum, number] (`logged_sums`, default
-    {"lm loss": the loss}). The schedule divides by the number (a mean per micro-batch, averaged over
-    micro-batches), or with --calculate-per-token-loss keeps sums and divides the gradients by the
-    global batch's loss tokens."""
+def micro_batch_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, logged: dict | None = None):
+    """A loss_func's result in megatron-core's three parts: the micro-batch's per-token loss summed
+    over its loss tokens (`mask`), their number, and the logged per-token losses (`logged`, default
+    {"lm loss": the loss}) as [sum, number]. The schedule divides by the number (a mean per
+    micro-batch, averaged over micro-batches), or with --calculate-per-token-loss keeps sums and
+    divides the gradients by the global batch's loss tokens."""
+    mask = mask.float()
     num_tokens = mask.sum().int()
-    logged = {"lm loss": loss_sum} if logged_sums is None else logged_sums
-    return loss_sum, num_tokens, {name: torch.stack([value.detach().float(), num_tokens.float()])
-                                  for name, value in logged.items()}  # fmt: skip
+    loss_sum = (per_token_loss.float() * mask).sum()
+    sums = {"lm loss": loss_sum} if logged is None else {
+        name: (values.float() * mask).sum() for name, values in logged.items()}  # fmt: skip
+    reported = {name: torch.stack([value.detach(), num_tokens.float()]) for name, value in sums.items()}
+    return loss_sum, num_tokens, reported
 
 
 def _forward_step(data_iterator, model):
@@ -138,8 +141,7 @@ def _forward_step(data_iterator, model):
     per_token_loss = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
 
     def loss_func(per_token_loss):
-        mask = batch["loss_mask"].float()
-        return micro_batch_loss((per_token_loss.float() * mask).sum(), mask)
+        return micro_batch_loss(per_token_loss, batch["loss_mask"])
 
     return per_token_loss, loss_func
 
@@ -160,8 +162,7 @@ def _run_schedule(args, state, data_iterators, forward_only):
     )
     if not parallel_state.is_pipeline_last_stage():
         return None
-    loss_sum, num_tokens = torch.stack([item["lm loss"] for item in reduced]).sum(dim=0)
-    totals = torch.stack([loss_sum, num_tokens])
+    totals = torch.stack([item["lm loss"] for item in reduced]).sum(dim=0)  # [loss sum, loss tokens]
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     return (totals[0] / totals[1].clamp(min=1)).item()
 

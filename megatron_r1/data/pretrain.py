@@ -79,11 +79,12 @@ class MicroBatches:
         self.consumed_samples += stride
         # segment_ids: packed fine-tuning samples (megatron_r1.data.sft) say which sample each token is
         # of; attention_mask (--reset-attention-mask) and reset position_ids keep documents apart.
-        optional = ("segment_ids", "position_ids", "attention_mask")
+        per_document = ("position_ids", "attention_mask")
+        optional = ("segment_ids",) + per_document
         keys = ("tokens", "labels", "loss_mask") + tuple(key for key in optional if key in samples[0])
         batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in keys}
         length = self.seq_length or batch["tokens"].shape[1]
         if length != batch["tokens"].shape[1]:  # independent sequences (no document masks: validate_args)
-            batch = {key: value.reshape(-1, length) for key, value in batch.items() if key not in optional[1:]}
+            batch = {key: value.reshape(-1, length) for key, value in batch.items() if key not in per_document}
         batch.setdefault("position_ids", torch.arange(length).expand_as(batch["tokens"]))
         return batch
