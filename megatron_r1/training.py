@@ -360,11 +360,11 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
                 f"number of skipped iterations: {state.skipped_iterations:3d}",
                 f"number of nan iterations: {state.nan_iterations:3d}",
             ]
-            print(" " + " | ".join(fields) + " |", flush=True)
-            if metrics is not None:
+            if metrics is not None:  # published before the log line, which scrapers and tests wait for
                 metrics.update({**last, "consumed samples": state.consumed_samples, "skipped iterations":
                                 state.skipped_iterations, "nan iterations": state.nan_iterations,
                                 "throughput tokens per second": tokens_per_step / elapsed})  # fmt: skip
+            print(" " + " | ".join(fields) + " |", flush=True)
             if writer is not None:
                 for name, value in (("lm loss", loss), ("learning-rate", learning_rate), ("grad-norm", grad_norm),
                                     ("throughput", tokens_per_step / elapsed), ("num-zeros", num_zeros)):  # fmt: skip
