@@ -9,6 +9,7 @@ the few flags Megatron-LM names differently are mapped in ``_CONFIG_RENAMES``.
 import argparse
 import dataclasses
 import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +18,11 @@ from megatron.core.transformer.pipeline_parallel_layer_layout import PipelinePar
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_r1.compat import transformer_engine_installed
+from megatron_r1.data.pretrain import empty_split_error
 from megatron_r1.layout import decoder_layers_per_stage
 from megatron_r1.megatron_lm_flags import add_megatron_lm_arguments, parse_known_flags, validate_megatron_lm_arguments
 from megatron_r1.signals import EXIT_SIGNALS
-from megatron_r1.tokenizer import add_tokenizer_arguments
+from megatron_r1.tokenizer import add_tokenizer_arguments, tokenizer_arguments_error
 
 # Megatron-LM flag dest -> megatron-core TransformerConfig field.
 _CONFIG_RENAMES = {
@@ -80,8 +82,6 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--attention-dropout", type=float, default=0.0)
     model.add_argument("--init-method-std", type=float, default=0.02)
     model.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    model.add_argument("--vocab-size", type=int, default=None,
-                       help="with --mock-data and no tokenizer: the vocabulary size")
 
     mla = parser.add_argument_group("multi-latent attention")
     mla.add_argument("--multi-latent-attention", action="store_true")
@@ -477,25 +477,41 @@ def validate_args(args, error) -> None:
     if args.keep_last_n is not None and args.keep_last_n < 1:
         error(f"--keep-last-n ({args.keep_last_n}) must be at least 1")
     args.data_per_split = None  # [train, valid, test] blends, from --train/valid-data-path
+    if args.tokenizer_type == "NullTokenizer" and args.tokenizer_model:
+        error("--tokenizer-type NullTokenizer reads token ids, no --tokenizer-model")
     if args.mock_data:
         if not (args.tokenizer_model or args.vocab_size):
             error("--mock-data needs --vocab-size or a tokenizer (--tokenizer-model)")
+        if not args.tokenizer_model:
+            args.tokenizer_type = "NullTokenizer"  # ids 0..N-1, as the mock data draws them
     else:
         per_split = args.train_data_path is not None or args.valid_data_path is not None
         if per_split and args.data_path:
             error("--data-path and --train-data-path/--valid-data-path are alternatives: give one")
         if not (args.data_path or per_split):
             error("give --data-path PREFIX [...] (indexed datasets from tools/preprocess_data.py) or --mock-data")
-        if not args.tokenizer_model:
-            error("--data-path needs the tokenizer the data was made with: --tokenizer-model")
+        if tokenizer_arguments_error(args):
+            error(f"--data-path needs the tokenizer the data was made with: {tokenizer_arguments_error(args)}")
         if per_split:
             if args.train_data_path is None:
                 error("--valid-data-path needs --train-data-path (or use --data-path with --split)")
             train = _parse_blend(args.train_data_path, "--train-data-path", error)
             valid = None if args.valid_data_path is None else _parse_blend(args.valid_data_path, "--valid-data-path", error)
             args.data_per_split = [train, valid, None]
+            if valid is None and (args.eval_interval or args.skip_train):
+                error("evaluation (--eval-interval, --skip-train) reads validation data: give --valid-data-path")
         else:
             args.data_path = _parse_blend(args.data_path, "--data-path", error)
+            proportions = r"\d*\.?\d+([,/]\d*\.?\d+){0,2}"  # up to 3 numbers, as megatron-core reads them
+            if not re.fullmatch(proportions, args.split) or not any(map(float, re.split("[,/]", args.split))):
+                error(f"--split {args.split}: give train,valid,test proportions such as 969,30,1")
+            evaluated = bool(args.skip_train or args.eval_interval)  # evaluation reads the validation split
+            try:
+                message = empty_split_error(args.data_path, args.split, [not args.skip_train, evaluated, False])
+            except ValueError as bad_index:
+                message = f"--data-path: {bad_index}"
+            if message:
+                error(message)
     if args.tokenizer_model and not os.path.exists(args.tokenizer_model):
         error(f"--tokenizer-model {args.tokenizer_model}: no such file or directory")
 

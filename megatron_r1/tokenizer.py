@@ -1,8 +1,8 @@
 """The tokenizer used by training and by every tool: :func:`build_tokenizer` is the one factory.
 
-Two types, named as in Megatron-LM's ``--tokenizer-type``:
+The types are named as in Megatron-LM's ``--tokenizer-type``:
 
-``SentencePieceTokenizer``
+``SentencePieceTokenizer`` (also ``GPTSentencePieceTokenizer``)
     ``--tokenizer-model`` is a SentencePiece ``.model`` file. Models trained by
     :func:`train_sentencepiece` (``tools/train_tokenizer.py``) follow these conventions:
 
@@ -21,7 +21,14 @@ Two types, named as in Megatron-LM's ``--tokenizer-type``:
     ======  ===================  ==========================================================
 
     Other SentencePiece models work too: ``eod`` is their eos piece, ``pad`` their pad piece or,
-    when they have none, ``eod`` (padding is masked out, so any valid id serves).
+    when they have none, ``eod`` (padding is masked out, so any valid id serves). These are the
+    semantics of Megatron-LM's ``GPTSentencePieceTokenizer``; its ``SentencePieceTokenizer`` (made
+    for BERT/T5) instead appends ``<CLS>``/``<SEP>``/``<EOD>``/``<MASK>`` ids to the vocabulary and
+    ends documents with that new ``<EOD>``.
+
+``Llama2Tokenizer``
+    A SentencePiece model as above whose pre-training documents start with the model's bos piece,
+    as Megatron-LM's preprocessing writes them (chat samples and prompts are tokenized as above).
 
 ``HuggingFaceTokenizer``
     ``--tokenizer-model`` is a directory holding ``tokenizer.json`` (or that file itself), read
@@ -31,6 +38,11 @@ Two types, named as in Megatron-LM's ``--tokenizer-type``:
     ``<｜end▁of▁sentence｜>`` ...); ``pad`` falls back to ``eod``; a role with no token is None.
     Text is encoded without the post-processor's added specials (no automatic bos/eos), as for
     pre-training data.
+
+``NullTokenizer``
+    No model: the text is already token ids, integers separated by spaces, and ``--vocab-size N``
+    gives the vocabulary, ids ``0..N-1`` with ``N-1`` ending documents (Megatron-LM's). With
+    ``--mock-data`` and no ``--tokenizer-model``, training uses it.
 
 ``vocab_size`` is the real vocabulary; :meth:`Tokenizer.padded_vocab_size` is the embedding size,
 padded as Megatron-LM's ``_vocab_size_with_padding`` does.
@@ -54,7 +66,9 @@ SPECIAL_TOKENS = ("<think>", "</think>", "<|system|>", "<|user|>", "<|assistant|
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE = "<pad>", "<unk>", "<s>", "</s>"
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
+# Types that read a --tokenizer-model, and all types (NullTokenizer reads token ids, no model).
+MODEL_TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "HuggingFaceTokenizer")
+TOKENIZER_TYPES = (*MODEL_TOKENIZER_TYPES, "NullTokenizer")
 
 # SentencePiece's own default limit on a training sentence (bytes); it ignores longer ones.
 DEFAULT_MAX_SENTENCE_BYTES = 4192
@@ -82,6 +96,7 @@ class Tokenizer(ABC):
     eod: int | None
     pad: int | None
     bos: int | None
+    document_start: tuple[int, ...] = ()  # ids that begin every pre-training document (tools/preprocess_data.py)
 
     def padded_vocab_size(self, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:
         return vocab_size_with_padding(self.vocab_size, make_vocab_size_divisible_by, tensor_model_parallel_size)
@@ -147,6 +162,51 @@ class SentencePieceTokenizer(Tokenizer):
             except KeyError:
                 pass
         return specials
+
+
+class Llama2Tokenizer(SentencePieceTokenizer):
+    """Megatron-LM's Llama2Tokenizer: pre-training documents start with bos."""
+
+    def __init__(self, model_file: str):
+        super().__init__(model_file)
+        if self.bos is None:
+            raise ValueError(f"--tokenizer-type Llama2Tokenizer: {model_file} has no bos piece to start documents with")
+        self.document_start = (self.bos,)
+
+
+class NullTokenizer(Tokenizer):
+    """Text that is already token ids ("17 4 2051"); ids 0..vocab_size-1, the last ends documents."""
+
+    def __init__(self, vocab_size: int | None):
+        if vocab_size is None or vocab_size < 2:
+            raise ValueError(f"--tokenizer-type NullTokenizer needs --vocab-size N (at least 2), got {vocab_size}")
+        self.vocab_size = vocab_size
+        self.eod = vocab_size - 1
+        self.bos = self.pad = None
+
+    def tokenize(self, text: str) -> list[int]:
+        ids = []
+        for word in text.split():
+            if not word.isdigit() or int(word) >= self.vocab_size:
+                raise ValueError(
+                    f"NullTokenizer: {word[:40]!r} is not a token id below --vocab-size {self.vocab_size} "
+                    f"(its input is integers separated by spaces)"
+                )
+            ids.append(int(word))
+        return ids
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.tokenize(text) for text in texts]
+
+    def detokenize(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def token_to_id(self, token: str) -> int:
+        raise KeyError(f"{token!r}: NullTokenizer has ids only, no named tokens")
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return {}
 
 
 # Well-known names, tried in order when tokenizer_config.json does not say.
@@ -223,10 +283,17 @@ def _read_tokenizer_config(path: str) -> dict:
             raise ValueError(f"{path}:{error.lineno}: invalid JSON: {error.msg}") from error
 
 
-def build_tokenizer(tokenizer_type: str, tokenizer_model: str) -> Tokenizer:
-    """The tokenizer of the given ``--tokenizer-type`` loaded from ``--tokenizer-model``."""
-    if tokenizer_type == "SentencePieceTokenizer":
+def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None, vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer of the given ``--tokenizer-type`` loaded from ``--tokenizer-model`` (NullTokenizer:
+    sized by ``--vocab-size``, no model)."""
+    if tokenizer_type == "NullTokenizer":
+        return NullTokenizer(vocab_size)
+    if tokenizer_type in MODEL_TOKENIZER_TYPES and not tokenizer_model:
+        raise ValueError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model")
+    if tokenizer_type in ("SentencePieceTokenizer", "GPTSentencePieceTokenizer"):
         return SentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type == "Llama2Tokenizer":
+        return Llama2Tokenizer(tokenizer_model)
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(tokenizer_model)
     raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not supported; choose one of {', '.join(TOKENIZER_TYPES)}")
@@ -291,13 +358,24 @@ def train_sentencepiece(
     return SentencePieceTokenizer(output_prefix + ".model")
 
 
-def add_tokenizer_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """``--tokenizer-type`` and ``--tokenizer-model``, spelled as in Megatron-LM; with
-    ``required=False`` (commands that can run without a tokenizer) the model defaults to None."""
+def add_tokenizer_arguments(parser: argparse.ArgumentParser, required: bool = True, types=TOKENIZER_TYPES) -> None:
+    """``--tokenizer-type`` and ``--tokenizer-model`` (and, where NullTokenizer is among ``types``,
+    its ``--vocab-size``), spelled as in Megatron-LM. ``required``: a tokenizer must be given; with
+    NullTokenizer allowed the model is then checked after parsing (:func:`tokenizer_arguments_error`)."""
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", default="SentencePieceTokenizer", choices=TOKENIZER_TYPES, help="Tokenizer implementation (default: %(default)s).")
+    group.add_argument("--tokenizer-type", default="SentencePieceTokenizer", choices=types, help="Tokenizer implementation (default: %(default)s).")
     group.add_argument(
         "--tokenizer-model",
-        required=required,
+        required=required and "NullTokenizer" not in types,
         help="SentencePiece .model file, or for HuggingFaceTokenizer a directory with tokenizer.json.",
     )
+    if "NullTokenizer" in types:
+        group.add_argument("--vocab-size", type=int, default=None,
+                           help="NullTokenizer's vocabulary: ids 0..N-1, N-1 ends documents")  # fmt: skip
+
+
+def tokenizer_arguments_error(args) -> str | None:
+    """What is missing for the parsed tokenizer flags to name a tokenizer, or None."""
+    if args.tokenizer_type == "NullTokenizer":
+        return None if args.vocab_size else "--tokenizer-type NullTokenizer needs --vocab-size N"
+    return None if args.tokenizer_model else f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model"

@@ -70,9 +70,8 @@ def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainSta
         seed=args.seed,
         timeout_minutes=args.distributed_timeout_minutes,
     )
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model) if args.tokenizer_model else None
-    if tokenizer:
-        args.vocab_size = tokenizer.vocab_size  # the real vocabulary, saved with checkpoints (export drops padding)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    args.vocab_size = tokenizer.vocab_size  # the real vocabulary, saved with checkpoints (export drops padding)
     args.padded_vocab_size = vocab_size_with_padding(
         args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
     )

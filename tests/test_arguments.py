@@ -84,6 +84,20 @@ def test_missing_data_files_are_named(tmp_path, capsys, monkeypatch):
     assert line.endswith(f"--data-path: {prefix}.idx does not exist"), line
 
 
+def test_tokenizer_flags_name_what_a_run_without_a_model_needs(tmp_path, capsys, monkeypatch):
+    """--mock-data without a model draws NullTokenizer ids (saved as such); data needs its tokenizer."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert parse_args("test", TINY).tokenizer_type == "NullTokenizer"
+    without_mock = [a for a in TINY if a != "--mock-data"]
+    line = parse_error(without_mock + ["--data-path", str(tmp_path / "x")], capsys, 1, monkeypatch)
+    assert line.endswith("--data-path needs the tokenizer the data was made with: --tokenizer-type "
+                         "SentencePieceTokenizer needs --tokenizer-model"), line  # fmt: skip
+    (tmp_path / "tok.model").write_bytes(b"")
+    line = parse_error(TINY + ["--tokenizer-type", "NullTokenizer", "--tokenizer-model", str(tmp_path / "tok.model")],
+                       capsys, 1, monkeypatch)  # fmt: skip
+    assert line.endswith("--tokenizer-type NullTokenizer reads token ids, no --tokenizer-model"), line
+
+
 def test_deepseek_flags_reach_the_transformer_config(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     args = parse_args("test", TINY + [

@@ -66,7 +66,33 @@ def test_tokenize_batch_equals_tokenize(sp_model):
     assert tokenizer.tokenize_batch(texts) == [tokenizer.tokenize(text) for text in texts]
 
 
+def test_megatron_lm_sentencepiece_type_names_follow_its_bos_and_eod_conventions(sp_model):
+    """GPTSentencePieceTokenizer is this SentencePieceTokenizer; Llama2Tokenizer's pre-training
+    documents start with bos (tests/tools/test_preprocess_data.py), its texts tokenize alike."""
+    plain = build_tokenizer("SentencePieceTokenizer", sp_model)
+    gpt = build_tokenizer("GPTSentencePieceTokenizer", sp_model)
+    llama = build_tokenizer("Llama2Tokenizer", sp_model)
+    texts = ["hello world", "你好"]
+    assert gpt.tokenize_batch(texts) == plain.tokenize_batch(texts) == llama.tokenize_batch(texts)
+    assert (plain.document_start, gpt.document_start, llama.document_start) == ((), (), (plain.bos,))
+    assert (llama.eod, llama.vocab_size) == (plain.eod, plain.vocab_size)
+
+
+def test_null_tokenizer_reads_ids_and_ends_documents_with_the_last_id():
+    tokenizer = build_tokenizer("NullTokenizer", None, vocab_size=100)
+    assert (tokenizer.vocab_size, tokenizer.eod, tokenizer.pad) == (100, 99, None)
+    assert tokenizer.tokenize("17 4  2\n51") == [17, 4, 2, 51]
+    assert tokenizer.detokenize([17, 4]) == "17 4"
+    for text in ("17 x", "100", "-3"):
+        with pytest.raises(ValueError, match="not a token id below --vocab-size 100"):
+            tokenizer.tokenize(text)
+    with pytest.raises(ValueError, match="needs --vocab-size"):
+        build_tokenizer("NullTokenizer", None)
+
+
 def test_unknown_token_type_and_missing_model_are_clear_errors(sp_model, tmp_path):
+    with pytest.raises(ValueError, match="--tokenizer-type Llama2Tokenizer needs --tokenizer-model"):
+        build_tokenizer("Llama2Tokenizer", None)
     with pytest.raises(ValueError, match="--tokenizer-type 'GPT2BPETokenizer' is not supported"):
         build_tokenizer("GPT2BPETokenizer", sp_model)
     with pytest.raises(FileNotFoundError, match="missing.model"):

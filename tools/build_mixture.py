@@ -46,7 +46,7 @@ from megatron_r1.corpus.parallel import ordered_map
 from megatron_r1.corpus.tokens import TOKEN_PROXIES
 from megatron_r1.data.jsonl import SkipCounter
 from megatron_r1.data.preprocess import output_prefix_for
-from megatron_r1.tokenizer import add_tokenizer_arguments
+from megatron_r1.tokenizer import MODEL_TOKENIZER_TYPES, add_tokenizer_arguments
 
 
 def _name_value(text: str, flag: str) -> tuple[str, str]:
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-proxy", choices=TOKEN_PROXIES, default="approx", help="token count without --tokenizer-model (default: approx)")
     parser.add_argument("--seed", type=int, default=1234, help="sampling and interleaving seed (default: 1234)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes for token counting (default: 2)")
-    add_tokenizer_arguments(parser, required=False)
+    add_tokenizer_arguments(parser, required=False, types=MODEL_TOKENIZER_TYPES)  # counts tokens of text
     return parser
 
 

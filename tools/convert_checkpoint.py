@@ -35,7 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_r1.tokenizer import TOKENIZER_TYPES  # noqa: E402
+from megatron_r1.tokenizer import MODEL_TOKENIZER_TYPES  # noqa: E402
 
 
 def _size(text: str) -> int:
@@ -56,7 +56,7 @@ def build_parser():
     parser.add_argument("--ckpt-step", type=int, default=None, help="mcore2hf: this iteration, not the latest")
     parser.add_argument("--tokenizer-model", default=None,
                         help="mcore2hf: SentencePiece model to export (default: the one saved with the checkpoint)")
-    parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
+    parser.add_argument("--tokenizer-type", choices=MODEL_TOKENIZER_TYPES, default=None)
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="mcore2hf: real vocabulary size (default: the tokenizer's / the checkpoint's)")
     parser.add_argument("--max-shard-size", type=_size, default=_size("5GB"), help="mcore2hf: safetensors shard size")

@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_r1.tokenizer import TOKENIZER_TYPES  # noqa: E402
+from megatron_r1.tokenizer import MODEL_TOKENIZER_TYPES  # noqa: E402
 
 
 def build_parser():
@@ -27,7 +27,7 @@ def build_parser():
     prompt.add_argument("--prompt-file", help="file whose text is the prompt")
     prompt.add_argument("--prompt-ids", type=int, nargs="+", help="prompt as token ids")
     parser.add_argument("--tokenizer-model", default=None, help="default: the tokenizer saved with the checkpoint")
-    parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
+    parser.add_argument("--tokenizer-type", choices=MODEL_TOKENIZER_TYPES, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")

@@ -19,7 +19,7 @@ import sys
 from megatron_r1.corpus.jsonl import InputError, expand_inputs
 from megatron_r1.data.jsonl import DEFAULT_MAX_DOCUMENT_BYTES
 from megatron_r1.data.preprocess import PreprocessConfig, preprocess
-from megatron_r1.tokenizer import add_tokenizer_arguments
+from megatron_r1.tokenizer import add_tokenizer_arguments, tokenizer_arguments_error
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Also write the input as N contiguous shards {prefix}_{i}_{key}_document, merged at the end (as Megatron-LM).",
     )
     args = parser.parse_args(argv)
+    if message := tokenizer_arguments_error(args):
+        parser.error(message)
     if args.workers < 1:
         parser.error("--workers must be >= 1")
     if args.partitions < 1:
@@ -72,6 +74,7 @@ def main(argv=None) -> int:
         output_prefix=args.output_prefix,
         tokenizer_type=args.tokenizer_type,
         tokenizer_model=args.tokenizer_model,
+        vocab_size=args.vocab_size,
         json_keys=args.json_keys,
         append_eod=args.append_eod,
         workers=args.workers,

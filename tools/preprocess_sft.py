@@ -25,14 +25,14 @@ from megatron_r1.corpus.jsonl import InputError, expand_inputs, total_bytes
 from megatron_r1.data.indexed import bin_path, idx_path
 from megatron_r1.data.jsonl import BadInputError, is_compressed
 from megatron_r1.data.sft import LOSS_MASK_SUFFIX, ChatTemplate, read_conversations, render_sample, write_sft_dataset
-from megatron_r1.tokenizer import add_tokenizer_arguments, build_tokenizer
+from megatron_r1.tokenizer import MODEL_TOKENIZER_TYPES, add_tokenizer_arguments, build_tokenizer
 
 SKIPPED_SHOWN = 10  # skipped lines listed in the summary (all are counted)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_tokenizer_arguments(parser)
+    add_tokenizer_arguments(parser, types=MODEL_TOKENIZER_TYPES)  # chat templates need named tokens
     parser.add_argument("--input", nargs="+", required=True, help="JSONL file(s) or glob pattern(s), one record per line (.gz read through gzip).")
     parser.add_argument("--output-prefix", required=True, help=f"Writes PREFIX.bin/.idx and PREFIX{LOSS_MASK_SUFFIX}.bin/.idx.")
     parser.add_argument("--strict", action="store_true", help="Stop with an error at the first malformed line instead of skipping it.")

@@ -22,6 +22,7 @@ SKIP_REASONS = {
     "not_a_string": "a --json-keys value is not a string",
     "empty_document": "empty or whitespace-only text",
     "too_large": "longer than --max-document-bytes",
+    "not_token_ids": "NullTokenizer text that is not token ids below --vocab-size",
 }
 
 # Default line (document) size limit: far above real documents, low enough that a runaway line

@@ -44,7 +44,7 @@ class PreprocessConfig:
     input_files: list[str]
     output_prefix: str
     tokenizer_type: str
-    tokenizer_model: str
+    tokenizer_model: str | None
     json_keys: list[str] = field(default_factory=lambda: ["text"])
     append_eod: bool = False
     workers: int = 1
@@ -53,6 +53,7 @@ class PreprocessConfig:
     strict: bool = False
     # Size of the byte ranges handed to workers; None picks one from the input size.
     range_bytes: int | None = None
+    vocab_size: int | None = None  # NullTokenizer's
 
 
 @dataclass
@@ -90,7 +91,7 @@ class _RangeEncoder:
 
     def __init__(self, config: PreprocessConfig):
         self.config = config
-        self.tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)
+        self.tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model, config.vocab_size)
         self.dtype = token_dtype(self.tokenizer.vocab_size)
         if config.append_eod and self.tokenizer.eod is None:
             raise ValueError(f"--append-eod: the tokenizer {config.tokenizer_model} has no end-of-document token")
@@ -137,21 +138,37 @@ class _RangeEncoder:
         result.skipped.add(reason, path, line)
         return False
 
+    def _tokenize_batch(self, texts: list[str]) -> list[list[int] | None]:
+        try:
+            return self.tokenizer.tokenize_batch(texts)
+        except ValueError:  # NullTokenizer's input that is not token ids: None for those texts
+            return [self._tokenize_or_none(text) for text in texts]
+
+    def _tokenize_or_none(self, text: str) -> list[int] | None:
+        try:
+            return self.tokenizer.tokenize(text)
+        except ValueError:
+            return None
+
     def _flush(self, path, batch_lines, batch_texts, outputs, lengths, result) -> bool:
         """Tokenize a batch and write it; True when a strict failure stops the range."""
         if not batch_texts:
             return False
         keys = self.config.json_keys
-        encoded = {key: self.tokenizer.tokenize_batch([texts[index] for texts in batch_texts]) for index, key in enumerate(keys)}
+        encoded = {key: self._tokenize_batch([texts[index] for texts in batch_texts]) for index, key in enumerate(keys)}
         # A text can still tokenize to nothing; such documents are skipped like empty ones.
         keep = [all(encoded[key][row] for key in keys) for row in range(len(batch_texts))]
         if not all(keep):
             for row, kept in enumerate(keep):
-                if not kept and self._reject(result, "empty_document", path, batch_lines[row]):
+                if kept:
+                    continue
+                invalid = any(encoded[key][row] is None for key in keys)
+                if self._reject(result, "not_token_ids" if invalid else "empty_document", path, batch_lines[row]):
                     return True
             encoded = {key: [ids for ids, kept in zip(encoded[key], keep) if kept] for key in keys}
+        start = self.tokenizer.document_start
         for key in keys:
-            documents = encoded[key]
+            documents = [[*start, *ids] for ids in encoded[key]] if start else encoded[key]
             if self.config.append_eod:
                 for ids in documents:
                     ids.append(self.tokenizer.eod)

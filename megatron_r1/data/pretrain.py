@@ -5,7 +5,15 @@ consumed-sample count."""
 import torch
 from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+from megatron_r1.data.indexed import idx_path, read_index
+
+SPLIT_NAMES = ("train", "validation", "test")
 
 
 class _TokenIds:
@@ -18,8 +26,6 @@ class _TokenIds:
 
 
 def _token_ids(args, tokenizer):
-    if tokenizer is None:  # --mock-data --vocab-size N
-        return _TokenIds(args.vocab_size, eod=args.vocab_size - 1, pad=-1, name="mock")
     pad = tokenizer.pad if tokenizer.pad is not None else -1
     return _TokenIds(tokenizer.vocab_size, tokenizer.eod, pad, name=f"{args.tokenizer_type}:{args.tokenizer_model}")
 
@@ -41,11 +47,33 @@ def build_datasets(args, tokenizer, train_samples: int, eval_samples: int):
         mmap_bin_files=args.mmap_bin_files,
         mid_level_dataset_surplus=0.005,
     )
+    sizes = [train_samples, eval_samples, 0]
+    if config.split_matrix is not None:
+        # megatron-core builds every split with a share of --split, even one no sample is drawn
+        # from, and loops forever on an empty one: build only the splits that are read.
+        config.split_matrix = [part if size else None for part, size in zip(config.split_matrix, sizes)]
     dataset_cls = MockGPTDataset if args.mock_data else GPTDataset
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        dataset_cls, [train_samples, eval_samples, 0], lambda: True, config
-    ).build()
+    train, valid, _ = BlendedMegatronDatasetBuilder(dataset_cls, sizes, lambda: True, config).build()
     return train, valid
+
+
+def empty_split_error(data_path, split: str, drawn_from: list[bool]) -> str | None:
+    """What is wrong when a split that samples are drawn from gets no document of a --data-path
+    prefix (it gets those in [round(begin * n), round(end * n)), as megatron-core cuts them)."""
+    prefixes, weights = data_path
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for name, part, drawn in zip(SPLIT_NAMES, matrix, drawn_from):
+        if drawn and part is None:
+            return f"--split {split} gives the {name} split no share, and {name} data is read"
+    for index, prefix in enumerate(prefixes):
+        if weights is not None and weights[index] == 0:
+            continue
+        count = len(read_index(idx_path(prefix)).sequence_lengths)
+        for name, part, drawn in zip(SPLIT_NAMES, matrix, drawn_from):
+            if drawn and part is not None and round(part[0] * count) == round(part[1] * count):
+                return (f"--split {split}: the {name} split of {prefix} gets none of its {count} documents; "
+                        f"give it a larger share")  # fmt: skip
+    return None
 
 
 class MicroBatches:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from megatron_r1.data.pretrain import MicroBatches
@@ -52,15 +53,17 @@ def test_eod_mask_loss_and_file_reads_reach_megatron_datasets(tmp_path):
     from types import SimpleNamespace
 
     from megatron_r1.data.pretrain import build_datasets
+    from megatron_r1.tokenizer import NullTokenizer
 
-    vocab_size = 16  # the end-of-document id of a run without a tokenizer is vocab_size - 1
+    vocab_size = 16  # NullTokenizer's end-of-document id is vocab_size - 1
     prefix = _documents_dataset(tmp_path, eod=vocab_size - 1)
 
     def first_sample(**flags):
         args = SimpleNamespace(seed=1, seq_length=12, mock_data=False, data_path=([prefix], None), split="100,0,0",
-                               data_per_split=None, data_cache_path=None, vocab_size=vocab_size, eod_mask_loss=False,
-                               mmap_bin_files=True, reset_attention_mask=False, reset_position_ids=False)
-        train, _ = build_datasets(SimpleNamespace(**{**vars(args), **flags}), None, 8, 0)
+                               data_per_split=None, data_cache_path=None, tokenizer_type="NullTokenizer",
+                               tokenizer_model=None, eod_mask_loss=False, mmap_bin_files=True,
+                               reset_attention_mask=False, reset_position_ids=False)  # fmt: skip
+        train, _ = build_datasets(SimpleNamespace(**{**vars(args), **flags}), NullTokenizer(vocab_size), 8, 0)
         readers.append(type(train.dataset.bin_reader).__name__)
         return train[0]
 
@@ -81,19 +84,18 @@ def test_document_masks_and_separate_validation_data_reach_the_batches(tmp_path,
 
     from megatron_r1.arguments import parse_args
     from megatron_r1.data.pretrain import build_datasets
+    from megatron_r1.tokenizer import NullTokenizer
 
     monkeypatch.setattr(parallel_state, "get_data_parallel_rank", lambda: 0)
     monkeypatch.setattr(parallel_state, "get_data_parallel_world_size", lambda: 1)
     monkeypatch.setenv("WORLD_SIZE", "1")
-    model = tmp_path / "tok.model"
-    model.write_bytes(b"")
     train_prefix = _documents_dataset(tmp_path, eod=15)
     (tmp_path / "valid").mkdir()
     valid_prefix = _documents_dataset(tmp_path / "valid", eod=15)
-    args = parse_args("test", ["--train-data-path", train_prefix, "--valid-data-path", valid_prefix, "--tokenizer-model",
-                               str(model), "--seq-length", "12", "--reset-attention-mask", "--reset-position-ids"])  # fmt: skip
-    args.vocab_size = 16  # what setup() takes from the tokenizer
-    train, valid = build_datasets(args, None, 8, 4)
+    args = parse_args("test", ["--train-data-path", train_prefix, "--valid-data-path", valid_prefix, "--tokenizer-type",
+                               "NullTokenizer", "--vocab-size", "16", "--seq-length", "12", "--reset-attention-mask",
+                               "--reset-position-ids"])  # fmt: skip
+    train, valid = build_datasets(args, NullTokenizer(args.vocab_size), 8, 4)
     assert [d.dataset.path_prefix for d in (train, valid)] == [train_prefix, valid_prefix]
     batch = next(MicroBatches(train, micro_batch_size=2))
     for tokens, positions, mask in zip(batch["tokens"], batch["position_ids"], batch["attention_mask"][:, 0]):
@@ -103,3 +105,43 @@ def test_document_masks_and_separate_validation_data_reach_the_batches(tmp_path,
         assert positions.tolist() == [i - start for i, start in enumerate(starts)]
         allowed = (document[:, None] == document[None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
         assert torch.equal(~mask, allowed)
+
+
+def test_a_split_with_no_documents_is_skipped_when_unread_and_named_when_read(tmp_path, capsys, monkeypatch):
+    """40 documents under the default --split 969,30,1 leave the test split none (megatron-core
+    would loop forever building it, though no sample is drawn from it); a read split without
+    documents is refused at launch, naming the flag and the prefix."""
+    import threading
+
+    from megatron.core import parallel_state
+
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.data.pretrain import build_datasets
+    from megatron_r1.tokenizer import NullTokenizer
+
+    monkeypatch.setattr(parallel_state, "get_data_parallel_rank", lambda: 0)
+    monkeypatch.setattr(parallel_state, "get_data_parallel_world_size", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    prefix = _documents_dataset(tmp_path, eod=15)
+    flags = ["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", "16", "--seq-length", "12"]
+    args = parse_args("test", flags)
+    built = []
+    worker = threading.Thread(target=lambda: built.append(build_datasets(args, NullTokenizer(16), 8, 0)), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert built, "building the datasets did not finish"
+    train, valid = built[0]
+    assert len(train) >= 8 and valid is None
+
+    for split, expected in (("999,1,0", f"--split 999,1,0: the validation split of {prefix} gets none of its 40 "
+                                        "documents; give it a larger share"),
+                            ("100,0,0", "--split 100,0,0 gives the validation split no share, and validation data "
+                                        "is read"),
+                            ("9,1,x", "--split 9,1,x: give train,valid,test proportions such as 969,30,1")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            parse_args("test", flags + ["--eval-interval", "2", "--split", split])
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(expected)
+    with pytest.raises(SystemExit):
+        parse_args("test", ["--train-data-path", prefix, *flags[2:], "--eval-interval", "2"])
+    assert capsys.readouterr().err.strip().endswith(
+        "evaluation (--eval-interval, --skip-train) reads validation data: give --valid-data-path")

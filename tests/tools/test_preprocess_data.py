@@ -67,6 +67,32 @@ def test_megatron_core_reads_every_document_as_a_direct_sentencepiece_encode(tmp
         assert dataset[index].tolist() == processor.encode(text) + [processor.eos_id()], index
 
 
+def test_llama2_tokenizer_documents_start_with_bos_as_in_megatron_lm(tmp_path, sp_model, corpus_texts):
+    input_path = write_jsonl(tmp_path / "in.jsonl", corpus_texts[:20])
+    result = run_tool("--input", input_path, "--output-prefix", str(tmp_path / "out"), "--tokenizer-type", "Llama2Tokenizer",
+                      "--tokenizer-model", sp_model, "--append-eod", "--workers", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    dataset = IndexedDataset(str(tmp_path / "out_text_document"))
+    processor = sentencepiece.SentencePieceProcessor(model_file=sp_model)
+    for index, text in enumerate(corpus_texts[:20]):
+        assert dataset[index].tolist() == [processor.bos_id(), *processor.encode(text), processor.eos_id()], index
+
+
+def test_null_tokenizer_stores_token_id_text_and_skips_lines_that_are_not_ids(tmp_path):
+    input_path = write_jsonl(tmp_path / "in.jsonl", ["5 6 7", "not ids", "1 2", "3 1000"])
+    result = run_tool("--input", input_path, "--output-prefix", str(tmp_path / "out"), "--tokenizer-type", "NullTokenizer",
+                      "--vocab-size", "1000", "--append-eod", "--workers", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "documents: 2" in result.stdout and "skipped: 2" in result.stdout
+    assert "not_token_ids" in result.stdout and "in.jsonl:2" in result.stdout and "in.jsonl:4" in result.stdout
+    dataset = IndexedDataset(str(tmp_path / "out_text_document"))
+    assert [dataset[i].tolist() for i in range(len(dataset))] == [[5, 6, 7, 999], [1, 2, 999]]
+    missing = run_tool("--input", input_path, "--output-prefix", str(tmp_path / "out2"), "--tokenizer-type", "NullTokenizer")
+    assert missing.returncode == 2 and "--tokenizer-type NullTokenizer needs --vocab-size N" in missing.stderr
+    no_model = run_tool("--input", input_path, "--output-prefix", str(tmp_path / "out2"))
+    assert no_model.returncode == 2 and "--tokenizer-type SentencePieceTokenizer needs --tokenizer-model" in no_model.stderr
+
+
 def test_partitions_flag_writes_shards_and_the_merged_dataset(tmp_path, sp_model, corpus_texts):
     input_path = write_jsonl(tmp_path / "in.jsonl", corpus_texts[:150])
     result = run_tool("--input", input_path, "--output-prefix", str(tmp_path / "out"), "--tokenizer-model", sp_model, "--workers", "2", "--partitions", "2")
