@@ -94,9 +94,9 @@ print(f"transformers: {tokenizer.decode(new)!r}")
 print(f"transformers new token ids: {' '.join(map(str, new))}")
 PY
 
-stage "11/11 generate with tools/generate.py from $OUT/sft_merged (greedy, KV cache), the same prompt"
-# shellcheck disable=SC2046  # the prompt's token ids, one argument each
-python tools/generate.py --load "$OUT/sft_merged" --prompt-ids $(cat "$OUT/prompt_ids.txt") --max-new-tokens "$NEW_TOKENS"
+stage "11/11 generate with tools/generate.py from $OUT/sft_merged (greedy, KV cache), the same question"
+# --chat renders the question with the fine-tuning chat template: the prompt ids above.
+python tools/generate.py --load "$OUT/sft_merged" --chat --prompt "$QUESTION" --max-new-tokens "$NEW_TOKENS"
 
 stage "artefacts (the whole pipeline took $SECONDS s)"
 cat <<EOF

@@ -56,11 +56,11 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, g
 
 
 @torch.no_grad()
-def generate(model, prompt: list[int], max_new_tokens: int, vocab_size: int, eod: int | None = None,
+def generate(model, prompt: list[int], max_new_tokens: int, vocab_size: int, stop_ids=(),
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              use_kv_cache: bool = True, on_token=None) -> list[int]:  # fmt: skip
-    """The new token ids after `prompt` (at most `max_new_tokens`, stopping after `eod`). Padded
-    vocabulary rows (ids >= vocab_size) are never sampled. `on_token(id)` is called per new token."""
+    """The new token ids after `prompt` (at most `max_new_tokens`, stopping after any of `stop_ids`).
+    Padded vocabulary rows (ids >= vocab_size) are never sampled. `on_token(id)` is called per new token."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
     if not prompt:
@@ -77,7 +77,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, vocab_size: int, eod
         new.append(next_id)
         if on_token is not None:
             on_token(next_id)
-        if next_id == eod:
+        if next_id in stop_ids:
             break
         tokens = torch.cat([tokens, torch.tensor([[next_id]])], dim=1)
         if context is not None:

@@ -46,6 +46,8 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
     our_ids = re.search(r"^new token ids: ([\d ]+)$", log, re.M)
     assert hf_ids and our_ids, log[-3000:]
     assert hf_ids.group(1).split() == our_ids.group(1).split()
+    our_prompt = re.search(r"^prompt token ids: ([\d ]+)$", log, re.M)  # --chat: the template's rendering
+    assert our_prompt and our_prompt.group(1).split() == (out / "prompt_ids.txt").read_text().split()
     assert re.search(r"^transformers: '.+'$", log, re.M)
     assert re.search(r"^generated \d+ tokens after a \d+-token prompt", log, re.M)
 

@@ -3,9 +3,12 @@ KV cache (megatron-core's StaticInferenceContext).
 
     python tools/generate.py --load ckpt --prompt "Once upon a time" --max-new-tokens 64
     python tools/generate.py --load ckpt --prompt-file prompt.txt --temperature 0.8 --top-p 0.95 --seed 7
+    python tools/generate.py --load sft_ckpt --chat --prompt "What is 3 + 4?" [--system "Be brief."]
 
 Greedy by default (--temperature 0); generation stops after --max-new-tokens or at the end-of-document
-token. --prompt-ids takes token ids instead of text (no tokenizer needed).
+token. --prompt-ids takes token ids instead of text (no tokenizer needed). --chat asks a fine-tuned
+model: the prompt is a user turn rendered with the fine-tuning chat template (megatron_r1/data/sft.py),
+the reply ends at the end of the assistant turn.
 """
 
 import argparse
@@ -26,6 +29,8 @@ def build_parser():
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-file", help="file whose text is the prompt")
     prompt.add_argument("--prompt-ids", type=int, nargs="+", help="prompt as token ids")
+    parser.add_argument("--chat", action="store_true", help="the prompt is a user turn of the chat template")
+    parser.add_argument("--system", default=None, help="with --chat: a system turn before the user's")
     parser.add_argument("--tokenizer-model", default=None, help="default: the tokenizer saved with the checkpoint")
     parser.add_argument("--tokenizer-type", choices=MODEL_TOKENIZER_TYPES, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -34,7 +39,7 @@ def build_parser():
     parser.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus filter")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence per token")
-    parser.add_argument("--ignore-eod", action="store_true", help="do not stop at the end-of-document token")
+    parser.add_argument("--ignore-eod", action="store_true", help="do not stop at the end-of-document token (with --chat: the end of the turn)")
     return parser
 
 
@@ -45,9 +50,14 @@ def main(argv=None):
         parser.error("need --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1, --max-new-tokens >= 1")
     if args.prompt_file and not os.path.isfile(args.prompt_file):
         parser.error(f"--prompt-file {args.prompt_file}: no such file")
+    if args.chat and args.prompt_ids:
+        parser.error("--chat renders a text prompt: give --prompt or --prompt-file, not --prompt-ids")
+    if args.system is not None and not args.chat:
+        parser.error("--system is a turn of the chat template: add --chat")
     from tqdm import tqdm
 
     from megatron_r1.checkpointing import CheckpointError, checkpoint_dir
+    from megatron_r1.data.sft import ChatTemplate
     from megatron_r1.distributed import destroy_distributed, initialize_distributed
     from megatron_r1.generation import generate, load_model
     from megatron_r1.hf.config import resolve_checkpoint
@@ -65,28 +75,40 @@ def main(argv=None):
         tokenizer = build_tokenizer(args.tokenizer_type or model_args.tokenizer_type, tokenizer_model)
     elif not args.prompt_ids:
         parser.error("text prompts need a tokenizer: --tokenizer-model (none was saved with the checkpoint), or use --prompt-ids")
+    stop_ids = [tokenizer.eod] if tokenizer and tokenizer.eod is not None else []
     if args.prompt_ids:
         prompt = args.prompt_ids
     else:
         text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
-        prompt = tokenizer.tokenize(text)
+        if args.chat:
+            template = ChatTemplate(tokenizer)
+            turns = ([{"role": "system", "content": args.system}] if args.system is not None else []) + [
+                {"role": "user", "content": text}]  # fmt: skip
+            prompt = template.render(turns, add_generation_prompt=True)[0]
+            stop_ids = template.end_ids
+        else:
+            prompt = tokenizer.tokenize(text)
     vocab_size = model_args.vocab_size or model_args.padded_vocab_size
     if not prompt or max(prompt) >= vocab_size or min(prompt) < 0:
         parser.error(f"the prompt must be 1+ token ids in [0, {vocab_size})")
     if len(prompt) + args.max_new_tokens > model_args.max_position_embeddings:
         parser.error(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's "
                      f"{model_args.max_position_embeddings} positions")  # fmt: skip
-    eod = None if args.ignore_eod else (tokenizer.eod if tokenizer else None)
+    if args.ignore_eod:
+        stop_ids = []
     start = time.perf_counter()
     with tqdm(total=args.max_new_tokens, desc="generating", unit="tok", file=sys.stderr) as bar:
-        new = generate(model, prompt, args.max_new_tokens, vocab_size, eod=eod, temperature=args.temperature,
+        new = generate(model, prompt, args.max_new_tokens, vocab_size, stop_ids, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_kv_cache=not args.no_kv_cache,
                        on_token=lambda _: bar.update())  # fmt: skip
     elapsed = time.perf_counter() - start
     destroy_distributed()
-    print(tokenizer.detokenize(new) if tokenizer else "")
+    ended = bool(new) and new[-1] in stop_ids
+    if tokenizer:  # a chat reply without the id that ends the turn
+        print(tokenizer.detokenize(new[:-1] if ended and args.chat else new))
+    print(f"prompt token ids: {' '.join(map(str, prompt))}")
     print(f"new token ids: {' '.join(map(str, new))}")
-    stopped = "end of document" if new and new[-1] == eod else "--max-new-tokens"
+    stopped = ("end of the assistant turn" if args.chat else "end of document") if ended else "--max-new-tokens"
     print(f"generated {len(new)} tokens after a {len(prompt)}-token prompt in {elapsed:.2f} s "
           f"({len(new) / elapsed:.1f} tokens/s), stopped at {stopped}")  # fmt: skip
 

@@ -72,4 +72,19 @@ def test_kv_cache_sampling_filters_and_seeds(trained):
     assert run(temperature=1.5, seed=5, use_kv_cache=False) == sampled
     assert all(0 <= token < args.vocab_size for token in sampled)
     stop_at = greedy[2]
-    assert run(eod=stop_at) == greedy[: greedy.index(stop_at) + 1]
+    assert run(stop_ids=[stop_at]) == greedy[: greedy.index(stop_at) + 1]
+
+
+def test_chat_renders_the_fine_tuning_template_and_stops_at_the_end_of_the_turn(trained):
+    from megatron_r1.data.sft import ChatTemplate
+
+    workdir, tokenizer = trained
+    output = run_command([sys.executable, str(REPO / "tools" / "generate.py"), "--load", "ckpt", "--chat", "--prompt",
+                          "What is 3 + 4?", "--system", "Be brief.", "--max-new-tokens", "8"], workdir).stdout  # fmt: skip
+    template = ChatTemplate(tokenizer)
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3 + 4?"}]
+    prompt = template.render(turns, add_generation_prompt=True)[0]
+    assert re.search(r"prompt token ids: ([\d ]*)", output).group(1).split() == [str(t) for t in prompt]
+    args, model = load_model(str(workdir / "ckpt" / "iter_0000003"))
+    expected = generate(model, prompt, 8, args.vocab_size, stop_ids=template.end_ids)
+    assert re.search(r"new token ids: ([\d ]*)", output).group(1).split() == [str(t) for t in expected]
