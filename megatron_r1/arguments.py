@@ -211,6 +211,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                           help="instead of --train-iters: samples to train on; the LR schedule then counts "
                                "samples (--lr-warmup-samples, --lr-decay-samples, --lr-wsd-decay-samples)")
     training.add_argument("--seed", type=int, default=1234)
+    training.add_argument("--empty-unused-memory-level", type=int, choices=[0, 1, 2], default=0,
+                          help="return cached, unused GPU memory to the driver (less fragmentation, slower): "
+                               "1 after each forward-backward pass, 2 also after each optimizer step")
+    training.add_argument("--disable-bf16-reduced-precision-matmul", action="store_true",
+                          help="bf16 GEMMs on the GPU accumulate in full precision (cuBLAS may otherwise reduce "
+                               "partial sums in bf16)")
     training.add_argument("--manual-gc", action="store_true",
                           help="turn Python's threshold-triggered garbage collector off during training and "
                                "collect at fixed points instead, the same on every rank (no straggler pauses)")
@@ -244,6 +250,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     lr = parser.add_argument_group("learning rate")
     lr.add_argument("--lr", type=float, default=3e-4)
     lr.add_argument("--min-lr", type=float, default=0.0)
+    lr.add_argument("--decoupled-lr", type=float, default=None,
+                    help="the input embedding's and output layer's own peak learning rate (same schedule)")
+    lr.add_argument("--decoupled-min-lr", type=float, default=None,
+                    help="with --decoupled-lr: their minimum learning rate (default: --min-lr)")
     lr.add_argument("--lr-decay-style", default="cosine",
                     choices=["constant", "linear", "cosine", "cosine-warm-restarts", "inverse-square-root", "WSD"])
     lr.add_argument("--lr-warmup-init", type=float, default=0.0, help="the learning rate warm-up starts from")
@@ -474,6 +484,8 @@ def validate_args(args, error) -> None:
               f"(the checkpoints it rolls back to)")
     if args.rollback_after_bad_steps is not None and args.no_save_optim:
         error("--rollback-after-bad-steps restores the optimizer state from the checkpoints: not with --no-save-optim")
+    if args.decoupled_min_lr is not None and args.decoupled_lr is None:
+        error("--decoupled-min-lr needs --decoupled-lr")
     if args.keep_last_n is not None and args.keep_last_n < 1:
         error(f"--keep-last-n ({args.keep_last_n}) must be at least 1")
     args.data_per_split = None  # [train, valid, test] blends, from --train/valid-data-path

@@ -26,6 +26,9 @@ IGNORED_SWITCHES = {
     "--no-bias-swiglu-fusion": "megatron-r1 does not turn megatron-core's bias-activation fusion on",
     "--no-bias-gelu-fusion": "megatron-r1 does not turn megatron-core's bias-activation fusion on",
     "--no-rope-fusion": "megatron-r1 does not turn megatron-core's RoPE fusion on",
+    "--accumulate-allreduce-grads-in-fp32": "gradients are always accumulated and all-reduced in fp32",
+    "--attention-softmax-in-fp32": "the attention softmax runs in fp32 already (megatron-core's default; the fused "
+                                   "SDPA kernels accumulate in fp32)",
 }
 
 # GPU kernel choices megatron-core implements with CUDA-only kernels (TransformerEngine, grouped_gemm,
@@ -86,7 +89,6 @@ UNSUPPORTED = {
     "--merge-file": "GPT-2 BPE tokenizers are not supported: --tokenizer-type SentencePieceTokenizer or "
                     "HuggingFaceTokenizer with --tokenizer-model",
     "--log-params-norm": "the parameter norm is not logged",
-    "--decoupled-lr": "a separate learning rate for the embedding and output layer is not supported",
     "--apply-layernorm-1p": "zero-centred norm weights are not supported",
     "--use-rope-scaling": "Llama-3 RoPE scaling is not supported (DeepSeek's long-context scaling: --rope-type yarn)",
 }

@@ -53,11 +53,14 @@ def _init_lion_state(optimizer, config=None):
 
 def build_optimizer(args, model_chunks):
     """Weight decay applies to matrices only: megatron-core's default parameter groups exempt
-    biases and 1-D parameters (norm weights)."""
+    biases and 1-D parameters (norm weights). --decoupled-lr gives the embedding and output layer
+    their own group (megatron-core's `is_embedding_or_output_parameter`), with its own max/min LR."""
     config = OptimizerConfig(
         optimizer="adam",
         lr=args.lr,
         min_lr=args.min_lr,
+        decoupled_lr=args.decoupled_lr,
+        decoupled_min_lr=args.decoupled_min_lr,
         weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2,

@@ -61,6 +61,8 @@ def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainSta
         logging.basicConfig(level=args.logging_level)
     if args.enable_experimental:
         set_experimental_flag(True)
+    if args.disable_bf16_reduced_precision_matmul:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     initialize_distributed(
         args.tensor_model_parallel_size,
         args.pipeline_model_parallel_size,
@@ -159,6 +161,8 @@ def _run_schedule(args, state, data_iterators, forward_only):
         micro_batch_size=args.micro_batch_size * args.seq_length // seq_length,
         forward_only=forward_only,
     )
+    if args.empty_unused_memory_level >= 1:
+        torch.cuda.empty_cache()
     if not parallel_state.is_pipeline_last_stage():
         return None
     totals = torch.stack([item["lm loss"] for item in reduced]).sum(dim=0)  # [loss sum, loss tokens]
@@ -327,6 +331,8 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
         else:
             update_successful, grad_norm, num_zeros = False, None, None
             state.nan_iterations += 1
+        if args.empty_unused_memory_level >= 2:
+            torch.cuda.empty_cache()
         if update_successful:
             state.scheduler.step(increment=schedule_increment(args))
         else:

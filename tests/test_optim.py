@@ -134,3 +134,28 @@ def test_adam_is_torch_fused_adamw_with_megatron_param_groups(monkeypatch):
             reference_optimizer.step()
         for param, ref in zip(params, reference):
             torch.testing.assert_close(param.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_decoupled_lr_schedules_the_embedding_and_output_layer_apart(monkeypatch, capsys):
+    """--decoupled-lr/--decoupled-min-lr (Megatron-LM's): the input embedding and the output layer
+    warm up to and decay between their own bounds; every other weight follows --lr/--min-lr."""
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.optim import build_scheduler
+
+    flags = ["--decoupled-lr", "0.002", "--decoupled-min-lr", "0.0002", "--min-lr", "0.001", "--train-iters", "10",
+             "--lr-warmup-iters", "2", "--untie-embeddings-and-output-weights"]  # fmt: skip
+    with one_layer_gpt_and_optimizer(monkeypatch, flags) as (args, model, optimizer, _):
+        scheduler = build_scheduler(args, optimizer)
+        decoupled = {id(model.module.embedding.word_embeddings.weight), id(model.module.output_layer.weight)}
+        groups = optimizer.optimizer.param_groups
+        assert {id(p) for g in groups for p in g["params"] if g["max_lr"] == 0.002} == decoupled
+        peaks, ends = {}, {}
+        for step in range(1, 11):
+            scheduler.step(1)
+            for group in groups:
+                (peaks if step == 2 else ends if step == 10 else {})[group["max_lr"]] = group["lr"]
+        assert peaks == pytest.approx({0.002: 0.002, 0.01: 0.01}) and ends == pytest.approx({0.002: 0.0002, 0.01: 0.001})
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit):
+        parse_args("test", ["--mock-data", "--vocab-size", "64", "--decoupled-min-lr", "0.1"])
+    assert capsys.readouterr().err.strip().endswith("--decoupled-min-lr needs --decoupled-lr")

@@ -232,6 +232,30 @@ def test_manual_gc_collects_at_fixed_iterations_only(monkeypatch):
     assert collected_after == [0, 2, 4, 4, 4]  # start; interval; interval, before and after evaluating
 
 
+def test_empty_unused_memory_level_and_bf16_full_precision_matmul_flags(monkeypatch):
+    """--empty-unused-memory-level 2 empties the CUDA cache after every forward-backward pass
+    (evaluation's too) and every optimizer step; --disable-bf16-reduced-precision-matmul turns
+    torch's reduced-precision bf16 GEMM accumulation off."""
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.distributed import destroy_distributed
+    from megatron_r1.training import build_data, setup, train
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", True)
+    args = parse_args("test", TINY_MOE + ["--train-iters", "2", "--eval-interval", "2", "--eval-iters", "1",
+                                          "--empty-unused-memory-level", "2",
+                                          "--disable-bf16-reduced-precision-matmul"])  # fmt: skip
+    state = setup(args)
+    assert torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction is False
+    emptied_at = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied_at.append(state.iteration))
+    try:
+        train(args, state, *build_data(args, state))
+    finally:
+        destroy_distributed()
+    assert emptied_at == [0, 0, 1, 1, 2]  # per step: after forward-backward and after the update; evaluation
+
+
 def _grad_buffers_after_one_step(args):
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
