@@ -34,8 +34,8 @@ _CONFIG_RENAMES = {
 
 
 def _int_or_list(value: str):
-    """--moe-layer-freq: an int (every Nth layer is MoE) or a Python list such as "[0]*1+[1]*3"
-    (Megatron-LM's recipes also write "([0]*3+[1]*58)")."""
+    """--moe-layer-freq / --window-attn-skip-freq: an int N (every Nth layer) or a Python list of
+    0/1 per layer such as "[0]*1+[1]*3" (Megatron-LM's recipes also write "([0]*3+[1]*58)")."""
     if value.strip().startswith(("[", "(")):
         try:
             pattern = eval(value, {"__builtins__": {}})  # list arithmetic only, no names
@@ -78,6 +78,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     model.add_argument("--window-size", nargs="+", default=None, metavar="LEFT,RIGHT",
                        help="sliding-window attention; LEFT,0 for causal models (LEFT RIGHT also accepted)")
+    model.add_argument("--window-attn-skip-freq", type=_int_or_list, default=None,
+                       help="with --window-size, which layers keep full attention: N, every Nth layer; or a "
+                            "list of 0/1 per layer, 1 for a sliding-window layer (e.g. '([1]*3+[0]*1)*2')")
     model.add_argument("--hidden-dropout", type=float, default=0.0)
     model.add_argument("--attention-dropout", type=float, default=0.0)
     model.add_argument("--init-method-std", type=float, default=0.02)
@@ -438,6 +441,14 @@ def validate_args(args, error) -> None:
         error("--fp8-format needs --transformer-impl transformer_engine (CUDA + TransformerEngine)")
     if args.window_size is not None:
         args.window_size = _parse_window(args.window_size, error)
+    skip = args.window_attn_skip_freq
+    if skip is not None:
+        if args.window_size is None:
+            error("--window-attn-skip-freq needs --window-size (the sliding window of the other layers)")
+        if isinstance(skip, list) and len(skip) != args.num_layers:
+            error(f"--window-attn-skip-freq pattern has {len(skip)} entries, --num-layers is {args.num_layers}")
+        if isinstance(skip, int) and skip < 1:
+            error(f"--window-attn-skip-freq ({skip}) must be at least 1")
     if args.no_position_embedding and args.position_embedding_type != "rope":
         error(f"--no-position-embedding goes with RoPE only; for no position information at all: "
               f"--position-embedding-type none (not {args.position_embedding_type})")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from megatron_r1.layers import uses_window_attention
 from megatron_r1.tokenizer import vocab_size_with_padding
 
 COMPONENTS = (
@@ -59,10 +60,10 @@ class ComponentCount:
     active: int = 0
     flops_per_token: float = 0.0
 
-    def add(self, other: ComponentCount, times: int = 1) -> None:
-        self.total += other.total * times
-        self.active += other.active * times
-        self.flops_per_token += other.flops_per_token * times
+    def add(self, other: ComponentCount) -> None:
+        self.total += other.total
+        self.active += other.active
+        self.flops_per_token += other.flops_per_token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +127,7 @@ def moe_layer_pattern(args) -> list[int]:
     return [1 if i % args.moe_layer_freq == 0 else 0 for i in range(args.num_layers)]
 
 
-def _attention(args, bias: bool) -> tuple[ComponentCount, ComponentCount]:
+def _attention(args, bias: bool, window_size) -> tuple[ComponentCount, ComponentCount]:
     """(projections, q/k norms) of one attention block."""
     heads, hidden = args.num_attention_heads, args.hidden_size
     qk_layernorm = getattr(args, "qk_layernorm", False)
@@ -159,7 +160,7 @@ def _attention(args, bias: bool) -> tuple[ComponentCount, ComponentCount]:
         if qk_layernorm:
             norms += [_norm(kv_channels, args.normalization)] * 2
         qk_dim = v_dim = kv_channels
-    keys = _keys_per_query(args.seq_length, args.window_size)
+    keys = _keys_per_query(args.seq_length, window_size)
     projections.flops_per_token += _TRAINING_FLOPS_PER_WEIGHT * heads * (qk_dim + v_dim) * keys
     return projections, _sum(*norms)
 
@@ -169,12 +170,13 @@ def _mlp(args, hidden_size: int, ffn_hidden_size: int, bias: bool) -> ComponentC
     return _sum(_linear(hidden_size, fc1_width, bias), _linear(ffn_hidden_size, hidden_size, bias))
 
 
-def _layer(args, is_moe: bool) -> dict[str, ComponentCount]:
-    """One transformer layer, by component."""
+def _layer(args, is_moe: bool, layer_number: int) -> dict[str, ComponentCount]:
+    """One transformer layer (1-based number, which --window-attn-skip-freq reads), by component."""
     bias = not args.disable_bias_linear
     hidden = args.hidden_size
     ffn_hidden_size = args.ffn_hidden_size or 4 * hidden
-    attention, attention_norms = _attention(args, bias)
+    windowed = uses_window_attention(args.window_size, args.window_attn_skip_freq, layer_number)
+    attention, attention_norms = _attention(args, bias, args.window_size if windowed else None)
     counts = {
         "attention": attention,
         "norms": _sum(_norm(hidden, args.normalization), _norm(hidden, args.normalization), attention_norms),
@@ -212,8 +214,8 @@ def count_model(args) -> ModelCount:
     components["embedding"].total = vocab * hidden
     if args.position_embedding_type == "learned_absolute":
         components["embedding"].total += args.max_position_embeddings * hidden
-    for is_moe in pattern:
-        for name, count in _layer(args, is_moe).items():
+    for layer_number, is_moe in enumerate(pattern, start=1):
+        for name, count in _layer(args, is_moe, layer_number).items():
             components[name].add(count)
     components["norms"].add(_norm(hidden, args.normalization))  # final norm
 
@@ -224,16 +226,17 @@ def count_model(args) -> ModelCount:
         components["embedding"].active += logits.active
         components["output_layer"].flops_per_token += logits.flops_per_token
 
-    mtp_layer = _sum(
-        _norm(hidden, args.normalization),  # enorm
-        _norm(hidden, args.normalization),  # hnorm
-        _linear(2 * hidden, hidden, False),  # eh_proj
-        *_layer(args, pattern[-1]).values(),
-        _norm(hidden, args.normalization),  # final norm
-    )
-    # Each MTP layer computes logits again with the main model's output weights.
-    mtp_layer.flops_per_token += logits.flops_per_token
-    components["mtp"].add(mtp_layer, times=args.mtp_num_layers or 0)
+    for depth in range(1, (args.mtp_num_layers or 0) + 1):
+        mtp_layer = _sum(
+            _norm(hidden, args.normalization),  # enorm
+            _norm(hidden, args.normalization),  # hnorm
+            _linear(2 * hidden, hidden, False),  # eh_proj
+            *_layer(args, pattern[-1], len(pattern) + depth).values(),  # the last decoder layer's kind
+            _norm(hidden, args.normalization),  # final norm
+        )
+        # Each MTP layer computes logits again with the main model's output weights.
+        mtp_layer.flops_per_token += logits.flops_per_token
+        components["mtp"].add(mtp_layer)
     return ModelCount(components, args.global_batch_size * args.seq_length)
 
 

@@ -8,6 +8,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
 
 
 class SequenceParallelTorchNorm:
@@ -36,13 +37,23 @@ class SequenceParallelTorchNorm:
         return norm
 
 
+def uses_window_attention(window_size, window_attn_skip_freq, layer_number: int) -> bool:
+    """Whether (1-based) layer `layer_number` attends through the sliding window: megatron-core's
+    rule, except that MTP layers (numbered after the decoder's) take a per-layer list's last entry
+    (megatron-core would index past its end)."""
+    if isinstance(window_attn_skip_freq, list):
+        layer_number = min(layer_number, len(window_attn_skip_freq))
+    return is_layer_window_attention(window_size, window_attn_skip_freq, layer_number)
+
+
 class SDPACoreAttention(MegatronModule):
     """Core attention on ``torch.nn.functional.scaled_dot_product_attention``.
 
     The local spec's DotProductAttention assumes query, key and value share one head dim, which MLA
     breaks (q/k: qk_head_dim + qk_pos_emb_head_dim, v: v_head_dim); SDPA takes them as they come,
     handles GQA, and uses the fused flash/memory-efficient kernels on CPU as on GPU. Sliding-window
-    attention (``config.window_size``) is applied as an explicit mask.
+    attention (``config.window_size``, in the layers ``config.window_attn_skip_freq`` leaves it) is
+    applied as an explicit mask.
     """
 
     def __init__(
@@ -62,6 +73,8 @@ class SDPACoreAttention(MegatronModule):
         if config.context_parallel_size > 1:
             raise ValueError("SDPACoreAttention does not support --context-parallel-size > 1")
         self.attn_mask_type = attn_mask_type
+        windowed = uses_window_attention(config.window_size, config.window_attn_skip_freq, layer_number)
+        self.window_size = config.window_size if windowed else None
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
 
@@ -86,9 +99,9 @@ class SDPACoreAttention(MegatronModule):
             # megatron masks mark positions to drop; given with the causal type it is the whole
             # pattern, as megatron's unfused softmax takes it (packed samples: causal within each)
             mask, is_causal = ~attention_mask, False
-        if self.config.window_size is not None or (is_causal and seq_q != seq_k):
+        if self.window_size is not None or (is_causal and seq_q != seq_k):
             # Explicit mask, aligned bottom-right (queries are the last seq_q positions).
-            left, right = self.config.window_size or (seq_k, seq_k)
+            left, right = self.window_size or (seq_k, seq_k)
             query_pos = torch.arange(seq_k - seq_q, seq_k, device=query.device)[:, None]
             offset = torch.arange(seq_k, device=query.device)[None, :] - query_pos
             window = (offset >= -left) & (offset <= (0 if is_causal else right))

@@ -75,9 +75,10 @@ def _mla_down_projections(args) -> int:
     return q_down + args.hidden_size * (args.kv_lora_rank + args.qk_pos_emb_head_dim)
 
 
-def _layer_params(args, is_moe: bool, sizes: ParallelSizes) -> tuple[float, float]:
-    """(dense, expert) parameters of one transformer layer on one rank."""
-    counts = _layer(args, is_moe)
+def _layer_params(args, layer: int, sizes: ParallelSizes) -> tuple[float, float]:
+    """(dense, expert) parameters of (0-based) decoder layer ``layer`` on one rank."""
+    is_moe = moe_layer_pattern(args)[layer]
+    counts = _layer(args, is_moe, layer + 1)
     expert = counts["routed_experts"].total if is_moe else 0
     replicated = counts["norms"].total + (counts["router"].total if is_moe else 0) + _mla_down_projections(args)
     split = sum(count.total for count in counts.values()) - expert - replicated
@@ -86,11 +87,10 @@ def _layer_params(args, is_moe: bool, sizes: ParallelSizes) -> tuple[float, floa
 
 def stage_params(args, stage: StageContents, sizes: ParallelSizes) -> tuple[float, float]:
     """(dense, expert) parameters on one rank of ``stage``."""
-    pattern = moe_layer_pattern(args)
     hidden, vocab = args.hidden_size, padded_vocab_size(args)
     dense = expert = 0.0
     for layer in stage.layers:
-        layer_dense, layer_expert = _layer_params(args, pattern[layer], sizes)
+        layer_dense, layer_expert = _layer_params(args, layer, sizes)
         dense, expert = dense + layer_dense, expert + layer_expert
     word_embedding = vocab * hidden / sizes.tp  # vocabulary-parallel
     if stage.embedding:
@@ -102,7 +102,7 @@ def stage_params(args, stage: StageContents, sizes: ParallelSizes) -> tuple[floa
         if args.untie_embeddings_and_output_weights or not stage.embedding:
             dense += word_embedding  # the output layer, or the tied embedding's copy on the last stage
     for _ in range(stage.mtp_layers):
-        layer_dense, layer_expert = _layer_params(args, pattern[-1], sizes)
+        layer_dense, layer_expert = _layer_params(args, args.num_layers - 1, sizes)  # MTP: the last layer's kind
         norms = 3 * _norm(hidden, args.normalization).total  # enorm, hnorm, final norm
         dense += layer_dense + norms + 2 * hidden * hidden / sizes.tp  # eh_proj, column-parallel
         expert += layer_expert

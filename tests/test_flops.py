@@ -154,6 +154,26 @@ def test_sliding_window_counts_the_band_of_the_mask():
     assert full - narrow == pytest.approx(per_key * (64 / 2 - (64**2 - 48**2) / (2 * 64)))
 
 
+def test_window_attn_skip_freq_counts_full_attention_in_the_layers_it_names():
+    """--window-attn-skip-freq 2: layers 2 and 4 attend fully, 1 and 3 through the window; as a
+    per-layer list the same. The built model's layers agree (MTP's takes the last decoder layer's)."""
+    from megatron_r1.layers import SDPACoreAttention
+
+    flags = ("--mock-data --vocab-size 256 --seq-length 64 --max-position-embeddings 64 --num-layers 4 "
+             "--hidden-size 32 --num-attention-heads 2")  # fmt: skip
+    attention = {
+        name: count_model(parse(flags + extra)).components["attention"].flops_per_token
+        for name, extra in (("full", ""), ("window", " --window-size 16 0"),
+                            ("every 2nd full", " --window-size 16 0 --window-attn-skip-freq 2"),
+                            ("pattern", " --window-size 16 0 --window-attn-skip-freq ([1]+[0])*2"))  # fmt: skip
+    }
+    assert attention["every 2nd full"] == attention["pattern"] == pytest.approx((attention["full"] + attention["window"]) / 2)
+    args = parse(flags + " --window-size 16 0 --window-attn-skip-freq ([1]+[0])*2 --mtp-num-layers 1")
+    model = build(args)
+    windows = [module.window_size for module in model.modules() if isinstance(module, SDPACoreAttention)]
+    assert windows == [(16, 0), None, (16, 0), None, None]
+
+
 def test_summary_and_startup_report():
     args = parse(DEEPSEEK_V3 + " --global-batch-size 1")
     printed = []

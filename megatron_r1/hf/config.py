@@ -20,7 +20,14 @@ import json
 import os
 
 from megatron_r1.arguments import build_parser, transformer_config_from_args
-from megatron_r1.checkpointing import METADATA_FILE, MODEL_FUNCTION_ARGS, MODEL_SHAPE_ARGS, CheckpointError, find_checkpoint
+from megatron_r1.checkpointing import (
+    METADATA_FILE,
+    MODEL_ARGS_WITH_OLD_DEFAULTS,
+    MODEL_FUNCTION_ARGS,
+    MODEL_SHAPE_ARGS,
+    CheckpointError,
+    find_checkpoint,
+)
 from megatron_r1.flops import moe_layer_pattern
 
 
@@ -47,7 +54,8 @@ def checkpoint_args(path: str) -> argparse.Namespace:
         raise CheckpointError(f"{path} has no {METADATA_FILE}: not a megatron-r1 checkpoint, or an incomplete one")
     with open(metadata_path) as f:
         saved = json.load(f)["model_args"]
-    missing = [name for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS if name not in saved]
+    missing = [name for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS
+               if name not in saved and name not in MODEL_ARGS_WITH_OLD_DEFAULTS]  # fmt: skip
     if missing:
         raise CheckpointError(f"{metadata_path} lacks the model flags {', '.join(missing)} (saved by an older "
                               "version): load it with pretrain_r1.py --finetune and the original flags, and save again")  # fmt: skip

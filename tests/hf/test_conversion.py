@@ -150,3 +150,23 @@ def test_bad_hf_directories_fail_before_writing(exported, tmp_path, process_grou
         with pytest.raises(error, match=message):
             import_from_hf(str(directory), str(tmp_path / "out"), progress=False)
         assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_older_checkpoints_load_without_flags_added_since(checkpoint, tmp_path):
+    """A model flag added after checkpoints were first saved may be absent (its default computes
+    what those models did); any other missing flag is named."""
+    import shutil
+
+    from megatron_r1.checkpointing import METADATA_FILE, CheckpointError
+    from megatron_r1.hf.config import checkpoint_args
+
+    older = tmp_path / "iter_0000003"
+    shutil.copytree(checkpoint, older)
+    metadata = json.loads((older / METADATA_FILE).read_text())
+    del metadata["model_args"]["window_attn_skip_freq"]
+    (older / METADATA_FILE).write_text(json.dumps(metadata))
+    assert checkpoint_args(str(older)).window_attn_skip_freq is None
+    del metadata["model_args"]["rotary_base"]
+    (older / METADATA_FILE).write_text(json.dumps(metadata))
+    with pytest.raises(CheckpointError, match="lacks the model flags rotary_base"):
+        checkpoint_args(str(older))
