@@ -231,6 +231,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                           help="e.g. 256:0 2048:1000 8192:5000; each LENGTH divides --seq-length, whose samples "
                                "are cut into LENGTH-token sequences (same tokens per step)")
     training.add_argument("--bf16", action="store_true", help="bf16 mixed precision (fp32 master weights)")
+    training.add_argument("--grad-reduce-in-bf16", action="store_true",
+                          help="with --bf16: accumulate and all-reduce gradients in bf16 (half the grad buffers' "
+                               "memory and traffic; fp32 by default)")
     training.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion",
                           action="store_false",
                           help="compute each weight gradient apart and add it to the grad buffer, instead of "
@@ -495,6 +498,8 @@ def validate_args(args, error) -> None:
               f"(the checkpoints it rolls back to)")
     if args.rollback_after_bad_steps is not None and args.no_save_optim:
         error("--rollback-after-bad-steps restores the optimizer state from the checkpoints: not with --no-save-optim")
+    if args.grad_reduce_in_bf16 and not args.bf16:
+        error("--grad-reduce-in-bf16 needs --bf16 (fp32 training keeps fp32 gradients)")
     if args.decoupled_min_lr is not None and args.decoupled_lr is None:
         error("--decoupled-min-lr needs --decoupled-lr")
     if args.keep_last_n is not None and args.keep_last_n < 1:

@@ -9,7 +9,7 @@ estimates: a dry run on a laptop says whether a layout can fit before any GPU is
   EP x ETP; the rest over TP, except what every TP rank keeps whole: norms, the router, MLA's q/kv
   down-projections (duplicated, megatron_r1.model) and learned position embeddings;
 * weights: 2 bytes per parameter with ``--bf16``, else 4;
-* gradients: 4 bytes (fp32 grad buffers: ``grad_reduce_in_fp32``), not sharded;
+* gradients: 4 bytes (fp32 grad buffers), 2 with ``--grad-reduce-in-bf16``, not sharded;
 * optimizer: an fp32 master copy under ``--bf16`` (4 bytes) plus Adam's two moments or Lion's one
   (4 bytes each); ``--use-distributed-optimizer`` shards these over the data-parallel ranks:
   DP for the dense parameters, expert-DP (world / (ETP x EP x PP)) for the experts.
@@ -217,7 +217,7 @@ def estimate_memory(args) -> list[StageMemory]:
         stages.append(StageMemory(
             contents=contents, dense_params=dense, expert_params=expert,
             weights=math.ceil(params * weight_bytes),
-            gradients=math.ceil(params * _FP32_BYTES),
+            gradients=math.ceil(params * (2 if args.grad_reduce_in_bf16 else _FP32_BYTES)),
             optimizer=(math.ceil(dense * optimizer_bytes / dense_shards)
                        + math.ceil(expert * optimizer_bytes / expert_shards)),
             activations=math.ceil(activations), in_flight=in_flight,

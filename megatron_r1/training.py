@@ -85,7 +85,7 @@ def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainSta
     config = transformer_config_from_args(args)
     config.gradient_accumulation_fusion = args.gradient_accumulation_fusion and gradient_accumulation_fusion_available()
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=not args.grad_reduce_in_bf16,
         use_distributed_optimizer=args.use_distributed_optimizer,
         overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather,

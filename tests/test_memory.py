@@ -47,20 +47,21 @@ def parse(flags, world_size=1):
 
 
 @pytest.mark.parametrize(
-    "flags, weight_bytes, optimizer_bytes",
-    [(["--bf16"], 2, 12),  # bf16 weights; fp32 master + Adam m, v
-     ([], 4, 8),  # fp32 weights are the master copy: Adam m, v
-     (["--optimizer", "lion"], 4, 4)],  # Lion: one moment
+    "flags, weight_bytes, gradient_bytes, optimizer_bytes",
+    [(["--bf16"], 2, 4, 12),  # bf16 weights; fp32 grad buffers; fp32 master + Adam m, v
+     (["--bf16", "--grad-reduce-in-bf16"], 2, 2, 12),  # bf16 grad buffers
+     ([], 4, 4, 8),  # fp32 weights are the master copy: Adam m, v
+     (["--optimizer", "lion"], 4, 4, 4)],  # Lion: one moment
 )  # fmt: skip
-def test_single_gpu_bytes_are_params_times_bytes(flags, weight_bytes, optimizer_bytes):
+def test_single_gpu_bytes_are_params_times_bytes(flags, weight_bytes, gradient_bytes, optimizer_bytes):
     args = parse(TINY_MOE + flags)
     params = count_model(args).total_params
     (stage,) = estimate_memory(args)
     assert stage.dense_params + stage.expert_params == params
     assert stage.weights == params * weight_bytes
-    assert stage.gradients == params * 4  # fp32 grad buffers
+    assert stage.gradients == params * gradient_bytes
     assert stage.optimizer == params * optimizer_bytes
-    if weight_bytes == 2:  # Megatron-LM's 18 bytes per parameter without the distributed optimizer
+    if flags == ["--bf16"]:  # Megatron-LM's 18 bytes per parameter without the distributed optimizer
         assert stage.weights + stage.gradients + stage.optimizer == 18 * params
 
 

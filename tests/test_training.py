@@ -8,6 +8,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import run_command
@@ -254,6 +255,34 @@ def test_empty_unused_memory_level_and_bf16_full_precision_matmul_flags(monkeypa
     finally:
         destroy_distributed()
     assert emptied_at == [0, 0, 1, 1, 2]  # per step: after forward-backward and after the update; evaluation
+
+
+def test_grad_reduce_in_bf16_keeps_bf16_grad_buffers_and_trains(monkeypatch, capsys):
+    """--bf16 --grad-reduce-in-bf16: the DDP grad buffers are bf16 (fp32 without the flag), the
+    steps succeed and the loss falls as with fp32 buffers; without --bf16 the flag is refused."""
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.distributed import destroy_distributed
+    from megatron_r1.training import build_data, setup, train
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    flags = TINY_MOE + ["--bf16", "--train-iters", "6", "--lr", "3e-3", "--log-interval", "1"]
+    losses = {}
+    for grads, extra in ((torch.float32, []), (torch.bfloat16, ["--grad-reduce-in-bf16"])):
+        args = parse_args("test", flags + extra)
+        state = setup(args)
+        try:
+            assert {buffer.grad_dtype for buffer in state.model[0].buffers} == {grads}
+            capsys.readouterr()
+            train(args, state, *build_data(args, state))
+        finally:
+            destroy_distributed()
+        assert state.skipped_iterations == 0
+        losses[grads] = [float(x) for x in re.findall(r"lm loss: (\S+) \|", capsys.readouterr().out)]
+    fp32, bf16 = losses[torch.float32], losses[torch.bfloat16]
+    assert len(bf16) == 6 and bf16[-1] < bf16[0] and abs(bf16[-1] - fp32[-1]) < 0.1, (fp32, bf16)
+    with pytest.raises(SystemExit):
+        parse_args("test", TINY_MOE + ["--grad-reduce-in-bf16"])
+    assert capsys.readouterr().err.strip().endswith("--grad-reduce-in-bf16 needs --bf16 (fp32 training keeps fp32 gradients)")
 
 
 def _grad_buffers_after_one_step(args):
