@@ -85,6 +85,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--attention-dropout", type=float, default=0.0)
     model.add_argument("--init-method-std", type=float, default=0.02)
     model.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    model.add_argument("--padded-vocab-size", type=int, default=None,
+                       help="rows of the embedding and output layer (default: the vocabulary rounded up to a "
+                            "multiple of --make-vocab-size-divisible-by x --tensor-model-parallel-size)")
 
     mla = parser.add_argument_group("multi-latent attention")
     mla.add_argument("--multi-latent-attention", action="store_true")
@@ -498,6 +501,8 @@ def validate_args(args, error) -> None:
               f"(the checkpoints it rolls back to)")
     if args.rollback_after_bad_steps is not None and args.no_save_optim:
         error("--rollback-after-bad-steps restores the optimizer state from the checkpoints: not with --no-save-optim")
+    if args.padded_vocab_size is not None and args.padded_vocab_size % tp:
+        error(f"--padded-vocab-size ({args.padded_vocab_size}) is not divisible by --tensor-model-parallel-size ({tp})")
     if args.grad_reduce_in_bf16 and not args.bf16:
         error("--grad-reduce-in-bf16 needs --bf16 (fp32 training keeps fp32 gradients)")
     if args.decoupled_min_lr is not None and args.decoupled_lr is None:

@@ -74,14 +74,19 @@ def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainSta
     )
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     args.vocab_size = tokenizer.vocab_size  # the real vocabulary, saved with checkpoints (export drops padding)
-    args.padded_vocab_size = vocab_size_with_padding(
-        args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
-    )
-    # The padding depends on TP; keep a checkpoint's where this layout can shard it, so that a
-    # checkpoint saved under TP=2 loads under TP=1 (and back) without reshaping the embeddings.
-    saved_padding = saved_model_args(args).get("padded_vocab_size")
-    if saved_padding and saved_padding >= args.vocab_size and saved_padding % args.tensor_model_parallel_size == 0:
-        args.padded_vocab_size = saved_padding
+    if args.padded_vocab_size is not None:  # --padded-vocab-size
+        if args.padded_vocab_size < args.vocab_size:
+            raise ValueError(f"--padded-vocab-size ({args.padded_vocab_size}) is below the vocabulary of "
+                             f"{args.vocab_size} ids")  # fmt: skip
+    else:
+        args.padded_vocab_size = vocab_size_with_padding(
+            args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+        )
+        # The padding depends on TP; keep a checkpoint's where this layout can shard it, so that a
+        # checkpoint saved under TP=2 loads under TP=1 (and back) without reshaping the embeddings.
+        saved_padding = saved_model_args(args).get("padded_vocab_size")
+        if saved_padding and saved_padding >= args.vocab_size and saved_padding % args.tensor_model_parallel_size == 0:
+            args.padded_vocab_size = saved_padding
     config = transformer_config_from_args(args)
     config.gradient_accumulation_fusion = args.gradient_accumulation_fusion and gradient_accumulation_fusion_available()
     ddp_config = DistributedDataParallelConfig(

@@ -285,6 +285,33 @@ def test_grad_reduce_in_bf16_keeps_bf16_grad_buffers_and_trains(monkeypatch, cap
     assert capsys.readouterr().err.strip().endswith("--grad-reduce-in-bf16 needs --bf16 (fp32 training keeps fp32 gradients)")
 
 
+def test_padded_vocab_size_sets_the_embedding_rows(monkeypatch, capsys):
+    """--padded-vocab-size (Megatron-LM's) instead of the computed padding; refused below the
+    vocabulary, and when TP cannot split it."""
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.distributed import destroy_distributed
+    from megatron_r1.training import setup
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for rows, expected in ((None, 128), (320, 320), (100, None)):
+        args = parse_args("test", TINY_MOE + ([] if rows is None else ["--padded-vocab-size", str(rows)]))
+        try:
+            if expected is None:
+                with pytest.raises(ValueError, match=r"--padded-vocab-size \(100\) is below the vocabulary of 128 ids"):
+                    setup(args)
+            else:
+                state = setup(args)
+                assert state.model[0].module.embedding.word_embeddings.weight.shape[0] == expected
+        finally:
+            destroy_distributed()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        parse_args("test", TINY_MOE + ["--padded-vocab-size", "301", "--tensor-model-parallel-size", "2",
+                                       "--sequence-parallel"])  # fmt: skip
+    assert capsys.readouterr().err.strip().endswith(
+        "--padded-vocab-size (301) is not divisible by --tensor-model-parallel-size (2)")
+
+
 def _grad_buffers_after_one_step(args):
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
