@@ -365,6 +365,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                          help="memory figures in TensorBoard: the CUDA allocator's, or without CUDA the peak RSS")
     logging.add_argument("--log-num-zeros-in-grad", action="store_true",
                          help="the number of zero gradient elements in the iteration line and TensorBoard")
+    logging.add_argument("--log-params-norm", action="store_true",
+                         help="the L2 norm of all weights in the iteration line and TensorBoard")
     logging.add_argument("--logging-level", type=int, default=None,
                          help="Python logging level of megatron-core and megatron-r1 (e.g. 40: errors only)")
     add_megatron_lm_arguments(parser)

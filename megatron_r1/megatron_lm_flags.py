@@ -88,7 +88,6 @@ UNSUPPORTED = {
                     "HuggingFaceTokenizer with --tokenizer-model",
     "--merge-file": "GPT-2 BPE tokenizers are not supported: --tokenizer-type SentencePieceTokenizer or "
                     "HuggingFaceTokenizer with --tokenizer-model",
-    "--log-params-norm": "the parameter norm is not logged",
     "--apply-layernorm-1p": "zero-centred norm weights are not supported",
     "--use-rope-scaling": "Llama-3 RoPE scaling is not supported (DeepSeek's long-context scaling: --rope-type yarn)",
 }

@@ -8,8 +8,11 @@ torch optimizer, which holds the (master) parameter groups, is replaced by :clas
 import math
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import param_is_not_shared
 
 
 class Lion(torch.optim.Optimizer):
@@ -89,6 +92,20 @@ def build_optimizer(args, model_chunks):
             wrapper.optimizer = Lion(groups, lr=args.lr, betas=betas, weight_decay=args.weight_decay)
             wrapper.init_state_fn = _init_lion_state
     return optimizer
+
+
+def params_norm(optimizer) -> float:
+    """L2 norm of the weights the optimizer updates (--log-params-norm; a collective, all ranks
+    call it): megatron-core's gradient-norm reduction applied to the parameters, so each weight
+    counts once across tensor-parallel replicas, tied copies, pipeline stages, experts and
+    distributed-optimizer shards."""
+    squares = 0.0
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        tp_group = getattr(wrapper, "tp_group", None)
+        params = [param for param in wrapper.get_parameters()
+                  if param_is_not_shared(param) and tensor_parallel.param_is_not_tensor_parallel_duplicate(param, tp_group)]  # fmt: skip
+        squares += get_grad_norm_fp32(params, grad_stats_parallel_group=wrapper.get_grad_stats_parallel_group()) ** 2
+    return math.sqrt(squares)
 
 
 class ParamScheduler(OptimizerParamScheduler):

@@ -32,7 +32,7 @@ from megatron_r1.metrics import MetricsServer
 from megatron_r1.model import build_gpt_model
 from megatron_r1.moe_stats import ExpertLoadTracker
 from megatron_r1.signals import ExitConditions
-from megatron_r1.optim import build_optimizer, build_scheduler, schedule_increment
+from megatron_r1.optim import build_optimizer, build_scheduler, params_norm, schedule_increment
 from megatron_r1.platform import gradient_accumulation_fusion_available
 from megatron_r1.tokenizer import build_tokenizer, vocab_size_with_padding
 
@@ -349,11 +349,13 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
         elapsed = time.perf_counter() - start
         aux_losses = _auxiliary_losses(args, state.iteration, writer)
         load_imbalance = expert_load.collect() if expert_load else {}
+        logged = state.iteration % args.log_interval == 0
+        weights_norm = params_norm(state.optimizer) if args.log_params_norm and logged else None
 
-        if state.iteration % args.log_interval == 0 and is_logging_rank():
+        if logged and is_logging_rank():
             learning_rate = state.optimizer.param_groups[0]["lr"]
-            last = {"iteration": state.iteration, "lm loss": loss, "grad norm": grad_norm,
-                    "learning rate": learning_rate, "expert load max/mean": load_imbalance, **aux_losses}  # fmt: skip
+            last = {"iteration": state.iteration, "lm loss": loss, "grad norm": grad_norm, "learning rate": learning_rate,
+                    "params norm": weights_norm, "expert load max/mean": load_imbalance, **aux_losses}  # fmt: skip
             fields = [
                 f"iteration {state.iteration:8d}/{args.train_iters:8d}",
                 f"consumed samples: {state.consumed_samples:12d}",
@@ -365,6 +367,7 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
                 *(f"{name}: {value:.6E}" for name, value in aux_losses.items()),
                 *([f"expert load max/mean: {max(load_imbalance.values()):.2f}"] if load_imbalance else []),
                 f"grad norm: {grad_norm:.3f}" if grad_norm is not None else "grad norm: n/a",
+                *([f"params norm: {weights_norm:.3f}"] if weights_norm is not None else []),
                 *([f"num zeros: {num_zeros:.1f}" if num_zeros is not None else "num zeros: n/a"]
                   if args.log_num_zeros_in_grad else []),
                 f"number of skipped iterations: {state.skipped_iterations:3d}",
@@ -377,7 +380,8 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
             print(" " + " | ".join(fields) + " |", flush=True)
             if writer is not None:
                 for name, value in (("lm loss", loss), ("learning-rate", learning_rate), ("grad-norm", grad_norm),
-                                    ("throughput", tokens_per_step / elapsed), ("num-zeros", num_zeros)):  # fmt: skip
+                                    ("throughput", tokens_per_step / elapsed), ("num-zeros", num_zeros),
+                                    ("params-norm", weights_norm)):  # fmt: skip
                     if value is not None:
                         writer.add_scalar(name, value, state.iteration)
                 for layer, imbalance in load_imbalance.items():

@@ -78,11 +78,15 @@ def test_single_process_deepseek_run(tmp_path):
 def test_two_process_pipeline_with_mtp_on_the_last_stage(tmp_path):
     """The first stage has no MoE or MTP layer yet joins the loss-tracker reductions. With tied
     embeddings, both decoder layers on the first stage and the MTP layer alone with the loss on the
-    second (--pipeline-model-parallel-layout): the checkpoint evaluates alike in one process."""
+    second (--pipeline-model-parallel-layout): the checkpoint evaluates alike in one process.
+    --log-params-norm counts each weight once over the stages (the tied copy on the last not again)."""
+    from megatron_r1.distributed import destroy_distributed, initialize_distributed
+    from megatron_r1.hf.storage import McoreCheckpointReader
+
     tied = [flag for flag in DEEPSEEK_TINY if flag != "--untie-embeddings-and-output-weights"]
     result = run_command(
         ["torchrun", "--standalone", "--nproc_per_node=2", str(PRETRAIN), *tied, "--pipeline-model-parallel-size", "2",
-         "--pipeline-model-parallel-layout", "Ett|mL", "--save", "ckpt"],
+         "--pipeline-model-parallel-layout", "Ett|mL", "--save", "ckpt", "--log-params-norm"],
         tmp_path,
         timeout=300,
     )  # fmt: skip
@@ -90,6 +94,15 @@ def test_two_process_pipeline_with_mtp_on_the_last_stage(tmp_path):
     loaded = run_command([sys.executable, str(PRETRAIN), *tied, "--load", "ckpt", "--skip-train"], tmp_path)
     loss = re.compile(r"validation loss at iteration 3 \| lm loss value: (\S+)")
     assert abs(float(loss.search(loaded.stdout)[1]) - float(loss.search(result.stdout)[1])) <= 1e-5
+    initialize_distributed()
+    try:
+        reader = McoreCheckpointReader(str(tmp_path / "ckpt" / "iter_0000003"))
+        weights = [key for key in reader.keys() if key.endswith((".weight", ".bias"))]  # not the router's buffers
+        expected = math.sqrt(sum(float(tensor.double().square().sum()) for tensor in reader.load(weights).values()))
+    finally:
+        destroy_distributed()
+    logged = float(re.findall(r"params norm: (\S+) \|", result.stdout)[-1])
+    assert logged == pytest.approx(expected, abs=2e-3), (logged, expected)
 
 
 TINY_MOE = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-size", "32",
