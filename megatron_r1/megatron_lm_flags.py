@@ -49,6 +49,8 @@ DEFAULT_ONLY = {
     "--rotary-percent": (1.0, float, "partial RoPE is not supported"),
     "--rotary-seq-len-interpolation-factor": (1.0, float, "RoPE position interpolation is not supported (DeepSeek's "
                                                           "long-context scaling: --rope-type yarn)"),
+    **{flag: ("fp32", str, "low-precision optimizer state is not supported (it is kept in fp32)")
+       for flag in ("--main-grads-dtype", "--main-params-dtype", "--exp-avg-dtype", "--exp-avg-sq-dtype")},
 }
 
 # Megatron-LM flags of features megatron-r1 does not have -> what to do instead.
@@ -61,10 +63,6 @@ UNSUPPORTED = {
     "--wandb-exp-name": "Weights & Biases is not built in: use --tensorboard-dir or --metrics-port",
     "--wandb-save-dir": "Weights & Biases is not built in: use --tensorboard-dir or --metrics-port",
     "--use-precision-aware-optimizer": "low-precision optimizer state is not supported (it is kept in fp32)",
-    "--main-grads-dtype": "low-precision optimizer state is not supported (it is kept in fp32)",
-    "--main-params-dtype": "low-precision optimizer state is not supported (it is kept in fp32)",
-    "--exp-avg-dtype": "low-precision optimizer state is not supported (it is kept in fp32)",
-    "--exp-avg-sq-dtype": "low-precision optimizer state is not supported (it is kept in fp32)",
     "--optimizer-cpu-offload": "optimizer offloading is not supported: shard the optimizer state with "
                                "--use-distributed-optimizer",
     "--optimizer-offload-fraction": "optimizer offloading is not supported: shard the optimizer state with "
@@ -119,7 +117,11 @@ def add_megatron_lm_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist",
                        help="megatron-core's dist_checkpointing format, the only one")
     for flag, (default, value_type, reason) in DEFAULT_ONLY.items():
-        group.add_argument(flag, type=value_type, default=default, help=f"only {default:g}: {reason}")
+        group.add_argument(flag, type=value_type, default=default, help=f"only {_shown(default)}: {reason}")
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else value
 
 
 def validate_megatron_lm_arguments(args, error) -> None:
@@ -128,7 +130,7 @@ def validate_megatron_lm_arguments(args, error) -> None:
     for flag, (default, _, reason) in DEFAULT_ONLY.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value != default:
-            error(f"{flag} {value:g}: only {default:g} is supported here; {reason}")
+            error(f"{flag} {_shown(value)}: only {_shown(default)} is supported here; {reason}")
     if torch.cuda.is_available():
         return
     fallen_back = []

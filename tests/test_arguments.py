@@ -154,6 +154,8 @@ def test_a_megatron_lm_deepseek_v3_recipe_parses(monkeypatch):
         (["--context-parallel-size", "2"], "--context-parallel-size 2: only 1 is supported here; context parallelism "
          "is not supported (long sequences: --recompute-granularity, --sequence-parallel)"),
         (["--rotary-percent", "0.5"], "--rotary-percent 0.5: only 1 is supported here; partial RoPE is not supported"),
+        (["--main-params-dtype", "fp32", "--exp-avg-dtype", "bf16"], "--exp-avg-dtype bf16: only fp32 is supported "
+         "here; low-precision optimizer state is not supported (it is kept in fp32)"),
         (["--window-size", "4096"], "--window-size 4096: give LEFT,RIGHT, two numbers of tokens (e.g. 4096,0)"),
         (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
           "--num-layers-per-virtual-pipeline-stage", "1"],
