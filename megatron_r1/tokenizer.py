@@ -299,6 +299,14 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None, vocab_size
     raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not supported; choose one of {', '.join(TOKENIZER_TYPES)}")
 
 
+def tokenizer_type_for_model(requested: str | None, saved: str | None) -> str:
+    """The type of a --tokenizer-model handed to a tool for a checkpoint: the requested one, else
+    the checkpoint's unless that reads no model (NullTokenizer), else the default."""
+    if requested:
+        return requested
+    return saved if saved in MODEL_TOKENIZER_TYPES else "SentencePieceTokenizer"
+
+
 def train_sentencepiece(
     sentences: Iterable[str],
     output_prefix: str,

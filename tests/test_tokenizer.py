@@ -78,6 +78,14 @@ def test_megatron_lm_sentencepiece_type_names_follow_its_bos_and_eod_conventions
     assert (llama.eod, llama.vocab_size) == (plain.eod, plain.vocab_size)
 
 
+def test_a_tool_given_a_model_reads_it_with_the_requested_or_saved_type():
+    from megatron_r1.tokenizer import tokenizer_type_for_model
+
+    assert tokenizer_type_for_model("Llama2Tokenizer", "HuggingFaceTokenizer") == "Llama2Tokenizer"
+    assert tokenizer_type_for_model(None, "HuggingFaceTokenizer") == "HuggingFaceTokenizer"
+    assert tokenizer_type_for_model(None, "NullTokenizer") == "SentencePieceTokenizer"  # a mock-data checkpoint
+
+
 def test_null_tokenizer_reads_ids_and_ends_documents_with_the_last_id():
     tokenizer = build_tokenizer("NullTokenizer", None, vocab_size=100)
     assert (tokenizer.vocab_size, tokenizer.eod, tokenizer.pad) == (100, 99, None)

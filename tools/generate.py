@@ -61,7 +61,7 @@ def main(argv=None):
     from megatron_r1.distributed import destroy_distributed, initialize_distributed
     from megatron_r1.generation import generate, load_model
     from megatron_r1.hf.config import resolve_checkpoint
-    from megatron_r1.tokenizer import build_tokenizer
+    from megatron_r1.tokenizer import build_tokenizer, tokenizer_type_for_model
 
     initialize_distributed()
     try:
@@ -72,7 +72,7 @@ def main(argv=None):
     tokenizer_model = args.tokenizer_model or model_args.tokenizer_model
     tokenizer = None
     if tokenizer_model:
-        tokenizer = build_tokenizer(args.tokenizer_type or model_args.tokenizer_type, tokenizer_model)
+        tokenizer = build_tokenizer(tokenizer_type_for_model(args.tokenizer_type, model_args.tokenizer_type), tokenizer_model)
     elif not args.prompt_ids:
         parser.error("text prompts need a tokenizer: --tokenizer-model (none was saved with the checkpoint), or use --prompt-ids")
     stop_ids = [tokenizer.eod] if tokenizer and tokenizer.eod is not None else []

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from megatron_r1.hf.config import UnsupportedModelError, checkpoint_args, deepseek_v3_config
 from megatron_r1.hf.keys import conversion_groups
 from megatron_r1.hf.storage import McoreCheckpointReader, ShardedSafetensorsWriter, WeightsError
-from megatron_r1.tokenizer import build_tokenizer
+from megatron_r1.tokenizer import SentencePieceTokenizer, build_tokenizer, tokenizer_type_for_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,7 +97,7 @@ def export_to_hf(checkpoint: str, output: str, vocab_size: int | None = None, to
     if tokenizer_model:
         if not os.path.exists(tokenizer_model):
             raise FileNotFoundError(f"tokenizer {tokenizer_model} (--tokenizer-model, or saved in the checkpoint) does not exist")
-        tokenizer = build_tokenizer(tokenizer_type or args.tokenizer_type, tokenizer_model)
+        tokenizer = build_tokenizer(tokenizer_type_for_model(tokenizer_type, args.tokenizer_type), tokenizer_model)
     vocab_size = vocab_size or (tokenizer.vocab_size if tokenizer else args.vocab_size)
     if not vocab_size:
         raise UnsupportedModelError("the real vocabulary size is unknown: give --vocab-size or --tokenizer-model")
@@ -127,16 +127,15 @@ def export_to_hf(checkpoint: str, output: str, vocab_size: int | None = None, to
 
     GenerationConfig(bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id,
                      pad_token_id=hf_config.pad_token_id).save_pretrained(temporary)  # fmt: skip
-    if tokenizer is not None:
-        if tokenizer_type not in (None, "SentencePieceTokenizer") or args.tokenizer_type != "SentencePieceTokenizer":
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-                source = os.path.join(os.path.dirname(tokenizer.model_file), name)
-                if os.path.isfile(source):
-                    shutil.copy(source, temporary)
-        else:
-            from megatron_r1.hf.tokenizer import save_hf_tokenizer
+    if isinstance(tokenizer, SentencePieceTokenizer):  # converted (also GPTSentencePiece/Llama2Tokenizer)
+        from megatron_r1.hf.tokenizer import save_hf_tokenizer
 
-            save_hf_tokenizer(tokenizer, temporary, args.max_position_embeddings)
+        save_hf_tokenizer(tokenizer, temporary, args.max_position_embeddings)
+    elif tokenizer is not None:  # a Hugging Face tokenizer already: its files as they are
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            source = os.path.join(os.path.dirname(tokenizer.model_file), name)
+            if os.path.isfile(source):
+                shutil.copy(source, temporary)
     if os.path.exists(output):
         shutil.rmtree(output)
     os.rename(temporary, output)

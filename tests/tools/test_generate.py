@@ -88,3 +88,14 @@ def test_chat_renders_the_fine_tuning_template_and_stops_at_the_end_of_the_turn(
     args, model = load_model(str(workdir / "ckpt" / "iter_0000003"))
     expected = generate(model, prompt, 8, args.vocab_size, stop_ids=template.end_ids)
     assert re.search(r"new token ids: ([\d ]*)", output).group(1).split() == [str(t) for t in expected]
+
+
+def test_export_converts_every_sentencepiece_type(trained, tmp_path):
+    """Llama2Tokenizer/GPTSentencePieceTokenizer models are SentencePiece models: the export converts
+    them to tokenizer.json like SentencePieceTokenizer's (rather than look for one beside them)."""
+    from transformers import AutoTokenizer
+
+    workdir, tokenizer = trained
+    export_to_hf(str(workdir / "ckpt" / "iter_0000003"), str(tmp_path / "hf"), tokenizer_type="Llama2Tokenizer",
+                 progress=False)  # fmt: skip
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(PROMPT, add_special_tokens=False) == tokenizer.tokenize(PROMPT)
