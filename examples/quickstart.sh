@@ -84,10 +84,9 @@ hf_dir, question, new_tokens, ids_file = sys.argv[1], sys.argv[2], int(sys.argv[
 tokenizer = AutoTokenizer.from_pretrained(hf_dir)
 model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
 prompt = [tokenizer.bos_token_id] + tokenizer.encode(f"<|user|>{question}<|end|><|assistant|>")
-# The reply ends at the end of the assistant turn (<|end|>), as tools/generate.py --chat stops.
-turn_end = [tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id]
-output = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
-                        eos_token_id=turn_end, pad_token_id=tokenizer.pad_token_id)
+# The exported generation_config.json stops at the end of the assistant turn (<|end|>) or of the
+# document, as tools/generate.py --chat stops.
+output = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)
 new = output[0, len(prompt):].tolist()
 with open(ids_file, "w") as f:
     f.write(" ".join(map(str, prompt)))

@@ -187,7 +187,7 @@ class NullTokenizer(Tokenizer):
     def tokenize(self, text: str) -> list[int]:
         ids = []
         for word in text.split():
-            if not word.isdigit() or int(word) >= self.vocab_size:
+            if not (word.isascii() and word.isdigit()) or int(word) >= self.vocab_size:
                 raise ValueError(
                     f"NullTokenizer: {word[:40]!r} is not a token id below --vocab-size {self.vocab_size} "
                     f"(its input is integers separated by spaces)"

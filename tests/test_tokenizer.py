@@ -91,7 +91,7 @@ def test_null_tokenizer_reads_ids_and_ends_documents_with_the_last_id():
     assert (tokenizer.vocab_size, tokenizer.eod, tokenizer.pad) == (100, 99, None)
     assert tokenizer.tokenize("17 4  2\n51") == [17, 4, 2, 51]
     assert tokenizer.detokenize([17, 4]) == "17 4"
-    for text in ("17 x", "100", "-3"):
+    for text in ("17 x", "100", "-3", "²"):
         with pytest.raises(ValueError, match="not a token id below --vocab-size 100"):
             tokenizer.tokenize(text)
     with pytest.raises(ValueError, match="needs --vocab-size"):

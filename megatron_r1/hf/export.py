@@ -15,6 +15,7 @@ from tqdm import tqdm
 from megatron_r1.hf.config import UnsupportedModelError, checkpoint_args, deepseek_v3_config
 from megatron_r1.hf.keys import conversion_groups
 from megatron_r1.hf.storage import McoreCheckpointReader, ShardedSafetensorsWriter, WeightsError
+from megatron_r1.data.sft import END_MARKER
 from megatron_r1.tokenizer import SentencePieceTokenizer, build_tokenizer, tokenizer_type_for_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,6 +87,17 @@ def _export_group(reader, maps, writer, vocab_size: int, dtype: torch.dtype) -> 
             writer.add(name, tensor.to(dtype))
 
 
+def _generation_stop_ids(tokenizer) -> list[int] | None:
+    """Where transformers' generate stops: the end of the document and, when the vocabulary has the
+    chat template's end-of-turn token, the end of an assistant reply (as tools/generate.py --chat)."""
+    if tokenizer is None or tokenizer.eod is None:
+        return None
+    try:
+        return [tokenizer.eod, tokenizer.token_to_id(END_MARKER)]
+    except KeyError:
+        return [tokenizer.eod]
+
+
 def export_to_hf(checkpoint: str, output: str, vocab_size: int | None = None, tokenizer_model: str | None = None,
                  tokenizer_type: str | None = None, max_shard_bytes: int = 5 * 2**30, dtype: str = "float32",
                  progress: bool = True) -> dict:  # fmt: skip
@@ -125,7 +137,7 @@ def export_to_hf(checkpoint: str, output: str, vocab_size: int | None = None, to
     hf_config.save_pretrained(temporary)
     from transformers import GenerationConfig
 
-    GenerationConfig(bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id,
+    GenerationConfig(bos_token_id=hf_config.bos_token_id, eos_token_id=_generation_stop_ids(tokenizer),
                      pad_token_id=hf_config.pad_token_id).save_pretrained(temporary)  # fmt: skip
     if isinstance(tokenizer, SentencePieceTokenizer):  # converted (also GPTSentencePiece/Llama2Tokenizer)
         from megatron_r1.hf.tokenizer import save_hf_tokenizer

@@ -53,6 +53,9 @@ def test_greedy_generation_equals_transformers_generate(trained):
     theirs = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
     assert ours == theirs and len(ours) > 0
     assert hf_tokenizer.decode(ours) == tokenizer.detokenize(ours)
+    # transformers' generate stops where ours does: end of document, and end of a chat turn.
+    stops = json.loads((workdir / "hf" / "generation_config.json").read_text())["eos_token_id"]
+    assert stops == [tokenizer.eod, tokenizer.token_to_id("<|end|>")]
 
 
 def test_kv_cache_sampling_filters_and_seeds(trained):
