@@ -525,8 +525,8 @@ def validate_args(args, error) -> None:
             error("--data-path and --train-data-path/--valid-data-path are alternatives: give one")
         if not (args.data_path or per_split):
             error("give --data-path PREFIX [...] (indexed datasets from tools/preprocess_data.py) or --mock-data")
-        if tokenizer_arguments_error(args):
-            error(f"--data-path needs the tokenizer the data was made with: {tokenizer_arguments_error(args)}")
+        if missing := tokenizer_arguments_error(args):
+            error(f"--data-path needs the tokenizer the data was made with: {missing}")
         if per_split:
             if args.train_data_path is None:
                 error("--valid-data-path needs --train-data-path (or use --data-path with --split)")

@@ -48,7 +48,8 @@ MODEL_FUNCTION_ARGS = (
     "norm_epsilon", "max_position_embeddings", "rotary_base", "rope_type", "rotary_scaling_factor",
     "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "window_size",
     "window_attn_skip_freq", "moe_router_topk", "moe_router_score_function", "moe_router_pre_softmax",
-    "moe_router_num_groups", "moe_router_group_topk", "moe_router_topk_scaling_factor", "moe_router_dtype", "init_method_std",
+    "moe_router_num_groups", "moe_router_group_topk", "moe_router_topk_scaling_factor", "moe_router_dtype",
+    "init_method_std",
     "vocab_size", "tokenizer_type", "tokenizer_model", "make_vocab_size_divisible_by",
 )  # fmt: skip
 # Model flags added after checkpoints were first saved with these lists: absent means the default,
