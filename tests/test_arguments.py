@@ -126,6 +126,7 @@ def test_a_megatron_lm_deepseek_v3_recipe_parses(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = parse_args("test", TINY + [
         "--use-mcore-models", "--moe-layer-freq", "([0]*1+[1]*3)", "--num-experts", "4", "--moe-grouped-gemm",
+        "--accumulate-allreduce-grads-in-fp32", "--attention-softmax-in-fp32", "--main-grads-dtype", "fp32",
         "--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
         "--global-batch-size", "8", "--recompute-activations", "--window-size", "127", "0",
         "--attention-backend", "fused", "--use-rotary-position-embeddings", "--position-embedding-type", "none",
