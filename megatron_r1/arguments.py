@@ -134,7 +134,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     moe.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
     moe.add_argument("--moe-token-drop-policy", choices=["probs", "position"], default="probs")
     moe.add_argument("--moe-grouped-gemm", action="store_true",
-                     help="the experts' GEMMs as one grouped GEMM (CUDA; without it, one GEMM per expert)")
+                     help="each linear of all local experts as one grouped GEMM: TransformerEngine's TEGroupedMLP "
+                          "with --transformer-impl transformer_engine, else torch's grouped_mm (megatron_r1.experts; "
+                          "same checkpoints as without the flag)")
     moe.add_argument("--moe-permute-fusion", action="store_true",
                      help="fused token permutation (TransformerEngine on CUDA; without it, the plain path)")
     moe.add_argument("--moe-router-fusion", action="store_true",
@@ -405,8 +407,6 @@ def validate_args(args, error) -> None:
         error("--recompute-modules mla_up_proj needs --multi-latent-attention")
     if args.recompute_modules and "layernorm" in args.recompute_modules and not transformer_engine_installed():
         error("--recompute-modules layernorm needs TransformerEngine (megatron-core recomputes TE's norms)")
-    if args.recompute_modules and "moe_act" in args.recompute_modules and not args.moe_grouped_gemm:
-        error("--recompute-modules moe_act needs --moe-grouped-gemm (and so CUDA)")
     if args.distributed_timeout_minutes <= 0:
         error(f"--distributed-timeout-minutes ({args.distributed_timeout_minutes:g}) must be positive")
     if args.manual_gc_interval < 0:
@@ -445,6 +445,10 @@ def validate_args(args, error) -> None:
     if args.transformer_impl == "transformer_engine" and not te_usable:
         error("--transformer-impl transformer_engine needs CUDA and TransformerEngine (pip install -e .[gpu])")
     validate_megatron_lm_arguments(args, error)
+    if args.recompute_modules and "moe_act" in args.recompute_modules and not (
+            args.moe_grouped_gemm and args.transformer_impl == "transformer_engine"):
+        error("--recompute-modules moe_act needs --moe-grouped-gemm with --transformer-impl transformer_engine "
+              "(megatron-core recomputes TEGroupedMLP's activation)")
     if args.fp8_format and args.transformer_impl != "transformer_engine":
         error("--fp8-format needs --transformer-impl transformer_engine (CUDA + TransformerEngine)")
     if args.window_size is not None:

@@ -31,10 +31,10 @@ IGNORED_SWITCHES = {
                                    "SDPA kernels accumulate in fp32)",
 }
 
-# GPU kernel choices megatron-core implements with CUDA-only kernels (TransformerEngine, grouped_gemm,
-# DeepEP); the plain path computes the same. Flag -> the value that turns the choice off.
+# GPU kernel choices megatron-core implements with CUDA-only kernels (TransformerEngine, DeepEP); the
+# plain path computes the same. Flag -> the value that turns the choice off. (--moe-grouped-gemm is
+# not one: without TransformerEngine it selects megatron_r1.experts, which runs everywhere.)
 GPU_KERNEL_CHOICES = {
-    "--moe-grouped-gemm": ("moe_grouped_gemm", False),
     "--moe-permute-fusion": ("moe_permute_fusion", False),
     "--moe-router-fusion": ("moe_router_fusion", False),
     "--moe-shared-expert-overlap": ("moe_shared_expert_overlap", False),

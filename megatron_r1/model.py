@@ -11,8 +11,13 @@ modules do not fit:
   rotary-key slice of linear_kv_down_proj gets no cross-rank gradient sum in backward, so TP > 1
   trains with silently wrong gradients. Duplicated (with sequence parallelism) the gradients match
   TP = 1.
+
+With ``--moe-grouped-gemm`` the routed experts are :class:`~megatron_r1.experts.GroupedGemmExperts`
+(SequentialMLP's modules and checkpoint keys, grouped-GEMM compute) instead of megatron-core's
+legacy GroupedMLP, which needs the grouped_gemm package; TransformerEngine's spec keeps TEGroupedMLP.
 """
 
+import copy
 import dataclasses
 
 from megatron.core import tensor_parallel
@@ -24,6 +29,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.post_training.modelopt.layers import Linear as DuplicatedLinear
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -31,6 +37,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_r1.compat import fix_megatron_without_transformer_engine
+from megatron_r1.experts import GroupedGemmExperts
 from megatron_r1.layers import SDPACoreAttention, SequenceParallelTorchNorm
 
 _MODULE_SUBSTITUTES = {
@@ -39,36 +46,52 @@ _MODULE_SUBSTITUTES = {
 }
 
 
-def _substitute(spec):
+def _substitute(spec, substitutes=_MODULE_SUBSTITUTES):
     """`spec` (ModuleSpec / submodules dataclass / list / class) with our substitutions applied."""
     if isinstance(spec, type):
-        return _MODULE_SUBSTITUTES.get(spec, spec)
+        return substitutes.get(spec, spec)
     if isinstance(spec, list):
-        return [_substitute(item) for item in spec]
+        return [_substitute(item, substitutes) for item in spec]
     if isinstance(spec, ModuleSpec):
         return dataclasses.replace(
-            spec, module=_substitute(spec.module), submodules=_substitute(spec.submodules)
+            spec, module=_substitute(spec.module, substitutes), submodules=_substitute(spec.submodules, substitutes)
         )
     if dataclasses.is_dataclass(spec):
-        changes = {f.name: _substitute(getattr(spec, f.name)) for f in dataclasses.fields(spec) if f.init}
+        changes = {f.name: _substitute(getattr(spec, f.name), substitutes) for f in dataclasses.fields(spec) if f.init}
         if isinstance(spec, MLASelfAttentionSubmodules):
             changes.update(linear_q_down_proj=DuplicatedLinear, linear_kv_down_proj=DuplicatedLinear)
         return dataclasses.replace(spec, **changes)
     return spec
 
 
+def _local_spec_inputs(config: TransformerConfig):
+    """The config megatron-core's local spec builders get, and our substitutions. With
+    --moe-grouped-gemm they would choose the legacy GroupedMLP (grouped_gemm package): they build
+    SequentialMLP's spec instead, whose module becomes GroupedGemmExperts."""
+    if not config.moe_grouped_gemm:
+        return config, _MODULE_SUBSTITUTES
+    sequential = copy.copy(config)
+    sequential.moe_grouped_gemm = False
+    return sequential, {**_MODULE_SUBSTITUTES, SequentialMLP: GroupedGemmExperts}
+
+
 def decoder_block_spec(config: TransformerConfig, vp_stage=None, use_transformer_engine=False):
     """TransformerEngine's spec as megatron-core defines it, or the local spec with our substitutions."""
-    spec = get_gpt_decoder_block_spec(
-        config, use_transformer_engine=use_transformer_engine, normalization=config.normalization, vp_stage=vp_stage
-    )
-    return spec if use_transformer_engine else _substitute(spec)
+    if use_transformer_engine:
+        return get_gpt_decoder_block_spec(config, True, normalization=config.normalization, vp_stage=vp_stage)
+    local_config, substitutes = _local_spec_inputs(config)
+    spec = get_gpt_decoder_block_spec(local_config, False, normalization=config.normalization, vp_stage=vp_stage)
+    return _substitute(spec, substitutes)
 
 
 def last_decoder_layer_spec(config: TransformerConfig, use_transformer_engine=False):
     """A block spec of the model's last decoder layer alone, wherever it lives."""
-    layer = get_gpt_decoder_layer_specs(config, use_transformer_engine, normalization=config.normalization)[-1]
-    return TransformerBlockSubmodules(layer_specs=[layer if use_transformer_engine else _substitute(layer)])
+    if use_transformer_engine:
+        layer = get_gpt_decoder_layer_specs(config, True, normalization=config.normalization)[-1]
+        return TransformerBlockSubmodules(layer_specs=[layer])
+    local_config, substitutes = _local_spec_inputs(config)
+    layer = get_gpt_decoder_layer_specs(local_config, False, normalization=config.normalization)[-1]
+    return TransformerBlockSubmodules(layer_specs=[_substitute(layer, substitutes)])
 
 
 def mtp_block_spec(config: TransformerConfig, block_spec, vp_stage=None, use_transformer_engine=False):

@@ -1,6 +1,6 @@
-"""tools/convert_checkpoint.py: a checkpoint saved under TP=2/EP=2 exports to the same Hugging Face
-weights as the TP=1 checkpoint it was resharded from; --verify reports matching logits; bad input
-fails with a message and writes nothing."""
+"""tools/convert_checkpoint.py: a checkpoint saved under TP=2/EP=2 (with the grouped-GEMM experts)
+exports to the same Hugging Face weights as the TP=1 checkpoint it was resharded from; --verify
+reports matching logits; bad input fails with a message and writes nothing."""
 
 import json
 import os
@@ -33,10 +33,11 @@ def hf_tensors(directory: Path) -> dict:
 
 def test_tp2_ep2_checkpoint_exports_the_same_weights_as_tp1(tmp_path):
     run_command([sys.executable, str(REPO / "pretrain_r1.py"), *MODEL, "--train-iters", "2", "--save", "tp1"], tmp_path)
-    # The same weights resharded: loaded and saved again by two processes under TP=2, EP=2.
+    # The same weights resharded: loaded and saved again by two processes under TP=2, EP=2, with the
+    # grouped-GEMM experts (megatron_r1.experts), whose checkpoints are SequentialMLP's.
     run_command(["torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "pretrain_r1.py"), *MODEL,
                  "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1",
-                 "--sequence-parallel",
+                 "--sequence-parallel", "--moe-grouped-gemm",
                  "--load", "tp1", "--finetune", "--train-iters", "0", "--save", "tp2"], tmp_path)  # fmt: skip
     assert json.loads((tmp_path / "tp2" / "iter_0000000" / "megatron_r1.json").read_text())["layout"][
         "tensor_model_parallel_size"] == 2  # fmt: skip

@@ -51,6 +51,7 @@ def parse_args():
         help="MLA, first layer dense, sigmoid router with expert bias, group-limited routing, MTP",
     )
     parser.add_argument("--lora", action="store_true", help="LoRA adapters (rank 4) on every linear, base frozen")
+    parser.add_argument("--moe-grouped-gemm", action="store_true", help="routed experts as megatron_r1.experts")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--init-dir", required=True)
     parser.add_argument("--load-init", action="store_true")
@@ -108,6 +109,7 @@ def main():
         moe_aux_loss_coeff=1e-2,
         **({} if args.deepseek else {"moe_router_load_balancing_type": "aux_loss"}),
         moe_token_dispatcher_type=args.dispatcher,
+        moe_grouped_gemm=args.moe_grouped_gemm,
         tensor_model_parallel_size=args.tp,
         pipeline_model_parallel_size=args.pp,
         virtual_pipeline_model_parallel_size=args.vpp,

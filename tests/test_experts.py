@@ -1,0 +1,90 @@
+"""megatron_r1.experts (--moe-grouped-gemm without TransformerEngine): torch's grouped GEMM and the
+loop that stands in for it compute what one GEMM per expert computes, without a host sync on the
+kernel's path; the grouped experts train like megatron-core's SequentialMLP under expert and
+expert-tensor parallelism, with LoRA, from (and into) SequentialMLP's checkpoints."""
+
+import pytest
+import torch
+
+from megatron_r1 import experts
+from megatron_r1.lora import is_adapter_key
+
+TOKENS_PER_EXPERT = [3, 0, 6, 2]  # an expert without tokens too
+
+
+def _operands(in_features, out_features):
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(sum(TOKENS_PER_EXPERT), in_features, generator=generator, requires_grad=True)
+    weights = [torch.randn(out_features, in_features, generator=generator, requires_grad=True)
+               for _ in TOKENS_PER_EXPERT]  # fmt: skip
+    return rows, weights, torch.randn(len(rows), out_features, generator=generator)
+
+
+def _per_expert_reference(rows, weights, grad_output):
+    """One GEMM per expert, as SequentialMLP computes: output, input gradient, weight gradients."""
+    output = torch.cat([part @ w.t() for part, w in zip(rows.split(TOKENS_PER_EXPERT), weights)])
+    return output.detach(), *torch.autograd.grad(output, [rows, *weights], grad_output)
+
+
+# 16 features: 64-byte rows, torch's grouped GEMM; 10: 40-byte rows, which it refuses, so the loop.
+@pytest.mark.parametrize("in_features, kernel_calls", [(16, 3), (10, 0)])
+@pytest.mark.parametrize("into_main_grad", [False, True], ids=["autograd", "main_grad"])
+def test_grouped_linear_equals_a_gemm_per_expert(in_features, kernel_calls, into_main_grad, monkeypatch):
+    rows, weights, grad_output = _operands(in_features, 12)
+    expected_output, expected_grad_rows, *expected_weight_grads = _per_expert_reference(rows, weights, grad_output)
+    for weight in weights:  # as megatron-core's DDP wrapper leaves them
+        weight.main_grad = torch.ones_like(weight)
+        weight.grad_added_to_main_grad = False
+    kernel = experts._GROUPED_MM
+    calls = []
+    monkeypatch.setattr(experts, "_GROUPED_MM", lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs))
+    if kernel_calls:  # the counts never go to the host (on a GPU: no sync)
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("host sync on the kernel path"))
+    groups = experts.ExpertGroups(torch.tensor(TOKENS_PER_EXPERT), rows.device)
+    output = experts.grouped_linear(rows, groups, weights, fuse_accumulation=into_main_grad)
+    output.backward(grad_output)
+    assert len(calls) == kernel_calls  # forward, input gradient, weight gradients
+    torch.testing.assert_close(output, expected_output, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rows.grad, expected_grad_rows, rtol=1e-6, atol=1e-6)
+    for weight, expected in zip(weights, expected_weight_grads):
+        if into_main_grad:  # accumulated in place, as megatron-core's gradient-accumulation fusion does
+            assert weight.grad_added_to_main_grad
+            torch.testing.assert_close(weight.main_grad, expected + 1, rtol=1e-6, atol=1e-6)
+        else:
+            torch.testing.assert_close(weight.grad, expected, rtol=1e-6, atol=1e-6)
+            assert torch.equal(weight.main_grad, torch.ones_like(weight))
+    assert not expected_weight_grads[1].any()  # the expert without tokens
+
+
+def test_the_kernel_is_chosen_only_where_it_is_fast_and_sync_free():
+    cpu = torch.empty(4, 16)
+    assert experts.grouped_kernel_applies(cpu, torch.empty(2, 16, 8))
+    assert not experts.grouped_kernel_applies(cpu, torch.empty(2, 16, 6))  # 24-byte rows
+    assert not experts.grouped_kernel_applies(cpu, torch.empty(2, 16, 8, dtype=torch.float64))  # mixed types
+    assert not experts.grouped_kernel_applies(torch.empty(4, 16, device="meta"))
+
+
+# The DeepSeek-style tiny model of tests/workers/train_tiny_gpt.py: the single-process reference
+# runs SequentialMLP and saves the initial weights; the layouts below load them into the grouped
+# experts, and their gradients are saved under SequentialMLP's keys (compared key by key).
+DEEPSEEK = ["--deepseek"]
+GROUPED_LAYOUTS = {
+    "ep2_alltoall": ["--moe-grouped-gemm", "--ep", "2", "--dispatcher", "alltoall"],
+    # Each expert split over expert-TP=2 (attention over TP=2 with sequence parallelism).
+    "tp2_sp_etp2": ["--moe-grouped-gemm", "--tp", "2", "--sequence-parallel", "--etp", "2"],
+}
+
+
+@pytest.mark.parametrize("layout", GROUPED_LAYOUTS)
+def test_grouped_experts_train_like_sequential_mlp(tiny_gpt_runs, layout, tmp_path):
+    tiny_gpt_runs.assert_layout_matches(DEEPSEEK, GROUPED_LAYOUTS[layout], tmp_path)
+
+
+def test_lora_on_grouped_experts_trains_like_on_sequential_mlp(tiny_gpt_runs, tmp_path):
+    """Adapters on the routed experts' linears, computed as grouped GEMMs, under TP=2 + EP=2."""
+    layout = ["--moe-grouped-gemm", "--tp", "2", "--sequence-parallel", "--etp", "1", "--ep", "2",
+              "--dispatcher", "alltoall"]  # fmt: skip
+    compared = tiny_gpt_runs.assert_layout_matches(DEEPSEEK + ["--lora"], layout, tmp_path)["grad_rel_diff"]
+    # The routed experts' adapters (stacked over the experts in the checkpoint) were compared too.
+    routed = {key.rpartition("experts.experts.")[2] for key in compared if is_adapter_key(key) and "experts.experts." in key}
+    assert routed == {"linear_fc1.lora_a", "linear_fc1.lora_b", "linear_fc2.lora_a", "linear_fc2.lora_b"}, routed
