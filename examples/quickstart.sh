@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline on the bundled tiny corpus and instruction set, on CPU, in a few minutes:
-#   clean -> dedup -> tokenizer -> preprocess -> pretrain (2 processes) -> resume
+#   clean -> dedup -> tokenizer -> preprocess -> pretrain (2 processes; one per GPU) -> resume
 #   -> SFT with LoRA -> merge -> export to Hugging Face -> generate (transformers, then ours)
 #
 #   bash examples/quickstart.sh                 # artefacts under runs/quickstart
@@ -37,15 +37,17 @@ stage "4/11 preprocess: JSONL -> megatron-core indexed dataset (.bin/.idx)"
 python tools/preprocess_data.py --input "$OUT/dedup.jsonl" --output-prefix "$OUT/corpus" \
     --tokenizer-model "$OUT/tokenizer.model" --append-eod --workers 2
 
-# The tiny DeepSeek-V3-shaped preset (examples/pretrain_tiny.sh), tensor parallel over 2 processes.
+# The tiny DeepSeek-V3-shaped preset (examples/pretrain_tiny.sh), tensor parallel over 2 processes:
+# 2 CPU processes, or one per GPU where there are GPUs (NCCL takes one process per GPU).
+PROCESSES=$(python -c "import torch; print(min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2)")
 pretrain() {
-    GPUS_PER_NODE=2 TP=2 TRAIN_ITERS=$PRETRAIN_ITERS EVAL_INTERVAL=$((PRETRAIN_ITERS / 2)) \
+    GPUS_PER_NODE=$PROCESSES TP=$PROCESSES TRAIN_ITERS=$PRETRAIN_ITERS EVAL_INTERVAL=$((PRETRAIN_ITERS / 2)) \
     DATA_PATH="$OUT/corpus_text_document" TOKENIZER_MODEL="$OUT/tokenizer.model" \
     TENSORBOARD_DIR="$OUT/tensorboard" EXTRA_ARGS="--save $OUT/checkpoints --save-interval $((PRETRAIN_ITERS / 2)) $*" \
         bash examples/pretrain_tiny.sh
 }
 
-stage "5/11 pretrain: 2 processes (TP=2 + sequence parallel), stopping at iteration $((PRETRAIN_ITERS / 2))"
+stage "5/11 pretrain: $PROCESSES processes (TP=$PROCESSES), stopping at iteration $((PRETRAIN_ITERS / 2))"
 pretrain --exit-interval $((PRETRAIN_ITERS / 2))
 
 stage "6/11 resume: the same command continues from the checkpoint to iteration $PRETRAIN_ITERS"

@@ -2,6 +2,7 @@
 
 import importlib.abc
 import sys
+import warnings
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,11 @@ class _MegatronCoreImport(importlib.abc.MetaPathFinder):
 
         return megatron_core_import_spec()
 
+
+# megatron-core warns from each of its modules, in every process, that TransformerEngine and Apex
+# are absent (six warnings per rank per run); megatron_r1.training.setup says it once instead.
+for _absent in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
+    warnings.filterwarnings("ignore", message=_absent, category=UserWarning)
 
 if "megatron.core" not in sys.modules:
     sys.meta_path.insert(0, _MegatronCoreImport())

@@ -759,4 +759,6 @@ def transformer_config_from_args(args, padded_vocab_size: int | None = None) -> 
             kwargs["original_max_position_embeddings"] = args.max_position_embeddings
     if args.num_experts is None:
         kwargs = {k: v for k, v in kwargs.items() if not k.startswith("moe_")}
+    if not args.mtp_num_layers:  # megatron-core runs MTP for any value but None, 0 included
+        kwargs.pop("mtp_num_layers", None)
     return config_cls(**kwargs)

@@ -31,6 +31,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from megatron_r1.distributed import parameters_gathered
+from megatron_r1.sharded_tensors import full_sharded_state_dict, model_sharded_state_dict
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 METADATA_FILE = "megatron_r1.json"
@@ -41,6 +42,7 @@ MODEL_SHAPE_ARGS = (
     "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_layer_freq", "mtp_num_layers",
     "swiglu", "disable_bias_linear", "normalization", "position_embedding_type", "untie_embeddings_and_output_weights",
     "padded_vocab_size", "moe_router_enable_expert_bias", "qk_layernorm",
+    "transformer_impl",  # TransformerEngine's layers keep other keys (e.g. linear_qkv.layer_norm_weight)
 )  # fmt: skip
 # Flags that change what the model computes without changing the weights' shapes; saved beside the
 # shape flags (not checked on load) so that tools (export to Hugging Face, generation) rebuild the same model.
@@ -54,7 +56,7 @@ MODEL_FUNCTION_ARGS = (
 )  # fmt: skip
 # Model flags added after checkpoints were first saved with these lists: absent means the default,
 # which computes what those checkpoints' models computed.
-MODEL_ARGS_WITH_OLD_DEFAULTS = ("window_attn_skip_freq",)
+MODEL_ARGS_WITH_OLD_DEFAULTS = ("window_attn_skip_freq", "transformer_impl")
 # Optimizer state in a layout that reloads under another data-parallel size.
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -110,20 +112,10 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def model_sharded_state_dict(model) -> dict:
-    """A GPTModel's sharded state with one key per layer ("decoder.layers.3.mlp..."): megatron-core
-    otherwise stacks the layers of a uniform model under one "decoder.layers..." key, which changes
-    the checkpoint's keys with the dense/MoE layer pattern and forces a reader to load every layer
-    at once (the HF converter streams layer by layer)."""
-    return model.sharded_state_dict(metadata={"non_homogeneous_layers": True})
-
-
 def _model_state_dict(model_chunks) -> dict:
-    """The unwrapped (not DDP) models' state under Megatron-LM's keys: "model", or "model0",
-    "model1", ... with virtual pipeline stages."""
-    if len(model_chunks) == 1:
-        return {"model": model_sharded_state_dict(model_chunks[0].module)}
-    return {f"model{i}": model_sharded_state_dict(chunk.module) for i, chunk in enumerate(model_chunks)}
+    """The unwrapped (not DDP) models' state under Megatron-LM's keys (:func:`_chunk_names`)."""
+    names = _chunk_names(len(model_chunks))
+    return {name: model_sharded_state_dict(chunk.module) for name, chunk in zip(names, model_chunks)}
 
 
 def _sharded_state_dict(state, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
@@ -341,16 +333,43 @@ def saved_model_args(args) -> dict:
     return _read_metadata(path)["model_args"] if path else {}
 
 
+def read_checkpoint(path: str, sharded: dict, strict: str = "assume_ok_unexpected") -> dict:
+    """The one way this project reads a torch_dist checkpoint (resume, --finetune,
+    --pretrained-checkpoint, --teacher-load, merging, generation, export): nothing in it is
+    unpickled before every pickle passed :func:`refuse_executable_pickles`."""
+    refuse_executable_pickles(path)
+    return dist_checkpointing.load(sharded, path, strict=strict)
+
+
+def _chunk_names(count: int) -> list[str]:
+    """Megatron-LM's top-level keys of the model chunks: "model", or "model0", "model1", ..."""
+    return ["model"] if count == 1 else [f"model{i}" for i in range(count)]
+
+
+def load_weights(path: str, modules: list, keep=None) -> None:
+    """Load into each (unwrapped) model chunk of `modules` its weights from checkpoint `path`,
+    those whose keys `keep(key)` accepts (default: all); weights the checkpoint lacks are an
+    error naming them."""
+    names = _chunk_names(len(modules))
+    sharded = {
+        name: {key: value for key, value in full_sharded_state_dict(module).items() if keep is None or keep(key)}
+        for name, module in zip(names, modules)
+    }
+    loaded = read_checkpoint(path, sharded)
+    for name, module in zip(names, modules):
+        result = module.load_state_dict(loaded[name], strict=False)
+        missing = [key for key in result.missing_keys
+                   if (keep is None or keep(key)) and not key.endswith("_extra_state")]  # fmt: skip
+        if missing:
+            raise CheckpointError(f"{path} lacks weights of this model: {', '.join(missing[:5])}")
+
+
 def _load_into(state, path: str, load_optimizer: bool, load_rng: bool, strict: str) -> None:
     """Model weights (and optimizer state, and this rank's RNG states) from `path` into `state`;
     `strict`: --dist-ckpt-strictness."""
-    refuse_executable_pickles(path)
-    loaded = dist_checkpointing.load(_sharded_state_dict(state, True, load_optimizer, load_rng), path, strict=strict)
-    if len(state.model) == 1:
-        state.model[0].module.load_state_dict(loaded["model"])
-    else:
-        for i, chunk in enumerate(state.model):
-            chunk.module.load_state_dict(loaded[f"model{i}"])
+    loaded = read_checkpoint(path, _sharded_state_dict(state, True, load_optimizer, load_rng), strict=strict)
+    for name, chunk in zip(_chunk_names(len(state.model)), state.model):
+        chunk.module.load_state_dict(loaded[name])
     if load_optimizer:
         state.optimizer.load_state_dict(loaded["optimizer"])
     if load_rng:

@@ -12,6 +12,12 @@ def transformer_engine_installed() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
+def missing_gpu_packages() -> list[str]:
+    """The optional GPU packages megatron-core would use and this machine lacks."""
+    wanted = {"TransformerEngine": "transformer_engine", "Apex": "apex"}
+    return [name for name, module in wanted.items() if importlib.util.find_spec(module) is None]
+
+
 def fix_megatron_without_transformer_engine() -> None:
     if transformer_engine_installed():
         return

@@ -17,14 +17,14 @@ import json
 import math
 import os
 from functools import partial
-from types import SimpleNamespace
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.transformer.mlp import MLP
 
-from megatron_r1.arguments import build_parser, transformer_config_from_args, validate_args
+from megatron_r1 import platform
+from megatron_r1.arguments import build_parser, validate_args
 from megatron_r1.checkpointing import (
     METADATA_FILE,
     CheckpointError,
@@ -32,7 +32,7 @@ from megatron_r1.checkpointing import (
     _write_text_atomically,
     find_checkpoint,
     load_checkpoint,
-    model_sharded_state_dict,
+    load_weights,
     save_checkpoint,
 )
 from megatron_r1.data.indexed import bin_path, idx_path
@@ -46,7 +46,7 @@ from megatron_r1.lora import (
     lora_spec_transform,
 )
 from megatron_r1.megatron_lm_flags import parse_known_flags
-from megatron_r1.model import build_gpt_model
+from megatron_r1.model import build_model
 from megatron_r1.training import micro_batch_loss, print_rank_last, setup
 
 LORA_CONFIG_FILE = "lora.json"
@@ -141,6 +141,9 @@ def validate_finetuning_args(args, error) -> None:
     args.mock_data = True  # the shared checks, minus pre-training's indexed-data ones (SFT data is checked below)
     validate_args(args, error)
     args.mock_data = False
+    if args.transformer_impl == "transformer_engine" and not args.no_pack_sequences:
+        error("packed fine-tuning samples need --transformer-impl local (TransformerEngine's causal attention takes "
+              "no per-sample mask and would attend across samples), or --no-pack-sequences")
     args.data_path = _check_data_paths(data_path, "--data-path", error)
     if args.valid_data_path:
         args.valid_data_path = _check_data_paths(args.valid_data_path, "--valid-data-path", error)
@@ -217,12 +220,6 @@ def prepare_model_chunk(args, chunk) -> None:
         checkpoint_adapters_only(chunk)
 
 
-def _full_sharded_state_dict(module) -> dict:
-    """Base weights and adapters alike (checkpoint_adapters_only narrows sharded_state_dict)."""
-    full = getattr(module, "full_sharded_state_dict", None)
-    return model_sharded_state_dict(module if full is None else SimpleNamespace(sharded_state_dict=full))
-
-
 def load_pretrained(args, state) -> str | None:
     """Load --pretrained-checkpoint's weights into every chunk (LoRA adapters keep their
     initialisation); returns the directory loaded, None without the flag."""
@@ -233,17 +230,7 @@ def load_pretrained(args, state) -> str | None:
         raise CheckpointError(f"--pretrained-checkpoint {args.pretrained_checkpoint}: no checkpoint there")
     with open(os.path.join(path, METADATA_FILE)) as f:
         _check_model_shape(args, json.load(f)["model_args"], path)
-    names = ["model"] if len(state.model) == 1 else [f"model{i}" for i in range(len(state.model))]
-    sharded = {
-        name: {k: v for k, v in _full_sharded_state_dict(chunk.module).items() if not is_adapter_key(k)}
-        for name, chunk in zip(names, state.model)
-    }
-    loaded = dist_checkpointing.load(sharded, path)
-    for name, chunk in zip(names, state.model):
-        result = chunk.module.load_state_dict(loaded[name], strict=False)
-        missing = [k for k in result.missing_keys if not is_adapter_key(k) and not k.endswith("_extra_state")]
-        if missing:
-            raise CheckpointError(f"{path} lacks weights of this model: {', '.join(missing[:5])}")
+    load_weights(path, [chunk.module for chunk in state.model], keep=lambda key: not is_adapter_key(key))
     return path
 
 
@@ -260,14 +247,9 @@ def write_lora_config(args) -> None:
 # ---- the training step -------------------------------------------------------------------------
 
 
-def _to_device(batch: dict) -> dict:
-    device = torch.cuda.current_device()
-    return {key: value.to(device) for key, value in batch.items()}
-
-
 def sft_forward_step(data_iterator, model):
     """Packed SFT batch -> per-token loss; the loss is over the response tokens."""
-    batch = _to_device(next(data_iterator))
+    batch = platform.to_device(next(data_iterator))
     attention_mask, position_ids = packed_attention_inputs(batch["segment_ids"])
     per_token_loss = model(batch["tokens"], position_ids, attention_mask, labels=batch["labels"], loss_mask=batch["loss_mask"])
 
@@ -277,9 +259,29 @@ def sft_forward_step(data_iterator, model):
     return per_token_loss, loss_func
 
 
+class _SumOverTensorParallelRanks(torch.autograd.Function):
+    """A sum over the TP group whose gradient is summed over the group too: every rank's loss
+    depends on every rank's part of the sum (megatron-core's reduce_from_tensor_model_parallel_region
+    passes the gradient through unreduced, right only where the loss is summed after it on every
+    rank from the same replicated value)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor, group=parallel_state.get_tensor_model_parallel_group())
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=parallel_state.get_tensor_model_parallel_group())
+        return grad
+
+
 def vocab_parallel_kl(student_logits, teacher_logits, temperature: float, vocab_size: int):
     """Per-token KL(teacher || student) of temperature-softened distributions, both [.., V/TP]
-    vocabulary shards; reductions over the TP group (gradients flow to the student)."""
+    vocabulary shards; reductions over the TP group (gradients flow to the student, equal to
+    those of the full-vocabulary computation)."""
     rank = parallel_state.get_tensor_model_parallel_rank()
     shard = student_logits.shape[-1]
     real = torch.arange(rank * shard, (rank + 1) * shard, device=student_logits.device) < vocab_size
@@ -289,7 +291,8 @@ def vocab_parallel_kl(student_logits, teacher_logits, temperature: float, vocab_
         maximum = logits.max(dim=-1, keepdim=True).values.detach()
         torch.distributed.all_reduce(maximum, op=torch.distributed.ReduceOp.MAX,
                                      group=parallel_state.get_tensor_model_parallel_group())  # fmt: skip
-        sum_exp = reduce_from_tensor_model_parallel_region((logits - maximum).exp().sum(dim=-1, keepdim=True))
+        # Each rank's KL term below takes log Z from all ranks' logits: its gradient sums too.
+        sum_exp = _SumOverTensorParallelRanks.apply((logits - maximum).exp().sum(dim=-1, keepdim=True))
         return logits - maximum - sum_exp.log()
 
     student_log_probs, teacher_log_probs = log_softmax(student_logits), log_softmax(teacher_logits)
@@ -304,7 +307,7 @@ def _capture_last_output(captured, module, inputs, output):
 
 
 def distillation_forward_step(args, teacher, data_iterator, model):
-    batch = _to_device(next(data_iterator))
+    batch = platform.to_device(next(data_iterator))
     attention_mask, position_ids = packed_attention_inputs(batch["segment_ids"])
     with torch.no_grad():
         teacher_logits = teacher(batch["tokens"], position_ids, attention_mask)  # [b, s, V/TP]
@@ -343,17 +346,10 @@ def build_teacher(args):
     if targs.padded_vocab_size != args.padded_vocab_size:
         raise CheckpointError(f"--teacher-load {path}: vocabulary of {targs.padded_vocab_size} (padded) ids, the "
                               f"student has {args.padded_vocab_size}; teacher and student need one tokenizer")  # fmt: skip
-    teacher = build_gpt_model(
-        transformer_config_from_args(targs),
-        vocab_size=targs.padded_vocab_size,
-        max_sequence_length=targs.max_position_embeddings,
-        position_embedding_type=targs.position_embedding_type,
-        rotary_base=targs.rotary_base,
-        share_embeddings_and_output_weights=not targs.untie_embeddings_and_output_weights,
-        use_transformer_engine=args.transformer_impl == "transformer_engine",
-    )
-    loaded = dist_checkpointing.load({"model": model_sharded_state_dict(teacher)}, path)
-    teacher.load_state_dict(loaded["model"])
+    # Without its MTP layers: the teacher gives next-token logits, and megatron-core runs MTP
+    # layers only with labels.
+    (teacher,) = build_model(targs, with_mtp=False, initialize=False)
+    load_weights(path, [teacher])
     teacher.eval()
     for param in teacher.parameters():
         param.requires_grad = False
@@ -381,7 +377,8 @@ class EarlyStopping:
 
     def __call__(self, args, state, valid_loss) -> bool:
         # The loss lives on the last pipeline stage; every rank must take the same decision.
-        loss = torch.tensor([valid_loss if valid_loss is not None else 0.0], dtype=torch.float64)
+        loss = torch.tensor([valid_loss if valid_loss is not None else 0.0], dtype=torch.float64,
+                            device=platform.compute_device())  # NCCL takes device tensors only
         torch.distributed.broadcast(loss, src=torch.distributed.get_world_size() - 1)
         loss = loss.item()
         self.losses.append((state.iteration, loss))

@@ -2,15 +2,11 @@
 saved with it, and sampling with megatron-core's static KV cache (``StaticInferenceContext``: each
 attention layer keeps its keys/values, so a new token costs one token's forward pass)."""
 
-import dataclasses
-import os
-from types import SimpleNamespace
-
 import torch
 
-from megatron_r1.arguments import transformer_config_from_args
-from megatron_r1.checkpointing import load_checkpoint
-from megatron_r1.model import build_gpt_model
+from megatron_r1 import platform
+from megatron_r1.checkpointing import load_weights
+from megatron_r1.model import build_model
 
 
 def load_model(checkpoint: str):
@@ -21,18 +17,8 @@ def load_model(checkpoint: str):
     from megatron_r1.hf.config import checkpoint_args
 
     args = checkpoint_args(checkpoint)
-    model = build_gpt_model(
-        dataclasses.replace(transformer_config_from_args(args), mtp_num_layers=None),
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        position_embedding_type=args.position_embedding_type,
-        rotary_base=args.rotary_base,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-    )
-    # load_checkpoint finds the iteration under --load; weights only.
-    args.load, args.finetune = os.path.dirname(os.path.abspath(checkpoint)), True
-    args.ckpt_step = int(os.path.basename(os.path.abspath(checkpoint))[len("iter_"):])
-    load_checkpoint(args, SimpleNamespace(model=[SimpleNamespace(module=model)]))
+    (model,) = build_model(args, with_mtp=False, initialize=False)
+    load_weights(checkpoint, [model])
     return args, model.eval()
 
 
@@ -65,13 +51,14 @@ def generate(model, prompt: list[int], max_new_tokens: int, vocab_size: int, sto
 
     if not prompt:
         raise ValueError("empty prompt: give at least one token")
-    generator = torch.Generator().manual_seed(seed)
+    device = platform.compute_device()
+    generator = torch.Generator(device=device).manual_seed(seed)
     context = StaticInferenceContext(1, len(prompt) + max_new_tokens) if use_kv_cache else None
-    tokens = torch.tensor([prompt])
+    tokens = torch.tensor([prompt], device=device)
     new = []
     step_input, start = tokens, 0
     for _ in range(max_new_tokens):
-        positions = torch.arange(start, start + step_input.shape[1]).unsqueeze(0)
+        positions = torch.arange(start, start + step_input.shape[1], device=device).unsqueeze(0)
         logits = model(step_input, positions, None, inference_context=context, runtime_gather_output=True)
         next_id = int(sample(logits[:, -1, :vocab_size], temperature, top_k, top_p, generator)[0])
         new.append(next_id)
@@ -79,7 +66,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, vocab_size: int, sto
             on_token(next_id)
         if next_id in stop_ids:
             break
-        tokens = torch.cat([tokens, torch.tensor([[next_id]])], dim=1)
+        tokens = torch.cat([tokens, torch.tensor([[next_id]], device=device)], dim=1)
         if context is not None:
             context.sequence_len_offset += step_input.shape[1]
             context.enable_decode_mode()

@@ -58,8 +58,8 @@ class LoRAConfig:
         return any(t in (component, linear, f"{component}.{linear}") for t in self.target_modules)
 
 
-def _kaiming_uniform(tensor):
-    # As torch.nn.Linear (and PEFT) initialise A: U(-1/sqrt(in), 1/sqrt(in)).
+def initialize_adapter_a(tensor):
+    """As torch.nn.Linear (and PEFT) initialise A: U(-1/sqrt(in), 1/sqrt(in))."""
     torch.nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
 
 
@@ -78,7 +78,7 @@ class _Adapter:
         self.lora_a = torch.nn.Parameter(torch.empty(lora.rank, a_in, dtype=dtype))
         self.lora_b = torch.nn.Parameter(torch.zeros(b_out, lora.rank, dtype=dtype))
         _initialize_affine_weight_cpu(
-            self.lora_a, lora.rank, in_features, a_in, 1, _kaiming_uniform, params_dtype=dtype,
+            self.lora_a, lora.rank, in_features, a_in, 1, initialize_adapter_a, params_dtype=dtype,
             rank=tp_rank if split == "a_input" else 0, world_size=tp_size if split == "a_input" else 1,
             skip_set_tensor_parallel_attributes=True,
         )  # fmt: skip

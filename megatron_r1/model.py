@@ -20,7 +20,8 @@ legacy GroupedMLP, which needs the grouped_gemm package; TransformerEngine's spe
 import copy
 import dataclasses
 
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_block_spec,
@@ -36,8 +37,11 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_r1 import platform
+from megatron_r1.arguments import transformer_config_from_args
 from megatron_r1.compat import fix_megatron_without_transformer_engine
 from megatron_r1.experts import GroupedGemmExperts
+from megatron_r1.initialization import initialize_by_identity
 from megatron_r1.layers import SDPACoreAttention, SequenceParallelTorchNorm
 
 _MODULE_SUBSTITUTES = {
@@ -163,3 +167,50 @@ def build_gpt_model(
         label_smoothing=label_smoothing,
         **gpt_kwargs,
     )
+
+
+def build_model(args, config: TransformerConfig | None = None, *, with_mtp: bool = True, initialize: bool = True,
+                layer_spec_transform=None, prepare_chunk=None, ddp_config=None, device=None) -> list:
+    """Every model chunk of this rank (one per virtual pipeline stage), the one way every entry
+    point builds the model: from `config` (default: the flags'), placed on the compute device
+    (megatron_r1.platform), wrapped in megatron-core's DDP when `ddp_config` is given.
+
+    - `initialize`: draw the weights by their identity (megatron_r1.initialization: the same seed
+      gives the same model in every layout and on every device); False for a model whose weights
+      are all loaded next (generation, conversion, a teacher), which skips drawing altogether.
+    - `with_mtp`: False leaves the multi-token-prediction layers out (next-token logits do not use
+      them, and megatron-core's forward with MTP layers requires labels).
+    - `layer_spec_transform(spec)` rewrites the decoder block spec (LoRA); `prepare_chunk(chunk)`
+      adjusts each built chunk (adapters, freezing, dropout) before it is placed and wrapped.
+    - `device`: where to place the chunks instead (a conversion that streams through host memory)."""
+    config = config or transformer_config_from_args(args)
+    config = dataclasses.replace(
+        config, perform_initialization=initialize, mtp_num_layers=config.mtp_num_layers if with_mtp else None
+    )
+    chunks = []
+    vpp = args.virtual_pipeline_model_parallel_size
+    for vp_stage in range(vpp) if vpp else [None]:
+        chunk = build_gpt_model(
+            config,
+            vocab_size=args.padded_vocab_size,
+            max_sequence_length=args.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            position_embedding_type=args.position_embedding_type,
+            rotary_base=args.rotary_base,
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            label_smoothing=args.label_smoothing,
+            use_transformer_engine=args.transformer_impl == "transformer_engine",
+            vp_stage=vp_stage,
+            layer_spec_transform=layer_spec_transform,
+        )
+        if prepare_chunk is not None:
+            prepare_chunk(chunk)
+        if initialize:
+            initialize_by_identity(chunk, config, args.seed)
+        chunk.to(device or platform.compute_device())
+        if ddp_config is not None:
+            # Later chunks' grads are reduced in one piece, as in Megatron-LM.
+            chunk = DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=len(chunks) > 0)
+        chunks.append(chunk)
+    return chunks

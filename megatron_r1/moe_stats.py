@@ -3,6 +3,8 @@
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_r1 import platform
+
 
 class ExpertLoadTracker:
     """Counts the tokens each router sends to each expert between two :meth:`collect` calls.
@@ -12,7 +14,7 @@ class ExpertLoadTracker:
     """
 
     def __init__(self, model_chunks, num_layers: int, num_experts: int):
-        self.counts = torch.zeros(num_layers, num_experts, device=torch.cuda.current_device())
+        self.counts = torch.zeros(num_layers, num_experts, device=platform.compute_device())
         for chunk in model_chunks:
             for module in chunk.modules():
                 if isinstance(module, TopKRouter):

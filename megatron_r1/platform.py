@@ -317,3 +317,22 @@ def gradient_accumulation_fusion_available() -> bool:
 def distributed_backend() -> str:
     """The process-group backend for this machine: nccl with CUDA, gloo on CPU."""
     return "gloo" if cuda_absent() else "nccl"
+
+
+def compute_device() -> torch.device:
+    """Where this process computes: its CUDA device (torchrun's LOCAL_RANK, set by
+    initialize_distributed), or the CPU without CUDA. Every placement (model chunks, adapters,
+    the distillation teacher, batches, sampling generators, tensors handed to collectives) asks
+    here, so a test can point it at another device and see what was left behind."""
+    if cuda_absent():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def to_device(batch: dict) -> dict:
+    """A batch's tensors on the compute device; from pinned memory without blocking the host on
+    CUDA (the copy overlaps with the work queued before it)."""
+    device = compute_device()
+    if device.type != "cuda":
+        return {key: value.to(device) for key, value in batch.items()}
+    return {key: value.pin_memory().to(device, non_blocking=True) for key, value in batch.items()}

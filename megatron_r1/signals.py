@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from megatron_r1 import platform
+
 EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 # The run's clock starts when the training code is imported: before model setup and checkpoint
 # loading, which count against a job's time limit too.
@@ -45,7 +47,7 @@ class ExitConditions:
             return None
         flags = torch.tensor(
             [float(self.signal_received), (time.monotonic() - _RUN_START) / 60],
-            device=torch.cuda.current_device(),
+            device=platform.compute_device(),
         )
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         received, minutes = bool(flags[0].item()), flags[1].item()

@@ -13,12 +13,14 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from megatron.core import parallel_state
 from megatron.core.config import set_experimental_flag
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+from megatron.core.utils import get_model_config
 
+from megatron_r1 import platform
 from megatron_r1.arguments import current_seq_length, transformer_config_from_args
 from megatron_r1.checkpointing import (
     finalize_async_saves,
@@ -26,14 +28,14 @@ from megatron_r1.checkpointing import (
     save_checkpoint,
     saved_model_args,
 )
+from megatron_r1.compat import missing_gpu_packages
 from megatron_r1.data.pretrain import MicroBatches, build_datasets
 from megatron_r1.distributed import initialize_distributed, parameters_gathered
 from megatron_r1.metrics import MetricsServer
-from megatron_r1.model import build_gpt_model
+from megatron_r1.model import build_model
 from megatron_r1.moe_stats import ExpertLoadTracker
 from megatron_r1.signals import ExitConditions
 from megatron_r1.optim import build_optimizer, build_scheduler, params_norm, schedule_increment
-from megatron_r1.platform import gradient_accumulation_fusion_available
 from megatron_r1.tokenizer import build_tokenizer, vocab_size_with_padding
 
 
@@ -72,6 +74,9 @@ def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainSta
         seed=args.seed,
         timeout_minutes=args.distributed_timeout_minutes,
     )
+    missing = missing_gpu_packages()
+    if torch.cuda.is_available() and missing and torch.distributed.get_rank() == 0:
+        print(f" {' and '.join(missing)} not installed: megatron-core's PyTorch implementations run instead", flush=True)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     args.vocab_size = tokenizer.vocab_size  # the real vocabulary, saved with checkpoints (export drops padding)
     if args.padded_vocab_size is not None:  # --padded-vocab-size
@@ -88,34 +93,16 @@ def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainSta
         if saved_padding and saved_padding >= args.vocab_size and saved_padding % args.tensor_model_parallel_size == 0:
             args.padded_vocab_size = saved_padding
     config = transformer_config_from_args(args)
-    config.gradient_accumulation_fusion = args.gradient_accumulation_fusion and gradient_accumulation_fusion_available()
+    config.gradient_accumulation_fusion = args.gradient_accumulation_fusion and platform.gradient_accumulation_fusion_available()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=not args.grad_reduce_in_bf16,
         use_distributed_optimizer=args.use_distributed_optimizer,
         overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather,
     )
-    model = []  # one chunk per virtual pipeline stage (one without interleaving)
-    vpp = args.virtual_pipeline_model_parallel_size
-    for vp_stage in range(vpp) if vpp else [None]:
-        chunk = build_gpt_model(
-            config,
-            vocab_size=args.padded_vocab_size,
-            max_sequence_length=args.max_position_embeddings,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            position_embedding_type=args.position_embedding_type,
-            rotary_base=args.rotary_base,
-            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-            label_smoothing=args.label_smoothing,
-            use_transformer_engine=args.transformer_impl == "transformer_engine",
-            vp_stage=vp_stage,
-            layer_spec_transform=layer_spec_transform,
-        )
-        if prepare_model_chunk is not None:
-            prepare_model_chunk(chunk)
-        # Later chunks' grads are reduced in one piece, as in Megatron-LM.
-        model.append(DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=len(model) > 0))
+    model = build_model(args, config, layer_spec_transform=layer_spec_transform, prepare_chunk=prepare_model_chunk,
+                        ddp_config=ddp_config)  # fmt: skip
+    config = get_model_config(model[0])  # the one the chunks and the schedule hold
     config.finalize_model_grads_func = finalize_model_grads
     if args.overlap_grad_reduce:
         # The schedule holds the reduction back until each chunk's last micro-batch, then starts
@@ -143,7 +130,7 @@ def micro_batch_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, logged: d
 
 
 def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    batch = platform.to_device(next(data_iterator))
     per_token_loss = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
 
     def loss_func(per_token_loss):
@@ -180,7 +167,7 @@ def _grads_are_finite(model_chunks) -> bool:
     buffers and a one-element all-reduce, so all ranks agree on skipping the step. A buffer's sum
     is NaN/Inf exactly when one of its elements is (or when finite gradients overflow it, a step
     as bad); an element-wise isfinite would write a temporary as large as the model."""
-    finite = torch.ones(1, device=torch.cuda.current_device())
+    finite = torch.ones(1, device=platform.compute_device())
     for chunk in model_chunks:
         for buffer in chunk.buffers + chunk.expert_parallel_buffers:
             finite *= torch.isfinite(buffer.grad_data.sum())
@@ -305,7 +292,7 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
     (TensorBoard) and `metrics` (a MetricsServer) receive them on the logging rank."""
     # Every model chunk reads the same micro-batch sequence through its own iterator.
     train_data = [MicroBatches(train_dataset, args.micro_batch_size, state.consumed_samples) for _ in state.model]
-    valid_data = [MicroBatches(valid_dataset, args.micro_batch_size, cycle=True) for _ in state.model] if valid_dataset else None
+    valid_data = validation_batches(args, state, valid_dataset, evaluations_done=_evaluations_before(args, state.iteration))
     expert_load = None
     if args.num_experts:
         expert_load = ExpertLoadTracker(state.model, args.num_layers + (args.mtp_num_layers or 0), args.num_experts)
@@ -434,9 +421,24 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
     return last
 
 
+def _evaluations_before(args, iteration: int) -> int:
+    """How many evaluations a run that started at iteration 0 had made before `iteration`."""
+    return iteration // args.eval_interval if args.eval_interval else 0
+
+
+def validation_batches(args, state: TrainState, valid_dataset, evaluations_done: int = 0) -> list | None:
+    """One cycling validation reader per model chunk, placed after `evaluations_done`
+    evaluations: a resumed run evaluates on the batches the run it continues would have (Megatron-LM
+    derives the position from the iteration in the same way)."""
+    if valid_dataset is None:
+        return None
+    draws = evaluations_done * args.eval_iters * args.num_microbatches
+    return [MicroBatches(valid_dataset, args.micro_batch_size, cycle=True).skip(draws) for _ in state.model]
+
+
 def evaluate_and_print(args, state: TrainState, valid_dataset) -> float | None:
     """--skip-train: one evaluation of the loaded model."""
-    valid_data = [MicroBatches(valid_dataset, args.micro_batch_size, cycle=True) for _ in state.model]
+    valid_data = validation_batches(args, state, valid_dataset)
     valid_loss = evaluate(args, state, valid_data)
     if is_logging_rank():
         print_rank_last(f" validation loss at iteration {state.iteration} | lm loss value: {valid_loss:.6E} "

@@ -3,6 +3,7 @@ resharding between layouts, refusal of a mismatched model shape and of code in a
 pickles; leaving a run on a signal or a time limit; rollback after consecutive bad steps."""
 
 import functools
+import json
 import os
 import pickle
 import random
@@ -19,6 +20,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from conftest import run_command
+from malicious import CreatesAFile, poison_checkpoint_metadata
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "pretrain_r1.py"
 TINY = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
@@ -58,9 +60,17 @@ def assert_identical(first, second, atol=0.0):
     assert any(key.startswith("optimizer") for key in first), "optimizer state missing"
 
 
+def _validation_losses(output) -> dict:
+    return {int(i): float(loss) for i, loss in re.findall(r"validation loss at iteration (\d+) \| lm loss value: (\S+)", output)}
+
+
 def test_kill_minus_nine_after_a_save_then_rerun_is_bit_identical(tmp_path):
-    pretrain(tmp_path, "--train-iters", "6", "--save", "straight")
-    argv = [sys.executable, str(PRETRAIN), *TINY, "--train-iters", "6", "--save", "killed", "--save-interval", "2"]
+    """The checkpoint after the resume equals the straight run's bit for bit, and the resumed run
+    evaluates on the validation batches the straight run evaluates on at the same iterations."""
+    evaluation = ["--eval-interval", "2", "--eval-iters", "1"]
+    straight = _validation_losses(pretrain(tmp_path, "--train-iters", "6", "--save", "straight", *evaluation))
+    argv = [sys.executable, str(PRETRAIN), *TINY, "--train-iters", "6", "--save", "killed", "--save-interval", "2",
+            *evaluation]  # fmt: skip
     kill_after = random.Random(0).randint(3, 5)  # a step after the save at iteration 2
     process = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                start_new_session=True)  # fmt: skip
@@ -73,6 +83,8 @@ def test_kill_minus_nine_after_a_save_then_rerun_is_bit_identical(tmp_path):
     resumed = run_command(argv, tmp_path).stdout
     assert re.search(r"resumed from iteration [24] ", resumed), resumed
     assert_identical(tmp_path / "straight" / "iter_0000006", tmp_path / "killed" / "iter_0000006")
+    after_resume = _validation_losses(resumed)
+    assert 6 in after_resume and after_resume == {i: straight[i] for i in after_resume}, (after_resume, straight)
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_the_latest(tmp_path):
@@ -160,6 +172,23 @@ def test_a_checkpoint_of_another_shape_is_refused_naming_the_flag(tmp_path, time
     assert "--hidden-size 32 (checkpoint) vs 64 (now)" in result.stderr, result.stderr[-2000:]
 
 
+def test_a_checkpoint_of_another_transformer_impl_is_refused_naming_the_flag(tmp_path, time_limited_run):
+    """TransformerEngine's layers keep other checkpoint keys: resuming, generating and exporting
+    say so in one line instead of failing on missing keys."""
+    shutil.copytree(time_limited_run[1], tmp_path / "ckpt")
+    metadata_file = tmp_path / "ckpt" / "iter_0000001" / "megatron_r1.json"
+    metadata = json.loads(metadata_file.read_text())
+    assert metadata["model_args"]["transformer_impl"] == "local"
+    metadata["model_args"]["transformer_impl"] = "transformer_engine"
+    metadata_file.write_text(json.dumps(metadata))
+    result = subprocess.run([sys.executable, str(PRETRAIN), *TINY, "--train-iters", "3", "--load", "ckpt"],
+                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert "--transformer-impl 'transformer_engine' (checkpoint) vs 'local' (now)" in result.stderr, result.stderr[-2000:]
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "generate.py"), "--load", "ckpt", "--prompt-ids", "1"],
+                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert "trained with --transformer-impl transformer_engine" in result.stderr, result.stderr[-2000:]
+
+
 def test_a_checkpoint_without_optimizer_state_resumes_only_with_no_load_optim(tmp_path):
     pretrain(tmp_path, "--train-iters", "4", "--exit-interval", "3", "--save", "light", "--no-save-optim", "--no-save-rng")
     saved = FileSystemReader(str(tmp_path / "light" / "iter_0000003")).read_metadata().state_dict_metadata
@@ -171,16 +200,6 @@ def test_a_checkpoint_without_optimizer_state_resumes_only_with_no_load_optim(tm
         in result.stderr, result.stderr[-2000:]
     output = pretrain(tmp_path, "--train-iters", "4", "--save", "light", "--no-load-optim")
     assert "resumed from iteration 3 " in output and " iteration        4/       4 |" in output
-
-
-class _CreatesAFile:
-    """Unpickled without restriction, this creates `path`: the witness that code ran."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
 
 
 def test_code_in_a_checkpoint_pickle_is_refused_before_it_runs(tmp_path, time_limited_run):
@@ -198,7 +217,7 @@ def test_code_in_a_checkpoint_pickle_is_refused_before_it_runs(tmp_path, time_li
     storage = metadata.storage_data[index]
     shard_file = iteration_dir / storage.relative_path
     payload_file = tmp_path / "payload.pt"
-    torch.save(_CreatesAFile(witness), payload_file)
+    torch.save(CreatesAFile(witness), payload_file)
     storage.offset, storage.length = shard_file.stat().st_size, payload_file.stat().st_size
     with open(shard_file, "ab") as f:
         f.write(payload_file.read_bytes())
@@ -211,7 +230,7 @@ def test_code_in_a_checkpoint_pickle_is_refused_before_it_runs(tmp_path, time_li
     assert not witness.exists()
     # The metadata file (plain pickle) and common.pt (torch.save) are checked too.
     metadata_file.write_bytes(genuine_metadata)
-    for name, payload in ((".metadata", pickle.dumps(_CreatesAFile(witness))), ("common.pt", payload_file.read_bytes())):
+    for name, payload in ((".metadata", pickle.dumps(CreatesAFile(witness))), ("common.pt", payload_file.read_bytes())):
         original = (iteration_dir / name).read_bytes()
         (iteration_dir / name).write_bytes(payload)
         with pytest.raises(CheckpointError, match=f"{name}: refused, .*io.open"):
@@ -219,6 +238,37 @@ def test_code_in_a_checkpoint_pickle_is_refused_before_it_runs(tmp_path, time_li
         assert not witness.exists()
         (iteration_dir / name).write_bytes(original)
     refuse_executable_pickles(str(iteration_dir))  # the genuine checkpoint passes
+
+
+REPO = PRETRAIN.parent
+
+
+@pytest.mark.parametrize("reader", ["generate", "export", "merge_lora"])
+def test_every_tool_that_reads_a_checkpoint_refuses_code_in_it(reader, tmp_path, time_limited_run):
+    """Beside resuming (above), --finetune/--pretrained-checkpoint/--teacher-load (test_finetuning):
+    generation, export to Hugging Face and merging LoRA adapters read checkpoints through the same
+    refusal."""
+    shutil.copytree(time_limited_run[1], tmp_path / "ckpt")
+    witness = poison_checkpoint_metadata(tmp_path / "ckpt", tmp_path / "code_ran")
+    if reader == "merge_lora":  # a LoRA run's directory whose base is the same checkpoint
+        lora = {"rank": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": ["attention"], "pretrained_checkpoint": "ckpt"}
+        (tmp_path / "ckpt" / "lora.json").write_text(json.dumps(lora))
+    if reader == "export":  # (this GQA model is refused by export itself: its reader, directly)
+        from megatron_r1.checkpointing import CheckpointError
+        from megatron_r1.hf.storage import McoreCheckpointReader
+
+        with pytest.raises(CheckpointError, match=r"\.metadata: refused"):
+            McoreCheckpointReader(str(tmp_path / "ckpt" / "iter_0000001"))
+        assert not witness.exists()
+        return
+    command = {
+        "generate": ["tools/generate.py", "--load", "ckpt", "--prompt-ids", "1", "2", "--max-new-tokens", "2"],
+        "merge_lora": ["tools/merge_lora.py", "--lora-load", "ckpt", "--save", "merged"],
+    }[reader]
+    result = subprocess.run([sys.executable, str(REPO / command[0]), *command[1:]], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0 and ".metadata: refused" in result.stderr, result.stderr[-3000:]
+    assert not witness.exists()
 
 
 def test_sigterm_to_one_rank_makes_both_save_and_exit_0(tmp_path):

@@ -1,6 +1,8 @@
 """The DeepSeek-style model (MLA, dense-then-MoE layers, sigmoid router with expert bias,
 group-limited routing, sequence aux loss, MTP) under every 2-process layout."""
 
+import json
+
 import pytest
 
 DEEPSEEK = ["--deepseek"]
@@ -84,5 +86,63 @@ def test_label_smoothing_applies_to_training_loss_only():
         eps = 0.2 * 64 / 63
         expected = (1 - eps) * cross_entropy + eps * (-log_probs.mean(-1))
         assert torch.allclose(smoothed, expected, atol=1e-5)
+    finally:
+        destroy_distributed()
+
+
+def test_everything_a_step_touches_is_placed_on_the_platforms_compute_device(monkeypatch, tmp_path):
+    """Pointed at another device (meta stands in for a GPU), the platform's compute device is where
+    build_model puts every chunk (LoRA adapters included), the distillation teacher lands, and the
+    pre-training and fine-tuning forward steps send their batches: nothing stays on the CPU."""
+    import torch
+
+    from megatron_r1 import finetuning, platform, training
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.distributed import destroy_distributed, initialize_distributed
+    from megatron_r1.lora import LoRAConfig, add_adapters_to_duplicated_linears, lora_spec_transform
+    from megatron_r1.model import build_model
+
+    fake_gpu = torch.device("meta")
+    monkeypatch.setattr(platform, "compute_device", lambda: fake_gpu)
+    args = parse_args("test", ["--mock-data", "--vocab-size", "64", "--num-layers", "2", "--hidden-size", "32",
+                               "--num-attention-heads", "4", "--swiglu", "--disable-bias-linear", "--multi-latent-attention", "--q-lora-rank",
+                               "16", "--kv-lora-rank", "16", "--qk-head-dim", "8", "--qk-pos-emb-head-dim", "8",
+                               "--v-head-dim", "8", "--num-experts", "2", "--moe-ffn-hidden-size", "16",
+                               "--mtp-num-layers", "1", "--seq-length", "8"])  # fmt: skip
+    args.padded_vocab_size = 64
+    lora = LoRAConfig(rank=2)
+    initialize_distributed()
+    try:
+        (model,) = build_model(args, layer_spec_transform=lora_spec_transform(lora, True),
+                               prepare_chunk=lambda chunk: add_adapters_to_duplicated_linears(chunk, lora))  # fmt: skip
+        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        assert any(".lora_a" in name for name in tensors) and any("mtp." in name for name in tensors)
+        left_behind = [name for name, tensor in tensors.items() if tensor.device != fake_gpu]
+        assert not left_behind, left_behind
+
+        monkeypatch.setattr(finetuning, "load_weights", lambda path, modules, keep=None: None)
+        (tmp_path / "teacher" / "iter_0000001").mkdir(parents=True)
+        (tmp_path / "teacher" / "latest_checkpointed_iteration.txt").write_text("1")
+        metadata = {"model_args": {"num_layers": 1, "mtp_num_layers": 1}}
+        (tmp_path / "teacher" / "iter_0000001" / "megatron_r1.json").write_text(json.dumps(metadata))
+        args.teacher_load = str(tmp_path / "teacher")
+        teacher = finetuning.build_teacher(args)
+        assert {p.device for p in teacher.parameters()} == {fake_gpu}
+        assert teacher.mtp_process is False  # a teacher runs without labels: no MTP layers
+
+        batch = {"tokens": torch.zeros(1, 8, dtype=torch.long), "labels": torch.zeros(1, 8, dtype=torch.long),
+                 "loss_mask": torch.ones(1, 8), "position_ids": torch.arange(8)[None],
+                 "segment_ids": torch.zeros(1, 8, dtype=torch.long)}  # fmt: skip
+        seen = []
+
+        def model_recording_devices(*inputs, **kwargs):
+            seen.extend(t.device for t in [*inputs, *kwargs.values()] if torch.is_tensor(t))
+            return torch.zeros(1, 8, device=fake_gpu)
+
+        monkeypatch.setattr(finetuning, "packed_attention_inputs", lambda segment_ids: (None, segment_ids))
+        for forward_step in (training._forward_step, finetuning.sft_forward_step):
+            seen.clear()
+            forward_step(iter([dict(batch)]), model_recording_devices)
+            assert seen and set(seen) == {fake_gpu}, (forward_step.__name__, seen)
     finally:
         destroy_distributed()

@@ -11,6 +11,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quickstart_runs_the_whole_pipeline(tmp_path):
+    run_and_check_quickstart(tmp_path)
+
+
+def run_and_check_quickstart(tmp_path) -> Path:
+    """Runs examples/quickstart.sh (on this machine's device: tests/gpu runs it on a GPU too) and
+    checks every stage's result; returns its output directory."""
     out = tmp_path / "quickstart"
     environment = {name: value for name, value in os.environ.items()
                    if name not in ("DATA_PATH", "TOKENIZER_MODEL", "MASTER_ADDR", "EXTRA_ARGS", "DRY_RUN")}
@@ -65,3 +71,4 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
     listing = log.split("=== artefacts", 1)[1]
     for name in ("checkpoints", "sft_lora", "sft_merged", "hf", "tokenizer.model", "tensorboard"):
         assert f"{out}/{name}" in listing, name
+    return out

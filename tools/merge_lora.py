@@ -15,17 +15,18 @@ import shutil
 import sys
 
 import megatron_r1  # noqa: F401  before megatron.core: on CPU its import then skips TorchDynamo (platform.py)
+import torch
 from megatron.core import dist_checkpointing
 from tqdm import tqdm
 
-from megatron_r1.arguments import build_parser, transformer_config_from_args
+from megatron_r1.arguments import build_parser
 from megatron_r1.checkpointing import (
     METADATA_FILE,
     TRACKER_FILE,
     _write_text_atomically,
     checkpoint_dir,
     find_checkpoint,
-    model_sharded_state_dict,
+    load_weights,
 )
 from megatron_r1.distributed import destroy_distributed, initialize_distributed
 from megatron_r1.finetuning import LORA_CONFIG_FILE
@@ -36,7 +37,8 @@ from megatron_r1.lora import (
     is_adapter_key,
     lora_spec_transform,
 )
-from megatron_r1.model import build_gpt_model
+from megatron_r1.model import build_model
+from megatron_r1.sharded_tensors import model_sharded_state_dict
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,22 +85,12 @@ def main(argv=None):
     lora = LoRAConfig(args.lora_config["rank"], args.lora_config["alpha"], 0.0, tuple(args.lora_config["target_modules"]))
 
     initialize_distributed()
-    config = transformer_config_from_args(flags)
-    model = build_gpt_model(
-        config,
-        vocab_size=flags.padded_vocab_size,
-        max_sequence_length=flags.max_position_embeddings or flags.seq_length,
-        position_embedding_type=flags.position_embedding_type,
-        rotary_base=flags.rotary_base,
-        share_embeddings_and_output_weights=not flags.untie_embeddings_and_output_weights,
-        layer_spec_transform=lora_spec_transform(lora, flags.swiglu),
-    )
-    add_adapters_to_duplicated_linears(model, lora)
-    sharded = model_sharded_state_dict(model)
-    base = {k: v for k, v in sharded.items() if not is_adapter_key(k)}
-    adapters = {k: v for k, v in sharded.items() if is_adapter_key(k)}
-    model.load_state_dict(dist_checkpointing.load({"model": base}, base_path)["model"], strict=False)
-    model.load_state_dict(dist_checkpointing.load({"model": adapters}, adapter_path)["model"], strict=False)
+    # Merging is a host-memory conversion, on CPU wherever the compute device is.
+    (model,) = build_model(flags, initialize=False, layer_spec_transform=lora_spec_transform(lora, flags.swiglu),
+                           prepare_chunk=lambda chunk: add_adapters_to_duplicated_linears(chunk, lora),
+                           device=torch.device("cpu"))  # fmt: skip
+    load_weights(base_path, [model], keep=lambda key: not is_adapter_key(key))
+    load_weights(adapter_path, [model], keep=is_adapter_key)
 
     layers = adapter_layers(model)
     for layer in tqdm(layers, desc="merging", unit="linear"):

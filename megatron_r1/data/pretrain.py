@@ -96,6 +96,15 @@ class MicroBatches:
     def __iter__(self):
         return self
 
+    def skip(self, micro_batches: int) -> "MicroBatches":
+        """Go on from where `micro_batches` draws would have left this reader (wrapping around
+        as a cycling reader's draws do)."""
+        stride = self.micro_batch_size * self.dp_size
+        if self.cycle:
+            micro_batches %= max(len(self.dataset) // stride, 1)
+        self.consumed_samples += micro_batches * stride
+        return self
+
     def __next__(self):
         stride = self.micro_batch_size * self.dp_size
         if self.consumed_samples + stride > len(self.dataset):

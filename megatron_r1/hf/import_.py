@@ -11,6 +11,7 @@ held whole in this one process (dist_checkpointing saves a state dict in one cal
 needs about the model's size in RAM (in the dtype of --params-dtype float32).
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -18,49 +19,22 @@ import shutil
 import torch
 from tqdm import tqdm
 
-from megatron_r1.arguments import parse_args, transformer_config_from_args
+from megatron_r1.arguments import build_parser, transformer_config_from_args, validate_args
 from megatron_r1.checkpointing import (
     METADATA_FILE,
     MODEL_FUNCTION_ARGS,
     MODEL_SHAPE_ARGS,
     TRACKER_FILE,
     checkpoint_dir,
-    model_sharded_state_dict,
 )
-from megatron_r1.hf.config import UnsupportedModelError, args_from_deepseek_v3
+from megatron_r1.hf.config import UnsupportedModelError, args_from_deepseek_v3, read_json_object
 from megatron_r1.hf.export import check_mapping
 from megatron_r1.hf.keys import conversion_groups
 from megatron_r1.hf.storage import SafetensorsReader, WeightsError
-from megatron_r1.model import build_gpt_model
+from megatron_r1.megatron_lm_flags import parse_known_flags
+from megatron_r1.model import build_model
+from megatron_r1.sharded_tensors import fill, flat_sharded_tensors, global_shape, model_sharded_state_dict
 from megatron_r1.tokenizer import vocab_size_with_padding
-
-
-def _flat_sharded_tensors(model) -> dict:
-    """checkpoint key -> the ShardedTensors (views of the parameters) that hold its pieces."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
-    sharded = model_sharded_state_dict(model)
-    apply_factories(sharded)  # e.g. SwiGLU's fc1 -> its gate and up halves
-    pieces = {}
-    for item in nested_values(sharded):
-        if isinstance(item, ShardedTensor):
-            pieces.setdefault(item.key, []).append(item)
-    return pieces
-
-
-def _global_shape(pieces) -> tuple:
-    return tuple(pieces[0].global_shape)
-
-
-def _fill(pieces, tensor: torch.Tensor, key: str) -> None:
-    for piece in pieces:
-        index = tuple(piece.global_offset[: piece.prepend_axis_num]) + tuple(
-            slice(offset, offset + size)
-            for offset, size in zip(piece.global_offset[piece.prepend_axis_num :], piece.data.shape)
-        )
-        with torch.no_grad():
-            piece.data.copy_(tensor[index])
 
 
 class _ToMcore:
@@ -76,21 +50,38 @@ class _ToMcore:
         return {m.mcore: tuple(m.to_mcore(tensors, self.padded_vocab_size).shape)}
 
 
+def read_hf_model_flags(hf_dir: str, make_vocab_size_divisible_by: int = 128) -> tuple[argparse.Namespace, list[str], str]:
+    """``(args, model flags, config path)`` for the model of `hf_dir`'s config.json; WeightsError /
+    UnsupportedModelError naming config.json when it is unreadable or describes no model we build."""
+    config_path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise WeightsError(f"{hf_dir}: no config.json")
+    argv = args_from_deepseek_v3(read_json_object(config_path, WeightsError), config_path)
+
+    def refuse(message):  # argparse's and validate_args' errors, which would exit
+        raise UnsupportedModelError(f"{config_path}: its model flags are refused: {message}")
+
+    parser = build_parser("")
+    parser.error = refuse
+    args = parse_known_flags(parser, argv + ["--mock-data", "--make-vocab-size-divisible-by", str(make_vocab_size_divisible_by)])
+    validate_args(args, refuse)
+    _transformer_config(args, config_path)
+    return args, argv, config_path
+
+
+def _transformer_config(args, config_path: str):
+    try:
+        return transformer_config_from_args(args)
+    except (ValueError, AssertionError) as error:  # megatron-core's own checks of the shapes
+        raise UnsupportedModelError(f"{config_path}: megatron-core refuses the model: {error}") from None
+
+
 def import_from_hf(hf_dir: str, output: str, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                    expert_model_parallel_size: int = 1, make_vocab_size_divisible_by: int = 128,
                    progress: bool = True) -> dict:  # fmt: skip
     """Write our checkpoint (``output``/iter_0000000 and the tracker file) for the Hugging Face
     directory `hf_dir`; needs a one-process megatron-core parallel state. Returns a summary."""
-    config_path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise WeightsError(f"{hf_dir}: no config.json")
-    with open(config_path) as f:
-        try:
-            hf_config = json.load(f)
-        except json.JSONDecodeError as error:
-            raise WeightsError(f"{config_path}:{error.lineno}: invalid JSON: {error.msg}") from None
-    argv = args_from_deepseek_v3(hf_config, config_path)
-    args = parse_args("", argv + ["--mock-data", "--make-vocab-size-divisible-by", str(make_vocab_size_divisible_by)])
+    args, argv, config_path = read_hf_model_flags(hf_dir, make_vocab_size_divisible_by)
     tp, pp, ep = tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size
     for count, name, size, flag in ((args.num_attention_heads, "num_attention_heads", tp, "--tensor-model-parallel-size"),
                                     (args.num_layers, "num_hidden_layers", pp, "--pipeline-model-parallel-size"),
@@ -108,24 +99,19 @@ def import_from_hf(hf_dir: str, output: str, tensor_model_parallel_size: int = 1
     copies = {name for _, maps in groups for m in maps if m.export_only for name in m.hf}
     source_shapes = {name: reader.shape(name) for name in reader.keys() if name not in copies}
 
-    config = transformer_config_from_args(args)
+    config = _transformer_config(args, config_path)
     config.tensor_model_parallel_size = 1  # this process holds the whole model
-    model = build_gpt_model(
-        config,
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        position_embedding_type=args.position_embedding_type,
-        rotary_base=args.rotary_base,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-    )
-    pieces = _flat_sharded_tensors(model)
-    check_mapping(imported, source_shapes, {key: _global_shape(p) for key, p in pieces.items()},
+    args.transformer_impl = "local"  # the Hugging Face key mapping is the local spec's
+    # Every weight is filled below; the conversion streams through host memory.
+    (model,) = build_model(args, config, initialize=False, device=torch.device("cpu"))
+    pieces = flat_sharded_tensors(model)
+    check_mapping(imported, source_shapes, {key: global_shape(p) for key, p in pieces.items()},
                   _ToMcore(args.padded_vocab_size), hf_dir)  # fmt: skip
 
     for _, maps in tqdm(imported, desc="hf -> mcore", unit="layer", disable=not progress):
         tensors = reader.load([name for m in maps for name in m.hf])
         for m in maps:
-            _fill(pieces[m.mcore], m.to_mcore(tensors, args.padded_vocab_size).to(torch.float32), m.mcore)
+            fill(pieces[m.mcore], m.to_mcore(tensors, args.padded_vocab_size).to(torch.float32))
         del tensors
 
     from megatron.core import dist_checkpointing

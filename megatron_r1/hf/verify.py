@@ -1,5 +1,5 @@
 """Both models on the same tokens: our checkpoint through megatron-core, the Hugging Face directory
-through transformers (fp32, CPU)."""
+through transformers (fp32, CPU); ours on the compute device."""
 
 import torch
 
@@ -19,8 +19,9 @@ def compare_logits(checkpoint: str, hf_dir: str, batch_size: int = 2, seq_length
     theirs = hf_model(tokens).logits.float()
     del hf_model
     _, model = load_model(checkpoint)
-    positions = torch.arange(seq_length).expand(batch_size, seq_length)
-    ours = model(tokens, positions, None)[..., :vocab_size].float()
+    device = next(model.parameters()).device
+    positions = torch.arange(seq_length, device=device).expand(batch_size, seq_length)
+    ours = model(tokens.to(device), positions, None)[..., :vocab_size].float().cpu()
     return {
         "max_abs_logit_diff": (ours - theirs).abs().max().item(),
         "top1_agreement": (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item(),

@@ -1,0 +1,56 @@
+"""A model's parameters as views of global (unsharded) tensors: megatron-core's sharded state dict
+says, for each checkpoint key, the global shape and where this rank's pieces sit in it. Filling
+the pieces from whole tensors is how weights come in from outside (Hugging Face import) and how
+every layout draws the same initial weights (megatron_r1.initialization)."""
+
+import torch
+
+
+def model_sharded_state_dict(model) -> dict:
+    """A GPTModel's sharded state with one key per layer ("decoder.layers.3.mlp..."): megatron-core
+    otherwise stacks the layers of a uniform model under one "decoder.layers..." key, which changes
+    the checkpoint's keys with the dense/MoE layer pattern and forces a reader to load every layer
+    at once (the HF converter streams layer by layer)."""
+    return model.sharded_state_dict(metadata={"non_homogeneous_layers": True})
+
+
+def full_sharded_state_dict(model) -> dict:
+    """Base weights and LoRA adapters alike (megatron_r1.lora.checkpoint_adapters_only narrows a
+    model's sharded_state_dict to its adapters and keeps the full one aside)."""
+    full = getattr(model, "full_sharded_state_dict", None)
+    if full is None:
+        return model_sharded_state_dict(model)
+    return full(metadata={"non_homogeneous_layers": True})
+
+
+def flat_sharded_tensors(model) -> dict:
+    """checkpoint key -> the ShardedTensors (views of the parameters) that hold its pieces."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    sharded = full_sharded_state_dict(model)
+    apply_factories(sharded)  # e.g. SwiGLU's fc1 -> its gate and up halves
+    pieces = {}
+    for item in nested_values(sharded):
+        if isinstance(item, ShardedTensor):
+            pieces.setdefault(item.key, []).append(item)
+    return pieces
+
+
+def global_shape(pieces) -> tuple:
+    return tuple(pieces[0].global_shape)
+
+
+def local_slices(piece) -> tuple:
+    """Where `piece` sits along the axes of the tensor itself (after any prepended axes, such as
+    the expert's global number, which global_offset[:prepend_axis_num] gives)."""
+    offsets = piece.global_offset[piece.prepend_axis_num :]
+    return tuple(slice(offset, offset + size) for offset, size in zip(offsets, piece.data.shape))
+
+
+def fill(pieces, tensor: torch.Tensor) -> None:
+    """Copy each piece's part of the global `tensor` (prepended axes included) into the parameter
+    it views."""
+    for piece in pieces:
+        with torch.no_grad():
+            piece.data.copy_(tensor[tuple(piece.global_offset[: piece.prepend_axis_num]) + local_slices(piece)])

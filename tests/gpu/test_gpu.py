@@ -1,0 +1,168 @@
+"""Every entry point on a CUDA GPU (one process, NCCL): the quickstart pipeline (pre-training in
+bf16 with a resume, LoRA fine-tuning, merging, export with --verify, transformers' and our greedy
+generation agreeing), full fine-tuning with early stopping, distillation from a DeepSeek-V3-shaped
+teacher, progressive unfreezing, fp32 pre-training, a resumed run's training and validation losses,
+sampling, LoRA adapters placed on the GPU, and bf16 against fp32 logits.
+
+Skipped without CUDA (the CPU suite runs the same paths on CPU); tests/gpu/run_gpu_checks.sh runs
+this file and the training benchmark on a GPU machine."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def run(command, cwd, env=None, timeout=600) -> str:
+    environment = {name: value for name, value in os.environ.items()
+                   if name not in ("DATA_PATH", "TOKENIZER_MODEL", "MASTER_ADDR", "EXTRA_ARGS", "DRY_RUN")}  # fmt: skip
+    environment.update(env or {})
+    result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(map(str, command))}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result.stdout
+
+
+def tiny_model_flags() -> list[str]:
+    """examples/model_tiny.sh's MODEL_ARGS (the quickstart's model)."""
+    printed = run(["bash", "-c", 'source examples/model_tiny.sh; printf "%s\\n" "${MODEL_ARGS[@]}"'], REPO)
+    return printed.splitlines()
+
+
+def losses(output: str, name: str = "lm loss") -> dict[int, float]:
+    return {int(i): float(v) for i, v in re.findall(rf"^ iteration +(\d+)/ *\d+ \|.*?\| {name}: (\S+) \|", output, re.M)}
+
+
+def validation_losses(output: str) -> dict[int, float]:
+    return {int(i): float(v) for i, v in re.findall(r"validation loss at iteration (\d+) \| lm loss value: (\S+)", output)}
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """examples/quickstart.sh on the GPU, checked as the CPU suite checks it."""
+    from test_quickstart import run_and_check_quickstart
+
+    return run_and_check_quickstart(tmp_path_factory.mktemp("gpu"))
+
+
+def test_the_quickstart_pipeline_runs_on_the_gpu(quickstart):
+    assert (quickstart / "hf" / "config.json").exists()
+
+
+def finetune_sft(quickstart, tmp_path, extra: str, iterations: int = 6) -> str:
+    environment = {"PRETRAINED": str(quickstart / "checkpoints"), "TOKENIZER_MODEL": str(quickstart / "tokenizer.model"),
+                   "SAVE": str(tmp_path / "sft"), "TRAIN_ITERS": str(iterations), "EVAL_INTERVAL": "2", "LR": "1e-2",
+                   "EXTRA_ARGS": extra}  # fmt: skip
+    return run(["bash", "examples/finetune_sft.sh"], REPO, environment)
+
+
+def test_full_fine_tuning_with_early_stopping(quickstart, tmp_path):
+    output = finetune_sft(quickstart, tmp_path, "--early-stop-patience 1", iterations=12)  # bf16 on a GPU
+    assert losses(output) and validation_losses(output), output[-2000:]
+    assert (tmp_path / "sft" / "latest_checkpointed_iteration.txt").exists()
+
+
+def test_distillation_from_a_deepseek_v3_shaped_teacher(quickstart, tmp_path):
+    """The pretrained checkpoint, which has an MTP layer, teaches the model it was fine-tuned into."""
+    output = finetune_sft(quickstart, tmp_path, f"--teacher-load {quickstart / 'checkpoints'} --kd-kl-weight 1.0")
+    assert " teacher: " in output and len(losses(output)) == 6, output[-2000:]
+
+
+def test_progressive_unfreezing_in_fp32(quickstart, tmp_path):
+    flags = [*tiny_model_flags(), "--pretrained-checkpoint", str(quickstart / "checkpoints"), "--data-path",
+             str(REPO / "megatron_r1/assets/tiny_sft.jsonl"), "--tokenizer-model", str(quickstart / "tokenizer.model"),
+             "--train-iters", "4", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3",
+             "--unfreeze-schedule", "0:1", "2:all", "--log-interval", "1"]  # fmt: skip
+    output = run([sys.executable, "finetune_r1.py", *flags], REPO)
+    assert "the top 1 of 4 layers train" in output and "the top 4 of 4 layers train" in output, output[-2000:]
+
+
+TINY = ["--mock-data", "--vocab-size", "512", "--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4",
+        "--swiglu", "--disable-bias-linear", "--num-experts", "4", "--moe-ffn-hidden-size", "128",
+        "--mtp-num-layers", "1", "--seq-length", "128", "--micro-batch-size", "4", "--global-batch-size", "8",
+        "--lr", "3e-3", "--lr-warmup-iters", "2", "--eval-iters", "2"]  # fmt: skip
+
+
+@pytest.mark.parametrize("precision", [["--bf16"], []], ids=["bf16", "fp32"])
+def test_pre_training_learns(precision, tmp_path):
+    output = run([sys.executable, "pretrain_r1.py", *TINY, *precision, "--train-iters", "30"], REPO)
+    curve = losses(output)
+    assert len(curve) == 30 and curve[30] < curve[1] - 0.5, curve
+
+
+def test_a_resumed_run_prints_the_straight_runs_training_and_validation_losses(tmp_path):
+    common = [*TINY, "--bf16", "--train-iters", "8", "--eval-interval", "2"]
+    straight = run([sys.executable, str(REPO / "pretrain_r1.py"), *common], tmp_path)
+    run([sys.executable, str(REPO / "pretrain_r1.py"), *common, "--save", "ckpt", "--exit-interval", "4"], tmp_path)
+    resumed = run([sys.executable, str(REPO / "pretrain_r1.py"), *common, "--save", "ckpt"], tmp_path)
+    assert "resumed from iteration 4 " in resumed
+    assert {i: v for i, v in losses(straight).items() if i > 4} == losses(resumed)
+    after = validation_losses(resumed)
+    assert 8 in after and after == {i: validation_losses(straight)[i] for i in after}
+
+
+def test_sampling_is_seeded_on_the_gpu(quickstart):
+    command = [sys.executable, "tools/generate.py", "--load", str(quickstart / "sft_merged"), "--prompt", "3 + 4",
+               "--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3",
+               "--ignore-eod"]  # fmt: skip
+    ids = [re.search(r"^new token ids: (.+)$", run(command, REPO), re.M)[1] for _ in range(2)]
+    assert ids[0] == ids[1] and len(ids[0].split()) == 8
+
+
+@pytest.fixture()
+def one_process_world(monkeypatch):
+    from megatron_r1.distributed import destroy_distributed, initialize_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    initialize_distributed()
+    yield
+    destroy_distributed()
+
+
+def test_bf16_logits_are_the_fp32_logits_within_bf16_precision(quickstart, one_process_world):
+    from megatron_r1.generation import load_model
+
+    _, model = load_model(str(quickstart / "sft_merged" / "iter_0000002"))
+    assert next(model.parameters()).device.type == "cuda"
+    tokens = torch.randint(0, 4000, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    positions = torch.arange(64, device="cuda").expand(2, 64)
+    with torch.no_grad():
+        fp32 = model(tokens, positions, None).float()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = model(tokens, positions, None).float()
+    scale = fp32.abs().max()
+    assert (bf16 - fp32).abs().max() <= 0.05 * scale, ((bf16 - fp32).abs().max(), scale)
+    assert (bf16.argmax(-1) == fp32.argmax(-1)).float().mean() >= 0.9
+
+
+def test_lora_adapters_train_on_the_gpu_and_the_base_stays(quickstart, monkeypatch):
+    from megatron_r1.distributed import destroy_distributed
+    from megatron_r1.finetuning import build_finetuning_data, parse_finetuning_args, setup_finetuning
+    from megatron_r1.training import train
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = parse_finetuning_args("gpu", [*tiny_model_flags(), "--lora", "--pretrained-checkpoint",
+                                         str(quickstart / "checkpoints"), "--data-path",
+                                         str(REPO / "megatron_r1/assets/tiny_sft.jsonl"), "--tokenizer-model",
+                                         str(quickstart / "tokenizer.model"), "--train-iters", "3", "--lr", "1e-2",
+                                         "--micro-batch-size", "2", "--global-batch-size", "4", "--bf16"])  # fmt: skip
+    try:
+        state = setup_finetuning(args)
+        model = state.model[0].module
+        base = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+        adapters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        assert adapters and all(p.device.type == "cuda" for p in adapters.values())
+        before = {name: p.detach().clone() for name, p in adapters.items()}
+        train(args, state, *build_finetuning_data(args, state))
+        assert all(torch.equal(p, base[name]) for name, p in model.named_parameters() if name in base)
+        assert any(not torch.equal(p, before[name]) for name, p in adapters.items())
+    finally:
+        destroy_distributed()
