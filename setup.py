@@ -21,6 +21,6 @@ setup(
     extras_require={
         # GPU-only accelerations; everything falls back to megatron-core's local implementations without them.
         "gpu": ["apex", "flash-attn", "transformer-engine[pytorch]"],
-        "dev": ["pytest", "datasketch"],
+        "dev": ["pytest", "datasketch", "hypothesis"],
     },
 )

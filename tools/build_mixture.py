@@ -44,7 +44,7 @@ from megatron_r1.corpus.mixture import (
 )
 from megatron_r1.corpus.parallel import ordered_map
 from megatron_r1.corpus.tokens import TOKEN_PROXIES
-from megatron_r1.data.jsonl import SkipCounter
+from megatron_r1.data.jsonl import SkipCounter, StrictModeError, add_bad_line_arguments
 from megatron_r1.data.preprocess import output_prefix_for
 from megatron_r1.tokenizer import MODEL_TOKENIZER_TYPES, add_tokenizer_arguments
 
@@ -80,8 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-proxy", choices=TOKEN_PROXIES, default="approx", help="token count without --tokenizer-model (default: approx)")
     parser.add_argument("--seed", type=int, default=1234, help="sampling and interleaving seed (default: 1234)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes for token counting (default: 2)")
+    add_bad_line_arguments(parser, repairs_text=False)  # selected lines are copied verbatim
     add_tokenizer_arguments(parser, required=False, types=MODEL_TOKENIZER_TYPES)  # counts tokens of text
     return parser
+
+
+def _count_sources(args, paths: dict[str, list[str]], input_bytes: int, bad: SkipCounter) -> dict[str, SourceCounts]:
+    """Token count and location of every usable document of each source; bad lines go to ``bad``."""
+    counts: dict[str, SourceCounts] = {}
+    init_args = (args.tokenizer_type, args.tokenizer_model, args.token_proxy, args.json_key)
+    with tqdm(total=input_bytes, unit="B", unit_scale=True, desc="count tokens") as progress:
+        for name, source_paths in paths.items():
+            located, tokens = [], []
+            batches = iter_line_batches(source_paths, batch_lines=256, progress=progress)
+            for batch_bad, batch_located, batch_tokens in ordered_map(count_batch, batches, args.workers, init_counter, init_args):
+                for reason, file_index, line_number in batch_bad:
+                    bad.add(reason, source_paths[file_index], line_number)
+                located.append(batch_located)
+                tokens.append(batch_tokens)
+            located_all = np.concatenate(located) if located else np.zeros((0, 2), np.uint64)
+            counts[name] = SourceCounts(name, source_paths, located_all[:, 0].astype(np.uint16), located_all[:, 1].astype(np.uint32), np.concatenate(tokens) if tokens else np.zeros(0, np.int64))
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,20 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
 
     started = time.perf_counter()
-    bad = SkipCounter()
-    counts: dict[str, SourceCounts] = {}
-    init_args = (args.tokenizer_type, args.tokenizer_model, args.token_proxy, args.json_key)
-    with tqdm(total=total_bytes(every_path), unit="B", unit_scale=True, desc="count tokens") as progress:
-        for name, source_paths in paths.items():
-            located, tokens = [], []
-            batches = iter_line_batches(source_paths, batch_lines=256, progress=progress)
-            for batch_bad, batch_located, batch_tokens in ordered_map(count_batch, batches, args.workers, init_counter, init_args):
-                for reason, file_index, line_number in batch_bad:
-                    bad.add(reason, source_paths[file_index], line_number)
-                located.append(batch_located)
-                tokens.append(batch_tokens)
-            located_all = np.concatenate(located) if located else np.zeros((0, 2), np.uint64)
-            counts[name] = SourceCounts(name, source_paths, located_all[:, 0].astype(np.uint16), located_all[:, 1].astype(np.uint32), np.concatenate(tokens) if tokens else np.zeros(0, np.int64))
+    bad = SkipCounter(strict=args.strict)
+    try:
+        counts = _count_sources(args, paths, total_bytes(every_path), bad)
+    except StrictModeError as error:  # (counting writes nothing)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     available = {name: source.total_tokens for name, source in counts.items()}
     try:
         quotas, total = plan_quotas(available, weights, args.total_tokens, args.allow_upsample)
@@ -160,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {name:<12} {len(source.tokens):>9} {available[name]:>12} {weights[name]:>8.2%} {quotas[name]:>12.0f} {selected[name]:>12} "
             f"{selected[name] / selected_total:>8.2%} {quotas[name] / max(available[name], 1):>7.2f}"
         )
-    print(f"  bad input lines (skipped): {bad.total}")
-    for line in bad.summary_lines():
-        print(f"  {line}")
+    print("\n".join(bad.table(indent="  ")))
     if args.output:
         print(f"  mixed JSONL: {args.output} ({sum(int(repeats[name].sum()) for name in counts)} documents, {sum(selected.values())} tokens)")
     print(f"  --data-path {data_path}" + (f"  (written to {args.data_path_out})" if args.data_path_out else ""))

@@ -9,8 +9,9 @@ optional domain tag from keyword rules. Output records keep all input fields, wi
 replaced by the cleaned text and a language field added (and a domain field with --domain-rules).
 
 Streaming with --workers processes; output order = input order. Every dropped document is counted
-by reason (the first rule it fails); unusable lines (broken JSON, not UTF-8, missing or empty text, over 16 MiB)
-are counted with file:line examples. --keep-rejects writes dropped documents with
+by reason (the first rule it fails); unusable lines (broken JSON, not UTF-8, missing or empty text,
+lone surrogates, over 16 MiB) are counted with file:line examples, or stop the run with --strict
+(exit status 2). --keep-rejects writes dropped documents with
 "reject_reason" and "reject_location" (file:line).
 
 Example:
@@ -34,7 +35,7 @@ from megatron_r1.corpus.normalize import prepare
 from megatron_r1.corpus.parallel import ordered_map
 from megatron_r1.corpus.pii import PLACEHOLDERS
 from megatron_r1.corpus.quality import REASONS, add_quality_arguments, quality_config_from_args
-from megatron_r1.data.jsonl import SkipCounter
+from megatron_r1.data.jsonl import SkipCounter, StrictModeError, add_bad_line_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--default-domain", default="general", help="domain of documents matching no rule (default: general)")
     parser.add_argument("--domain-min-hits", type=int, default=1, help="keyword occurrences needed for a domain (default: 1)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default: 2; 1 = in-process)")
+    add_bad_line_arguments(parser)
     add_quality_arguments(parser)
     return parser
 
@@ -78,13 +80,38 @@ def main(argv: list[str] | None = None) -> int:
         paths=tuple(paths), json_key=args.json_key, language_key=args.language_key, languages=languages,
         quality=quality_config_from_args(args), mask_pii=args.mask_pii, domain_rules=domain_rules,
         domain_key=args.domain_key, default_domain=args.default_domain, domain_min_hits=args.domain_min_hits,
-        keep_rejects=bool(args.keep_rejects),
+        keep_rejects=bool(args.keep_rejects), replace_surrogates=args.replace_lone_surrogates,
     )  # fmt: skip
 
     started = time.perf_counter()
     prepare()
     input_bytes = total_bytes(paths)
-    bad = SkipCounter()
+    bad = SkipCounter(strict=args.strict)
+    try:
+        totals, documents, kept, rejected_lines = _clean_files(args, config, paths, input_bytes, bad)
+    except StrictModeError as error:  # (the outputs' temporary files are gone)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - started
+
+    print(f"clean summary: {len(paths)} input file(s), {input_bytes / 1e6:.1f} MB, {elapsed:.1f} s ({input_bytes / 1e6 / max(elapsed, 1e-9):.2f} MB/s)")
+    print(f"  documents: {documents}, kept: {kept} ({100.0 * kept / max(documents, 1):.1f}%), dropped: {documents - kept}")
+    reasons = totals["reasons"]
+    for reason in ("language", *REASONS):
+        if reasons[reason]:
+            print(f"    dropped {reason}: {reasons[reason]}")
+    print("\n".join(bad.table(indent="  ")))
+    print("  kept by language: " + ", ".join(f"{language}={totals['languages'][language]}" for language in LANGUAGES))
+    print("  PII replaced: " + (", ".join(f"{placeholder}={totals['pii'][placeholder]}" for placeholder in PLACEHOLDERS) if args.mask_pii else "off"))
+    if domain_rules:
+        print("  kept by domain: " + ", ".join(f"{domain}={count}" for domain, count in totals["domains"].most_common()))
+    print(f"  output: {args.output}" + (f"; rejects ({rejected_lines} lines): {args.keep_rejects}" if args.keep_rejects else ""))
+    return 0
+
+
+def _clean_files(args, config: CleanConfig, paths: list[str], input_bytes: int, bad: SkipCounter):
+    """Clean every input line into --output (and --keep-rejects); bad lines go to ``bad``.
+    Returns (counters of reasons / languages / pii / domains, documents, kept, reject lines)."""
     totals = {name: Counter() for name in ("reasons", "languages", "pii", "domains")}
     documents = kept = rejected_lines = 0
     with atomic_output(args.output) as output, _optional_output(args.keep_rejects) as rejects:
@@ -101,23 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                     counter.update(getattr(result, name))
                 documents += result.documents
                 kept += len(result.kept)
-    elapsed = time.perf_counter() - started
-
-    print(f"clean summary: {len(paths)} input file(s), {input_bytes / 1e6:.1f} MB, {elapsed:.1f} s ({input_bytes / 1e6 / max(elapsed, 1e-9):.2f} MB/s)")
-    print(f"  documents: {documents}, kept: {kept} ({100.0 * kept / max(documents, 1):.1f}%), dropped: {documents - kept}")
-    reasons = totals["reasons"]
-    for reason in ("language", *REASONS):
-        if reasons[reason]:
-            print(f"    dropped {reason}: {reasons[reason]}")
-    print(f"  bad input lines (skipped): {bad.total}")
-    for line in bad.summary_lines():
-        print(f"  {line}")
-    print("  kept by language: " + ", ".join(f"{language}={totals['languages'][language]}" for language in LANGUAGES))
-    print("  PII replaced: " + (", ".join(f"{placeholder}={totals['pii'][placeholder]}" for placeholder in PLACEHOLDERS) if args.mask_pii else "off"))
-    if domain_rules:
-        print("  kept by domain: " + ", ".join(f"{domain}={count}" for domain, count in totals["domains"].most_common()))
-    print(f"  output: {args.output}" + (f"; rejects ({rejected_lines} lines): {args.keep_rejects}" if args.keep_rejects else ""))
-    return 0
+    return totals, documents, kept, rejected_lines
 
 
 class _optional_output:

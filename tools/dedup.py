@@ -40,7 +40,7 @@ from megatron_r1.corpus.dedup import (
 from megatron_r1.corpus.jsonl import InputError, atomic_output, check_output_not_input, expand_inputs, iter_line_batches, iter_lines, total_bytes
 from megatron_r1.corpus.parallel import ordered_map
 from megatron_r1.corpus.shingles import SHINGLE_KINDS, prepare
-from megatron_r1.data.jsonl import is_compressed
+from megatron_r1.data.jsonl import StrictModeError, add_bad_line_arguments, is_compressed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1, help="seed of the MinHash permutations (default: 1)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes for sketching and verification (default: 2; 1 = in-process)")
     parser.add_argument("--tmp-dir", help="directory for the temporary signature file (default: the directory of --output)")
+    add_bad_line_arguments(parser, repairs_text=False)  # kept lines are copied verbatim
     return parser
 
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     temporary_directory = args.tmp_dir or os.path.dirname(os.path.abspath(args.output))
     os.makedirs(temporary_directory, exist_ok=True)
     prepare()
-    store = SketchStore(config, paths, temporary_directory)
+    store = SketchStore(config, paths, temporary_directory, strict=args.strict)
     try:
         with tqdm(total=input_bytes, unit="B", unit_scale=True, desc="sketch") as progress:
             batches = iter_line_batches(paths, batch_lines=256, progress=progress)
@@ -108,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         with atomic_output(args.output) as handle, tqdm(total=input_bytes, unit="B", unit_scale=True, desc="write") as progress:
             for file_index, kept_lines in enumerate(kept_lines_by_file(sketches, result, len(paths))):
                 _copy_lines(paths[file_index], file_index, kept_lines, handle, progress)
+    except StrictModeError as error:  # raised while sketching: nothing written yet
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         store.close()
     elapsed = time.perf_counter() - started
@@ -117,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     method = f"minhash (num_perm={config.num_perm}, bands={bands} x rows={rows}, threshold={config.threshold}, verify={config.verify})" if config.method == "minhash" else f"simhash (64 bits, max distance {config.max_distance})"
     print(f"dedup summary: {len(paths)} input file(s), {input_bytes / 1e6:.1f} MB, method {method}, shingles {config.shingle} {config.ngram}-grams")
     print(f"  documents: {documents}, kept: {kept}, removed: {documents - kept} (exact: {result.exact_duplicates}, near: {documents - kept - result.exact_duplicates})")
-    print(f"  bad input lines (skipped): {store.bad.total}")
-    for line in store.bad.summary_lines():
-        print(f"  {line}")
+    print("\n".join(store.bad.table(indent="  ")))
     print(f"  clusters: {clusters} -> {clusters_path}; kept documents -> {args.output}")
     print(f"  candidate comparisons: {result.candidate_checks}, exact Jaccard checks: {result.exact_jaccard_checks}")
     print(f"  time {elapsed:.1f} s, {documents / elapsed:.0f} docs/s, {input_bytes / 1e6 / elapsed:.2f} MB/s, peak RSS {peak_mib:.0f} MiB (largest process)")

@@ -1,8 +1,8 @@
 """Tokenize JSONL into megatron-core indexed datasets ({prefix}_{key}_document.bin/.idx).
 
 Interface of Megatron-LM's tools/preprocess_data.py. Bad lines (invalid JSON, missing key,
-non-UTF-8, empty text, lines over --max-document-bytes) are skipped and counted with file:line,
-or stop the run with --strict. Outputs appear only when complete.
+non-UTF-8, empty text, lone surrogates, lines over --max-document-bytes) are skipped and counted
+with file:line, or stop the run with --strict (exit status 2). Outputs appear only when complete.
 
 Example:
   python tools/preprocess_data.py --input megatron_r1/assets/tiny_corpus.jsonl \\
@@ -17,7 +17,7 @@ import signal
 import sys
 
 from megatron_r1.corpus.jsonl import InputError, expand_inputs
-from megatron_r1.data.jsonl import DEFAULT_MAX_DOCUMENT_BYTES
+from megatron_r1.data.jsonl import DEFAULT_MAX_DOCUMENT_BYTES, StrictModeError, add_bad_line_arguments
 from megatron_r1.data.preprocess import PreprocessConfig, preprocess
 from megatron_r1.tokenizer import add_tokenizer_arguments, tokenizer_arguments_error
 
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=DEFAULT_MAX_DOCUMENT_BYTES,
         help="Skip (count) lines longer than this many bytes (default: %(default)s = 16 MiB).",
     )
-    group.add_argument("--strict", action="store_true", help="Stop with an error at the first bad line instead of skipping it.")
+    add_bad_line_arguments(group)
     group = parser.add_argument_group("tokenization")
     group.add_argument("--append-eod", action="store_true", help="Append the end-of-document token to every document.")
     group = parser.add_argument_group("output data")
@@ -81,13 +81,17 @@ def main(argv=None) -> int:
         partitions=args.partitions,
         max_document_bytes=args.max_document_bytes,
         strict=args.strict,
+        replace_surrogates=args.replace_lone_surrogates,
     )
     try:
         result = preprocess(config)
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)
         return 130
-    except (OSError, ValueError, ImportError) as error:  # includes bad input under --strict
+    except StrictModeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     seconds = max(result.seconds, 1e-9)
@@ -97,9 +101,7 @@ def main(argv=None) -> int:
         f"throughput: {result.documents / seconds:.1f} docs/s  {result.input_bytes / 1e6 / seconds:.2f} MB/s  "
         f"{result.tokens / seconds:.0f} tokens/s"
     )
-    print(f"skipped: {result.skipped.total}")
-    for line in result.skipped.summary_lines():
-        print(line)
+    print("\n".join(result.skipped.table()))
     for prefix in result.output_prefixes:
         print(f"wrote {prefix}.bin / .idx")
     return 0

@@ -3,8 +3,9 @@ PREFIX` reads: PREFIX.bin/.idx (tokens) and PREFIX_loss_mask.bin/.idx (1 on resp
 
 Records are rendered with finetune_r1.py's chat template (megatron_r1/data/sft.py): instruction
 format {"instruction", "input", "output"} or chat format {"messages": [{"role", "content"}, ...]}.
-Malformed lines are skipped and reported with file:line, or stop the run with --strict. The
-outputs appear only when complete (written under temporary names, then renamed).
+Bad lines (not JSON, not a record, non-string or empty text, lone surrogates) are skipped and
+counted by reason with file:line, as by tools/preprocess_data.py, or stop the run with --strict
+(exit status 2). The outputs appear only when complete (written under temporary names, then renamed).
 
 Example:
   python tools/preprocess_sft.py --input data/sft/*.jsonl --output-prefix data/sft_train \\
@@ -23,11 +24,9 @@ from tqdm import tqdm
 
 from megatron_r1.corpus.jsonl import InputError, expand_inputs, total_bytes
 from megatron_r1.data.indexed import bin_path, idx_path
-from megatron_r1.data.jsonl import BadInputError, is_compressed
+from megatron_r1.data.jsonl import BadInputError, SkipCounter, StrictModeError, add_bad_line_arguments, is_compressed
 from megatron_r1.data.sft import LOSS_MASK_SUFFIX, ChatTemplate, read_conversations, render_sample, write_sft_dataset
 from megatron_r1.tokenizer import MODEL_TOKENIZER_TYPES, add_tokenizer_arguments, build_tokenizer
-
-SKIPPED_SHOWN = 10  # skipped lines listed in the summary (all are counted)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_tokenizer_arguments(parser, types=MODEL_TOKENIZER_TYPES)  # chat templates need named tokens
     parser.add_argument("--input", nargs="+", required=True, help="JSONL file(s) or glob pattern(s), one record per line (.gz read through gzip).")
     parser.add_argument("--output-prefix", required=True, help=f"Writes PREFIX.bin/.idx and PREFIX{LOSS_MASK_SUFFIX}.bin/.idx.")
-    parser.add_argument("--strict", action="store_true", help="Stop with an error at the first malformed line instead of skipping it.")
+    add_bad_line_arguments(parser)
     args = parser.parse_args(argv)
     try:
         args.input_files = expand_inputs(args.input)
@@ -51,21 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 class SFTPreprocessing:
     """Streams the records of the input files as (tokens, loss mask) samples, counting as it goes."""
 
-    def __init__(self, input_files: list[str], template: ChatTemplate, strict: bool):
-        self.input_files, self.template, self.strict = input_files, template, strict
+    def __init__(self, input_files: list[str], template: ChatTemplate, strict: bool, replace_surrogates: bool):
+        self.input_files, self.template, self.replace_surrogates = input_files, template, replace_surrogates
         self.records = self.tokens = self.response_tokens = 0
-        self.skipped = 0
-        self.skipped_examples: list[str] = []  # the first BadInputError messages, each starting with file:line
-
-    def _skip(self, error: BadInputError) -> None:
-        self.skipped += 1
-        if len(self.skipped_examples) < SKIPPED_SHOWN:
-            self.skipped_examples.append(str(error))
+        self.skipped = SkipCounter(strict=strict)
 
     def samples(self, progress: tqdm):
-        on_bad_record = None if self.strict else self._skip
         for path in self.input_files:
-            for _, messages, consumed in read_conversations(path, on_bad_record):
+            for _, messages, consumed in read_conversations(path, self.skipped, self.replace_surrogates):
                 tokens, mask = render_sample(self.template, messages)
                 self.records += 1
                 self.tokens += len(tokens)
@@ -74,13 +66,13 @@ class SFTPreprocessing:
                 yield tokens, mask
         if not self.records:
             # Raised inside the writers' block: nothing is published.
-            raise BadInputError(f"{' '.join(self.input_files)}: no usable record ({self.skipped} malformed lines)")
+            raise BadInputError("\n".join([f"{' '.join(self.input_files)}: no usable record", *self.skipped.table()]))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-    work = SFTPreprocessing(args.input_files, ChatTemplate(tokenizer), args.strict)
+    work = SFTPreprocessing(args.input_files, ChatTemplate(tokenizer), args.strict, args.replace_lone_surrogates)
     start = time.perf_counter()
     try:
         # Progress counts bytes read: decompressed ones for .gz inputs, whose total is unknown.
@@ -90,7 +82,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)
         return 130
-    except (OSError, BadInputError) as error:  # bad input under --strict, or no usable record
+    except StrictModeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (OSError, BadInputError) as error:  # no usable record
         print(f"error: {error}", file=sys.stderr)
         return 1
     seconds = max(time.perf_counter() - start, 1e-9)
@@ -98,11 +93,7 @@ def main(argv=None) -> int:
     share = 100 * work.response_tokens / max(work.tokens, 1)
     print(f"records: {work.records}  tokens: {work.tokens}  response tokens: {work.response_tokens} ({share:.1f}%)")
     print(f"throughput: {work.records / seconds:.1f} docs/s  {work.tokens / seconds:.0f} tokens/s")
-    print(f"skipped: {work.skipped}")
-    for message in work.skipped_examples:
-        print(f"  {message}")
-    if work.skipped > len(work.skipped_examples):
-        print(f"  ... and {work.skipped - len(work.skipped_examples)} more")
+    print("\n".join(work.skipped.table()))
     for prefix in (args.output_prefix, args.output_prefix + LOSS_MASK_SUFFIX):
         print(f"wrote {bin_path(prefix)} / {idx_path(prefix)}")
     return 0

@@ -22,7 +22,16 @@ import time
 from tqdm import tqdm
 
 from megatron_r1.corpus.jsonl import InputError, expand_inputs
-from megatron_r1.data.jsonl import DEFAULT_MAX_DOCUMENT_BYTES, BadInputError, ByteRange, SkipCounter, parse_document, read_lines, strict_error
+from megatron_r1.data.jsonl import (
+    DEFAULT_MAX_DOCUMENT_BYTES,
+    BadInputError,
+    ByteRange,
+    SkipCounter,
+    StrictModeError,
+    add_bad_line_arguments,
+    parse_document,
+    read_lines,
+)
 from megatron_r1.tokenizer import DEFAULT_MAX_SENTENCE_BYTES, SPECIAL_TOKENS, train_sentencepiece
 
 
@@ -42,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-sentences", type=int, default=2_000_000, help="Lines sampled from the corpus for training (default: %(default)s).")
     parser.add_argument("--max-sentence-bytes", type=int, default=DEFAULT_MAX_SENTENCE_BYTES, help="Longer sample lines are cut to this size (default: %(default)s).")
     parser.add_argument("--max-document-bytes", type=int, default=DEFAULT_MAX_DOCUMENT_BYTES, help="Skip (count) JSONL lines longer than this (default: %(default)s).")
-    parser.add_argument("--strict", action="store_true", help="Stop with an error at the first bad JSONL line instead of skipping it.")
+    add_bad_line_arguments(parser)
     parser.add_argument("--seed", type=int, default=1234, help="Sampling seed (default: %(default)s).")
     parser.add_argument("--num-threads", type=int, default=os.cpu_count() or 1, help="SentencePiece training threads (default: %(default)s).")
     parser.add_argument("--verbose", action="store_true", help="Show SentencePiece's training log.")
@@ -93,17 +102,15 @@ def training_lines(text: str, max_bytes: int):
 
 def sample_corpus(args) -> tuple[SentenceReservoir, int, SkipCounter]:
     reservoir = SentenceReservoir(args.max_sentences, args.seed)
-    skipped = SkipCounter()
+    skipped = SkipCounter(strict=args.strict)
     documents = 0
     total_bytes = sum(os.path.getsize(path) for path in args.input_files)
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="sample") as progress:
         for path in args.input_files:
             byte_range = ByteRange(path, 0, None, os.path.getsize(path))
             for line_number, (line, consumed) in enumerate(read_lines(byte_range, args.max_document_bytes), start=1):
-                texts, reason = parse_document(line, args.json_keys) if line is not None else (None, "too_large")
+                texts, reason = parse_document(line, args.json_keys, args.replace_lone_surrogates) if line is not None else (None, "too_large")
                 if reason is not None:
-                    if args.strict:
-                        raise strict_error(path, line_number, reason)
                     skipped.add(reason, path, line_number)
                 else:
                     documents += 1
@@ -120,9 +127,8 @@ def main(argv=None) -> int:
     try:
         reservoir, documents, skipped = sample_corpus(args)
         if not reservoir.lines:
-            print(f"error: --input: no usable text under --json-keys {' '.join(args.json_keys)} ({skipped.total} lines skipped)", file=sys.stderr)
-            for line in skipped.summary_lines():
-                print(line, file=sys.stderr)
+            print(f"error: --input: no usable text under --json-keys {' '.join(args.json_keys)}", file=sys.stderr)
+            print("\n".join(skipped.table()), file=sys.stderr)
             return 1
         sampled_at = time.perf_counter()
         tokenizer = train_sentencepiece(
@@ -135,6 +141,9 @@ def main(argv=None) -> int:
             num_threads=args.num_threads,
             verbose=args.verbose,
         )
+    except StrictModeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except (BadInputError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -146,9 +155,8 @@ def main(argv=None) -> int:
         print("interrupted: no output written", file=sys.stderr)
         return 130
     finished = time.perf_counter()
-    print(f"documents: {documents}  lines seen: {reservoir.seen}  sampled: {len(reservoir.lines)}  skipped: {skipped.total}")
-    for line in skipped.summary_lines():
-        print(line)
+    print(f"documents: {documents}  lines seen: {reservoir.seen}  sampled: {len(reservoir.lines)}")
+    print("\n".join(skipped.table()))
     print(f"vocab size: {tokenizer.vocab_size} (requested {args.vocab_size})  pad {tokenizer.pad}  bos {tokenizer.bos}  eod {tokenizer.eod}")
     print("user-defined symbols: " + " ".join(f"{symbol}={tokenizer.token_to_id(symbol)}" for symbol in args.user_defined_symbols))
     print(f"time: sampling {sampled_at - started:.1f} s, training {finished - sampled_at:.1f} s")

@@ -40,6 +40,7 @@ class CleanConfig:
     default_domain: str = "general"
     domain_min_hits: int = 1
     keep_rejects: bool = False
+    replace_surrogates: bool = False  # lone surrogates -> U+FFFD instead of a bad line
 
 
 @dataclass
@@ -69,7 +70,7 @@ def clean_batch(batch: list[RawLine]) -> CleanBatch:
     result = CleanBatch()
     for file_index, line_number, _, raw in batch:
         location = f"{config.paths[file_index]}:{line_number}"
-        text, reason = parse_text(raw, config.json_key)
+        text, reason = parse_text(raw, config.json_key, config.replace_surrogates)
         if reason is not None:
             result.bad.append((reason, file_index, line_number))
             if config.keep_rejects and reason != "blank_line":

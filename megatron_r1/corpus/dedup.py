@@ -149,10 +149,10 @@ def sketch_batch(batch: list[RawLine]) -> SketchBatch:
 class SketchStore:
     """Accumulates sketch batches into compact arrays; MinHash signatures go to a temporary file."""
 
-    def __init__(self, config: DedupConfig, paths: list[str], temporary_directory: str):
+    def __init__(self, config: DedupConfig, paths: list[str], temporary_directory: str, strict: bool = False):
         self.config = config
         self.paths = paths
-        self.bad = SkipCounter()
+        self.bad = SkipCounter(strict=strict)  # strict: the first bad line raises StrictModeError
         self._chunks: dict[str, list[np.ndarray]] = {name: [] for name in ("file_index", "line", "offset", "exact", "indexable", "keys")}
         self._fingerprints: list[np.ndarray] = []
         self._signature_file = None

@@ -87,11 +87,12 @@ def iter_line_batches(
         yield batch
 
 
-def parse_text(raw: bytes | None, json_key: str) -> tuple[str | None, str | None]:
-    """``(text, None)`` for a usable line, ``(None, reason)`` with a ``SKIP_REASONS`` name otherwise."""
+def parse_text(raw: bytes | None, json_key: str, replace_surrogates: bool = False) -> tuple[str | None, str | None]:
+    """``(text, None)`` for a usable line, ``(None, reason)`` with a ``SKIP_REASONS`` name otherwise
+    (``replace_surrogates``: see :func:`megatron_r1.data.jsonl.parse_document`)."""
     if raw is None:
         return None, "too_large"
-    texts, reason = parse_document(raw, [json_key])
+    texts, reason = parse_document(raw, [json_key], replace_surrogates)
     return (texts[0], None) if reason is None else (None, reason)
 
 

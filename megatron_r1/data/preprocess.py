@@ -51,6 +51,7 @@ class PreprocessConfig:
     partitions: int = 1
     max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
     strict: bool = False
+    replace_surrogates: bool = False  # lone surrogates -> U+FFFD instead of skipping the line
     # Size of the byte ranges handed to workers; None picks one from the input size.
     range_bytes: int | None = None
     vocab_size: int | None = None  # NullTokenizer's
@@ -110,7 +111,7 @@ class _RangeEncoder:
             for line, consumed in read_lines(byte_range, self.config.max_document_bytes):
                 result.lines += 1
                 result.input_bytes += consumed
-                texts, reason = parse_document(line, keys) if line is not None else (None, "too_large")
+                texts, reason = parse_document(line, keys, self.config.replace_surrogates) if line is not None else (None, "too_large")
                 if reason is not None:
                     if self._reject(result, reason, byte_range.path, result.lines):
                         break

@@ -31,7 +31,6 @@ Large sets are tokenized once by ``tools/preprocess_sft.py`` into two indexed da
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -39,7 +38,16 @@ import torch
 
 from megatron_r1.data.files import remove_if_exists
 from megatron_r1.data.indexed import IndexedDatasetWriter, bin_path, idx_path, read_index, token_dtype
-from megatron_r1.data.jsonl import BadInputError, ByteRange, read_lines
+from megatron_r1.data.jsonl import (
+    BadInputError,
+    ByteRange,
+    SkipCounter,
+    describe_reason,
+    has_lone_surrogate,
+    load_json_object,
+    read_lines,
+    replace_lone_surrogates,
+)
 
 ROLES = ("system", "user", "assistant", "tool")
 ROLE_MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>", "tool": "<|tool|>"}
@@ -56,52 +64,99 @@ def is_jsonl(path: str) -> bool:
     return path.endswith(JSONL_SUFFIXES)
 
 
-def _text(value, what: str, where: str) -> str:
-    if not isinstance(value, str):
-        raise BadInputError(f"{where}: {what} must be a string, got {type(value).__name__}")
-    return value
+class RecordError(BadInputError):
+    """A line that is not a usable record: ``reason`` is its SKIP_REASONS name, ``detail`` (or None)
+    says what is wrong; the message starts with ``file:line``."""
+
+    def __init__(self, where: str, reason: str, detail: str | None = None):
+        super().__init__(f"{where}: {describe_reason(reason, detail)}")
+        self.reason, self.detail = reason, detail
 
 
-def parse_record(record, where: str) -> list[dict]:
-    """The conversation of one record as ``[{"role", "content", "reasoning"?}]``; BadInputError
-    naming ``where`` (``file:line``) and the fault otherwise."""
-    if not isinstance(record, dict):
-        raise BadInputError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise BadInputError(f"{where}: 'messages' must be a non-empty list")
-        parsed = []
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise BadInputError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
-            if message["role"] not in ROLES:
-                raise BadInputError(f"{where}: messages[{i}] has role {message['role']!r}; expected one of {', '.join(ROLES)}")
-            entry = {"role": message["role"], "content": _text(message["content"], f"messages[{i}].content", where)}
-            reasoning = message.get("reasoning", message.get("reasoning_content"))
-            if reasoning is not None:
-                if message["role"] != "assistant":
-                    raise BadInputError(f"{where}: messages[{i}] has reasoning but is not an assistant message")
-                entry["reasoning"] = _text(reasoning, f"messages[{i}].reasoning", where)
-            parsed.append(entry)
-    elif "instruction" in record or "output" in record:
-        for key in ("instruction", "output"):
-            if key not in record:
-                raise BadInputError(f"{where}: instruction-format record lacks {key!r}")
-        prompt = _text(record["instruction"], "'instruction'", where)
-        if record.get("input"):
-            prompt += "\n\n" + _text(record["input"], "'input'", where)
-        parsed = [{"role": "system", "content": _text(record["system"], "'system'", where)}] if record.get("system") else []
-        parsed.append({"role": "user", "content": prompt})
-        answer = {"role": "assistant", "content": _text(record["output"], "'output'", where)}
-        if record.get("reasoning") is not None:
-            answer["reasoning"] = _text(record["reasoning"], "'reasoning'", where)
-        parsed.append(answer)
-    else:
-        raise BadInputError(f"{where}: expected 'messages' (chat format) or 'instruction'/'output' (instruction format)")
-    if not any(m["role"] == "assistant" for m in parsed):
-        raise BadInputError(f"{where}: no assistant message: nothing to learn")
+_JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", type(None): "null", list: "an array", dict: "an object"}
+
+
+class _TextFields:
+    """Reads a record's text fields: strings, with lone surrogates refused or replaced by U+FFFD."""
+
+    def __init__(self, where: str, replace_surrogates: bool):
+        self.where, self.replace_surrogates = where, replace_surrogates
+
+    def __call__(self, value, what: str) -> str:
+        if not isinstance(value, str):
+            raise RecordError(self.where, "not_a_string", f"{what} is {_JSON_TYPES.get(type(value), type(value).__name__)}")
+        if has_lone_surrogate(value):
+            if not self.replace_surrogates:
+                raise RecordError(self.where, "lone_surrogate", f"in {what}")
+            value = replace_lone_surrogates(value)
+        return value
+
+
+def _chat_messages(record: dict, where: str, text: _TextFields) -> list[dict]:
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise RecordError(where, "invalid_record", "'messages' must be a non-empty list")
+    parsed = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise RecordError(where, "invalid_record", f"messages[{i}] must be an object with 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise RecordError(where, "invalid_record", f"messages[{i}] has role {message['role']!r}; expected one of {', '.join(ROLES)}")
+        entry = {"role": message["role"], "content": text(message["content"], f"messages[{i}].content")}
+        reasoning = message.get("reasoning", message.get("reasoning_content"))
+        if reasoning is not None:
+            if message["role"] != "assistant":
+                raise RecordError(where, "invalid_record", f"messages[{i}] has reasoning but is not an assistant message")
+            entry["reasoning"] = text(reasoning, f"messages[{i}].reasoning")
+        parsed.append(entry)
     return parsed
+
+
+def _instruction_messages(record: dict, where: str, text: _TextFields) -> list[dict]:
+    for key in ("instruction", "output"):
+        if key not in record:
+            raise RecordError(where, "missing_key", f"instruction-format record lacks {key!r}")
+    prompt = text(record["instruction"], "'instruction'")
+    if record.get("input"):
+        prompt += "\n\n" + text(record["input"], "'input'")
+    parsed = [{"role": "system", "content": text(record["system"], "'system'")}] if record.get("system") else []
+    parsed.append({"role": "user", "content": prompt})
+    answer = {"role": "assistant", "content": text(record["output"], "'output'")}
+    if record.get("reasoning") is not None:
+        answer["reasoning"] = text(record["reasoning"], "'reasoning'")
+    parsed.append(answer)
+    return parsed
+
+
+def parse_record(record, where: str, replace_surrogates: bool = False) -> list[dict]:
+    """The conversation of one record as ``[{"role", "content", "reasoning"?}]``; RecordError
+    naming ``where`` (``file:line``) and the fault otherwise. ``replace_surrogates``: lone
+    surrogates become U+FFFD instead of making the record bad."""
+    if not isinstance(record, dict):
+        raise RecordError(where, "invalid_json", f"a record must be a JSON object, got {type(record).__name__}")
+    text = _TextFields(where, replace_surrogates)
+    if "messages" in record:
+        parsed = _chat_messages(record, where, text)
+    elif "instruction" in record or "output" in record:
+        parsed = _instruction_messages(record, where, text)
+    else:
+        raise RecordError(where, "missing_key", "expected 'messages' (chat format) or 'instruction'/'output' (instruction format)")
+    responses = [m for m in parsed if m["role"] == "assistant"]
+    if not responses:
+        raise RecordError(where, "invalid_record", "no assistant message: nothing to learn")
+    if not any(m["content"].strip() or m.get("reasoning", "").strip() for m in responses):
+        raise RecordError(where, "empty_document", "every assistant message is empty: nothing to learn")
+    return parsed
+
+
+def parse_sft_line(line: bytes | None, where: str, replace_surrogates: bool = False) -> list[dict]:
+    """The conversation of one JSONL line (None: a line over the size limit); RecordError otherwise."""
+    if line is None:
+        raise RecordError(where, "too_large", f"over {_MAX_LINE_BYTES} bytes")
+    record, reason = load_json_object(line)
+    if reason is not None:
+        raise RecordError(where, reason)
+    return parse_record(record, where, replace_surrogates)
 
 
 class ChatTemplate:
@@ -143,30 +198,22 @@ class ChatTemplate:
         return self.markers[END_MARKER][-1:] + ([self.tokenizer.eod] if self.tokenizer.eod is not None else [])
 
 
-def read_conversations(path: str, on_bad_record=None):
-    """Yield ``(line_number, messages, consumed_bytes)`` for every non-blank line of a JSONL file
-    (``consumed_bytes``: bytes read since the previous yield, for progress). A malformed line raises
-    BadInputError naming ``file:line``; with ``on_bad_record``, the error is passed to it and the
-    line skipped instead."""
+def read_conversations(path: str, skipped: SkipCounter | None = None, replace_surrogates: bool = False):
+    """Yield ``(line_number, messages, consumed_bytes)`` for every usable line of a JSONL file
+    (``consumed_bytes``: bytes read since the previous yield, for progress). Bad lines go to
+    ``skipped`` (blank ones too); without it, blank lines are passed over and any other bad line
+    raises RecordError naming ``file:line``."""
     byte_range = ByteRange(path, 0, None, os.path.getsize(path))
     consumed_since_yield = 0
     for line_number, (line, consumed) in enumerate(read_lines(byte_range, _MAX_LINE_BYTES), start=1):
         consumed_since_yield += consumed
-        where = f"{path}:{line_number}"
         try:
-            if line is None:
-                raise BadInputError(f"{where}: line longer than {_MAX_LINE_BYTES} bytes")
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as error:
-                raise BadInputError(f"{where}: not valid JSON ({error})") from None
-            messages = parse_record(record, where)
-        except BadInputError as error:
-            if on_bad_record is None:
+            messages = parse_sft_line(line, f"{path}:{line_number}", replace_surrogates)
+        except RecordError as error:
+            if skipped is not None:
+                skipped.add(error.reason, path, line_number, error.detail)
+            elif error.reason != "blank_line":
                 raise
-            on_bad_record(error)
             continue
         yield line_number, messages, consumed_since_yield
         consumed_since_yield = 0

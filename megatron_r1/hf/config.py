@@ -17,6 +17,7 @@ them in every respect our flags allow, and a near match would load and silently 
 
 import argparse
 import json
+import math
 import os
 
 from megatron_r1.arguments import build_parser, transformer_config_from_args
@@ -46,20 +47,51 @@ def resolve_checkpoint(path: str) -> str:
     return found
 
 
+def read_json_object(path: str, error_type: type[Exception]) -> dict:
+    """The JSON object in `path`; ``error_type`` naming the file (and line) when it holds none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as error:
+        raise error_type(f"{path}:{error.lineno}: invalid JSON: {error.msg}") from None
+    except (UnicodeDecodeError, RecursionError) as error:  # (RecursionError: thousands of nested brackets)
+        raise error_type(f"{path}: invalid JSON ({type(error).__name__}: {error})") from None
+    if not isinstance(value, dict):
+        raise error_type(f"{path}: not a JSON object")
+    return value
+
+
+def _check_saved_types(saved: dict, defaults: argparse.Namespace, metadata_path: str) -> None:
+    """Each saved model flag has the kind of value of the parser's default, where there is one."""
+    for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS:
+        value, default = saved.get(name), getattr(defaults, name, None)
+        if value is None or default is None:
+            continue
+        if isinstance(default, (bool, str)):
+            fits = type(value) is type(default)
+        else:  # a number (an int where a float is expected is fine), or a per-layer list (--moe-layer-freq)
+            number = float if isinstance(default, float) else int
+            fits = not isinstance(value, bool) and isinstance(value, (int, number, list))
+        if not fits:
+            raise CheckpointError(f"{metadata_path}: model_args.{name} is {value!r}, not a {type(default).__name__}")
+
+
 def checkpoint_args(path: str) -> argparse.Namespace:
     """The flags of the model saved in checkpoint directory `path` (parser defaults for the rest),
     laid out for one process."""
     metadata_path = os.path.join(path, METADATA_FILE)
     if not os.path.isfile(metadata_path):
         raise CheckpointError(f"{path} has no {METADATA_FILE}: not a megatron-r1 checkpoint, or an incomplete one")
-    with open(metadata_path) as f:
-        saved = json.load(f)["model_args"]
+    saved = read_json_object(metadata_path, CheckpointError).get("model_args")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{metadata_path}: no model_args object: not a megatron-r1 checkpoint's metadata")
     missing = [name for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS
                if name not in saved and name not in MODEL_ARGS_WITH_OLD_DEFAULTS]  # fmt: skip
     if missing:
         raise CheckpointError(f"{metadata_path} lacks the model flags {', '.join(missing)} (saved by an older "
                               "version): load it with pretrain_r1.py --finetune and the original flags, and save again")  # fmt: skip
     args = build_parser("").parse_args([])
+    _check_saved_types(saved, args, metadata_path)
     vars(args).update(saved)
     args.world_size = 1
     args.virtual_pipeline_model_parallel_size = None
@@ -177,13 +209,40 @@ def deepseek_v3_config(args, vocab_size: int, bos_token_id=None, eos_token_id=No
     )
 
 
+_REQUIRED = object()
+
+
+class _ConfigFields:
+    """Typed reads of a ``config.json`` object: a missing or ill-typed field is an
+    UnsupportedModelError naming the file and the field. A null counts as absent where there is a
+    default (transformers writes null for unset fields)."""
+
+    def __init__(self, config: dict, source: str, prefix: str = ""):
+        self.config, self.source, self.prefix = config, source, prefix
+
+    def get(self, name: str, default=None):
+        return self.config.get(name, default)
+
+    def _read(self, name: str, default, accepts, kind: str):
+        value = self.config.get(name)
+        if value is None and default is not _REQUIRED:
+            return default
+        if name not in self.config:
+            raise UnsupportedModelError(f"{self.source}: no {self.prefix}{name!r}")
+        if isinstance(value, bool) or not accepts(value):
+            raise UnsupportedModelError(f"{self.source}: {self.prefix}{name} must be {kind}, got {value!r}")
+        return value
+
+    def integer(self, name: str, default=_REQUIRED, minimum: int = 1) -> int:
+        return self._read(name, default, lambda v: isinstance(v, int) and v >= minimum, f"an integer >= {minimum}")
+
+    def number(self, name: str, default=_REQUIRED) -> float:
+        return self._read(name, default, lambda v: isinstance(v, (int, float)) and math.isfinite(v), "a finite number")
+
+
 def args_from_deepseek_v3(config: dict, source: str) -> list[str]:
     """Our model flags for a Hugging Face ``config.json`` (dict) read from `source`."""
-    def need(name):
-        if name not in config:
-            raise UnsupportedModelError(f"{source}: no {name!r}")
-        return config[name]
-
+    fields = _ConfigFields(config, source)
     model_type = config.get("model_type")
     _refuse_unless(model_type == "deepseek_v3", f"{source}: model_type {model_type!r}; only 'deepseek_v3' (DeepseekV3ForCausalLM) converts")
     _refuse_unless(config.get("hidden_act", "silu") == "silu", f"{source}: hidden_act {config.get('hidden_act')!r} (only silu)")
@@ -191,57 +250,74 @@ def args_from_deepseek_v3(config: dict, source: str) -> list[str]:
     _refuse_unless(config.get("rope_interleave", True), f"{source}: rope_interleave false (megatron-core's MLA "
                    "always de-interleaves the rotary channels)")  # fmt: skip
     _refuse_unless(config.get("scoring_func", "sigmoid") == "sigmoid", f"{source}: scoring_func {config.get('scoring_func')!r}")
-    layers, heads = need("num_hidden_layers"), need("num_attention_heads")
+    layers, heads = fields.integer("num_hidden_layers"), fields.integer("num_attention_heads")
     _refuse_unless(config.get("num_key_value_heads", heads) == heads, f"{source}: num_key_value_heads != num_attention_heads")
+    rope_theta = fields.number("rope_theta", 10000)
+    if float(rope_theta) != int(rope_theta):
+        raise UnsupportedModelError(f"{source}: rope_theta {rope_theta} is not an integer (--rotary-base)")
+    max_positions = fields.integer("max_position_embeddings")
     argv = [
-        "--num-layers", layers, "--hidden-size", need("hidden_size"), "--ffn-hidden-size", need("intermediate_size"),
+        "--num-layers", layers, "--hidden-size", fields.integer("hidden_size"), "--ffn-hidden-size", fields.integer("intermediate_size"),
         "--num-attention-heads", heads, "--multi-latent-attention", "--qk-layernorm",
-        "--kv-lora-rank", need("kv_lora_rank"), "--qk-head-dim", need("qk_nope_head_dim"),
-        "--qk-pos-emb-head-dim", need("qk_rope_head_dim"), "--v-head-dim", need("v_head_dim"),
-        "--swiglu", "--disable-bias-linear", "--normalization", "RMSNorm", "--norm-epsilon", config.get("rms_norm_eps", 1e-6),
-        "--position-embedding-type", "rope", "--rotary-base", int(config.get("rope_theta", 10000)),
-        "--max-position-embeddings", need("max_position_embeddings"), "--seq-length", need("max_position_embeddings"),
-        "--init-method-std", config.get("initializer_range", 0.02), "--vocab-size", need("vocab_size"),
+        "--kv-lora-rank", fields.integer("kv_lora_rank"), "--qk-head-dim", fields.integer("qk_nope_head_dim"),
+        "--qk-pos-emb-head-dim", fields.integer("qk_rope_head_dim"), "--v-head-dim", fields.integer("v_head_dim"),
+        "--swiglu", "--disable-bias-linear", "--normalization", "RMSNorm", "--norm-epsilon", fields.number("rms_norm_eps", 1e-6),
+        "--position-embedding-type", "rope", "--rotary-base", int(rope_theta),
+        "--max-position-embeddings", max_positions, "--seq-length", max_positions,
+        "--init-method-std", fields.number("initializer_range", 0.02), "--vocab-size", fields.integer("vocab_size"),
     ]  # fmt: skip
-    if float(config.get("rope_theta", 10000)) != int(config.get("rope_theta", 10000)):
-        raise UnsupportedModelError(f"{source}: rope_theta {config['rope_theta']} is not an integer (--rotary-base)")
-    if config.get("q_lora_rank") is not None:
+    if fields.integer("q_lora_rank", None) is not None:
         argv += ["--q-lora-rank", config["q_lora_rank"]]
     if not config.get("tie_word_embeddings", False):
         argv.append("--untie-embeddings-and-output-weights")
-    rope_scaling = config.get("rope_scaling")
-    if rope_scaling:
-        kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
-        _refuse_unless(kind == "yarn", f"{source}: rope_scaling type {kind!r} (only yarn)")
-        argv += ["--rope-type", "yarn", "--rotary-scaling-factor", rope_scaling["factor"],
-                 "--original-max-position-embeddings", rope_scaling.get("original_max_position_embeddings") or config["max_position_embeddings"],
-                 "--beta-fast", rope_scaling.get("beta_fast", 32), "--beta-slow", rope_scaling.get("beta_slow", 1),
-                 "--mscale", rope_scaling.get("mscale", 1.0), "--mscale-all-dim", rope_scaling.get("mscale_all_dim", 0.0)]  # fmt: skip
-        if "attention_factor" in rope_scaling:
-            from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor
-
-            ours = _yarn_get_concentration_factor(rope_scaling["factor"], rope_scaling.get("mscale", 1.0),
-                                                  rope_scaling.get("mscale_all_dim", 0.0))  # fmt: skip
-            _refuse_unless(abs(ours - rope_scaling["attention_factor"]) < 1e-6, f"{source}: rope_scaling.attention_factor "
-                           f"{rope_scaling['attention_factor']} differs from megatron-core's yarn factor {ours}")  # fmt: skip
-    n_dense = need("first_k_dense_replace")
+    if config.get("rope_scaling"):
+        argv += _yarn_flags(config["rope_scaling"], max_positions, source)
+    n_dense = fields.integer("first_k_dense_replace", minimum=0)
     if n_dense < layers:
-        experts, topk = need("n_routed_experts"), need("num_experts_per_tok")
-        n_shared, expert_size = need("n_shared_experts"), need("moe_intermediate_size")
-        _refuse_unless(n_shared >= 1, f"{source}: n_shared_experts {n_shared} (our MoE layers take >= 1 shared expert)")
-        _refuse_unless(bool(config.get("norm_topk_prob", True)) == (topk > 1), f"{source}: norm_topk_prob "
-                       f"{config.get('norm_topk_prob')} with num_experts_per_tok {topk}: megatron-core renormalises "
-                       "sigmoid routing weights exactly when top-k > 1")  # fmt: skip
-        groups, group_topk = config.get("n_group") or 1, config.get("topk_group") or 1
-        argv += ["--num-experts", experts, "--moe-ffn-hidden-size", expert_size,
-                 "--moe-shared-expert-intermediate-size", n_shared * expert_size,
-                 "--moe-layer-freq", f"[0]*{n_dense}+[1]*{layers - n_dense}", "--moe-router-topk", topk,
-                 "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
-                 "--moe-router-topk-scaling-factor", config.get("routed_scaling_factor", 1.0)]  # fmt: skip
-        if groups > 1:
-            _refuse_unless(topk == 2 * group_topk, f"{source}: num_experts_per_tok {topk} with topk_group {group_topk}: "
-                           "megatron-core scores a group by its top topk/topk_group experts, DeepseekV3 by its top 2")  # fmt: skip
-            argv += ["--moe-router-num-groups", groups, "--moe-router-group-topk", group_topk]
-    if config.get("num_nextn_predict_layers"):
+        argv += _moe_flags(fields, layers, n_dense)
+    if fields.integer("num_nextn_predict_layers", 0, minimum=0):
         argv += ["--mtp-num-layers", config["num_nextn_predict_layers"]]
     return [str(item) for item in argv]
+
+
+def _yarn_flags(rope_scaling, max_positions: int, source: str) -> list:
+    if not isinstance(rope_scaling, dict):
+        raise UnsupportedModelError(f"{source}: rope_scaling must be an object, got {rope_scaling!r}")
+    fields = _ConfigFields(rope_scaling, source, "rope_scaling.")
+    kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    _refuse_unless(kind == "yarn", f"{source}: rope_scaling type {kind!r} (only yarn)")
+    factor, mscale, mscale_all_dim = fields.number("factor"), fields.number("mscale", 1.0), fields.number("mscale_all_dim", 0.0)
+    flags = ["--rope-type", "yarn", "--rotary-scaling-factor", factor,
+             "--original-max-position-embeddings", fields.integer("original_max_position_embeddings", max_positions),
+             "--beta-fast", fields.number("beta_fast", 32), "--beta-slow", fields.number("beta_slow", 1),
+             "--mscale", mscale, "--mscale-all-dim", mscale_all_dim]  # fmt: skip
+    if "attention_factor" in rope_scaling:
+        from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor
+
+        given = fields.number("attention_factor")
+        _refuse_unless(factor > 0, f"{source}: rope_scaling.factor {factor} must be positive")
+        ours = _yarn_get_concentration_factor(factor, mscale, mscale_all_dim)
+        _refuse_unless(abs(ours - given) < 1e-6, f"{source}: rope_scaling.attention_factor "
+                       f"{given} differs from megatron-core's yarn factor {ours}")  # fmt: skip
+    return flags
+
+
+def _moe_flags(fields: _ConfigFields, layers: int, n_dense: int) -> list:
+    source = fields.source
+    experts, topk = fields.integer("n_routed_experts"), fields.integer("num_experts_per_tok")
+    n_shared, expert_size = fields.integer("n_shared_experts", minimum=0), fields.integer("moe_intermediate_size")
+    _refuse_unless(n_shared >= 1, f"{source}: n_shared_experts {n_shared} (our MoE layers take >= 1 shared expert)")
+    _refuse_unless(bool(fields.get("norm_topk_prob", True)) == (topk > 1), f"{source}: norm_topk_prob "
+                   f"{fields.get('norm_topk_prob')} with num_experts_per_tok {topk}: megatron-core renormalises "
+                   "sigmoid routing weights exactly when top-k > 1")  # fmt: skip
+    groups, group_topk = fields.integer("n_group", 1), fields.integer("topk_group", 1)
+    flags = ["--num-experts", experts, "--moe-ffn-hidden-size", expert_size,
+             "--moe-shared-expert-intermediate-size", n_shared * expert_size,
+             "--moe-layer-freq", f"[0]*{n_dense}+[1]*{layers - n_dense}", "--moe-router-topk", topk,
+             "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+             "--moe-router-topk-scaling-factor", fields.number("routed_scaling_factor", 1.0)]  # fmt: skip
+    if groups > 1:
+        _refuse_unless(topk == 2 * group_topk, f"{source}: num_experts_per_tok {topk} with topk_group {group_topk}: "
+                       "megatron-core scores a group by its top topk/topk_group experts, DeepseekV3 by its top 2")  # fmt: skip
+        flags += ["--moe-router-num-groups", groups, "--moe-router-group-topk", group_topk]
+    return flags

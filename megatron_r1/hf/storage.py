@@ -2,6 +2,7 @@
 megatron-core's dist_checkpointing, which reads only the requested tensors' bytes and reassembles
 them from however many TP/PP/EP shards were saved) and Hugging Face safetensors directories."""
 
+import contextlib
 import copy
 import ctypes
 import json
@@ -61,6 +62,31 @@ class McoreCheckpointReader:
         return {key: loaded[key] for key in request}  # without the common (non-tensor) state merged in
 
 
+@contextlib.contextmanager
+def _open_safetensors(path: str):
+    """safe_open(path); a corrupt header or a truncated file (the library's SafetensorError), also
+    while reading tensors, becomes a WeightsError naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            yield f
+    except (SafetensorError, OSError) as error:
+        raise WeightsError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def _read_weight_map(index_path: str) -> dict[str, str]:
+    """The tensor name -> shard file map of a safetensors index; WeightsError naming it otherwise."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError) as error:  # ValueError: bad JSON or UTF-8
+        raise WeightsError(f"{index_path}: not a safetensors index ({type(error).__name__}: {error})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise WeightsError(f"{index_path}: weight_map must map each tensor name to a shard file name")
+    return weight_map
+
+
 class SafetensorsReader:
     """The tensors of a Hugging Face directory (sharded with an index, or one model.safetensors),
     opened lazily so that only the requested tensors are read."""
@@ -68,18 +94,12 @@ class SafetensorsReader:
     def __init__(self, directory: str):
         index_path = os.path.join(directory, SAFETENSORS_INDEX)
         if os.path.isfile(index_path):
-            with open(index_path) as f:
-                try:
-                    self.weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError) as error:
-                    raise WeightsError(f"{index_path}: not a safetensors index ({error})") from None
+            self.weight_map = _read_weight_map(index_path)
             missing = sorted({name for name in self.weight_map.values() if not os.path.isfile(os.path.join(directory, name))})
             if missing:
                 raise WeightsError(f"{index_path} names shard(s) that do not exist: {', '.join(missing)}")
         elif os.path.isfile(os.path.join(directory, SINGLE_SAFETENSORS)):
-            from safetensors import safe_open
-
-            with safe_open(os.path.join(directory, SINGLE_SAFETENSORS), "pt") as f:
+            with _open_safetensors(os.path.join(directory, SINGLE_SAFETENSORS)) as f:
                 self.weight_map = {name: SINGLE_SAFETENSORS for name in f.keys()}
         else:
             raise WeightsError(f"{directory}: neither {SAFETENSORS_INDEX} nor {SINGLE_SAFETENSORS}")
@@ -89,14 +109,12 @@ class SafetensorsReader:
         return list(self.weight_map)
 
     def shape(self, name: str) -> tuple:
-        from safetensors import safe_open
-
-        with safe_open(os.path.join(self.directory, self.weight_map[name]), "pt") as f:
+        with _open_safetensors(os.path.join(self.directory, self.weight_map[name])) as f:
+            if name not in f.keys():
+                raise WeightsError(f"{os.path.join(self.directory, self.weight_map[name])}: no tensor {name}, which the index puts there")
             return tuple(f.get_slice(name).get_shape())
 
     def load(self, names) -> dict:
-        from safetensors import safe_open
-
         missing = sorted(set(names) - set(self.weight_map))
         if missing:
             raise WeightsError(f"{self.directory}: no tensor {', '.join(missing)}")
@@ -105,7 +123,7 @@ class SafetensorsReader:
             by_file.setdefault(self.weight_map[name], []).append(name)
         tensors = {}
         for filename, file_names in by_file.items():
-            with safe_open(os.path.join(self.directory, filename), "pt") as f:
+            with _open_safetensors(os.path.join(self.directory, filename)) as f:
                 for name in file_names:
                     tensors[name] = f.get_tensor(name)
         return tensors

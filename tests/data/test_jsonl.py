@@ -2,8 +2,11 @@ import gzip
 import json
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from megatron_r1.data.jsonl import SkipCounter, parse_document, read_lines, split_into_ranges
+from bad_input import corpus_records, good_corpus_records, jsonl_lines, write_line_file
+from megatron_r1.data.jsonl import SKIP_REASONS, SkipCounter, StrictModeError, parse_document, read_lines, split_into_ranges
 
 
 def write_lines(path, lines: list[bytes]):
@@ -56,6 +59,9 @@ def test_gzip_input_is_one_range_read_through_gzip(tmp_path):
         (b'{"text": ["a", "b"]}\n', "not_a_string"),
         (b'{"text": ""}\n', "empty_document"),
         (b'{"text": " \\n\\t "}\n', "empty_document"),
+        (b'{"text": "lone \\ud800 surrogate"}\n', "lone_surrogate"),
+        (b'{"text": "reversed pair \\udc00\\ud800"}\n', "lone_surrogate"),
+        pytest.param(b"[" * 100_000 + b"\n", "invalid_json", id="deep-nesting"),  # json raises RecursionError
     ],
 )
 def test_bad_lines_get_their_reason(line, reason):
@@ -83,4 +89,42 @@ def test_skip_counter_merges_with_line_offsets_and_keeps_the_first_examples():
     assert total.examples["invalid_json"] == [("a.jsonl", 2), ("a.jsonl", 5), ("a.jsonl", 101)]
     summary = "\n".join(total.summary_lines())
     assert "invalid_json (not a JSON object): 5  e.g. a.jsonl:2, a.jsonl:5, a.jsonl:101 ..." in summary
-    assert "missing_key (a --json-keys key is missing): 1  e.g. a.jsonl:103" in summary
+    assert "missing_key (a text field is missing): 1  e.g. a.jsonl:103" in summary
+
+
+def test_lone_surrogates_are_replaced_when_asked_and_pairs_are_text():
+    line = b'{"text": "a \\ud800 b \\ud83d\\ude00"}\n'
+    assert parse_document(line, ["text"], replace_surrogates=True) == (["a \ufffd b \U0001f600"], None)
+    assert parse_document(b'{"text": "pair \\ud83d\\ude00"}', ["text"]) == (["pair \U0001f600"], None)
+
+
+def test_skip_table_is_the_total_then_the_reasons_with_details_and_strict_raises_on_the_first():
+    counter = SkipCounter()
+    counter.add("invalid_record", "a.jsonl", 4, "no assistant message")
+    counter.add("blank_line", "a.jsonl", 7)
+    assert counter.table(indent="  ") == [
+        "  skipped lines: 2",
+        "    invalid_record (not an SFT record in instruction or chat format): 1  e.g. a.jsonl:4 (no assistant message)",
+        "    blank_line (blank line): 1  e.g. a.jsonl:7",
+    ]
+    with pytest.raises(StrictModeError, match=r"^a\.jsonl:3: not_a_string \(a text field is not a string: is null\); stopped by --strict$"):
+        SkipCounter(strict=True).add("not_a_string", "a.jsonl", 3, "is null")
+
+
+@settings(max_examples=60, derandomize=True, deadline=None)
+@given(lines=st.lists(jsonl_lines(corpus_records, good_corpus_records), max_size=8), replace_surrogates=st.booleans())
+@example(lines=[b'{"text": "lone \\ud800"}', b'{"text": "fine"}'], replace_surrogates=False)  # issue 18's crash
+def test_every_line_of_any_input_is_usable_text_or_a_counted_reason(tmp_path_factory, lines, replace_surrogates):
+    path = tmp_path_factory.mktemp("fuzz") / "in.jsonl"
+    expected_lines = write_line_file(path, lines)
+    read = 0
+    for byte_range in split_into_ranges([str(path)], 16):
+        for line, _ in read_lines(byte_range, max_line_bytes=200):
+            read += 1
+            texts, reason = parse_document(line, ["text"], replace_surrogates) if line is not None else (None, "too_large")
+            if reason is None:
+                # What the tokenizers receive: text that encodes as UTF-8 and is not blank.
+                assert len(texts) == 1 and texts[0].strip() and texts[0].encode("utf-8")
+            else:
+                assert reason in SKIP_REASONS and not (replace_surrogates and reason == "lone_surrogate")
+    assert read == expected_lines

@@ -3,9 +3,13 @@ import os
 
 import pytest
 import sentencepiece
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from bad_input import corpus_records, good_corpus_records, jsonl_lines, write_line_file
 from megatron_r1.data.indexed import IndexedDatasetWriter
+from megatron_r1.data.jsonl import BadInputError
 from megatron_r1.data.preprocess import PreprocessConfig, output_prefix_for, preprocess
 from megatron_r1.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
@@ -116,3 +120,19 @@ def test_documents_that_tokenize_to_nothing_are_skipped_as_empty(tmp_path, monke
     result = preprocess(config(str(path), str(tmp_path / "out"), sp_model), show_progress=False)
     assert result.documents == 2 and result.skipped.counts == {"empty_document": 1}
     assert result.skipped.examples["empty_document"] == [(str(path), 2)]
+
+
+@settings(max_examples=25, derandomize=True, deadline=None)
+@given(lines=st.lists(jsonl_lines(corpus_records, good_corpus_records), max_size=8), replace_surrogates=st.booleans())
+@example(lines=[b'{"text": "lone \\ud800"}', b'{"text": "fine"}'], replace_surrogates=False)  # issue 18's crash
+def test_any_input_gives_a_dataset_accounting_for_every_line_or_one_error(tmp_path_factory, sp_model, lines, replace_surrogates):
+    directory = tmp_path_factory.mktemp("fuzz")
+    expected_lines = write_line_file(directory / "in.jsonl", lines)
+    run = config(str(directory / "in.jsonl"), str(directory / "out"), sp_model, append_eod=True, replace_surrogates=replace_surrogates)
+    try:
+        result = preprocess(run, show_progress=False)
+    except BadInputError as error:
+        assert str(error).startswith("no documents to write") and os.listdir(directory) == ["in.jsonl"]
+        return
+    assert result.documents + result.skipped.total == expected_lines
+    assert len(IndexedDataset(output_prefix_for(str(directory / "out"), "text"))) == result.documents

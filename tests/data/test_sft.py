@@ -5,15 +5,21 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
-from megatron_r1.data.jsonl import BadInputError
+from bad_input import good_sft_records, jsonl_lines, sft_records, write_line_file
+from megatron_r1.data.jsonl import SKIP_REASONS, BadInputError, SkipCounter
 from megatron_r1.data.sft import (
     ChatTemplate,
     PackedSFTDataset,
     load_samples,
     pack,
     packed_attention_inputs,
+    RecordError,
     parse_record,
+    read_conversations,
+    render_sample,
     read_sft_dataset,
     write_sft_dataset,
 )
@@ -64,8 +70,8 @@ def test_plain_text_markers_without_special_tokens():
     ('{"instruction": "x"}', "lacks 'output'"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', "role 'robot'"),
     ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant message"),
-    ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}', "must be a string"),
-    ('not json', "not valid JSON"),
+    ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}', "content is a number"),
+    ('not json', "invalid_json"),
 ])  # fmt: skip
 def test_malformed_record_names_file_and_line(tmp_path, tokenizer, line, message):
     path = tmp_path / "bad.jsonl"
@@ -109,3 +115,25 @@ def test_indexed_round_trip(tmp_path, tokenizer):
     assert write_sft_dataset(samples, str(tmp_path / "sft"), tokenizer.vocab_size) == (20, sum(len(t) for t, _ in samples))
     again = read_sft_dataset(str(tmp_path / "sft"))
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(samples, again))
+
+
+LONE_SURROGATE_CHAT = b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a \\ud800"}]}'
+
+
+@settings(max_examples=40, derandomize=True, deadline=None)
+@given(lines=st.lists(jsonl_lines(sft_records, good_sft_records), max_size=8), replace_surrogates=st.booleans())
+@example(lines=[LONE_SURROGATE_CHAT], replace_surrogates=False)  # issue 18's crash in the tokenizer
+@example(lines=[LONE_SURROGATE_CHAT], replace_surrogates=True)
+def test_any_sft_input_renders_or_is_counted_and_fails_only_with_file_and_line(tmp_path_factory, tokenizer, lines, replace_surrogates):
+    path = tmp_path_factory.mktemp("fuzz") / "in.jsonl"
+    expected_lines = write_line_file(path, lines)
+    template, skipped = ChatTemplate(tokenizer), SkipCounter()
+    rendered = [render_sample(template, messages) for _, messages, _ in read_conversations(str(path), skipped, replace_surrogates)]
+    assert len(rendered) + skipped.total == expected_lines and set(skipped.counts) <= set(SKIP_REASONS)
+    assert not (replace_surrogates and "lone_surrogate" in skipped.counts)
+    # Without a counter (finetune_r1.py's .jsonl --data-path) the first bad line is one error naming it.
+    try:
+        for _ in read_conversations(str(path), replace_surrogates=replace_surrogates):
+            pass
+    except RecordError as error:
+        assert str(error).startswith(f"{path}:") and error.reason != "blank_line"

@@ -53,7 +53,7 @@ def test_cli_mixes_to_target_token_weights_and_writes_the_data_path(sources, tmp
     # Sources are interleaved, not concatenated.
     first_half = [r["lang"] for r in records[: len(records) // 2]]
     assert {"zh", "en", "other"} <= set(first_half)
-    assert "target total 5000" in result.stdout and "bad input lines (skipped): 3" in result.stdout
+    assert "target total 5000" in result.stdout and "skipped lines: 3" in result.stdout
     assert f"invalid_json (not a JSON object): 1  e.g. {sources}/zh_1.jsonl:151" in result.stdout
     assert "non_utf8" in result.stdout and "empty_document" in result.stdout
     assert "--data-path 0.45 /data/tok/zh_text_document" in result.stdout

@@ -79,7 +79,7 @@ def test_cli_cleans_counts_every_drop_and_bad_line(tmp_path):
 
     summary = result.stdout
     assert "documents: 5, kept: 2" in summary
-    for line in ("dropped language: 1", "dropped lorem_ipsum: 1", "dropped too_short: 1", "bad input lines (skipped): 6",
+    for line in ("dropped language: 1", "dropped lorem_ipsum: 1", "dropped too_short: 1", "skipped lines: 6",
                  "invalid_json (not a JSON object): 1", "non_utf8 (not valid UTF-8): 1", "empty_document", "missing_key", "not_a_string", "blank_line",
                  f"{first}:2", f"{first}:4", "kept by language: zh=1, en=1, other=0", "<EMAIL>=1", "<PHONE>=2", "kept by domain: history=2"):  # fmt: skip
         assert line in summary, line

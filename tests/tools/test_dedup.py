@@ -93,7 +93,7 @@ def test_cli_removes_exact_and_near_duplicates_across_files_with_two_workers(cor
     assert all(edge["match"] in ("minhash_estimate", "jaccard") and edge["similarity"] >= 0.85 for edge in three["edges"])
 
     summary = result.stdout
-    for line in ("documents: 45, kept: 41, removed: 4 (exact: 1, near: 3)", "bad input lines (skipped): 3", f"invalid_json (not a JSON object): 1  e.g. {first}:6",
+    for line in ("documents: 45, kept: 41, removed: 4 (exact: 1, near: 3)", "skipped lines: 3", f"invalid_json (not a JSON object): 1  e.g. {first}:6",
                  f"non_utf8 (not valid UTF-8): 1  e.g. {second}:6", f"empty_document (empty or whitespace-only text): 1  e.g. {second}:5", "clusters: 3", "docs/s", "peak RSS"):  # fmt: skip
         assert line in summary, line
     assert not [name for name in os.listdir(output.parent) if name.startswith(".")]  # no temporary or signature files left

@@ -59,7 +59,7 @@ def test_megatron_core_reads_every_document_as_a_direct_sentencepiece_encode(tmp
     result = run_tool("--input", input_path, "--output-prefix", str(tmp_path / "out"), "--tokenizer-type", "SentencePieceTokenizer",
                       "--tokenizer-model", sp_model, "--append-eod", "--workers", "2")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert f"documents: {len(texts)}" in result.stdout and "skipped: 0" in result.stdout and "docs/s" in result.stdout
+    assert f"documents: {len(texts)}" in result.stdout and "skipped lines: 0" in result.stdout and "docs/s" in result.stdout
     dataset = IndexedDataset(str(tmp_path / "out_text_document"))
     processor = sentencepiece.SentencePieceProcessor(model_file=sp_model)
     assert len(dataset) == len(texts) and dataset.document_indices.tolist() == list(range(len(texts) + 1))
@@ -83,7 +83,7 @@ def test_null_tokenizer_stores_token_id_text_and_skips_lines_that_are_not_ids(tm
     result = run_tool("--input", input_path, "--output-prefix", str(tmp_path / "out"), "--tokenizer-type", "NullTokenizer",
                       "--vocab-size", "1000", "--append-eod", "--workers", "1")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "documents: 2" in result.stdout and "skipped: 2" in result.stdout
+    assert "documents: 2" in result.stdout and "skipped lines: 2" in result.stdout
     assert "not_token_ids" in result.stdout and "in.jsonl:2" in result.stdout and "in.jsonl:4" in result.stdout
     dataset = IndexedDataset(str(tmp_path / "out_text_document"))
     assert [dataset[i].tolist() for i in range(len(dataset))] == [[5, 6, 7, 999], [1, 2, 999]]
@@ -130,7 +130,7 @@ def test_bad_lines_are_skipped_and_counted_with_file_and_line(tmp_path, sp_model
     )
     output = capsys.readouterr().out
     assert exit_code == 0
-    assert "documents: 4 " in output and "skipped: 8" in output
+    assert "documents: 4 " in output and "skipped lines: 8" in output
     for reason, location in [("blank_line", "a.jsonl:2"), ("missing_key", "a.jsonl:4"), ("non_utf8", "a.jsonl:5"), ("empty_document", "a.jsonl:6"),
                              ("not_a_string", "a.jsonl:7"), ("too_large", "a.jsonl:9")]:  # fmt: skip
         assert f"  {reason} (" in output and f"): 1  e.g. {tmp_path / location}" in output.split(f"  {reason} (")[1].split("\n")[0]
@@ -157,8 +157,8 @@ def test_strict_stops_at_the_first_bad_line_and_writes_nothing(tmp_path, sp_mode
     input_path = tmp_path / "in.jsonl"
     input_path.write_bytes(b'{"text": "fine"}\n{"text": "fine"}\n{"text": 5}\n{oops\n')
     exit_code = preprocess_data.main(["--input", str(input_path), "--output-prefix", str(tmp_path / "out"), "--tokenizer-model", sp_model, "--strict", "--workers", "2"])
-    assert exit_code == 1
-    assert f"error: {input_path}:3: not_a_string (a --json-keys value is not a string); stopped by --strict" in capsys.readouterr().err
+    assert exit_code == 2
+    assert f"error: {input_path}:3: not_a_string (a text field is not a string); stopped by --strict" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["in.jsonl"]
 
 

@@ -27,7 +27,7 @@ def inputs(tmp_path_factory):
     records = task_records("copy", 40, 0) + [CHAT]
     clean = write_jsonl(directory / "clean.jsonl", records)
     lines = [json.dumps(r) for r in records]
-    lines[5:5] = ['{"instruction": "copy"}', "", "not json"]  # lines 6 (no output), 7 (blank: fine), 8
+    lines[5:5] = ['{"instruction": "copy"}', "", "not json"]  # lines 6 (no output), 7 (blank), 8
     (directory / "dirty.jsonl").write_text("\n".join(lines) + "\n")
     return {"dir": directory, "clean": clean, "dirty": str(directory / "dirty.jsonl"),
             "tokenizer": train_task_tokenizer(directory)}  # fmt: skip
@@ -49,9 +49,10 @@ def test_output_equals_in_process_rendering_and_bad_lines_are_skipped_with_file_
     tokens = sum(len(t) for t, _ in expected)
     response = sum(int(m.sum()) for _, m in expected)
     assert f"records: 41  tokens: {tokens}  response tokens: {response} " in result.stdout, result.stdout
-    assert "skipped: 2" in result.stdout
-    assert f"{inputs['dirty']}:6: instruction-format record lacks 'output'" in result.stdout
-    assert f"{inputs['dirty']}:8: not valid JSON" in result.stdout
+    assert "skipped lines: 3" in result.stdout
+    assert f"missing_key (a text field is missing): 1  e.g. {inputs['dirty']}:6 (instruction-format record lacks 'output')" in result.stdout
+    assert f"blank_line (blank line): 1  e.g. {inputs['dirty']}:7\n" in result.stdout
+    assert f"invalid_json (not a JSON object): 1  e.g. {inputs['dirty']}:8\n" in result.stdout
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sft.bin", "sft.idx", "sft_loss_mask.bin", "sft_loss_mask.idx"]
 
 
@@ -62,8 +63,8 @@ def test_strict_stops_at_the_first_bad_line_and_keeps_the_previous_output(inputs
     files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     result = subprocess.run([*TOOL, "--input", inputs["dirty"], "--output-prefix", str(tmp_path / "sft"), "--strict",
                              "--tokenizer-model", inputs["tokenizer"]], capture_output=True, text=True)  # fmt: skip
-    assert result.returncode == 1
-    assert f"error: {inputs['dirty']}:6: instruction-format record lacks 'output'" in result.stderr
+    assert result.returncode == 2
+    assert f"error: {inputs['dirty']}:6: missing_key (a text field is missing: instruction-format record lacks 'output'); stopped by --strict" in result.stderr
     # Untouched, and no temporary file left behind.
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
 

@@ -5,6 +5,10 @@ import subprocess
 import sys
 
 import sentencepiece
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from bad_input import corpus_records, good_corpus_records, jsonl_lines, write_line_file
 
 from megatron_r1.tokenizer import SPECIAL_TOKENS, build_tokenizer
 
@@ -44,9 +48,9 @@ def test_reservoir_sample_is_bounded_and_bad_lines_are_counted(tmp_path, capsys)
     )
     output = capsys.readouterr().out
     assert exit_code == 0
-    assert "documents: 298  lines seen: 596  sampled: 100  skipped: 2" in output
+    assert "documents: 298  lines seen: 596  sampled: 100\nskipped lines: 2\n" in output
     assert f"invalid_json (not a JSON object): 1  e.g. {tmp_path / 'in.jsonl'}:11" in output
-    assert f"missing_key (a --json-keys key is missing): 1  e.g. {tmp_path / 'in.jsonl'}:21" in output
+    assert f"missing_key (a text field is missing): 1  e.g. {tmp_path / 'in.jsonl'}:21" in output
     processor = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
     assert processor.piece_to_id("<think>") == 4 and processor.eos_id() == 3
     # A vocabulary larger than the tiny sample supports is trained as large as it can be.
@@ -57,7 +61,7 @@ def test_strict_and_impossible_vocabulary_fail_without_touching_existing_files(t
     (tmp_path / "in.jsonl").write_text('{"text": "一二三四五六七八九十 alpha beta"}\n{"text": 3}\n')
     (tmp_path / "tok.model").write_bytes(b"previous model")
     arguments = ["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "tok"), "--num-threads", "1"]
-    assert train_tokenizer.main(arguments + ["--vocab-size", "1000", "--strict"]) == 1
+    assert train_tokenizer.main(arguments + ["--vocab-size", "1000", "--strict"]) == 2
     assert f"{tmp_path / 'in.jsonl'}:2: not_a_string" in capsys.readouterr().err
     assert train_tokenizer.main(arguments + ["--vocab-size", "20"]) == 1
     assert "Vocabulary size is smaller than required_chars" in capsys.readouterr().err
@@ -72,3 +76,22 @@ def test_custom_symbols_and_long_lines_are_cut_for_sentencepiece(tmp_path):
     ) == 0  # fmt: skip
     processor = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
     assert processor.piece_to_id("<tool_call>") == 4 and processor.piece_to_id("▁word") != processor.unk_id()
+
+
+# capsys is read out (and so emptied) on every example.
+@settings(max_examples=20, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(jsonl_lines(corpus_records, good_corpus_records), max_size=8), replace_surrogates=st.booleans())
+@example(lines=[b'{"text": "lone \\ud800 surrogate"}', b'{"text": "fine"}'], replace_surrogates=False)  # issue 18's crash
+def test_any_input_trains_a_tokenizer_accounting_for_every_line_or_fails_with_one_error(tmp_path_factory, capsys, lines, replace_surrogates):
+    directory = tmp_path_factory.mktemp("fuzz")
+    expected_lines = write_line_file(directory / "in.jsonl", lines)
+    arguments = ["--input", str(directory / "in.jsonl"), "--output-prefix", str(directory / "tok"), "--vocab-size", "400", "--num-threads", "1"]
+    exit_code = train_tokenizer.main(arguments + ["--replace-lone-surrogates"] * replace_surrogates)
+    output, errors = capsys.readouterr()
+    if exit_code == 0:
+        documents = int(output.split("documents: ")[1].split()[0])
+        skipped = int(output.split("skipped lines: ")[1].split()[0])
+        assert documents + skipped == expected_lines
+        assert sorted(os.listdir(directory)) == ["in.jsonl", "tok.model", "tok.vocab"]
+    else:  # no usable text, or too few characters for SentencePiece's vocabulary
+        assert exit_code == 1 and "\nerror: " in "\n" + errors.split("\r")[-1] and os.listdir(directory) == ["in.jsonl"]
