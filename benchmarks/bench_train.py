@@ -25,15 +25,23 @@ measured here: the best of several large fp32 matmuls on CPU (bf16 on GPU), befo
 Configs: ``tiny`` (examples/pretrain_tiny.sh's flags), ``50m`` (~50M-parameter MoE),
 ``v2-lite-proxy`` (DeepSeek-V2-Lite's widths with 4 layers, for one GPU).
 
+``--moe-grouped-gemm`` adds a third trainer: megatron_r1 with its grouped-GEMM experts
+(megatron_r1/experts.py) beside the default SequentialMLP, alternating with both, and prints their
+ratio. Host syncs per step are counted for every trainer over one extra step: calls of
+``Tensor.item/.tolist/.cpu`` on tensors of the benchmarked device (on CPU they cost nothing, but
+each is a sync on a GPU), and on CUDA also the syncs ``torch.cuda.set_sync_debug_mode`` reports.
+
 Run:
   python benchmarks/bench_train.py                     # tiny and 50m (CPU) / v2-lite-proxy (GPU)
   python benchmarks/bench_train.py --config 50m --rounds 5 --steps 2
+  python benchmarks/bench_train.py --config 50m --moe-grouped-gemm   # grouped experts vs SequentialMLP
   python benchmarks/bench_train.py --config tiny --profile   # where the time goes, per op
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import io
 import os
@@ -42,9 +50,11 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 from tqdm import tqdm
 
@@ -55,6 +65,7 @@ from megatron_r1.hf.config import deepseek_v3_config
 from megatron_r1.training import build_data, setup, train
 
 REPO = Path(__file__).resolve().parents[1]
+GROUPED = "megatron_r1+gg"  # megatron_r1 with --moe-grouped-gemm
 
 # Flags that make a run a benchmark: no MTP (transformers has none), no evaluation, no LR warm-up.
 BENCH_OVERRIDES = ["--mtp-num-layers", "0", "--lr-warmup-iters", "0", "--log-interval", "1"]
@@ -140,11 +151,17 @@ class MegatronRun:
     def __init__(self, args, total_iterations: int):
         import megatron.core
 
-        # model.py builds megatron-core's local specs (SDPA core attention, one GEMM pair per expert).
+        # model.py builds megatron-core's local specs (SDPA core attention, and one GEMM pair per
+        # expert, or with --moe-grouped-gemm one grouped GEMM per linear of all experts).
+        experts = "grouped-GEMM experts (megatron_r1.experts)" if args.moe_grouped_gemm else "SequentialMLP experts"
         self.implementation = (
-            f"megatron-core {megatron.core.__version__}, local specs, "
+            f"megatron-core {megatron.core.__version__}, local specs, {experts}, "
             f"{args.moe_token_dispatcher_type} dispatcher" + (", --bf16" if args.bf16 else ", fp32")
         )
+        if parallel_state.model_parallel_is_initialized():
+            # A second trainer in this process (--moe-grouped-gemm): one process, so its groups are
+            # this rank alone, like the first trainer's.
+            parallel_state.destroy_model_parallel()
         args.eval_interval = None
         args.train_iters = total_iterations
         self.args = args
@@ -210,6 +227,46 @@ class TransformersRun:
 # ---------------------------------------------------------------- measurement
 
 
+HOST_SYNC_METHODS = ("item", "tolist", "cpu")
+
+
+@contextlib.contextmanager
+def host_syncs_counted(device):
+    """Counts calls of Tensor.item/.tolist/.cpu on tensors of `device` while inside (each one a host
+    sync on a GPU); on CUDA also the syncs torch.cuda.set_sync_debug_mode reports (as warnings)."""
+    counts = collections.Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_SYNC_METHODS}
+
+    def counted(name, method):
+        def wrapper(tensor, *args, **kwargs):
+            counts[name] += tensor.device.type == device.type
+            return method(tensor, *args, **kwargs)
+
+        return wrapper
+
+    for name, method in originals.items():
+        setattr(torch.Tensor, name, counted(name, method))
+    try:
+        with warnings.catch_warnings(record=True) as reported:
+            warnings.simplefilter("always")
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            yield counts
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
+    counts["cuda sync debug"] = sum("synchroniz" in str(warning.message) for warning in reported)
+
+
+def host_syncs_per_step(run, device) -> collections.Counter:
+    with host_syncs_counted(device) as counts:
+        run.steps(1)
+        _synchronize(device)
+    return counts
+
+
 def timed_rounds(runs: dict, device, options, progress) -> dict[str, list[float]]:
     """Seconds per step of each run in each round, the runs alternating round by round."""
     for run in runs.values():
@@ -228,7 +285,8 @@ def timed_rounds(runs: dict, device, options, progress) -> dict[str, list[float]
     if options.profile:
         for name, run in runs.items():
             profile(name, run, device, options.profile_rows)
-    return per_step
+    syncs = {name: host_syncs_per_step(run, device) for name, run in runs.items()}
+    return per_step, syncs
 
 
 def profile(name: str, run, device, rows: int) -> None:
@@ -247,12 +305,15 @@ def profile(name: str, run, device, rows: int) -> None:
 
 def benchmark(name: str, options, device) -> dict:
     args = parse_args(f"bench_train {name}", config_flags(name, device.type == "cuda"))
-    total_steps = options.warmup + options.rounds * options.steps + (1 if options.profile else 0)
+    # + the host-sync count's step (+ the profiled one)
+    total_steps = options.warmup + options.rounds * options.steps + 1 + (1 if options.profile else 0)
     args.padded_vocab_size = padded_vocab_size(args)  # as training.setup pads it
-    builders = {
-        "megatron_r1": lambda: MegatronRun(args, total_steps),
-        "transformers": lambda: TransformersRun(args, device),
-    }
+    builders = {"megatron_r1": lambda: MegatronRun(args, total_steps)}
+    if options.moe_grouped_gemm:
+        grouped_args = parse_args(f"bench_train {name}", config_flags(name, device.type == "cuda") + ["--moe-grouped-gemm"])
+        grouped_args.padded_vocab_size = args.padded_vocab_size
+        builders[GROUPED] = lambda: MegatronRun(grouped_args, total_steps)
+    builders["transformers"] = lambda: TransformersRun(args, device)
     total_progress = len(builders) * (options.warmup + options.rounds * options.steps)
     implementations = {}
     with tqdm(total=total_progress, desc=name, unit="step") as progress:
@@ -260,16 +321,18 @@ def benchmark(name: str, options, device) -> dict:
             # Both resident and alternating: load from other processes hits both alike.
             runs = {impl: build() for impl, build in builders.items()}
             implementations = {impl: run.implementation for impl, run in runs.items()}
-            seconds = timed_rounds(runs, device, options, progress)
+            seconds, syncs = timed_rounds(runs, device, options, progress)
             del runs
         else:
             # One at a time: two trainers of the GPU-sized proxy do not fit one GPU together.
             # transformers first: a plain module frees its memory when dropped.
-            seconds = {}
+            seconds, syncs = {}, {}
             for impl, build in reversed(builders.items()):
                 run = build()
                 implementations[impl] = run.implementation
-                seconds.update(timed_rounds({impl: run}, device, options, progress))
+                impl_seconds, impl_syncs = timed_rounds({impl: run}, device, options, progress)
+                seconds.update(impl_seconds)
+                syncs.update(impl_syncs)
                 del run
                 torch.cuda.empty_cache()
     count = count_model(args)
@@ -285,6 +348,7 @@ def benchmark(name: str, options, device) -> dict:
             "spread": (max(rounds) - min(rounds)) / step_seconds,
             "tokens_per_s": count.tokens_per_iteration / step_seconds,
             "flops_per_s": count.flops_per_iteration / step_seconds,
+            "host_syncs": syncs[impl],
         }
     return result
 
@@ -299,6 +363,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both (default: torch's choice); on a machine shared with "
                         "other work, 1 keeps threads from waiting on each other")  # fmt: skip
+    parser.add_argument("--moe-grouped-gemm", action="store_true",
+                        help="also megatron_r1 with --moe-grouped-gemm (megatron_r1/experts.py), compared with "
+                             "the default SequentialMLP experts")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
     parser.add_argument("--profile-rows", type=int, default=15)
     options = parser.parse_args(argv)
@@ -341,11 +408,18 @@ def main(argv=None) -> None:
               f"{count.flops_per_iteration:.3e} FLOPs/step")  # fmt: skip
         for impl, description in result["implementations"].items():
             print(f"  {impl}: {description}")
-        print(f"{'config':<14} {'implementation':<13} {'step ms':>9} {'best ms':>9} {'spread':>7} {'tokens/s':>10} "
-              f"{'MFU':>7}")  # fmt: skip
+        print(f"{'config':<14} {'implementation':<15} {'step ms':>9} {'best ms':>9} {'spread':>7} {'tokens/s':>10} "
+              f"{'MFU':>7}  host syncs per step")  # fmt: skip
         for impl, figures in result["impls"].items():
-            print(f"{result['config']:<14} {impl:<13} {figures['step_ms']:>9.1f} {figures['best_ms']:>9.1f} "
-                  f"{100 * figures['spread']:>6.0f}% {figures['tokens_per_s']:>10.1f} {100 * figures['mfu']:>6.2f}%")  # fmt: skip
+            syncs = ", ".join(f"{what} {n}" for what, n in figures["host_syncs"].items() if n or what != "cuda sync debug")
+            print(f"{result['config']:<14} {impl:<15} {figures['step_ms']:>9.1f} {figures['best_ms']:>9.1f} "
+                  f"{100 * figures['spread']:>6.0f}% {figures['tokens_per_s']:>10.1f} {100 * figures['mfu']:>6.2f}%  "
+                  f"{syncs}")  # fmt: skip
+        if GROUPED in result["impls"]:
+            sequential, grouped = result["impls"]["megatron_r1"], result["impls"][GROUPED]
+            ratio = grouped["tokens_per_s"] / sequential["tokens_per_s"]
+            print(f"ratio --moe-grouped-gemm / SequentialMLP tokens/s: {ratio:.2f} (target: at least 1.00); "
+                  f"best rounds: {sequential['best_ms'] / grouped['best_ms']:.2f}")
         ours, peer = result["impls"]["megatron_r1"], result["impls"]["transformers"]
         ratio = ours["tokens_per_s"] / peer["tokens_per_s"]
         verdict = "meets" if ratio >= 1.3 else "misses"

@@ -8,7 +8,8 @@ compute replaced: the same per-expert modules, parameters, initialisation, check
 expert-tensor-parallel sharding and LoRA adapters; each linear of all local experts runs as one
 ``torch._grouped_mm`` over the tokens sorted by expert, cut by device-side int32 offsets (no host
 sync). Where the kernel does not apply (see :func:`grouped_kernel_applies`) a loop over the experts
-computes the same. The experts' own linears never communicate (megatron-core's
+computes the same; on CPU, where the loop is the faster (benchmarks/bench_train.py), it is the
+default and the host sync harmless. The experts' own linears never communicate (megatron-core's
 ``explicit_expert_comm``: the token dispatcher gathers and scatters), so neither does this.
 """
 
@@ -22,19 +23,23 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 
 # torch >= 2.8 has the private op; later releases also name it torch.nn.functional.grouped_mm.
 _GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+# torch's CPU grouped GEMM computes what the loop computes, but slower (the weights must be stacked
+# for it): off on CPU; tests turn it on to check it against the loop.
+KERNEL_ON_CPU = False
 
 
 def grouped_kernel_applies(*operands: torch.Tensor) -> bool:
     """Whether torch's grouped GEMM takes these operands fast and without a host sync: on CUDA only
     bf16 on Hopper or newer (elsewhere torch's CUDA op loops over the groups after copying the
-    offsets to the host), on CPU any float type. Every row stride must be a multiple of 16 bytes."""
+    offsets to the host), on CPU (with KERNEL_ON_CPU) any float type. Every row stride must be a
+    multiple of 16 bytes."""
     if _GROUPED_MM is None:
         return False
     first = operands[0]
     if first.is_cuda:
         if first.dtype != torch.bfloat16 or torch.cuda.get_device_capability(first.device)[0] < 9:
             return False
-    elif first.device.type != "cpu":
+    elif first.device.type != "cpu" or not KERNEL_ON_CPU:
         return False
     return all(t.dtype == first.dtype and (t.shape[-1] * t.element_size()) % 16 == 0 for t in operands)
 
@@ -65,14 +70,16 @@ def _matmul_by_expert(rows: torch.Tensor, matrices: torch.Tensor, groups: Expert
     return torch.cat([part @ matrix for part, matrix in zip(rows.split(groups.sizes), matrices)])
 
 
-def _weight_grads(rows: torch.Tensor, grad_output: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
-    """[E, out, in]: each expert's grad_output rows^T @ its input rows (zero for an expert without rows)."""
+def _add_weight_grads(rows: torch.Tensor, grad_output: torch.Tensor, groups: ExpertGroups, targets: list):
+    """targets[e] += expert e's grad_output rows^T @ its input rows (nothing for an expert without rows)."""
     if grouped_kernel_applies(rows, grad_output):
-        return _GROUPED_MM(grad_output.t(), rows, offs=groups.ends)
-    grads = rows.new_zeros(len(groups.sizes), grad_output.shape[1], rows.shape[1])
-    for grad, part_grad, part_rows in zip(grads, grad_output.split(groups.sizes), rows.split(groups.sizes)):
-        grad.addmm_(part_grad.t(), part_rows)
-    return grads
+        torch._foreach_add_(targets, list(_GROUPED_MM(grad_output.t(), rows, offs=groups.ends).unbind()))
+        return
+    for target, part_grad, part_rows in zip(targets, grad_output.split(groups.sizes), rows.split(groups.sizes)):
+        if target.dtype == rows.dtype:
+            target.addmm_(part_grad.t(), part_rows)
+        else:  # fp32 main_grad of bf16 weights
+            target.add_(part_grad.t() @ part_rows)
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -96,15 +103,16 @@ class _GroupedLinear(torch.autograd.Function):
             grad_rows = _matmul_by_expert(grad_output, torch.stack(weights), ctx.groups)
         if not any(ctx.needs_input_grad[3:]):
             return grad_rows, None, None, *(None for _ in weights)
-        grads = list(_weight_grads(rows, grad_output, ctx.groups).unbind())
-        if ctx.accumulate_in_main_grad:
-            torch._foreach_add_([weight.main_grad for weight in weights], grads)
-            # As megatron-core's linears: a placeholder gradient, so that DDP's hook runs (on this
-            # thread) and adds nothing more.
-            grads = [torch.empty_like(weight) for weight in weights]
-            for weight in weights:
-                weight.grad_added_to_main_grad = True
-        return grad_rows, None, None, *grads
+        if not ctx.accumulate_in_main_grad:
+            grads = [torch.zeros_like(weight) for weight in weights]
+            _add_weight_grads(rows, grad_output, ctx.groups, grads)
+            return grad_rows, None, None, *grads
+        _add_weight_grads(rows, grad_output, ctx.groups, [weight.main_grad for weight in weights])
+        for weight in weights:
+            weight.grad_added_to_main_grad = True
+        # As megatron-core's linears: placeholder gradients, so that DDP's hook runs (on this
+        # thread) and adds nothing more.
+        return grad_rows, None, None, *(torch.empty_like(weight) for weight in weights)
 
 
 def grouped_linear(rows: torch.Tensor, groups: ExpertGroups, weights: list[torch.Tensor], fuse_accumulation=False):

@@ -30,6 +30,7 @@ def _per_expert_reference(rows, weights, grad_output):
 @pytest.mark.parametrize("in_features, kernel_calls", [(16, 3), (10, 0)])
 @pytest.mark.parametrize("into_main_grad", [False, True], ids=["autograd", "main_grad"])
 def test_grouped_linear_equals_a_gemm_per_expert(in_features, kernel_calls, into_main_grad, monkeypatch):
+    monkeypatch.setattr(experts, "KERNEL_ON_CPU", True)  # torch's CPU kernel, which stands in for CUDA's
     rows, weights, grad_output = _operands(in_features, 12)
     expected_output, expected_grad_rows, *expected_weight_grads = _per_expert_reference(rows, weights, grad_output)
     for weight in weights:  # as megatron-core's DDP wrapper leaves them
@@ -56,8 +57,10 @@ def test_grouped_linear_equals_a_gemm_per_expert(in_features, kernel_calls, into
     assert not expected_weight_grads[1].any()  # the expert without tokens
 
 
-def test_the_kernel_is_chosen_only_where_it_is_fast_and_sync_free():
+def test_the_kernel_is_chosen_only_where_it_is_fast_and_sync_free(monkeypatch):
     cpu = torch.empty(4, 16)
+    assert not experts.grouped_kernel_applies(cpu, torch.empty(2, 16, 8))  # the loop is faster on CPU
+    monkeypatch.setattr(experts, "KERNEL_ON_CPU", True)
     assert experts.grouped_kernel_applies(cpu, torch.empty(2, 16, 8))
     assert not experts.grouped_kernel_applies(cpu, torch.empty(2, 16, 6))  # 24-byte rows
     assert not experts.grouped_kernel_applies(cpu, torch.empty(2, 16, 8, dtype=torch.float64))  # mixed types

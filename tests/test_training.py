@@ -368,10 +368,13 @@ def test_grouped_gemm_experts_give_sequential_mlps_gradients(monkeypatch):
     _, sequential_grads = _grad_buffers_after_one_step(parse_args("test", flags))
     kernel, calls = experts._GROUPED_MM, []
     monkeypatch.setattr(experts, "_GROUPED_MM", lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs))
-    fused, grouped_grads = _grad_buffers_after_one_step(parse_args("test", flags + ["--moe-grouped-gemm"]))
-    assert fused and len(calls) == 2 * 2 * 6  # layers x micro-batches x (2 forward + 4 backward GEMMs)
-    for grouped_grad, sequential_grad in zip(grouped_grads, sequential_grads, strict=True):
-        torch.testing.assert_close(grouped_grad, sequential_grad, rtol=1e-5, atol=1e-7)
+    for kernel_on_cpu in (False, True):  # the loop (CPU's default), torch's grouped GEMM (CUDA's)
+        monkeypatch.setattr(experts, "KERNEL_ON_CPU", kernel_on_cpu)
+        fused, grouped_grads = _grad_buffers_after_one_step(parse_args("test", flags + ["--moe-grouped-gemm"]))
+        # layers x micro-batches x (2 forward + 4 backward GEMMs)
+        assert fused and len(calls) == kernel_on_cpu * 2 * 2 * 6
+        for grouped_grad, sequential_grad in zip(grouped_grads, sequential_grads, strict=True):
+            torch.testing.assert_close(grouped_grad, sequential_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_metrics_endpoint_serves_the_iteration_figures(tmp_path):
