@@ -82,9 +82,13 @@ class _Adapter:
             rank=tp_rank if split == "a_input" else 0, world_size=tp_size if split == "a_input" else 1,
             skip_set_tensor_parallel_attributes=True,
         )  # fmt: skip
-        if split == "a_input":
+        # An expert's adapters (expert-TP 1) exist on one expert-parallel rank, which may be any
+        # tensor-parallel rank: megatron-core counts a parameter not marked tensor-parallel in the
+        # gradient norm on tensor-parallel rank 0 only, which would leave the others' out.
+        expert = getattr(self.weight, "allreduce", True) is False
+        if split == "a_input" or expert:
             set_tensor_model_parallel_attributes(self.lora_a, True, 1, 1)
-        if split == "b_output":
+        if split == "b_output" or expert:
             set_tensor_model_parallel_attributes(self.lora_b, True, 0, 1)
         for attribute in ("allreduce", "sequence_parallel"):  # expert-parallel / SP-duplicated, as the base
             if hasattr(self.weight, attribute):

@@ -2,7 +2,6 @@
 resharding between layouts, refusal of a mismatched model shape and of code in a checkpoint's
 pickles; leaving a run on a signal or a time limit; rollback after consecutive bad steps."""
 
-import functools
 import json
 import os
 import pickle
@@ -19,7 +18,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from conftest import run_command
+from conftest import plain_tensors, run_command
 from malicious import CreatesAFile, poison_checkpoint_metadata
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "pretrain_r1.py"
@@ -32,23 +31,6 @@ TWO_PROCESSES = ["torchrun", "--standalone", "--nproc_per_node=2"]
 
 def pretrain(cwd, *argv, launcher=(sys.executable,)):
     return run_command([*launcher, str(PRETRAIN), *TINY, *argv], cwd, timeout=300).stdout
-
-
-@functools.cache
-def plain_tensors(path):
-    """Every tensor of a checkpoint (model and optimizer state), read in a one-process world; read
-    once per path (the tests here compare a checkpoint several times, never after overwriting it)."""
-    code = (
-        "import sys, torch\n"
-        "from megatron.core import dist_checkpointing\n"
-        "from megatron_r1.distributed import initialize_distributed\n"
-        "initialize_distributed()\n"
-        "tensors = dist_checkpointing.load_plain_tensors(sys.argv[1])\n"
-        "torch.save({k: v for k, v in tensors.items() if torch.is_tensor(v)}, sys.argv[2])\n"
-    )
-    out = Path(path).parent / f"{Path(path).name}.pt"
-    run_command([sys.executable, "-c", code, str(path), str(out)], Path(path).parent)
-    return torch.load(out, weights_only=True)
 
 
 def assert_identical(first, second, atol=0.0):

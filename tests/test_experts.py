@@ -1,13 +1,12 @@
 """megatron_r1.experts (--moe-grouped-gemm without TransformerEngine): torch's grouped GEMM and the
 loop that stands in for it compute what one GEMM per expert computes, without a host sync on the
-kernel's path; the grouped experts train like megatron-core's SequentialMLP under expert and
-expert-tensor parallelism, with LoRA, from (and into) SequentialMLP's checkpoints."""
+kernel's path (the grouped experts train like megatron-core's SequentialMLP under expert and
+expert-tensor parallelism, with LoRA: tests/test_layouts.py)."""
 
 import pytest
 import torch
 
 from megatron_r1 import experts
-from megatron_r1.lora import is_adapter_key
 
 TOKENS_PER_EXPERT = [3, 0, 6, 2]  # an expert without tokens too
 
@@ -67,27 +66,3 @@ def test_the_kernel_is_chosen_only_where_it_is_fast_and_sync_free(monkeypatch):
     assert not experts.grouped_kernel_applies(torch.empty(4, 16, device="meta"))
 
 
-# The DeepSeek-style tiny model of tests/workers/train_tiny_gpt.py: the single-process reference
-# runs SequentialMLP and saves the initial weights; the layouts below load them into the grouped
-# experts, and their gradients are saved under SequentialMLP's keys (compared key by key).
-DEEPSEEK = ["--deepseek"]
-GROUPED_LAYOUTS = {
-    "ep2_alltoall": ["--moe-grouped-gemm", "--ep", "2", "--dispatcher", "alltoall"],
-    # Each expert split over expert-TP=2 (attention over TP=2 with sequence parallelism).
-    "tp2_sp_etp2": ["--moe-grouped-gemm", "--tp", "2", "--sequence-parallel", "--etp", "2"],
-}
-
-
-@pytest.mark.parametrize("layout", GROUPED_LAYOUTS)
-def test_grouped_experts_train_like_sequential_mlp(tiny_gpt_runs, layout, tmp_path):
-    tiny_gpt_runs.assert_layout_matches(DEEPSEEK, GROUPED_LAYOUTS[layout], tmp_path)
-
-
-def test_lora_on_grouped_experts_trains_like_on_sequential_mlp(tiny_gpt_runs, tmp_path):
-    """Adapters on the routed experts' linears, computed as grouped GEMMs, under TP=2 + EP=2."""
-    layout = ["--moe-grouped-gemm", "--tp", "2", "--sequence-parallel", "--etp", "1", "--ep", "2",
-              "--dispatcher", "alltoall"]  # fmt: skip
-    compared = tiny_gpt_runs.assert_layout_matches(DEEPSEEK + ["--lora"], layout, tmp_path)["grad_rel_diff"]
-    # The routed experts' adapters (stacked over the experts in the checkpoint) were compared too.
-    routed = {key.rpartition("experts.experts.")[2] for key in compared if is_adapter_key(key) and "experts.experts." in key}
-    assert routed == {"linear_fc1.lora_a", "linear_fc1.lora_b", "linear_fc2.lora_a", "linear_fc2.lora_b"}, routed

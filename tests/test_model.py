@@ -1,59 +1,7 @@
-"""The DeepSeek-style model (MLA, dense-then-MoE layers, sigmoid router with expert bias,
-group-limited routing, sequence aux loss, MTP) under every 2-process layout."""
+"""Model construction: megatron-core's GPTModel from our specs, label smoothing, and where
+build_model places every chunk (the layouts: tests/test_layouts.py)."""
 
 import json
-
-import pytest
-
-DEEPSEEK = ["--deepseek"]
-
-LAYOUTS = {
-    # The MLA + TP case catches the rotary-key gradient that a column-parallel kv down-projection
-    # loses (megatron_r1/model.py).
-    "tp2_sequence_parallel": ["--tp", "2", "--sequence-parallel"],
-    "ep2_alltoall": ["--ep", "2", "--dispatcher", "alltoall"],
-    # Attention split over TP=2 while each expert stays whole (expert tensor parallel 1) on EP=2.
-    "tp2_sp_etp1_ep2": ["--tp", "2", "--sequence-parallel", "--etp", "1", "--ep", "2", "--dispatcher", "alltoall"],
-    "pp2_mtp_on_last_stage": ["--pp", "2"],
-    "dp2_distributed_optimizer": ["--distributed-optimizer"],
-}
-
-
-def test_deepseek_single_process_trains(tiny_gpt_runs):
-    _, result = tiny_gpt_runs.reference(DEEPSEEK)
-    assert result["losses"][-1] < result["losses"][0] - 0.1, result["losses"]
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_deepseek_layout_matches_single_process(tiny_gpt_runs, layout, tmp_path):
-    tiny_gpt_runs.assert_layout_matches(DEEPSEEK, LAYOUTS[layout], tmp_path)
-
-
-def test_deepseek_uneven_pipeline_matches_single_process(tiny_gpt_runs, tmp_path):
-    """PP=2 over 4 layers: the dense layer alone on the first stage, the 3 MoE layers and MTP on the last."""
-    tiny_gpt_runs.assert_layout_matches(DEEPSEEK + ["--num-layers", "4"], ["--pp", "2", "--first-stage-layers", "1"],
-                                        tmp_path)  # fmt: skip
-
-
-def test_deepseek_expert_tensor_parallel_under_ep_matches_single_process(tiny_gpt_runs, tmp_path):
-    """4 processes: attention over TP=2 + SP, each expert split over expert-TP=2 and the experts over
-    EP=2. Each expert-TP rank then receives a different number of tokens, which the alltoall
-    dispatcher gathers and (backwards) reduce-scatters in uneven parts."""
-    layout = ["--tp", "2", "--sequence-parallel", "--etp", "2", "--ep", "2", "--dispatcher", "alltoall"]
-    tiny_gpt_runs.assert_layout_matches(DEEPSEEK, layout, tmp_path, nproc=4)
-
-
-def test_deepseek_interleaved_pipeline_matches_single_process(tiny_gpt_runs, tmp_path):
-    """PP=2 with two virtual stages per rank: both pipeline neighbours are the same rank, the case
-    where batched p2p would pair activations with gradients."""
-    tiny_gpt_runs.assert_layout_matches(DEEPSEEK + ["--num-layers", "4"], ["--pp", "2", "--vpp", "2"], tmp_path)
-
-
-def test_deepseek_pipeline_layout_matches_single_process(tiny_gpt_runs, tmp_path):
-    """--pipeline-model-parallel-layout: PP=2 x 2 virtual stages of 1, 2, 1 and 0 decoder layers (the
-    last chunk only MTP and loss), an uneven interleaved split the other flags cannot express."""
-    tiny_gpt_runs.assert_layout_matches(DEEPSEEK + ["--num-layers", "4"], ["--pp", "2", "--vpp", "2", "--layout",
-                                                                           "Et|tt|t|mL"], tmp_path)  # fmt: skip
 
 
 def test_label_smoothing_applies_to_training_loss_only():

@@ -1,4 +1,5 @@
-"""The CPU runtime: megatron-core on CPU + gloo, and equivalence of every parallel layout."""
+"""The CPU runtime: megatron-core on CPU + gloo (the parallel layouts through the entry points:
+tests/test_layouts.py)."""
 
 import subprocess
 import sys
@@ -89,29 +90,6 @@ def test_rng_tracker_forks_the_cpu_generator():
     torch.manual_seed(77)
     expected = torch.rand(6)
     assert torch.equal(torch.cat([forked_first, forked_second]), expected)
-
-
-def test_single_process_trains(tiny_gpt_runs):
-    _, result = tiny_gpt_runs.reference()
-    losses = result["losses"]
-    assert len(losses) == tiny_gpt_runs.steps
-    assert losses[-1] < losses[0] - 0.1, losses
-
-
-LAYOUTS = {
-    "tp2_sequence_parallel": ["--tp", "2", "--sequence-parallel"],
-    "ep2_allgather": ["--ep", "2", "--dispatcher", "allgather"],
-    "ep2_alltoall": ["--ep", "2", "--dispatcher", "alltoall"],
-    "pp2": ["--pp", "2"],
-    "dp2": [],
-    "dp2_distributed_optimizer": ["--distributed-optimizer"],
-}
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_two_process_layout_matches_single_process(tiny_gpt_runs, layout, tmp_path):
-    """A tiny GQA + MoE GPT (megatron-core's own layers) on 2 processes over gloo."""
-    tiny_gpt_runs.assert_layout_matches([], LAYOUTS[layout], tmp_path)
 
 
 def test_distributed_timeout_reaches_every_process_group(monkeypatch):
