@@ -20,7 +20,9 @@ setup(
     install_requires=read_requirements(),
     extras_require={
         # GPU-only accelerations; everything falls back to megatron-core's local implementations without them.
-        "gpu": ["apex", "flash-attn", "transformer-engine[pytorch]"],
+        # Only what pip can really install: PyPI's "apex" is an unrelated package (NVIDIA Apex builds
+        # from its repository, see README), and flash-attn compiles against the installed torch.
+        "gpu": ["transformer-engine[pytorch]"],
         "dev": ["pytest", "datasketch", "hypothesis"],
     },
 )

@@ -90,6 +90,10 @@ def checkpoint_args(path: str) -> argparse.Namespace:
     if missing:
         raise CheckpointError(f"{metadata_path} lacks the model flags {', '.join(missing)} (saved by an older "
                               "version): load it with pretrain_r1.py --finetune and the original flags, and save again")  # fmt: skip
+    if saved.get("transformer_impl", "local") != "local":
+        raise CheckpointError(f"{metadata_path}: trained with --transformer-impl {saved['transformer_impl']}, whose "
+                              "layers keep other checkpoint keys; generation, merging and export read checkpoints "
+                              "of --transformer-impl local")  # fmt: skip
     args = build_parser("").parse_args([])
     _check_saved_types(saved, args, metadata_path)
     vars(args).update(saved)

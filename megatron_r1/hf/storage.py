@@ -39,6 +39,9 @@ class McoreCheckpointReader:
     def __init__(self, path: str):
         from megatron.core import dist_checkpointing
 
+        from megatron_r1.checkpointing import refuse_executable_pickles
+
+        refuse_executable_pickles(path)  # before dist_checkpointing unpickles anything of it
         self.path = path
         self._metadata = {
             key: entry for key, entry in dist_checkpointing.load_tensors_metadata(path).items()
