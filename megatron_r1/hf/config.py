@@ -325,3 +325,20 @@ def _moe_flags(fields: _ConfigFields, layers: int, n_dense: int) -> list:
                        "megatron-core scores a group by its top topk/topk_group experts, DeepseekV3 by its top 2")  # fmt: skip
         flags += ["--moe-router-num-groups", groups, "--moe-router-group-topk", group_topk]
     return flags
+
+
+def fp8_block_size(config: dict, source: str) -> tuple[int, int] | None:
+    """The weight block size of DeepSeek's FP8 format when `config` (config.json read from `source`)
+    has a ``quantization_config``; None without one; UnsupportedModelError for another quantization."""
+    quantization = config.get("quantization_config")
+    if quantization is None:
+        return None
+    _refuse_unless(isinstance(quantization, dict), f"{source}: quantization_config must be an object, got {quantization!r}")
+    method, fmt = quantization.get("quant_method"), quantization.get("fmt")
+    _refuse_unless(method == "fp8", f"{source}: quantization_config.quant_method {method!r}; only DeepSeek's "
+                   "'fp8' block format is read")  # fmt: skip
+    _refuse_unless(fmt == "e4m3", f"{source}: quantization_config.fmt {fmt!r}; only 'e4m3' (float8_e4m3fn) is read")
+    block = quantization.get("weight_block_size")
+    _refuse_unless(isinstance(block, list) and len(block) == 2 and all(type(n) is int and n > 0 for n in block),
+                   f"{source}: quantization_config.weight_block_size must be two positive integers, got {block!r}")  # fmt: skip
+    return block[0], block[1]

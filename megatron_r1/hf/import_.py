@@ -6,6 +6,10 @@ TP/PP/EP that the flags name, each rank taking its own slices. What the target t
 does fix is the vocabulary padding (a multiple of --make-vocab-size-divisible-by x TP rows, checked on
 load), so the layout is chosen here and validated against the model's shape.
 
+The weights may be bf16/fp16/fp32, or DeepSeek's FP8 block format (config.json's quantization_config:
+float8_e4m3fn weights with a float32 ``weight_scale_inv`` per block, megatron_r1.hf.fp8), which is
+dequantized to float32 as each layer is read: the result equals importing the dequantized weights.
+
 Memory: the tensors are read a layer at a time from the safetensors files, but the model they fill is
 held whole in this one process (dist_checkpointing saves a state dict in one call), so this direction
 needs about the model's size in RAM (in the dtype of --params-dtype float32).
@@ -27,8 +31,9 @@ from megatron_r1.checkpointing import (
     TRACKER_FILE,
     checkpoint_dir,
 )
-from megatron_r1.hf.config import UnsupportedModelError, args_from_deepseek_v3, read_json_object
+from megatron_r1.hf.config import UnsupportedModelError, args_from_deepseek_v3, fp8_block_size, read_json_object
 from megatron_r1.hf.export import check_mapping
+from megatron_r1.hf.fp8 import DequantizingReader
 from megatron_r1.hf.keys import conversion_groups
 from megatron_r1.hf.storage import SafetensorsReader, WeightsError
 from megatron_r1.megatron_lm_flags import parse_known_flags
@@ -92,7 +97,9 @@ def import_from_hf(hf_dir: str, output: str, tensor_model_parallel_size: int = 1
     args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
     args.expert_model_parallel_size = ep
 
-    reader = SafetensorsReader(hf_dir)
+    # DeepSeek's FP8 weights are dequantized tensor by tensor as the layers stream in.
+    block = fp8_block_size(read_json_object(config_path, WeightsError), config_path)
+    reader = DequantizingReader(SafetensorsReader(hf_dir), block)
     groups = conversion_groups(args)
     imported = [(name, [m for m in maps if not m.export_only]) for name, maps in groups]
     # Copies of the embedding / output layer that DeepSeek-V3 stores with each MTP layer.

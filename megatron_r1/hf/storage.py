@@ -117,15 +117,33 @@ class SafetensorsReader:
                 raise WeightsError(f"{os.path.join(self.directory, self.weight_map[name])}: no tensor {name}, which the index puts there")
             return tuple(f.get_slice(name).get_shape())
 
+    def _by_file(self, names) -> dict[str, list[str]]:
+        by_file = {}
+        for name in names:
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        return by_file
+
+    def headers(self) -> dict[str, tuple[str, tuple]]:
+        """``{name: (safetensors dtype such as "BF16" or "F8_E4M3", shape)}`` of every tensor, each
+        file's header read once."""
+        headers = {}
+        for filename, names in self._by_file(self.weight_map).items():
+            path = os.path.join(self.directory, filename)
+            with _open_safetensors(path) as f:
+                present = set(f.keys())
+                for name in names:
+                    if name not in present:
+                        raise WeightsError(f"{path}: no tensor {name}, which the index puts there")
+                    piece = f.get_slice(name)
+                    headers[name] = (piece.get_dtype(), tuple(piece.get_shape()))
+        return headers
+
     def load(self, names) -> dict:
         missing = sorted(set(names) - set(self.weight_map))
         if missing:
             raise WeightsError(f"{self.directory}: no tensor {', '.join(missing)}")
-        by_file = {}
-        for name in names:
-            by_file.setdefault(self.weight_map[name], []).append(name)
         tensors = {}
-        for filename, file_names in by_file.items():
+        for filename, file_names in self._by_file(names).items():
             with _open_safetensors(os.path.join(self.directory, filename)) as f:
                 for name in file_names:
                     tensors[name] = f.get_tensor(name)
