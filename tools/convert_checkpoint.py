@@ -3,7 +3,7 @@
 
     # ours (any TP/PP/EP layout it was saved with) -> Hugging Face
     python tools/convert_checkpoint.py --direction mcore2hf --load ckpt [--ckpt-step N] --save hf_dir \\
-        [--tokenizer-model spm.model] [--max-shard-size 5GB] [--dtype bfloat16] [--verify]
+        [--tokenizer-model spm.model] [--max-shard-size 5GB] [--dtype bfloat16] [--verify | --fp8]
 
     # Hugging Face -> ours, padded for the layout you will train with
     python tools/convert_checkpoint.py --direction hf2mcore --load hf_dir --save ckpt \\
@@ -15,9 +15,12 @@ mcore2hf reads one layer at a time (megatron-core's dist_checkpointing reassembl
 however many TP/PP/EP shards were saved and reads only the requested bytes) and writes safetensors
 shards as they fill: peak memory is about one layer plus one shard, not the model (measured by
 benchmarks/bench_convert.py). Padded vocabulary rows are dropped; the tokenizer files come from our
-SentencePiece model.
+SentencePiece model. --fp8 writes DeepSeek's FP8 block format (the format of the published V3/R1
+weights, which vLLM and SGLang load): every weight DeepSeek quantizes as float8_e4m3fn with a float32
+weight_scale_inv per 128x128 block; the summary gives the dequantized weights' error.
 
-hf2mcore runs in one process and writes a layout-independent torch_dist checkpoint (no optimizer
+hf2mcore reads bf16/fp16/fp32 weights and DeepSeek's FP8 block format (dequantized to fp32 tensor by
+tensor). It runs in one process and writes a layout-independent torch_dist checkpoint (no optimizer
 state: load it with --finetune); the chosen TP size fixes the vocabulary padding, and TP/PP/EP are
 checked against the model. It holds the whole model in memory (see megatron_r1/hf/import_.py).
 
@@ -61,7 +64,11 @@ def build_parser():
                         help="mcore2hf: real vocabulary size (default: the tokenizer's / the checkpoint's)")
     parser.add_argument("--max-shard-size", type=_size, default=_size("5GB"), help="mcore2hf: safetensors shard size")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="mcore2hf: dtype of the written weights")
+                        help="mcore2hf: dtype of the written weights (with --fp8: of those left unquantized)")
+    parser.add_argument("--fp8", action="store_true",
+                        help="mcore2hf: DeepSeek's FP8 block format: the attention/MLP/expert weights as float8_e4m3fn "
+                             "with a float32 weight_scale_inv per 128x128 block (embeddings, norms, router, eh_proj, "
+                             "lm_head in --dtype); the summary reports the round-trip error")  # fmt: skip
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="hf2mcore: target TP")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="hf2mcore: target PP")
     parser.add_argument("--expert-model-parallel-size", type=int, default=1, help="hf2mcore: target EP")
@@ -80,6 +87,11 @@ def main(argv=None):
         raise SystemExit(f"error: --load {args.load} does not exist")
     if os.path.abspath(args.load) == os.path.abspath(args.save):
         raise SystemExit("error: --save must differ from --load")
+    if args.fp8 and args.direction != "mcore2hf":
+        raise SystemExit("error: --fp8 is for mcore2hf (hf2mcore reads FP8 weights by their config.json)")
+    if args.fp8 and args.verify:
+        raise SystemExit("error: --verify with --fp8: transformers runs FP8 weights only on a GPU (with FP8 "
+                         "activations); compare the bf16 export, the fp8 summary gives the weights' error")  # fmt: skip
     from megatron_r1.checkpointing import CheckpointError, checkpoint_dir
     from megatron_r1.distributed import destroy_distributed, initialize_distributed
     from megatron_r1.hf.config import UnsupportedModelError, resolve_checkpoint
@@ -95,7 +107,7 @@ def main(argv=None):
             checkpoint = checkpoint_dir(args.load, args.ckpt_step) if args.ckpt_step is not None else resolve_checkpoint(args.load)
             summary = export_to_hf(checkpoint, args.save, vocab_size=args.vocab_size, tokenizer_model=args.tokenizer_model,
                                    tokenizer_type=args.tokenizer_type, max_shard_bytes=args.max_shard_size,
-                                   dtype=args.dtype, progress=not args.no_progress)  # fmt: skip
+                                   dtype=args.dtype, fp8=args.fp8, progress=not args.no_progress)  # fmt: skip
             ours, hf_dir = checkpoint, args.save
         else:
             from megatron_r1.hf.import_ import import_from_hf

@@ -3,6 +3,11 @@
 Every check (model representable, every tensor present with the shape the configuration implies, no
 unmapped tensor) runs on the checkpoint's metadata before a byte is written; the directory is
 assembled under ``<output>.tmp`` and renamed when complete.
+
+With ``fp8=True`` the weights that DeepSeek's FP8 release quantizes are written in its block format
+(megatron_r1.hf.fp8: float8_e4m3fn plus a float32 ``weight_scale_inv`` per 128x128 block, the
+``quantization_config`` in config.json); the other tensors in `dtype`. The summary reports how far the
+dequantized weights are from the checkpoint's.
 """
 
 import json
@@ -13,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_r1.hf.config import UnsupportedModelError, checkpoint_args, deepseek_v3_config
+from megatron_r1.hf.fp8 import DEEPSEEK_BLOCK, SCALE_SUFFIX, RoundTripError, deepseek_quantizes, dequantize, fp8_quantization_config, quantize
 from megatron_r1.hf.keys import conversion_groups
 from megatron_r1.hf.storage import McoreCheckpointReader, ShardedSafetensorsWriter, WeightsError
 from megatron_r1.data.sft import END_MARKER
@@ -78,13 +84,20 @@ class _ToHF:
         return {name: tuple(t.shape) for name, t in m.to_hf(tensor, self.vocab_size).items()}
 
 
-def _export_group(reader, maps, writer, vocab_size: int, dtype: torch.dtype) -> None:
-    """One layer's tensors into the writer. A function of its own so that nothing of the layer
-    outlives it: the writer keeps copies, not views, of what it has not written yet."""
+def _export_group(reader, maps, writer, vocab_size: int, dtype: torch.dtype, fp8_error: RoundTripError | None) -> None:
+    """One layer's tensors into the writer (DeepSeek's quantized weights in FP8 blocks when
+    `fp8_error` collects their error). A function of its own so that nothing of the layer outlives
+    it: the writer keeps copies, not views, of what it has not written yet."""
     tensors = reader.load([m.mcore for m in maps])
     for m in maps:
         for name, tensor in m.to_hf(tensors[m.mcore], vocab_size).items():
-            writer.add(name, tensor.to(dtype))
+            if fp8_error is not None and deepseek_quantizes(name):
+                weight, scale_inv = quantize(tensor, DEEPSEEK_BLOCK)
+                fp8_error.add(tensor, dequantize(weight, scale_inv, DEEPSEEK_BLOCK))
+                writer.add(name, weight)
+                writer.add(name + SCALE_SUFFIX, scale_inv)
+            else:
+                writer.add(name, tensor.to(dtype))
 
 
 def _generation_stop_ids(tokenizer) -> list[int] | None:
@@ -98,9 +111,21 @@ def _generation_stop_ids(tokenizer) -> list[int] | None:
         return [tokenizer.eod]
 
 
+def _write_tokenizer(tokenizer, directory: str, max_position_embeddings: int) -> None:
+    if isinstance(tokenizer, SentencePieceTokenizer):  # converted (also GPTSentencePiece/Llama2Tokenizer)
+        from megatron_r1.hf.tokenizer import save_hf_tokenizer
+
+        save_hf_tokenizer(tokenizer, directory, max_position_embeddings)
+    elif tokenizer is not None:  # a Hugging Face tokenizer already: its files as they are
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            source = os.path.join(os.path.dirname(tokenizer.model_file), name)
+            if os.path.isfile(source):
+                shutil.copy(source, directory)
+
+
 def export_to_hf(checkpoint: str, output: str, vocab_size: int | None = None, tokenizer_model: str | None = None,
                  tokenizer_type: str | None = None, max_shard_bytes: int = 5 * 2**30, dtype: str = "float32",
-                 progress: bool = True) -> dict:  # fmt: skip
+                 fp8: bool = False, progress: bool = True) -> dict:  # fmt: skip
     """Write the Hugging Face directory `output` for checkpoint directory `checkpoint` (an
     ``iter_XXXXXXX``); needs a one-process torch.distributed group. Returns a summary."""
     args = checkpoint_args(checkpoint)
@@ -126,28 +151,23 @@ def export_to_hf(checkpoint: str, output: str, vocab_size: int | None = None, to
     reader = McoreCheckpointReader(checkpoint)
     to_hf = _ToHF(vocab_size)
     check_mapping(groups, {key: reader.shape(key) for key in reader.keys()}, expected_hf_shapes(hf_config), to_hf, checkpoint)
+    fp8_error = RoundTripError() if fp8 else None
+    if fp8:
+        hf_config.quantization_config = fp8_quantization_config(DEEPSEEK_BLOCK)
 
     temporary = f"{output.rstrip('/')}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     os.makedirs(temporary)
     writer = ShardedSafetensorsWriter(temporary, max_shard_bytes)
     for _, maps in tqdm(groups, desc="mcore -> hf", unit="layer", disable=not progress):
-        _export_group(reader, maps, writer, vocab_size, DTYPES[dtype])
+        _export_group(reader, maps, writer, vocab_size, DTYPES[dtype], fp8_error)
     shards = writer.finish()
     hf_config.save_pretrained(temporary)
     from transformers import GenerationConfig
 
     GenerationConfig(bos_token_id=hf_config.bos_token_id, eos_token_id=_generation_stop_ids(tokenizer),
                      pad_token_id=hf_config.pad_token_id).save_pretrained(temporary)  # fmt: skip
-    if isinstance(tokenizer, SentencePieceTokenizer):  # converted (also GPTSentencePiece/Llama2Tokenizer)
-        from megatron_r1.hf.tokenizer import save_hf_tokenizer
-
-        save_hf_tokenizer(tokenizer, temporary, args.max_position_embeddings)
-    elif tokenizer is not None:  # a Hugging Face tokenizer already: its files as they are
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            source = os.path.join(os.path.dirname(tokenizer.model_file), name)
-            if os.path.isfile(source):
-                shutil.copy(source, temporary)
+    _write_tokenizer(tokenizer, temporary, args.max_position_embeddings)
     if os.path.exists(output):
         shutil.rmtree(output)
     os.rename(temporary, output)
@@ -155,4 +175,6 @@ def export_to_hf(checkpoint: str, output: str, vocab_size: int | None = None, to
                "shards": shards, "bytes": writer.total_bytes, "vocab_size": vocab_size,
                "padded_vocab_size": args.padded_vocab_size, "layers": args.num_layers, "mtp_layers": args.mtp_num_layers or 0,
                "tokenizer": tokenizer is not None}  # fmt: skip
+    if fp8_error is not None:
+        summary["fp8"] = fp8_error.summary(DEEPSEEK_BLOCK)
     return summary

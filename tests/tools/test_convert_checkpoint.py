@@ -73,4 +73,6 @@ def test_bad_input_fails_with_a_message_and_writes_nothing(tmp_path):
     (tmp_path / "empty").mkdir()
     assert "neither a checkpoint directory" in fails("--direction", "mcore2hf", "--load", "empty", "--save", "out")
     assert "no config.json" in fails("--direction", "hf2mcore", "--load", "empty", "--save", "out")
+    assert "--verify with --fp8" in fails("--direction", "mcore2hf", "--load", "empty", "--save", "out", "--fp8", "--verify")
+    assert "--fp8 is for mcore2hf" in fails("--direction", "hf2mcore", "--load", "empty", "--save", "out", "--fp8")
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.tmp")
