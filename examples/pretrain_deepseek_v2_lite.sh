@@ -43,6 +43,7 @@ MODEL_ARGS=(
 )
 MLA_ARGS=(
     --multi-latent-attention            # no --q-lora-rank: V2-Lite does not compress queries
+    --qk-layernorm                      # RMSNorm on the compressed kv (kv_a_layernorm)
     --kv-lora-rank 512                  # keys/values compressed to this latent width
     --qk-head-dim 128                   # qk_nope_head_dim
     --qk-pos-emb-head-dim 64            # qk_rope_head_dim
@@ -62,6 +63,7 @@ MOE_ARGS=(
     --moe-ffn-hidden-size 1408          # moe_intermediate_size
     --moe-shared-expert-intermediate-size 2816  # 2 shared experts x 1408
     --moe-router-score-function softmax  # expert scores (DeepSeek-V3: sigmoid, V2: softmax)
+    --moe-router-pre-softmax            # softmax over all experts, then the top 6 unrenormalised (norm_topk_prob false)
     --moe-router-load-balancing-type seq_aux_loss  # seq_aux: true
     --moe-aux-loss-coeff 1e-3           # aux_loss_alpha
     --moe-router-dtype fp32             # routing in fp32 for stable top-k

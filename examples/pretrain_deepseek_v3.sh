@@ -54,6 +54,7 @@ MODEL_ARGS=(
 )
 MLA_ARGS=(
     --multi-latent-attention            # MLA: low-rank compressed keys/values
+    --qk-layernorm                      # RMSNorm on the compressed q and kv (q_a_layernorm, kv_a_layernorm)
     --q-lora-rank 1536                  # query compressed to this rank
     --kv-lora-rank 512                  # keys/values compressed to this latent width
     --qk-head-dim 128                   # qk_nope_head_dim

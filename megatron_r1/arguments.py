@@ -99,8 +99,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     mla.add_argument("--rope-type", choices=["rope", "yarn"], default="rope")
     mla.add_argument("--rotary-scaling-factor", type=float, default=1.0)
     mla.add_argument("--original-max-position-embeddings", type=int, default=None)
-    mla.add_argument("--beta-fast", type=float, default=32)
-    mla.add_argument("--beta-slow", type=float, default=1)
+    mla.add_argument("--beta-fast", type=float, default=32.0)  # floats: a saved value is checked against the default's type
+    mla.add_argument("--beta-slow", type=float, default=1.0)
     mla.add_argument("--mscale", type=float, default=1.0)
     mla.add_argument("--mscale-all-dim", type=float, default=0.0)
 

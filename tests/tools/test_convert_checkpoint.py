@@ -76,3 +76,44 @@ def test_bad_input_fails_with_a_message_and_writes_nothing(tmp_path):
     assert "--verify with --fp8" in fails("--direction", "mcore2hf", "--load", "empty", "--save", "out", "--fp8", "--verify")
     assert "--fp8 is for mcore2hf" in fails("--direction", "hf2mcore", "--load", "empty", "--save", "out", "--fp8")
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.tmp")
+
+
+# The published shapes scaled down; every other model flag as the preset gives it.
+PRESET_SIZES = {"--num-layers": "2", "--hidden-size": "32", "--ffn-hidden-size": "64", "--num-attention-heads": "4",
+                "--seq-length": "16", "--max-position-embeddings": "16", "--q-lora-rank": "16", "--kv-lora-rank": "16",
+                "--qk-head-dim": "8", "--qk-pos-emb-head-dim": "8", "--v-head-dim": "8",
+                "--original-max-position-embeddings": "8", "--moe-layer-freq": "[0]*1+[1]*1",
+                "--num-experts": "16", "--moe-ffn-hidden-size": "16"}  # fmt: skip
+
+
+def preset_model_flags(script: str) -> list[str]:
+    """The model flags (MODEL_ARGS, MLA_ARGS, MOE_ARGS) of examples/`script`, sourced without launching,
+    with PRESET_SIZES in place of the published sizes; shared experts keep their count."""
+    source = 'source <(sed "/^source examples\\/launch.sh/,\\$d" "$0"); printf "%s\\n" "${MODEL_ARGS[@]}" "${MLA_ARGS[@]}" "${MOE_ARGS[@]}"'
+    flags = run_command(["bash", "-c", source, f"examples/{script}"], REPO).stdout.splitlines()
+    values = {flag: i + 1 for i, flag in enumerate(flags) if flag in PRESET_SIZES}
+    shared = flags.index("--moe-shared-expert-intermediate-size") + 1
+    flags[shared] = str(int(flags[shared]) // int(flags[flags.index("--moe-ffn-hidden-size") + 1]) * 16)
+    for flag, position in values.items():
+        flags[position] = PRESET_SIZES[flag]
+    return flags
+
+
+def test_deepseek_presets_export_as_deepseek_v3_or_are_refused_with_the_reason(tmp_path):
+    """The V3 preset's model exports to DeepseekV3ForCausalLM with transformers' logits. V2-Lite's
+    cannot: its softmax routing is DeepseekV2's, which this exporter does not write (refused by name)."""
+    training = ["--mock-data", "--vocab-size", "100", "--make-vocab-size-divisible-by", "64", "--micro-batch-size", "2",
+                "--train-iters", "2", "--lr", "1e-3", "--eval-iters", "0"]  # fmt: skip
+    for script in ("pretrain_deepseek_v3.sh", "pretrain_deepseek_v2_lite.sh"):
+        flags = preset_model_flags(script)
+        assert "--qk-layernorm" in flags, script
+        run_command([sys.executable, str(REPO / "pretrain_r1.py"), *flags, *training, "--save", script], tmp_path)
+        export = subprocess.run([sys.executable, str(TOOL), "--direction", "mcore2hf", "--load", script, "--save", f"hf_{script}",
+                                 "--verify", "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+        if script == "pretrain_deepseek_v3.sh":
+            assert export.returncode == 0, export.stderr[-3000:]
+            verify = json.loads(export.stdout[export.stdout.index("{"):])["verify"]
+            assert verify["max_abs_logit_diff"] <= 1e-4 and verify["top1_agreement"] == 1.0, verify
+        else:
+            assert export.returncode != 0 and "--moe-router-score-function softmax" in export.stderr, export.stderr[-3000:]
+            assert not (tmp_path / f"hf_{script}").exists()
