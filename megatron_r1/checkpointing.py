@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 
 import numpy as np
@@ -232,8 +233,9 @@ def _latest_checkpoint(root: str) -> str | None:
     tracker = os.path.join(root, TRACKER_FILE)
     if not os.path.exists(tracker):
         return None
-    text = open(tracker).read().strip()
-    if not text.isdigit():
+    with open(tracker, "rb") as f:
+        text = f.read(64).decode("utf-8", errors="replace").strip()
+    if not re.fullmatch(r"[0-9]+", text):
         raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}")
     path = checkpoint_dir(root, int(text))
     if not os.path.isdir(path):
@@ -319,18 +321,37 @@ def refuse_executable_pickles(path: str) -> None:
             raise CheckpointError(f"{common_file}: refused, {error}") from None
 
 
-def _read_metadata(path: str) -> dict:
+# What every reader of a checkpoint's megatron_r1.json relies on, with its JSON type.
+_METADATA_FIELDS = {"iteration": int, "consumed_samples": int, "skipped_iterations": int, "nan_iterations": int,
+                    "layout": dict, "model_args": dict}  # fmt: skip
+_JSON_KINDS = {int: "an integer", dict: "an object"}
+
+
+def read_metadata(path: str) -> dict:
+    """Checkpoint directory `path`'s megatron_r1.json; CheckpointError naming the file (and line)
+    unless it is a JSON object with the fields every reader uses."""
     metadata_path = os.path.join(path, METADATA_FILE)
     if not os.path.exists(metadata_path):
         raise CheckpointError(f"{path} has no {METADATA_FILE}: not a megatron-r1 checkpoint, or an incomplete one")
-    with open(metadata_path) as f:
-        return json.load(f)
+    try:
+        with open(metadata_path, encoding="utf-8") as f:
+            metadata = json.load(f)
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"{metadata_path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{metadata_path}:{error.lineno}: not JSON ({error.msg})") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{metadata_path}: a JSON {type(metadata).__name__}, not an object")
+    for field, kind in _METADATA_FIELDS.items():
+        if not isinstance(metadata.get(field), kind) or isinstance(metadata.get(field), bool):
+            raise CheckpointError(f"{metadata_path}: {field!r} is missing or not {_JSON_KINDS[kind]}")
+    return metadata
 
 
 def saved_model_args(args) -> dict:
     """The model-shape arguments of the checkpoint `load_checkpoint` will load ({} if none)."""
     path = find_checkpoint(args)
-    return _read_metadata(path)["model_args"] if path else {}
+    return read_metadata(path)["model_args"] if path else {}
 
 
 def read_checkpoint(path: str, sharded: dict, strict: str = "assume_ok_unexpected") -> dict:
@@ -394,7 +415,7 @@ def load_checkpoint(args, state) -> bool:
     path = find_checkpoint(args)
     if path is None:
         return False
-    metadata = _read_metadata(path)
+    metadata = read_metadata(path)
     _check_model_shape(args, metadata["model_args"], path)
     load_optimizer = not (args.finetune or args.no_load_optim or args.skip_train)
     load_rng = not (args.finetune or args.no_load_rng) and metadata["layout"] == _layout(args)
@@ -432,7 +453,7 @@ def rollback_to_last_checkpoint(args, state) -> int:
     path = _latest_checkpoint(args.save)
     if path is None:
         raise CheckpointError(f"no checkpoint under --save {args.save} to roll back to")
-    metadata = _read_metadata(path)
+    metadata = read_metadata(path)
     _load_into(state, path, load_optimizer=True, load_rng=False, strict=args.dist_ckpt_strictness)
     _load_scheduler(state, metadata, path)
     state.skipped_iterations = metadata["skipped_iterations"] + state.iteration - metadata["iteration"]

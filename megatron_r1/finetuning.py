@@ -26,13 +26,13 @@ from megatron.core.transformer.mlp import MLP
 from megatron_r1 import platform
 from megatron_r1.arguments import build_parser, validate_args
 from megatron_r1.checkpointing import (
-    METADATA_FILE,
     CheckpointError,
     _check_model_shape,
     _write_text_atomically,
     find_checkpoint,
     load_checkpoint,
     load_weights,
+    read_metadata,
     save_checkpoint,
 )
 from megatron_r1.data.indexed import bin_path, idx_path
@@ -228,8 +228,7 @@ def load_pretrained(args, state) -> str | None:
     path = find_checkpoint(argparse.Namespace(load=args.pretrained_checkpoint, ckpt_step=None))
     if path is None:
         raise CheckpointError(f"--pretrained-checkpoint {args.pretrained_checkpoint}: no checkpoint there")
-    with open(os.path.join(path, METADATA_FILE)) as f:
-        _check_model_shape(args, json.load(f)["model_args"], path)
+    _check_model_shape(args, read_metadata(path)["model_args"], path)
     load_weights(path, [chunk.module for chunk in state.model], keep=lambda key: not is_adapter_key(key))
     return path
 
@@ -341,8 +340,7 @@ def build_teacher(args):
     path = find_checkpoint(argparse.Namespace(load=args.teacher_load, ckpt_step=None))
     if path is None:
         raise CheckpointError(f"--teacher-load {args.teacher_load}: no checkpoint there")
-    with open(os.path.join(path, METADATA_FILE)) as f:
-        targs = teacher_args(args, json.load(f))
+    targs = teacher_args(args, read_metadata(path))
     if targs.padded_vocab_size != args.padded_vocab_size:
         raise CheckpointError(f"--teacher-load {path}: vocabulary of {targs.padded_vocab_size} (padded) ids, the "
                               f"student has {args.padded_vocab_size}; teacher and student need one tokenizer")  # fmt: skip

@@ -5,12 +5,12 @@ pickles; leaving a run on a signal or a time limit; rollback after consecutive b
 import json
 import os
 import pickle
-import random
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -39,34 +39,43 @@ def assert_identical(first, second, atol=0.0):
     assert first.keys() == second.keys()
     different = [key for key in first if not torch.allclose(first[key], second[key], rtol=0.0, atol=atol)]
     assert not different, different
-    assert any(key.startswith("optimizer") for key in first), "optimizer state missing"
+    assert any("optimizer.state." in key for key in first), "optimizer state missing"  # (chained_N.)optimizer...
 
 
 def _validation_losses(output) -> dict:
     return {int(i): float(loss) for i, loss in re.findall(r"validation loss at iteration (\d+) \| lm loss value: (\S+)", output)}
 
 
-def test_kill_minus_nine_after_a_save_then_rerun_is_bit_identical(tmp_path):
-    """The checkpoint after the resume equals the straight run's bit for bit, and the resumed run
-    evaluates on the validation batches the straight run evaluates on at the same iterations."""
-    evaluation = ["--eval-interval", "2", "--eval-iters", "1"]
-    straight = _validation_losses(pretrain(tmp_path, "--train-iters", "6", "--save", "straight", *evaluation))
-    argv = [sys.executable, str(PRETRAIN), *TINY, "--train-iters", "6", "--save", "killed", "--save-interval", "2",
-            *evaluation]  # fmt: skip
-    kill_after = random.Random(0).randint(3, 5)  # a step after the save at iteration 2
-    process = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+KILLED_LAYOUTS = {
+    "one_process": ((sys.executable,), []),
+    "ep2_distributed_optimizer": (TWO_PROCESSES, ["--expert-model-parallel-size", "2", "--use-distributed-optimizer"]),
+}
+
+
+@pytest.mark.parametrize("layout", KILLED_LAYOUTS)
+def test_kill_minus_nine_after_a_save_then_rerun_is_bit_identical(tmp_path, layout):
+    """Killed (every process) once a checkpoint is published, then rerun: the final checkpoint
+    equals the straight run's bit for bit, and the resumed run evaluates on the validation batches
+    the straight run evaluates on at the same iterations."""
+    launcher, flags = KILLED_LAYOUTS[layout]
+    run = ["--train-iters", "16", "--eval-interval", "5", "--eval-iters", "1", "--global-batch-size", "4", *flags]
+    straight = _validation_losses(pretrain(tmp_path, *run, "--save", "straight", launcher=launcher))
+    argv = [*launcher, str(PRETRAIN), *TINY, *run, "--save", "killed", "--save-interval", "2"]
+    process = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)  # fmt: skip
-    for line in process.stdout:
-        if line.startswith(f" iteration {kill_after:8d}/"):
-            os.killpg(process.pid, signal.SIGKILL)
-            break
+    published = tmp_path / "killed" / "iter_0000004"
+    while not published.exists() and process.poll() is None:
+        time.sleep(0.01)
+    # torchrun's workers are not in its process group: each process of the run is killed.
+    for victim in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
+        victim.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL
     resumed = run_command(argv, tmp_path).stdout
-    assert re.search(r"resumed from iteration [24] ", resumed), resumed
-    assert_identical(tmp_path / "straight" / "iter_0000006", tmp_path / "killed" / "iter_0000006")
+    assert (resumed_from := re.search(r"resumed from iteration (\d+) ", resumed)) and int(resumed_from[1]) < 16, resumed
+    assert_identical(tmp_path / "straight" / "iter_0000016", tmp_path / "killed" / "iter_0000016")
     after_resume = _validation_losses(resumed)
-    assert 6 in after_resume and after_resume == {i: straight[i] for i in after_resume}, (after_resume, straight)
+    assert 15 in after_resume and after_resume == {i: straight[i] for i in after_resume}, (after_resume, straight)
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_the_latest(tmp_path):
@@ -225,11 +234,33 @@ def test_code_in_a_checkpoint_pickle_is_refused_before_it_runs(tmp_path, time_li
 REPO = PRETRAIN.parent
 
 
-@pytest.mark.parametrize("reader", ["generate", "export", "merge_lora"])
+@pytest.mark.parametrize("tracker, metadata, expected", [
+    ("²", None, "latest_checkpointed_iteration.txt: expected an iteration number, found '²'"),
+    (b"\xff", None, "latest_checkpointed_iteration.txt: expected an iteration number"),
+    ("1", "{oops", "megatron_r1.json:1: not JSON"),
+    ("1", "[1]", "megatron_r1.json: a JSON list, not an object"),
+    ("1", '{"iteration": 2}', "megatron_r1.json: 'consumed_samples' is missing or not an integer"),
+    ("1", b'{"a": "\xff"}', "megatron_r1.json: not UTF-8 text"),
+], ids=["digit-like", "binary-tracker", "broken-json", "list", "fields-missing", "binary-json"])  # fmt: skip
+def test_a_damaged_tracker_or_metadata_file_is_one_error_naming_it(tmp_path, tracker, metadata, expected):
+    import argparse
+
+    from megatron_r1.checkpointing import CheckpointError, saved_model_args
+
+    (tmp_path / "iter_0000001").mkdir()
+    for name, content in (("latest_checkpointed_iteration.txt", tracker), ("iter_0000001/megatron_r1.json", metadata)):
+        if content is not None:
+            (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(CheckpointError) as error:
+        saved_model_args(argparse.Namespace(load=str(tmp_path), ckpt_step=None))
+    assert expected in str(error.value) and str(tmp_path) in str(error.value)
+
+
+@pytest.mark.parametrize("reader", ["finetune", "generate", "export", "merge_lora"])
 def test_every_tool_that_reads_a_checkpoint_refuses_code_in_it(reader, tmp_path, time_limited_run):
-    """Beside resuming (above), --finetune/--pretrained-checkpoint/--teacher-load (test_finetuning):
-    generation, export to Hugging Face and merging LoRA adapters read checkpoints through the same
-    refusal."""
+    """Beside resuming (above) and --pretrained-checkpoint/--teacher-load (test_finetuning):
+    pretraining's --finetune, generation, export to Hugging Face and merging LoRA adapters read
+    checkpoints through the same refusal."""
     shutil.copytree(time_limited_run[1], tmp_path / "ckpt")
     witness = poison_checkpoint_metadata(tmp_path / "ckpt", tmp_path / "code_ran")
     if reader == "merge_lora":  # a LoRA run's directory whose base is the same checkpoint
@@ -244,6 +275,7 @@ def test_every_tool_that_reads_a_checkpoint_refuses_code_in_it(reader, tmp_path,
         assert not witness.exists()
         return
     command = {
+        "finetune": ["pretrain_r1.py", *TINY, "--train-iters", "3", "--load", "ckpt", "--finetune"],
         "generate": ["tools/generate.py", "--load", "ckpt", "--prompt-ids", "1", "2", "--max-new-tokens", "2"],
         "merge_lora": ["tools/merge_lora.py", "--lora-load", "ckpt", "--save", "merged"],
     }[reader]

@@ -71,7 +71,8 @@ def test_everything_a_step_touches_is_placed_on_the_platforms_compute_device(mon
         monkeypatch.setattr(finetuning, "load_weights", lambda path, modules, keep=None: None)
         (tmp_path / "teacher" / "iter_0000001").mkdir(parents=True)
         (tmp_path / "teacher" / "latest_checkpointed_iteration.txt").write_text("1")
-        metadata = {"model_args": {"num_layers": 1, "mtp_num_layers": 1}}
+        metadata = {"iteration": 1, "consumed_samples": 0, "skipped_iterations": 0, "nan_iterations": 0, "layout": {},
+                    "model_args": {"num_layers": 1, "mtp_num_layers": 1}}  # fmt: skip
         (tmp_path / "teacher" / "iter_0000001" / "megatron_r1.json").write_text(json.dumps(metadata))
         args.teacher_load = str(tmp_path / "teacher")
         teacher = finetuning.build_teacher(args)

@@ -22,11 +22,13 @@ from tqdm import tqdm
 from megatron_r1.arguments import build_parser
 from megatron_r1.checkpointing import (
     METADATA_FILE,
+    CheckpointError,
     TRACKER_FILE,
     _write_text_atomically,
     checkpoint_dir,
     find_checkpoint,
     load_weights,
+    read_metadata,
 )
 from megatron_r1.distributed import destroy_distributed, initialize_distributed
 from megatron_r1.finetuning import LORA_CONFIG_FILE
@@ -75,22 +77,28 @@ def _checkpoint(directory: str, step=None) -> str:
     return path
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    adapter_path = _checkpoint(args.lora_load, args.ckpt_step)
-    base_path = _checkpoint(args.pretrained_checkpoint)
-    with open(os.path.join(adapter_path, METADATA_FILE)) as f:
-        metadata = json.load(f)
-    flags = _model_flags(metadata["model_args"])
-    lora = LoRAConfig(args.lora_config["rank"], args.lora_config["alpha"], 0.0, tuple(args.lora_config["target_modules"]))
-
-    initialize_distributed()
-    # Merging is a host-memory conversion, on CPU wherever the compute device is.
+def _merged_model(base_path: str, adapter_path: str, flags, lora: LoRAConfig):
+    """The base model with the adapters loaded (not yet folded in), on the CPU: merging is a
+    host-memory conversion wherever the compute device is."""
     (model,) = build_model(flags, initialize=False, layer_spec_transform=lora_spec_transform(lora, flags.swiglu),
                            prepare_chunk=lambda chunk: add_adapters_to_duplicated_linears(chunk, lora),
                            device=torch.device("cpu"))  # fmt: skip
     load_weights(base_path, [model], keep=lambda key: not is_adapter_key(key))
     load_weights(adapter_path, [model], keep=is_adapter_key)
+    return model
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    adapter_path = _checkpoint(args.lora_load, args.ckpt_step)
+    base_path = _checkpoint(args.pretrained_checkpoint)
+    lora = LoRAConfig(args.lora_config["rank"], args.lora_config["alpha"], 0.0, tuple(args.lora_config["target_modules"]))
+    initialize_distributed()
+    try:
+        metadata = read_metadata(adapter_path)
+        model = _merged_model(base_path, adapter_path, _model_flags(metadata["model_args"]), lora)
+    except CheckpointError as error:
+        sys.exit(f"error: {error}")
 
     layers = adapter_layers(model)
     for layer in tqdm(layers, desc="merging", unit="linear"):
