@@ -347,6 +347,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
     logging = parser.add_argument_group("logging and evaluation")
     logging.add_argument("--log-interval", type=int, default=1)
+    logging.add_argument("--peak-tflops", type=float, default=None,
+                         help="the device's peak TFLOP/s for the iteration line's MFU (default: the dense bf16 peak "
+                              "of a known GPU, megatron_r1/flops.py; none on CPU)")
     logging.add_argument("--eval-interval", type=int, default=None, help="default: no evaluation")
     logging.add_argument("--eval-iters", type=int, default=2)
     logging.add_argument("--skip-train", action="store_true", help="only evaluate the (loaded) model")
@@ -407,6 +410,8 @@ def validate_args(args, error) -> None:
         error("--recompute-modules mla_up_proj needs --multi-latent-attention")
     if args.recompute_modules and "layernorm" in args.recompute_modules and not transformer_engine_installed():
         error("--recompute-modules layernorm needs TransformerEngine (megatron-core recomputes TE's norms)")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        error(f"--peak-tflops ({args.peak_tflops:g}) must be positive")
     if args.distributed_timeout_minutes <= 0:
         error(f"--distributed-timeout-minutes ({args.distributed_timeout_minutes:g}) must be positive")
     if args.manual_gc_interval < 0:

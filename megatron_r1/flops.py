@@ -279,3 +279,23 @@ def report_model_size(args, print_fn=print) -> ModelCount:
     count = count_model(args)
     print_fn(f" > model size: {summary(count)}")
     return count
+
+
+# Dense bf16 peaks of known GPUs, TFLOP/s (vendor figures, without sparsity), matched against
+# torch.cuda.get_device_name(); the most specific name first.
+_GPU_BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("H20", 148.0), ("GH200", 989.0),
+    ("B200", 2250.0), ("B100", 1750.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
+)  # fmt: skip
+
+
+def device_peak_tflops(args) -> float | None:
+    """--peak-tflops, else the table's figure for this process' GPU; None when unknown (CPU)."""
+    if args.peak_tflops is not None:
+        return args.peak_tflops
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for model, peak in _GPU_BF16_PEAK_TFLOPS if model in name), None)

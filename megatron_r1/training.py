@@ -31,6 +31,7 @@ from megatron_r1.checkpointing import (
 from megatron_r1.compat import missing_gpu_packages
 from megatron_r1.data.pretrain import MicroBatches, build_datasets
 from megatron_r1.distributed import initialize_distributed, parameters_gathered
+from megatron_r1.flops import count_model, device_peak_tflops
 from megatron_r1.metrics import MetricsServer
 from megatron_r1.model import build_model
 from megatron_r1.moe_stats import ExpertLoadTracker
@@ -297,6 +298,9 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
     if args.num_experts:
         expert_load = ExpertLoadTracker(state.model, args.num_layers + (args.mtp_num_layers or 0), args.num_experts)
     tokens_per_step = args.global_batch_size * args.seq_length
+    # Training FLOPs of a step at --seq-length (megatron_r1.flops), per GPU as Megatron-LM reports them.
+    flops_per_gpu_step = count_model(args).flops_per_iteration / torch.distributed.get_world_size()
+    peak_tflops = device_peak_tflops(args)
     last = {}
     exit_conditions = ExitConditions(args.exit_signal if args.exit_signal_handler else None, args.exit_duration_in_mins)
     bad_steps_in_a_row = 0
@@ -348,6 +352,8 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
                 f"consumed samples: {state.consumed_samples:12d}",
                 f"elapsed time per iteration (ms): {elapsed * 1000:.1f}",
                 f"throughput (tokens/s): {tokens_per_step / elapsed:.1f}",
+                f"throughput per GPU (TFLOP/s/GPU): {flops_per_gpu_step / elapsed / 1e12:.1f}",
+                *([f"MFU: {100 * flops_per_gpu_step / elapsed / 1e12 / peak_tflops:.1f}%"] if peak_tflops else []),
                 f"learning rate: {learning_rate:.6E}",
                 f"global batch size: {args.global_batch_size:5d}",
                 f"lm loss: {loss:.6E}",
@@ -363,11 +369,13 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
             if metrics is not None:  # published before the log line, which scrapers and tests wait for
                 metrics.update({**last, "consumed samples": state.consumed_samples, "skipped iterations":
                                 state.skipped_iterations, "nan iterations": state.nan_iterations,
-                                "throughput tokens per second": tokens_per_step / elapsed})  # fmt: skip
+                                "throughput tokens per second": tokens_per_step / elapsed,
+                                "throughput tflops per gpu": flops_per_gpu_step / elapsed / 1e12})  # fmt: skip
             print(" " + " | ".join(fields) + " |", flush=True)
             if writer is not None:
                 for name, value in (("lm loss", loss), ("learning-rate", learning_rate), ("grad-norm", grad_norm),
                                     ("throughput", tokens_per_step / elapsed), ("num-zeros", num_zeros),
+                                    ("throughput-tflops-per-gpu", flops_per_gpu_step / elapsed / 1e12),
                                     ("params-norm", weights_norm)):  # fmt: skip
                     if value is not None:
                         writer.add_scalar(name, value, state.iteration)

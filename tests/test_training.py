@@ -57,8 +57,17 @@ def test_single_process_deepseek_run(tmp_path):
     result = run_command([sys.executable, str(PRETRAIN), *DEEPSEEK_TINY, *MEGATRON_LM_RECIPE_FLAGS,
                           "--tensorboard-dir", "tb", "--tensorboard-queue-size", "1", "--log-num-zeros-in-grad",
                           "--moe-per-layer-logging", "--log-memory-to-tensorboard", "--logging-level", "20", "--enable-experimental", "--profile",
-                          "--use-pytorch-profiler", "--profile-step-start", "1", "--profile-step-end", "2"], tmp_path)  # fmt: skip
+                          "--use-pytorch-profiler", "--profile-step-start", "1", "--profile-step-end", "2",
+                          "--peak-tflops", "1e-6"], tmp_path)  # fmt: skip
     assert_complete_log(result.stdout)
+    # TFLOP/s per GPU and MFU: megatron_r1.flops' count of a step over the step's time, over the peak.
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.flops import count_model
+
+    flops = count_model(parse_args("test", [*DEEPSEEK_TINY, *MEGATRON_LM_RECIPE_FLAGS])).flops_per_iteration
+    milliseconds, mfu = map(float, re.findall(r"per iteration \(ms\): (\S+) .*TFLOP/s/GPU\): \S+ \| MFU: (\S+)%",
+                                              result.stdout)[-1])  # fmt: skip
+    assert mfu == pytest.approx(100 * flops / (milliseconds / 1000) / 1e12 / 1e-6, rel=0.02), (mfu, milliseconds)
     assert "INFO:megatron.core.datasets" in result.stderr, result.stderr  # --logging-level 20 lets INFO through
     if not torch.cuda.is_available():
         assert ("the plain megatron-core path stands in for --moe-permute-fusion, --moe-token-dispatcher-type flex"
