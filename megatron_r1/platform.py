@@ -330,9 +330,15 @@ def compute_device() -> torch.device:
 
 
 def to_device(batch: dict) -> dict:
-    """A batch's tensors on the compute device; from pinned memory without blocking the host on
-    CUDA (the copy overlaps with the work queued before it)."""
+    """A batch's tensors on the compute device (other values as they are); from pinned memory
+    without blocking the host on CUDA (the copy overlaps with the work queued before it)."""
     device = compute_device()
-    if device.type != "cuda":
-        return {key: value.to(device) for key, value in batch.items()}
-    return {key: value.pin_memory().to(device, non_blocking=True) for key, value in batch.items()}
+
+    def place(value):
+        if not torch.is_tensor(value) or value.device == device:
+            return value
+        if device.type != "cuda" or value.device.type != "cpu":
+            return value.to(device)
+        return value.pin_memory().to(device, non_blocking=True)
+
+    return {key: place(value) for key, value in batch.items()}
