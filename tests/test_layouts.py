@@ -150,12 +150,14 @@ def teacher(runs, sft_data, tmp_path_factory):
     return workdir / "teacher"
 
 
-@pytest.mark.parametrize("variant", ["distillation", "lora", "lora_grouped_gemm"])
+@pytest.mark.parametrize("variant", ["sft", "distillation", "lora", "lora_grouped_gemm"])
 def test_fine_tuning_under_tensor_and_expert_parallelism_equals_one_process(runs, sft_data, teacher, variant):
-    """Full SFT from a teacher (lm and kd losses; the teacher in the student's layout) under TP=2 + SP;
-    LoRA adapters on every linear (routed experts too, also computed as grouped GEMMs) under TP=2 +
-    SP with EP=2."""
-    if variant == "distillation":
+    """Full SFT (packed samples) under TP=2 + SP with EP=2; SFT from a teacher (lm and kd losses; the
+    teacher in the student's layout) under TP=2 + SP; LoRA adapters on every linear (routed experts
+    too, also computed as grouped GEMMs) under TP=2 + SP with EP=2."""
+    if variant == "sft":
+        flags, layout = [], [*TP2, "--expert-tensor-parallel-size", "1", "--expert-model-parallel-size", "2"]
+    elif variant == "distillation":
         flags, layout = ["--teacher-load", str(teacher), "--kd-ce-weight", "0.5", "--kd-kl-weight", "0.5"], TP2
     else:
         # Adam's step is ~lr for any gradient well above its eps: on elements whose gradient is
