@@ -15,8 +15,10 @@ def main():
     args = parse_finetuning_args(__doc__)
     state = setup_finetuning(args)
     train_dataset, valid_dataset = build_finetuning_data(args, state)
-    print_rank_last(f" fine-tuning data: {len(train_dataset.bins)} packed training sequences"
-                    + (f", {len(valid_dataset.bins)} validation" if valid_dataset else ""))  # fmt: skip
+    print_rank_last(
+        f" fine-tuning data: {len(train_dataset.bins)} packed training sequences"
+        + (f", {len(valid_dataset.bins)} validation" if valid_dataset else "")
+    )
     train_or_evaluate(args, state, train_dataset, valid_dataset)
     destroy_distributed()
 

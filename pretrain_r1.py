@@ -1,7 +1,7 @@
 """Pre-train a DeepSeek-R1/V3-style MoE GPT on megatron-core.
 
-    torchrun --nproc_per_node=N pretrain_r1.py <Megatron-LM style flags>   (see examples/)
-    python pretrain_r1.py --mock-data --vocab-size 1024 ...                 (one CPU process)
+torchrun --nproc_per_node=N pretrain_r1.py <Megatron-LM style flags>   (see examples/)
+python pretrain_r1.py --mock-data --vocab-size 1024 ...                 (one CPU process)
 """
 
 from megatron_r1.arguments import parse_args

@@ -23,6 +23,6 @@ setup(
         # Only what pip can really install: PyPI's "apex" is an unrelated package (NVIDIA Apex builds
         # from its repository, see README), and flash-attn compiles against the installed torch.
         "gpu": ["transformer-engine[pytorch]"],
-        "dev": ["pytest", "datasketch", "hypothesis"],
+        "dev": ["pytest", "datasketch", "hypothesis", "ruff==0.17.6"],
     },
 )

@@ -17,7 +17,6 @@ meta-device model that the shapes are checked against).
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -31,8 +30,10 @@ def child_peak_rss_mib(command, cwd) -> tuple[float, float]:
     """(peak RSS in MiB, seconds) of `command` run as a fresh child process."""
     start = time.perf_counter()
     # A fresh grandchild per measurement: RUSAGE_CHILDREN of this wrapper holds only that command.
-    wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, "
-               "stderr=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # fmt: skip
+    wrapper = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, "
+        "stderr=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
     out = subprocess.run([sys.executable, "-c", wrapper, *command], cwd=cwd, capture_output=True, text=True, check=True)
     return int(out.stdout.strip()) / 1024, time.perf_counter() - start
 
@@ -63,8 +64,15 @@ def main():
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_convert_")
     os.makedirs(workdir, exist_ok=True)
     shard_mib = SHARD_BYTES / 2**20
-    baseline, _ = child_peak_rss_mib([sys.executable, "-c", "from megatron_r1.distributed import initialize_distributed; "
-                                      "import megatron_r1.hf.export, transformers; initialize_distributed()"], REPO)  # fmt: skip
+    baseline, _ = child_peak_rss_mib(
+        [
+            sys.executable,
+            "-c",
+            "from megatron_r1.distributed import initialize_distributed; "
+            "import megatron_r1.hf.export, transformers; initialize_distributed()",
+        ],
+        REPO,
+    )
     results = []
     for layers in (args.layers, 4 * args.layers):
         name = f"ckpt_{layers}"
@@ -77,22 +85,45 @@ def main():
                  "--untie-embeddings-and-output-weights", "--seq-length", "16", "--micro-batch-size", "1",
                  "--train-iters", "0", "--save", name]  # fmt: skip
         if not os.path.isdir(os.path.join(workdir, name)):
-            subprocess.run([sys.executable, os.path.join(REPO, "pretrain_r1.py"), *model], cwd=workdir, check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        peak, seconds = child_peak_rss_mib([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"),
-                                            "--direction", "mcore2hf", "--load", name, "--save", f"hf_{layers}",
-                                            "--max-shard-size", str(SHARD_BYTES), "--no-progress"], workdir)  # fmt: skip
+            subprocess.run(
+                [sys.executable, os.path.join(REPO, "pretrain_r1.py"), *model],
+                cwd=workdir,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        peak, seconds = child_peak_rss_mib(
+            [
+                sys.executable,
+                os.path.join(REPO, "tools", "convert_checkpoint.py"),
+                "--direction",
+                "mcore2hf",
+                "--load",
+                name,
+                "--save",
+                f"hf_{layers}",
+                "--max-shard-size",
+                str(SHARD_BYTES),
+                "--no-progress",
+            ],
+            workdir,
+        )
         hf_dir = os.path.join(workdir, f"hf_{layers}")
         size = sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
         layer_mib = largest_layer_mib(hf_dir)
         results.append((layers, size / 2**20, peak))
-        print(f"{layers:3d} layers: weights {size / 2**20:8.1f} MiB | peak RSS {peak:8.1f} MiB "
-              f"({peak - baseline:7.1f} above baseline; one layer {layer_mib:.1f} + one shard {shard_mib:.1f} = "
-              f"{layer_mib + shard_mib:.1f}) | {seconds:6.1f} s", flush=True)  # fmt: skip
+        print(
+            f"{layers:3d} layers: weights {size / 2**20:8.1f} MiB | peak RSS {peak:8.1f} MiB "
+            f"({peak - baseline:7.1f} above baseline; one layer {layer_mib:.1f} + one shard {shard_mib:.1f} = "
+            f"{layer_mib + shard_mib:.1f}) | {seconds:6.1f} s",
+            flush=True,
+        )
     (_, small_size, small_peak), (_, large_size, large_peak) = results
     print(f"baseline (imports + process group): {baseline:.1f} MiB")
-    print(f"model size ratio {large_size / small_size:.2f}x -> peak RSS ratio {large_peak / small_peak:.3f}x "
-          f"(above baseline: {(large_peak - baseline) / max(small_peak - baseline, 1e-9):.3f}x); target < 1.5x")
+    print(
+        f"model size ratio {large_size / small_size:.2f}x -> peak RSS ratio {large_peak / small_peak:.3f}x "
+        f"(above baseline: {(large_peak - baseline) / max(small_peak - baseline, 1e-9):.3f}x); target < 1.5x"
+    )
     print(f"work directory: {workdir}")
 
 

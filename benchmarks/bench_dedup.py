@@ -86,7 +86,9 @@ def _edit(rng, paragraphs, language, english, han, fraction: float, reorder: boo
     for _ in range(max(1, int(round(fraction * total)))):
         units = edited[rng.integers(len(edited))]
         position = rng.integers(len(units))
-        units[position] = english[rng.integers(len(english))] if language == "en" else chr(int(han[rng.integers(len(han))]))
+        units[position] = (
+            english[rng.integers(len(english))] if language == "en" else chr(int(han[rng.integers(len(han))]))
+        )
     if reorder:
         rng.shuffle(edited)
     return edited
@@ -147,11 +149,17 @@ def ground_truth(texts: list[str], families: list[int]) -> set[tuple[int, int]]:
 
 def _cpu_seconds() -> float:
     """User + system CPU time of this process and its finished (reaped) worker processes."""
-    return sum(usage.ru_utime + usage.ru_stime for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
 
 
 def _peak_rss_mib() -> float:
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    return (
+        max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+        / 1024
+    )
 
 
 def run_ours(corpus_path: str, work_dir: str, workers: int, queue) -> None:
@@ -164,7 +172,22 @@ def run_ours(corpus_path: str, work_dir: str, workers: int, queue) -> None:
         sys.stdout = sys.stderr = quiet
         started, cpu_started = time.perf_counter(), _cpu_seconds()
         try:
-            dedup_tool.main(["--input", corpus_path, "--output", output, "--clusters", clusters, "--threshold", str(THRESHOLD), "--ngram", str(NGRAM), "--workers", str(workers)])
+            dedup_tool.main(
+                [
+                    "--input",
+                    corpus_path,
+                    "--output",
+                    output,
+                    "--clusters",
+                    clusters,
+                    "--threshold",
+                    str(THRESHOLD),
+                    "--ngram",
+                    str(NGRAM),
+                    "--workers",
+                    str(workers),
+                ]
+            )
         finally:
             sys.stdout, sys.stderr = stdout, stderr
         elapsed, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
@@ -174,8 +197,12 @@ def run_ours(corpus_path: str, work_dir: str, workers: int, queue) -> None:
             record = json.loads(line)
             members = [int(member.rsplit(":", 1)[1]) - 1 for member in record["members"]]
             clustered.append(members)
-            edges += [(int(edge["a"].rsplit(":", 1)[1]) - 1, int(edge["b"].rsplit(":", 1)[1]) - 1) for edge in record["edges"]]
-    queue.put({"seconds": elapsed, "cpu_seconds": cpu, "peak_rss_mib": _peak_rss_mib(), "edges": edges, "clusters": clustered})
+            edges += [
+                (int(edge["a"].rsplit(":", 1)[1]) - 1, int(edge["b"].rsplit(":", 1)[1]) - 1) for edge in record["edges"]
+            ]
+    queue.put(
+        {"seconds": elapsed, "cpu_seconds": cpu, "peak_rss_mib": _peak_rss_mib(), "edges": edges, "clusters": clustered}
+    )
 
 
 def _datasketch_signature(text: str):
@@ -204,7 +231,15 @@ def run_datasketch(corpus_path: str, workers: int, queue) -> None:
         pairs += [(other, doc) for other in lsh.query(minhash)]
         lsh.insert(doc, minhash)
     elapsed, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
-    queue.put({"seconds": elapsed, "cpu_seconds": cpu, "peak_rss_mib": _peak_rss_mib(), "pairs": pairs, "bands_rows": [lsh.b, lsh.r]})
+    queue.put(
+        {
+            "seconds": elapsed,
+            "cpu_seconds": cpu,
+            "peak_rss_mib": _peak_rss_mib(),
+            "pairs": pairs,
+            "bands_rows": [lsh.b, lsh.r],
+        }
+    )
 
 
 def _in_child(target, *args) -> dict:
@@ -260,7 +295,9 @@ def main() -> int:
                 handle.write(json.dumps({"id": doc, "text": text}, ensure_ascii=False) + "\n")
         megabytes = os.path.getsize(corpus_path) / 1e6
         chinese = sum(1 for text in texts if "\u4e00" <= text[0] <= "\u9fff")
-        print(f"corpus: {len(texts)} docs ({chinese} Chinese), {megabytes:.1f} MB, {len(set(families))} families, {len(truth)} pairs with Jaccard >= {THRESHOLD}")
+        print(
+            f"corpus: {len(texts)} docs ({chinese} Chinese), {megabytes:.1f} MB, {len(set(families))} families, {len(truth)} pairs with Jaccard >= {THRESHOLD}"
+        )
 
         # The machine may be shared: each system gets one timed run per datasketch configuration,
         # interleaved (ours, datasketch, ours, datasketch ...), and its fastest run counts.
@@ -292,7 +329,9 @@ def main() -> int:
             best = peer["seconds"] if best is None else min(best, peer["seconds"])
         cpu_ratio = min(peer["cpu_seconds"] for _, peer in peers) / min(run["cpu_seconds"] for run in ours_runs)
         ratio = best / ours["seconds"]
-        print(f"throughput ratio tools/dedup.py / fastest datasketch: {ratio:.2f}x wall-clock (target >= 2x), {cpu_ratio:.2f}x in CPU time; precision target >= 0.99, recall target >= 0.95")
+        print(
+            f"throughput ratio tools/dedup.py / fastest datasketch: {ratio:.2f}x wall-clock (target >= 2x), {cpu_ratio:.2f}x in CPU time; precision target >= 0.99, recall target >= 0.95"
+        )
         met = precision >= 0.99 and recall >= 0.95 and ratio >= 2.0
         print("targets met" if met else "targets NOT met")
     return 0

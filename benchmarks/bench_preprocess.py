@@ -57,7 +57,9 @@ class Run:
 def run_measured(command: list[str], env: dict | None = None) -> Run:
     """Run ``command`` to completion; wall time and the peak RSS of its whole process tree."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, cwd=REPO_ROOT)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, cwd=REPO_ROOT
+    )
     root = psutil.Process(process.pid)
     peak = 0
     while process.poll() is None:
@@ -74,14 +76,19 @@ def run_measured(command: list[str], env: dict | None = None) -> Run:
     return Run(seconds, peak, stdout)
 
 
-def best_of_interleaved(repeats: int, peers: dict[str, tuple[list[str], dict | None]]) -> dict[str, tuple[Run, list[float]]]:
+def best_of_interleaved(
+    repeats: int, peers: dict[str, tuple[list[str], dict | None]]
+) -> dict[str, tuple[Run, list[float]]]:
     """Run every peer once per round, ``repeats`` rounds, so that all see the same load drift;
     each peer's fastest run counts."""
     runs: dict[str, list[Run]] = {name: [] for name in peers}
     for _ in range(repeats):
         for name, (command, env) in peers.items():
             runs[name].append(run_measured(command, env))
-    return {name: (min(peer_runs, key=lambda run: run.seconds), [run.seconds for run in peer_runs]) for name, peer_runs in runs.items()}
+    return {
+        name: (min(peer_runs, key=lambda run: run.seconds), [run.seconds for run in peer_runs])
+        for name, peer_runs in runs.items()
+    }
 
 
 def make_corpus(path: str, size_bytes: int, seed: int = 0) -> int:
@@ -121,14 +128,30 @@ def report(name: str, run: Run, all_seconds: list[float], documents: int, tokens
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", help="JSONL with a 'text' key (default: generate --size-mb from the bundled corpus).")
-    parser.add_argument("--size-mb", type=float, default=48, help="Size of the generated input in MB (default: %(default)s).")
-    parser.add_argument("--tokenizer-model", help="SentencePiece model (default: train one on the bundled corpus with --vocab-size).")
-    parser.add_argument("--vocab-size", type=int, default=8000, help="Vocabulary of the trained model (default: %(default)s).")
-    parser.add_argument("--workers", type=int, default=2, help="Workers for ours and Megatron-LM (default: %(default)s).")
-    parser.add_argument("--megatron-lm", help="Path to a Megatron-LM checkout; without it the Megatron-LM comparison is skipped.")
-    parser.add_argument("--repeats", type=int, default=2, help="Runs per peer; the fastest counts (default: %(default)s).")
-    parser.add_argument("--skip-memory-check", action="store_true", help="Skip the 1/10-size run of ours for the memory-growth check.")
+    parser.add_argument(
+        "--input", help="JSONL with a 'text' key (default: generate --size-mb from the bundled corpus)."
+    )
+    parser.add_argument(
+        "--size-mb", type=float, default=48, help="Size of the generated input in MB (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--tokenizer-model", help="SentencePiece model (default: train one on the bundled corpus with --vocab-size)."
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, default=8000, help="Vocabulary of the trained model (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="Workers for ours and Megatron-LM (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--megatron-lm", help="Path to a Megatron-LM checkout; without it the Megatron-LM comparison is skipped."
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="Runs per peer; the fastest counts (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--skip-memory-check", action="store_true", help="Skip the 1/10-size run of ours for the memory-growth check."
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.workers < 1 or args.size_mb <= 0:
         parser.error("--repeats, --workers and --size-mb must be positive")
@@ -144,13 +167,24 @@ def main(argv=None) -> int:
         model = args.tokenizer_model
         if model is None:
             subprocess.run(
-                [sys.executable, "tools/train_tokenizer.py", "--input", BUNDLED_CORPUS, "--vocab-size", str(args.vocab_size), "--output-prefix", os.path.join(workdir, "tokenizer")],
+                [
+                    sys.executable,
+                    "tools/train_tokenizer.py",
+                    "--input",
+                    BUNDLED_CORPUS,
+                    "--vocab-size",
+                    str(args.vocab_size),
+                    "--output-prefix",
+                    os.path.join(workdir, "tokenizer"),
+                ],
                 cwd=REPO_ROOT,
                 check=True,
                 capture_output=True,
             )
             model = os.path.join(workdir, "tokenizer.model")
-        print(f"input: {input_path} ({input_bytes / 1e6:.1f} MB)  model: {model}  workers: {args.workers}  cpus: {os.cpu_count()}")
+        print(
+            f"input: {input_path} ({input_bytes / 1e6:.1f} MB)  model: {model}  workers: {args.workers}  cpus: {os.cpu_count()}"
+        )
         print(f"load average at start: {' '.join(f'{load:.2f}' for load in os.getloadavg())}")
 
         ours_prefix = os.path.join(workdir, "ours")
@@ -168,7 +202,10 @@ def main(argv=None) -> int:
                 megatron_env,
             )  # fmt: skip
             # Its fixed start-up cost (importing torch and megatron) is part of every run; shown apart for context.
-            peers["megatron imports"] = ([sys.executable, "-c", "import megatron.training.arguments, megatron.core.datasets.indexed_dataset"], megatron_env)
+            peers["megatron imports"] = (
+                [sys.executable, "-c", "import megatron.training.arguments, megatron.core.datasets.indexed_dataset"],
+                megatron_env,
+            )
         results = best_of_interleaved(args.repeats, peers)
         counts = json.loads(results["baseline"][0].stdout)
         documents, tokens = counts["documents"], counts["tokens"]
@@ -186,7 +223,10 @@ def main(argv=None) -> int:
                 f"  (megatron-lm's imports alone take {imports.seconds:.2f} s; without them: "
                 f"{(megatron.seconds - imports.seconds) / ours.seconds:.2f}x)"
             )
-            identical = all(cmp(f"{ours_prefix}_text_document{suffix}", f"{megatron_prefix}_text_document{suffix}", shallow=False) for suffix in (".bin", ".idx"))
+            identical = all(
+                cmp(f"{ours_prefix}_text_document{suffix}", f"{megatron_prefix}_text_document{suffix}", shallow=False)
+                for suffix in (".bin", ".idx")
+            )
             print(f"ours and megatron-lm outputs byte-identical: {'yes' if identical else 'NO'}")
         else:
             print("megatron-lm: skipped (pass --megatron-lm PATH to a Megatron-LM checkout to compare)")
@@ -194,8 +234,21 @@ def main(argv=None) -> int:
         if not args.skip_memory_check:
             small_input = os.path.join(workdir, "tenth.jsonl")
             prefix_of_lines(input_path, small_input, input_bytes // 10)
-            small = run_measured([sys.executable, "tools/preprocess_data.py", "--input", small_input, "--output-prefix", os.path.join(workdir, "tenth"),
-                                  "--tokenizer-model", model, "--workers", str(args.workers), "--append-eod"])  # fmt: skip
+            small = run_measured(
+                [
+                    sys.executable,
+                    "tools/preprocess_data.py",
+                    "--input",
+                    small_input,
+                    "--output-prefix",
+                    os.path.join(workdir, "tenth"),
+                    "--tokenizer-model",
+                    model,
+                    "--workers",
+                    str(args.workers),
+                    "--append-eod",
+                ]
+            )
             print(
                 f"memory: peak RSS {small.peak_rss_bytes / 2**20:.0f} MiB on {os.path.getsize(small_input) / 1e6:.1f} MB, "
                 f"{ours.peak_rss_bytes / 2**20:.0f} MiB on {input_bytes / 1e6:.1f} MB: {ours.peak_rss_bytes / small.peak_rss_bytes:.2f}x for 10x input"

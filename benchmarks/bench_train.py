@@ -107,8 +107,11 @@ def tiny_preset_flags() -> list[str]:
     """The flags examples/pretrain_tiny.sh launches with (its DRY_RUN prints the command first)."""
     result = subprocess.run(
         ["bash", str(REPO / "examples" / "pretrain_tiny.sh")],
-        env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        env={**os.environ, "DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     command = shlex.split(result.stdout.splitlines()[0])
     return command[command.index("pretrain_r1.py") + 1 :]
 
@@ -201,9 +204,12 @@ class TransformersRun:
             + (", bf16 autocast" if device.type == "cuda" else ", fp32")
         )
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_eps, weight_decay=args.weight_decay,
-        )  # fmt: skip
+            self.model.parameters(),
+            lr=args.lr,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_eps,
+            weight_decay=args.weight_decay,
+        )
         self.clip_grad = args.clip_grad
         self.num_microbatches = args.global_batch_size // args.micro_batch_size
         generator = torch.Generator().manual_seed(args.seed)
@@ -310,7 +316,9 @@ def benchmark(name: str, options, device) -> dict:
     args.padded_vocab_size = padded_vocab_size(args)  # as training.setup pads it
     builders = {"megatron_r1": lambda: MegatronRun(args, total_steps)}
     if options.moe_grouped_gemm:
-        grouped_args = parse_args(f"bench_train {name}", config_flags(name, device.type == "cuda") + ["--moe-grouped-gemm"])
+        grouped_args = parse_args(
+            f"bench_train {name}", config_flags(name, device.type == "cuda") + ["--moe-grouped-gemm"]
+        )
         grouped_args.padded_vocab_size = args.padded_vocab_size
         builders[GROUPED] = lambda: MegatronRun(grouped_args, total_steps)
     builders["transformers"] = lambda: TransformersRun(args, device)
@@ -355,17 +363,28 @@ def benchmark(name: str, options, device) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", choices=["tiny", *CONFIGS],
-                        help="repeatable; default: tiny and 50m on CPU, v2-lite-proxy on GPU")  # fmt: skip
+    parser.add_argument(
+        "--config",
+        action="append",
+        choices=["tiny", *CONFIGS],
+        help="repeatable; default: tiny and 50m on CPU, v2-lite-proxy on GPU",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds")
     parser.add_argument("--steps", type=int, default=2, help="steps per implementation per round")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads for both (default: torch's choice); on a machine shared with "
-                        "other work, 1 keeps threads from waiting on each other")  # fmt: skip
-    parser.add_argument("--moe-grouped-gemm", action="store_true",
-                        help="also megatron_r1 with --moe-grouped-gemm (megatron_r1/experts.py), compared with "
-                             "the default SequentialMLP experts")  # fmt: skip
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for both (default: torch's choice); on a machine shared with "
+        "other work, 1 keeps threads from waiting on each other",
+    )
+    parser.add_argument(
+        "--moe-grouped-gemm",
+        action="store_true",
+        help="also megatron_r1 with --moe-grouped-gemm (megatron_r1/experts.py), compared with "
+        "the default SequentialMLP experts",
+    )
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
     parser.add_argument("--profile-rows", type=int, default=15)
     options = parser.parse_args(argv)
@@ -393,38 +412,56 @@ def main(argv=None) -> None:
         for figures in result["impls"].values():
             figures["mfu"] = figures["flops_per_s"] / peak
 
-    print(f"\ndevice: {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"transformers {transformers.__version__}")  # fmt: skip
-    print(f"peak: {peak / 1e9:.1f} GFLOP/s ({peak_how}; before the runs {peak_before / 1e9:.1f}, "
-          f"after {peak_after / 1e9:.1f})")  # fmt: skip
+    print(
+        f"\ndevice: {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"transformers {transformers.__version__}"
+    )
+    print(
+        f"peak: {peak / 1e9:.1f} GFLOP/s ({peak_how}; before the runs {peak_before / 1e9:.1f}, "
+        f"after {peak_after / 1e9:.1f})"
+    )
     if device.type == "cpu":
         print(f"load average at the end: {os.getloadavg()[0]:.1f} (a shared machine slows both sides alike)")
-    print("step ms: median over rounds; best: the fastest round (interference from other processes only adds "
-          "time); spread: (slowest - fastest round) / median")
+    print(
+        "step ms: median over rounds; best: the fastest round (interference from other processes only adds "
+        "time); spread: (slowest - fastest round) / median"
+    )
     for result in results:
         count = result["count"]
-        print(f"\n{result['config']}: {human_count(count.total_params)} params, "
-              f"{human_count(count.active_params)} active, {count.tokens_per_iteration} tokens/step, "
-              f"{count.flops_per_iteration:.3e} FLOPs/step")  # fmt: skip
+        print(
+            f"\n{result['config']}: {human_count(count.total_params)} params, "
+            f"{human_count(count.active_params)} active, {count.tokens_per_iteration} tokens/step, "
+            f"{count.flops_per_iteration:.3e} FLOPs/step"
+        )
         for impl, description in result["implementations"].items():
             print(f"  {impl}: {description}")
-        print(f"{'config':<14} {'implementation':<15} {'step ms':>9} {'best ms':>9} {'spread':>7} {'tokens/s':>10} "
-              f"{'MFU':>7}  host syncs per step")  # fmt: skip
+        print(
+            f"{'config':<14} {'implementation':<15} {'step ms':>9} {'best ms':>9} {'spread':>7} {'tokens/s':>10} "
+            f"{'MFU':>7}  host syncs per step"
+        )
         for impl, figures in result["impls"].items():
-            syncs = ", ".join(f"{what} {n}" for what, n in figures["host_syncs"].items() if n or what != "cuda sync debug")
-            print(f"{result['config']:<14} {impl:<15} {figures['step_ms']:>9.1f} {figures['best_ms']:>9.1f} "
-                  f"{100 * figures['spread']:>6.0f}% {figures['tokens_per_s']:>10.1f} {100 * figures['mfu']:>6.2f}%  "
-                  f"{syncs}")  # fmt: skip
+            syncs = ", ".join(
+                f"{what} {n}" for what, n in figures["host_syncs"].items() if n or what != "cuda sync debug"
+            )
+            print(
+                f"{result['config']:<14} {impl:<15} {figures['step_ms']:>9.1f} {figures['best_ms']:>9.1f} "
+                f"{100 * figures['spread']:>6.0f}% {figures['tokens_per_s']:>10.1f} {100 * figures['mfu']:>6.2f}%  "
+                f"{syncs}"
+            )
         if GROUPED in result["impls"]:
             sequential, grouped = result["impls"]["megatron_r1"], result["impls"][GROUPED]
             ratio = grouped["tokens_per_s"] / sequential["tokens_per_s"]
-            print(f"ratio --moe-grouped-gemm / SequentialMLP tokens/s: {ratio:.2f} (target: at least 1.00); "
-                  f"best rounds: {sequential['best_ms'] / grouped['best_ms']:.2f}")
+            print(
+                f"ratio --moe-grouped-gemm / SequentialMLP tokens/s: {ratio:.2f} (target: at least 1.00); "
+                f"best rounds: {sequential['best_ms'] / grouped['best_ms']:.2f}"
+            )
         ours, peer = result["impls"]["megatron_r1"], result["impls"]["transformers"]
         ratio = ours["tokens_per_s"] / peer["tokens_per_s"]
         verdict = "meets" if ratio >= 1.3 else "misses"
-        print(f"ratio megatron_r1 / transformers tokens/s: {ratio:.2f} ({verdict} the 1.3x target); "
-              f"best rounds: {peer['best_ms'] / ours['best_ms']:.2f}")
+        print(
+            f"ratio megatron_r1 / transformers tokens/s: {ratio:.2f} ({verdict} the 1.3x target); "
+            f"best rounds: {peer['best_ms'] / ours['best_ms']:.2f}"
+        )
 
 
 if __name__ == "__main__":

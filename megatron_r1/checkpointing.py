@@ -304,8 +304,10 @@ def refuse_executable_pickles(path: str) -> None:
             continue
         shard_file = os.path.join(path, storage.relative_path)
         if storage.transform_descriptors:
-            raise CheckpointError(f"{shard_file}: {index.fqn} is stored transformed {storage.transform_descriptors}; "
-                                  f"such objects cannot be checked for code before loading")  # fmt: skip
+            raise CheckpointError(
+                f"{shard_file}: {index.fqn} is stored transformed {storage.transform_descriptors}; "
+                f"such objects cannot be checked for code before loading"
+            )
         with open(shard_file, "rb") as f:
             f.seek(storage.offset)
             payload = f.read(storage.length)
@@ -379,8 +381,9 @@ def load_weights(path: str, modules: list, keep=None) -> None:
     loaded = read_checkpoint(path, sharded)
     for name, module in zip(names, modules):
         result = module.load_state_dict(loaded[name], strict=False)
-        missing = [key for key in result.missing_keys
-                   if (keep is None or keep(key)) and not key.endswith("_extra_state")]  # fmt: skip
+        missing = [
+            key for key in result.missing_keys if (keep is None or keep(key)) and not key.endswith("_extra_state")
+        ]
         if missing:
             raise CheckpointError(f"{path} lacks weights of this model: {', '.join(missing[:5])}")
 
@@ -423,8 +426,10 @@ def load_checkpoint(args, state) -> bool:
     # Weights-only loads (generation, conversion) pass a state without an optimizer.
     saved_parts = metadata.get("optimizer_parts", 1)
     if load_optimizer and saved_parts == 0:
-        raise CheckpointError(f"{path}: saved without its optimizer state (--no-save-optim); resume from it with "
-                              "--no-load-optim (fresh optimizer moments) or --finetune")
+        raise CheckpointError(
+            f"{path}: saved without its optimizer state (--no-save-optim); resume from it with "
+            "--no-load-optim (fresh optimizer moments) or --finetune"
+        )
     if load_optimizer and saved_parts != _optimizer_parts(state.optimizer):
         raise CheckpointError(
             f"{path}: its optimizer state was saved in {saved_parts} part(s) (layout {metadata['layout']}), this layout "

@@ -54,33 +54,60 @@ LORA_CONFIG_FILE = "lora.json"
 
 def add_finetuning_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("fine-tuning")
-    group.add_argument("--pretrained-checkpoint", default=None,
-                       help="checkpoint directory to start from (weights only); none: random initialisation")
-    group.add_argument("--no-pack-sequences", action="store_true",
-                       help="one sample per sequence (padded) instead of packing several")
-    group.add_argument("--embedding-dropout", type=float, default=None, help="on the embeddings; default --hidden-dropout")
-    group.add_argument("--ffn-dropout", type=float, default=0.0,
-                       help="on the FFN's inner activations (dense, shared and routed experts)")
-    group.add_argument("--unfreeze-schedule", nargs="+", default=None, metavar="ITER:LAYERS",
-                       help="progressive unfreezing, top layers first: e.g. 0:1 50:2 100:all trains the top 1 layer "
-                            "(with the final norm and output layer; tied word embeddings count as the output layer) from iteration 0, "
-                            "the top 2 from 50, everything from 100")
-    group.add_argument("--early-stop-patience", type=int, default=3,
-                       help="stop after this many evaluations without a better validation loss (0: never)")
-    group.add_argument("--early-stop-min-delta", type=float, default=0.0, help="smallest decrease that counts as better")
+    group.add_argument(
+        "--pretrained-checkpoint",
+        default=None,
+        help="checkpoint directory to start from (weights only); none: random initialisation",
+    )
+    group.add_argument(
+        "--no-pack-sequences", action="store_true", help="one sample per sequence (padded) instead of packing several"
+    )
+    group.add_argument(
+        "--embedding-dropout", type=float, default=None, help="on the embeddings; default --hidden-dropout"
+    )
+    group.add_argument(
+        "--ffn-dropout",
+        type=float,
+        default=0.0,
+        help="on the FFN's inner activations (dense, shared and routed experts)",
+    )
+    group.add_argument(
+        "--unfreeze-schedule",
+        nargs="+",
+        default=None,
+        metavar="ITER:LAYERS",
+        help="progressive unfreezing, top layers first: e.g. 0:1 50:2 100:all trains the top 1 layer "
+        "(with the final norm and output layer; tied word embeddings count as the output layer) from iteration 0, "
+        "the top 2 from 50, everything from 100",
+    )
+    group.add_argument(
+        "--early-stop-patience",
+        type=int,
+        default=3,
+        help="stop after this many evaluations without a better validation loss (0: never)",
+    )
+    group.add_argument(
+        "--early-stop-min-delta", type=float, default=0.0, help="smallest decrease that counts as better"
+    )
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora", action="store_true", help="train LoRA adapters on a frozen base model")
     lora.add_argument("--lora-rank", type=int, default=16)
     lora.add_argument("--lora-alpha", type=float, default=32.0)
     lora.add_argument("--lora-dropout", type=float, default=0.0)
-    lora.add_argument("--lora-target-modules", nargs="+", default=["attention", "mlp", "shared_experts", "experts"],
-                      help="components (attention, mlp, shared_experts, experts), linear names (linear_qkv, linear_proj, "
-                           "linear_fc1, linear_fc2, MLA's linear_q_proj/linear_q_down_proj/linear_q_up_proj/"
-                           "linear_kv_down_proj/linear_kv_up_proj) or COMPONENT.LINEAR")
+    lora.add_argument(
+        "--lora-target-modules",
+        nargs="+",
+        default=["attention", "mlp", "shared_experts", "experts"],
+        help="components (attention, mlp, shared_experts, experts), linear names (linear_qkv, linear_proj, "
+        "linear_fc1, linear_fc2, MLA's linear_q_proj/linear_q_down_proj/linear_q_up_proj/"
+        "linear_kv_down_proj/linear_kv_up_proj) or COMPONENT.LINEAR",
+    )
 
     kd = parser.add_argument_group("knowledge distillation")
-    kd.add_argument("--teacher-load", default=None, help="teacher checkpoint directory (its shape from its megatron_r1.json)")
+    kd.add_argument(
+        "--teacher-load", default=None, help="teacher checkpoint directory (its shape from its megatron_r1.json)"
+    )
     kd.add_argument("--kd-ce-weight", type=float, default=0.5, help="weight of the cross entropy on the labels")
     kd.add_argument("--kd-kl-weight", type=float, default=0.5, help="weight of T^2 x KL to the teacher")
     kd.add_argument("--kd-temperature", type=float, default=2.0)
@@ -135,15 +162,19 @@ def validate_finetuning_args(args, error) -> None:
     if args.eod_mask_loss:
         error("--eod-mask-loss is for pre-training documents: fine-tuning samples carry their own loss masks")
     if args.reset_attention_mask or args.reset_position_ids:
-        error("--reset-attention-mask/--reset-position-ids are for pre-training documents: packed fine-tuning "
-              "samples never attend to each other and count their own positions")
+        error(
+            "--reset-attention-mask/--reset-position-ids are for pre-training documents: packed fine-tuning "
+            "samples never attend to each other and count their own positions"
+        )
     data_path, args.data_path = args.data_path, None
     args.mock_data = True  # the shared checks, minus pre-training's indexed-data ones (SFT data is checked below)
     validate_args(args, error)
     args.mock_data = False
     if args.transformer_impl == "transformer_engine" and not args.no_pack_sequences:
-        error("packed fine-tuning samples need --transformer-impl local (TransformerEngine's causal attention takes "
-              "no per-sample mask and would attend across samples), or --no-pack-sequences")
+        error(
+            "packed fine-tuning samples need --transformer-impl local (TransformerEngine's causal attention takes "
+            "no per-sample mask and would attend across samples), or --no-pack-sequences"
+        )
     args.data_path = _check_data_paths(data_path, "--data-path", error)
     if args.valid_data_path:
         args.valid_data_path = _check_data_paths(args.valid_data_path, "--valid-data-path", error)
@@ -160,8 +191,10 @@ def validate_finetuning_args(args, error) -> None:
         if args.lora:
             error("--unfreeze-schedule is for full-parameter fine-tuning, not --lora")
         if args.bf16 or args.use_distributed_optimizer:
-            error("--unfreeze-schedule supports the fp32, non-distributed optimizer only (no --bf16, "
-                  "no --use-distributed-optimizer)")
+            error(
+                "--unfreeze-schedule supports the fp32, non-distributed optimizer only (no --bf16, "
+                "no --use-distributed-optimizer)"
+            )
         args.unfreeze_schedule = _parse_unfreeze_schedule(args.unfreeze_schedule, args.num_layers, error)
     if args.teacher_load:
         if args.pipeline_model_parallel_size > 1:
@@ -216,7 +249,9 @@ def prepare_model_chunk(args, chunk) -> None:
         add_adapters_to_duplicated_linears(chunk, lora_config(args))
         trainable = freeze_base_model(chunk)
         total = sum(p.numel() for p in chunk.parameters())
-        print_rank_last(f" LoRA: {trainable} trainable parameters of {total} on this rank ({100 * trainable / total:.2f}%)")
+        print_rank_last(
+            f" LoRA: {trainable} trainable parameters of {total} on this rank ({100 * trainable / total:.2f}%)"
+        )
         checkpoint_adapters_only(chunk)
 
 
@@ -250,7 +285,9 @@ def sft_forward_step(data_iterator, model):
     """Packed SFT batch -> per-token loss; the loss is over the response tokens."""
     batch = platform.to_device(next(data_iterator))
     attention_mask, position_ids = packed_attention_inputs(batch["segment_ids"])
-    per_token_loss = model(batch["tokens"], position_ids, attention_mask, labels=batch["labels"], loss_mask=batch["loss_mask"])
+    per_token_loss = model(
+        batch["tokens"], position_ids, attention_mask, labels=batch["labels"], loss_mask=batch["loss_mask"]
+    )
 
     def loss_func(per_token_loss):
         return micro_batch_loss(per_token_loss, batch["loss_mask"])
@@ -288,8 +325,9 @@ def vocab_parallel_kl(student_logits, teacher_logits, temperature: float, vocab_
     def log_softmax(logits):
         logits = (logits.float() / temperature).masked_fill(~real, -1e9)  # padding ids are no outcome
         maximum = logits.max(dim=-1, keepdim=True).values.detach()
-        torch.distributed.all_reduce(maximum, op=torch.distributed.ReduceOp.MAX,
-                                     group=parallel_state.get_tensor_model_parallel_group())  # fmt: skip
+        torch.distributed.all_reduce(
+            maximum, op=torch.distributed.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group()
+        )
         # Each rank's KL term below takes log Z from all ranks' logits: its gradient sums too.
         sum_exp = _SumOverTensorParallelRanks.apply((logits - maximum).exp().sum(dim=-1, keepdim=True))
         return logits - maximum - sum_exp.log()
@@ -314,7 +352,9 @@ def distillation_forward_step(args, teacher, data_iterator, model):
     output_layer = model.module.output_layer
     handle = output_layer.register_forward_hook(partial(_capture_last_output, captured))
     try:
-        per_token_loss = model(batch["tokens"], position_ids, attention_mask, labels=batch["labels"], loss_mask=batch["loss_mask"])
+        per_token_loss = model(
+            batch["tokens"], position_ids, attention_mask, labels=batch["labels"], loss_mask=batch["loss_mask"]
+        )
     finally:
         handle.remove()
     kl = vocab_parallel_kl(captured["logits"].transpose(0, 1), teacher_logits, args.kd_temperature, args.vocab_size)
@@ -342,8 +382,10 @@ def build_teacher(args):
         raise CheckpointError(f"--teacher-load {args.teacher_load}: no checkpoint there")
     targs = teacher_args(args, read_metadata(path))
     if targs.padded_vocab_size != args.padded_vocab_size:
-        raise CheckpointError(f"--teacher-load {path}: vocabulary of {targs.padded_vocab_size} (padded) ids, the "
-                              f"student has {args.padded_vocab_size}; teacher and student need one tokenizer")  # fmt: skip
+        raise CheckpointError(
+            f"--teacher-load {path}: vocabulary of {targs.padded_vocab_size} (padded) ids, the "
+            f"student has {args.padded_vocab_size}; teacher and student need one tokenizer"
+        )
     # Without its MTP layers: the teacher gives next-token logits, and megatron-core runs MTP
     # layers only with labels.
     (teacher,) = build_model(targs, with_mtp=False, initialize=False)
@@ -375,8 +417,9 @@ class EarlyStopping:
 
     def __call__(self, args, state, valid_loss) -> bool:
         # The loss lives on the last pipeline stage; every rank must take the same decision.
-        loss = torch.tensor([valid_loss if valid_loss is not None else 0.0], dtype=torch.float64,
-                            device=platform.compute_device())  # NCCL takes device tensors only
+        loss = torch.tensor(
+            [valid_loss if valid_loss is not None else 0.0], dtype=torch.float64, device=platform.compute_device()
+        )  # NCCL takes device tensors only
         torch.distributed.broadcast(loss, src=torch.distributed.get_world_size() - 1)
         loss = loss.item()
         self.losses.append((state.iteration, loss))
@@ -387,8 +430,10 @@ class EarlyStopping:
             self.evaluations_without_improvement += 1
         stop = bool(self.patience) and self.evaluations_without_improvement >= self.patience
         if stop:
-            print_rank_last(f" early stopping at iteration {state.iteration}: no better validation loss in "
-                            f"{self.patience} evaluations")  # fmt: skip
+            print_rank_last(
+                f" early stopping at iteration {state.iteration}: no better validation loss in "
+                f"{self.patience} evaluations"
+            )
         if stop or state.iteration >= args.train_iters:
             self.restore_best(args, state)
         return stop
@@ -400,7 +445,9 @@ class EarlyStopping:
             for param, best in zip(self._trainable(state), self._best_weights):
                 param.copy_(best)
         state.optimizer.reload_model_params()  # mixed precision: the fp32 main copies too
-        print_rank_last(f" restored the best weights (iteration {self.best_iteration}, validation loss {self.best_loss:.6E})")
+        print_rank_last(
+            f" restored the best weights (iteration {self.best_iteration}, validation loss {self.best_loss:.6E})"
+        )
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             save_checkpoint(args, state)  # train() just saved this iteration with the later weights
 
@@ -445,7 +492,9 @@ class ProgressiveUnfreezing:
                         param._frozen_main_grad = None
                     elif not trainable and param.main_grad is not None:
                         param._frozen_main_grad, param.main_grad = param.main_grad, None
-        print_rank_last(f" unfreezing: from iteration {state.iteration}, the top {layers} of {self.num_layers} layers train")
+        print_rank_last(
+            f" unfreezing: from iteration {state.iteration}, the top {layers} of {self.num_layers} layers train"
+        )
 
 
 # ---- the whole setup ---------------------------------------------------------------------------

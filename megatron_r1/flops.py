@@ -186,9 +186,10 @@ def _layer(args, is_moe: bool, layer_number: int) -> dict[str, ComponentCount]:
         return counts
     expert = _mlp(args, hidden, args.moe_ffn_hidden_size or ffn_hidden_size, bias)
     counts["routed_experts"] = ComponentCount(
-        expert.total * args.num_experts, expert.active * args.moe_router_topk,
+        expert.total * args.num_experts,
+        expert.active * args.moe_router_topk,
         expert.flops_per_token * args.moe_router_topk,
-    )  # fmt: skip
+    )
     counts["router"] = _linear(hidden, args.num_experts, bias)
     if args.moe_shared_expert_intermediate_size:
         counts["shared_experts"] = _mlp(args, hidden, args.moe_shared_expert_intermediate_size, bias)
@@ -252,10 +253,11 @@ def summary(count: ModelCount) -> str:
     """One line, e.g. 'total 682.5B params (MTP 11.5B), active 38.2B per token, 3.6e+19 FLOPs/iteration'."""
     mtp = count.components["mtp"].total
     return (
-        f"total {human_count(count.total_params)} params" + (f" (MTP {human_count(mtp)})" if mtp else "")
+        f"total {human_count(count.total_params)} params"
+        + (f" (MTP {human_count(mtp)})" if mtp else "")
         + f", active {human_count(count.active_params)} per token"
         + f", {count.flops_per_iteration:.2e} FLOPs/iteration"
-    )  # fmt: skip
+    )
 
 
 def breakdown_table(count: ModelCount) -> str:

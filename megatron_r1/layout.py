@@ -34,9 +34,15 @@ class ParallelSizes:
         tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
         etp = args.expert_tensor_parallel_size or tp
         return cls(
-            world=args.world_size, tp=tp, pp=pp, dp=args.data_parallel_size, ep=ep, etp=etp,
-            expert_dp=args.world_size // (etp * ep * pp), vpp=args.virtual_pipeline_model_parallel_size or 1,
-        )  # fmt: skip
+            world=args.world_size,
+            tp=tp,
+            pp=pp,
+            dp=args.data_parallel_size,
+            ep=ep,
+            etp=etp,
+            expert_dp=args.world_size // (etp * ep * pp),
+            vpp=args.virtual_pipeline_model_parallel_size or 1,
+        )
 
     def dense_groups(self, kind: str) -> list[list[int]]:
         """All groups of ``kind`` ("tp", "dp" or "pp") of the attention / dense part."""
@@ -77,9 +83,12 @@ def decoder_layers_per_stage(num_layers: int, pp: int, first: int | None = None,
     splits = (rest > 0 and rest % even_stages == 0) if even_stages else rest == 0
     if not splits:
         named = (f" minus --decoder-first-pipeline-num-layers ({first})" if first is not None else "") + (
-            f" minus --decoder-last-pipeline-num-layers ({last})" if last is not None else "")
-        raise ValueError(f"--num-layers ({num_layers}){named} leaves {rest} layers, which do not split evenly over "
-                         f"the other {even_stages} of --pipeline-model-parallel-size ({pp}) stages")
+            f" minus --decoder-last-pipeline-num-layers ({last})" if last is not None else ""
+        )
+        raise ValueError(
+            f"--num-layers ({num_layers}){named} leaves {rest} layers, which do not split evenly over "
+            f"the other {even_stages} of --pipeline-model-parallel-size ({pp}) stages"
+        )
     return [rest // even_stages if count is None else count for count in counts]
 
 
@@ -97,9 +106,13 @@ def pipeline_stages(args, sizes: ParallelSizes) -> list[StageContents]:
         first_layer += decoder_layers
     return [
         StageContents(
-            stage=stage, ranks=[group[stage] for group in stage_ranks], layers=layers,
-            moe_layers=sum(pattern[layer] for layer in layers), embedding=stage == 0,
-            output_layer=stage == sizes.pp - 1, mtp_layers=sum(mtp for _, mtp in chunks[stage::sizes.pp]),
+            stage=stage,
+            ranks=[group[stage] for group in stage_ranks],
+            layers=layers,
+            moe_layers=sum(pattern[layer] for layer in layers),
+            embedding=stage == 0,
+            output_layer=stage == sizes.pp - 1,
+            mtp_layers=sum(mtp for _, mtp in chunks[stage :: sizes.pp]),
         )  # fmt: skip
         for stage, layers in enumerate(stages)
     ]
@@ -109,14 +122,19 @@ def _chunk_contents(args, sizes: ParallelSizes) -> list[tuple[int, int]]:
     """(decoder layers, MTP layers) of each of the PP x VPP model chunks, in layer order."""
     if args.pipeline_model_parallel_layout:
         layout = PipelineParallelLayerLayout(args.pipeline_model_parallel_layout, sizes.pp)
-        return [(layout.layout[chunk % sizes.pp][chunk // sizes.pp].count(LayerType.decoder),
-                 layout.layout[chunk % sizes.pp][chunk // sizes.pp].count(LayerType.mtp))
-                for chunk in range(sizes.pp * sizes.vpp)]  # fmt: skip
+        return [
+            (
+                layout.layout[chunk % sizes.pp][chunk // sizes.pp].count(LayerType.decoder),
+                layout.layout[chunk % sizes.pp][chunk // sizes.pp].count(LayerType.mtp),
+            )
+            for chunk in range(sizes.pp * sizes.vpp)
+        ]
     if sizes.vpp > 1:
         per_chunk = [args.num_layers // (sizes.pp * sizes.vpp)] * (sizes.pp * sizes.vpp)
     else:
-        per_chunk = decoder_layers_per_stage(args.num_layers, sizes.pp, args.decoder_first_pipeline_num_layers,
-                                             args.decoder_last_pipeline_num_layers)  # fmt: skip
+        per_chunk = decoder_layers_per_stage(
+            args.num_layers, sizes.pp, args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers
+        )
     mtp = [0] * (len(per_chunk) - 1) + [args.mtp_num_layers or 0]
     return list(zip(per_chunk, mtp))
 
@@ -163,11 +181,14 @@ def describe_layout(args, gpus_per_node: int) -> str:
     if args.num_experts:
         local = args.num_experts // sizes.ep
         held = f"experts {local}k to {local}k+{local - 1}" if local > 1 else "expert k"
-        lines.append(f"  experts: ETP {sizes.etp} x EP {sizes.ep} x expert-DP {sizes.expert_dp} x PP {sizes.pp}; "
-                     f"{local} of {args.num_experts} per EP rank (EP rank k holds {held})")  # fmt: skip
+        lines.append(
+            f"  experts: ETP {sizes.etp} x EP {sizes.ep} x expert-DP {sizes.expert_dp} x PP {sizes.pp}; "
+            f"{local} of {args.num_experts} per EP rank (EP rank k holds {held})"
+        )
         groups.update(EP=sizes.expert_groups("ep"), ETP=sizes.expert_groups("tp"), EDP=sizes.expert_groups("dp"))
-    lines.append("  rank 0's groups: " + "; ".join(f"{name} [{format_ranks(_group_of(g, 0))}]"
-                                                  for name, g in groups.items()))  # fmt: skip
+    lines.append(
+        "  rank 0's groups: " + "; ".join(f"{name} [{format_ranks(_group_of(g, 0))}]" for name, g in groups.items())
+    )
     for stage in pipeline_stages(args, sizes):
         held = [f"layers {_layer_ranges(stage.layers)} ({len(stage.layers) - stage.moe_layers} dense, "
                 f"{stage.moe_layers} MoE)"]  # fmt: skip
@@ -180,6 +201,8 @@ def describe_layout(args, gpus_per_node: int) -> str:
         lines.append(f"  pipeline stage {stage.stage} (ranks {format_ranks(stage.ranks)}): " + ", ".join(held))
     for name, size in (("tensor-parallel", sizes.tp), ("expert-tensor-parallel", sizes.etp)):
         if size > gpus_per_node or gpus_per_node % size:
-            lines.append(f"  warning: {name} groups of {size} cross node boundaries ({gpus_per_node} GPUs per "
-                         "node): their all-reduces would run over the inter-node network")  # fmt: skip
+            lines.append(
+                f"  warning: {name} groups of {size} cross node boundaries ({gpus_per_node} GPUs per "
+                "node): their all-reduces would run over the inter-node network"
+            )
     return "\n".join(lines)

@@ -40,7 +40,12 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 ADAPTER_PARAMS = ("lora_a", "lora_b")
 COMPONENTS = ("attention", "mlp", "shared_experts", "experts")
 # The spec field under which each component's linears sit.
-_COMPONENT_FIELDS = {"self_attention": "attention", "mlp": "mlp", "shared_experts": "shared_experts", "experts": "experts"}
+_COMPONENT_FIELDS = {
+    "self_attention": "attention",
+    "mlp": "mlp",
+    "shared_experts": "shared_experts",
+    "experts": "experts",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +71,9 @@ def initialize_adapter_a(tensor):
 class _Adapter:
     """What the three LoRA linears share: parameters, the adapter path, merging, sharding."""
 
-    def _add_adapters(self, lora: LoRAConfig, in_features: int, out_features: int, split: str | None, tp_size: int, tp_rank: int):
+    def _add_adapters(
+        self, lora: LoRAConfig, in_features: int, out_features: int, split: str | None, tp_size: int, tp_rank: int
+    ):
         """``split``: "a_input" (row-parallel), "b_output" (column-parallel) or None; the sizes are the
         full (unsplit) ones, and both matrices are drawn whole then sliced, so every TP layout
         starts from the same adapters for the same seed."""
@@ -78,10 +85,17 @@ class _Adapter:
         self.lora_a = torch.nn.Parameter(torch.empty(lora.rank, a_in, dtype=dtype))
         self.lora_b = torch.nn.Parameter(torch.zeros(b_out, lora.rank, dtype=dtype))
         _initialize_affine_weight_cpu(
-            self.lora_a, lora.rank, in_features, a_in, 1, initialize_adapter_a, params_dtype=dtype,
-            rank=tp_rank if split == "a_input" else 0, world_size=tp_size if split == "a_input" else 1,
+            self.lora_a,
+            lora.rank,
+            in_features,
+            a_in,
+            1,
+            initialize_adapter_a,
+            params_dtype=dtype,
+            rank=tp_rank if split == "a_input" else 0,
+            world_size=tp_size if split == "a_input" else 1,
             skip_set_tensor_parallel_attributes=True,
-        )  # fmt: skip
+        )
         # An expert's adapters (expert-TP 1) exist on one expert-parallel rank, which may be any
         # tensor-parallel rank: megatron-core counts a parameter not marked tensor-parallel in the
         # gradient norm on tensor-parallel rank 0 only, which would leave the others' out.
@@ -124,9 +138,13 @@ class _Adapter:
         elif self.lora_split == "b_output":
             axes["lora_b"] = 0
         sharded = make_sharded_tensors_for_checkpoint(
-            self.state_dict(prefix="", keep_vars=True), prefix, axes, sharded_offsets,
-            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
-        )  # fmt: skip
+            self.state_dict(prefix="", keep_vars=True),
+            prefix,
+            axes,
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
         if glu_output:
             # fc1 of a gated MLP holds [gate; up] per rank: B's rows follow W's (swiglu) layout.
             key = f"{prefix}lora_b"
@@ -136,8 +154,10 @@ class _Adapter:
 
 def _check_expert_tp(layer):
     if getattr(layer, "explicit_expert_comm", False) and layer.tp_group.size() > 1:
-        raise ValueError("LoRA on routed experts needs --expert-tensor-parallel-size 1 (adapters inside "
-                         "expert tensor parallelism are not supported); leave 'experts' out of --lora-target-modules")  # fmt: skip
+        raise ValueError(
+            "LoRA on routed experts needs --expert-tensor-parallel-size 1 (adapters inside "
+            "expert tensor parallelism are not supported); leave 'experts' out of --lora-target-modules"
+        )
 
 
 class LoRAColumnParallelLinear(tensor_parallel.ColumnParallelLinear, _Adapter):

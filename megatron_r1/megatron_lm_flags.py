@@ -28,7 +28,7 @@ IGNORED_SWITCHES = {
     "--no-rope-fusion": "megatron-r1 does not turn megatron-core's RoPE fusion on",
     "--accumulate-allreduce-grads-in-fp32": "gradients are always accumulated and all-reduced in fp32",
     "--attention-softmax-in-fp32": "the attention softmax runs in fp32 already (megatron-core's default; the fused "
-                                   "SDPA kernels accumulate in fp32)",
+    "SDPA kernels accumulate in fp32)",
 }
 
 # GPU kernel choices megatron-core implements with CUDA-only kernels (TransformerEngine, DeepEP); the
@@ -44,13 +44,21 @@ GPU_KERNEL_CHOICES = {
 
 # Megatron-LM flags whose only value here is their default -> (default, type, why).
 DEFAULT_ONLY = {
-    "--context-parallel-size": (1, int, "context parallelism is not supported (long sequences: "
-                                        "--recompute-granularity, --sequence-parallel)"),
+    "--context-parallel-size": (
+        1,
+        int,
+        "context parallelism is not supported (long sequences: --recompute-granularity, --sequence-parallel)",
+    ),
     "--rotary-percent": (1.0, float, "partial RoPE is not supported"),
-    "--rotary-seq-len-interpolation-factor": (1.0, float, "RoPE position interpolation is not supported (DeepSeek's "
-                                                          "long-context scaling: --rope-type yarn)"),
-    **{flag: ("fp32", str, "low-precision optimizer state is not supported (it is kept in fp32)")
-       for flag in ("--main-grads-dtype", "--main-params-dtype", "--exp-avg-dtype", "--exp-avg-sq-dtype")},
+    "--rotary-seq-len-interpolation-factor": (
+        1.0,
+        float,
+        "RoPE position interpolation is not supported (DeepSeek's long-context scaling: --rope-type yarn)",
+    ),
+    **{
+        flag: ("fp32", str, "low-precision optimizer state is not supported (it is kept in fp32)")
+        for flag in ("--main-grads-dtype", "--main-params-dtype", "--exp-avg-dtype", "--exp-avg-sq-dtype")
+    },
 }
 
 # Megatron-LM flags of features megatron-r1 does not have -> what to do instead.
@@ -64,9 +72,9 @@ UNSUPPORTED = {
     "--wandb-save-dir": "Weights & Biases is not built in: use --tensorboard-dir or --metrics-port",
     "--use-precision-aware-optimizer": "low-precision optimizer state is not supported (it is kept in fp32)",
     "--optimizer-cpu-offload": "optimizer offloading is not supported: shard the optimizer state with "
-                               "--use-distributed-optimizer",
+    "--use-distributed-optimizer",
     "--optimizer-offload-fraction": "optimizer offloading is not supported: shard the optimizer state with "
-                                    "--use-distributed-optimizer",
+    "--use-distributed-optimizer",
     "--overlap-cpu-optimizer-d2h-h2d": "optimizer offloading is not supported",
     "--cpu-offloading-num-layers": "activation offloading is not supported: use --recompute-granularity",
     "--use-megatron-fsdp": "FSDP is not supported: --use-distributed-optimizer shards the optimizer state",
@@ -74,7 +82,7 @@ UNSUPPORTED = {
     "--data-parallel-sharding-strategy": "FSDP is not supported: --use-distributed-optimizer shards the optimizer state",
     "--tp-comm-overlap": "TransformerEngine's tensor-parallel communication overlap (userbuffers) is not set up",
     "--overlap-moe-expert-parallel-comm": "overlapping expert-parallel communication with another micro-batch is "
-                                         "not supported",
+    "not supported",
     "--delay-wgrad-compute": "it goes with --overlap-moe-expert-parallel-comm, which is not supported",
     "--fp8-param-gather": "fp8 parameter all-gather is not supported (fp8 compute is: --fp8-format)",
     "--reuse-grad-buf-for-mxfp8-param-ag": "fp8 parameter all-gather is not supported (fp8 compute is: --fp8-format)",
@@ -83,9 +91,9 @@ UNSUPPORTED = {
     "--rampup-batch-size": "batch-size ramp-up is not supported",
     "--step-batch-size-schedule": "batch-size ramp-up is not supported",
     "--vocab-file": "GPT-2 BPE tokenizers are not supported: --tokenizer-type SentencePieceTokenizer or "
-                    "HuggingFaceTokenizer with --tokenizer-model",
+    "HuggingFaceTokenizer with --tokenizer-model",
     "--merge-file": "GPT-2 BPE tokenizers are not supported: --tokenizer-type SentencePieceTokenizer or "
-                    "HuggingFaceTokenizer with --tokenizer-model",
+    "HuggingFaceTokenizer with --tokenizer-model",
     "--apply-layernorm-1p": "zero-centred norm weights are not supported",
     "--use-rope-scaling": "Llama-3 RoPE scaling is not supported (DeepSeek's long-context scaling: --rope-type yarn)",
 }
@@ -105,17 +113,29 @@ def add_megatron_lm_arguments(parser: argparse.ArgumentParser) -> None:
     """Megatron-LM's switches that change nothing here, and its flags that take only the value
     meaning "off" here (any other value is refused in validate_megatron_lm_arguments)."""
     group = parser.add_argument_group(
-        "Megatron-LM compatibility", "accepted so that Megatron-LM scripts run unchanged; each says why it "
-        "changes nothing here")  # fmt: skip
+        "Megatron-LM compatibility",
+        "accepted so that Megatron-LM scripts run unchanged; each says why it changes nothing here",
+    )
     for flag, reason in IGNORED_SWITCHES.items():
         group.add_argument(flag, action=_Ignored, help=reason)
-    group.add_argument("--num-workers", type=int, default=None,
-                       help="ignored: samples are read in the training process (memory-mapped slices need no "
-                            "loader processes)")
-    group.add_argument("--dataloader-type", choices=["single"], default="single",
-                       help="the order of Megatron-LM's default sampler (the dataset's samples are shuffled)")
-    group.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist",
-                       help="megatron-core's dist_checkpointing format, the only one")
+    group.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="ignored: samples are read in the training process (memory-mapped slices need no loader processes)",
+    )
+    group.add_argument(
+        "--dataloader-type",
+        choices=["single"],
+        default="single",
+        help="the order of Megatron-LM's default sampler (the dataset's samples are shuffled)",
+    )
+    group.add_argument(
+        "--ckpt-format",
+        choices=["torch_dist"],
+        default="torch_dist",
+        help="megatron-core's dist_checkpointing format, the only one",
+    )
     for flag, (default, value_type, reason) in DEFAULT_ONLY.items():
         group.add_argument(flag, type=value_type, default=default, help=f"only {_shown(default)}: {reason}")
 
@@ -140,8 +160,10 @@ def validate_megatron_lm_arguments(args, error) -> None:
             setattr(args, dest, off)
             fallen_back.append(flag)
     if fallen_back and int(os.environ.get("RANK", "0")) == 0:
-        print(f"without CUDA, the plain megatron-core path stands in for {', '.join(fallen_back)} (same results)",
-              file=sys.stderr)
+        print(
+            f"without CUDA, the plain megatron-core path stands in for {', '.join(fallen_back)} (same results)",
+            file=sys.stderr,
+        )
 
 
 def parse_known_flags(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:

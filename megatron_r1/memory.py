@@ -158,7 +158,8 @@ def _head_activation_bytes_per_token(args, sizes: ParallelSizes, vocab: int) -> 
     mtp_layer = (
         5 * hidden_input  # the shifted tokens' embedding, enorm and hnorm inputs, eh_proj's 2-wide input
         + layer_activation_bytes_per_token(args, moe_layer_pattern(args)[-1], sizes)
-        + 2 * hidden_input + logits  # final norm, output layer, logits again
+        + 2 * hidden_input
+        + logits  # final norm, output layer, logits again
     )
     return total + (args.mtp_num_layers or 0) * mtp_layer
 
@@ -180,8 +181,10 @@ def _stage_activation_bytes_per_token(args, stage: StageContents, sizes: Paralle
     per_chunk = len(stage.layers) // sizes.vpp
     stored = transient = 0.0
     for first in range(0, len(stage.layers), per_chunk):  # each model chunk
-        full = [layer_activation_bytes_per_token(args, pattern[layer], sizes)
-                for layer in stage.layers[first : first + per_chunk]]  # fmt: skip
+        full = [
+            layer_activation_bytes_per_token(args, pattern[layer], sizes)
+            for layer in stage.layers[first : first + per_chunk]
+        ]
         if args.recompute_granularity != "full":
             stored += sum(full)
             continue
@@ -214,14 +217,21 @@ def estimate_memory(args) -> list[StageMemory]:
         params = dense + expert
         in_flight = in_flight_microbatches(sizes, contents.stage, args.num_microbatches)
         activations = _stage_activation_bytes_per_token(args, contents, sizes, in_flight) * tokens
-        stages.append(StageMemory(
-            contents=contents, dense_params=dense, expert_params=expert,
-            weights=math.ceil(params * weight_bytes),
-            gradients=math.ceil(params * (2 if args.grad_reduce_in_bf16 else _FP32_BYTES)),
-            optimizer=(math.ceil(dense * optimizer_bytes / dense_shards)
-                       + math.ceil(expert * optimizer_bytes / expert_shards)),
-            activations=math.ceil(activations), in_flight=in_flight,
-        ))  # fmt: skip
+        stages.append(
+            StageMemory(
+                contents=contents,
+                dense_params=dense,
+                expert_params=expert,
+                weights=math.ceil(params * weight_bytes),
+                gradients=math.ceil(params * (2 if args.grad_reduce_in_bf16 else _FP32_BYTES)),
+                optimizer=(
+                    math.ceil(dense * optimizer_bytes / dense_shards)
+                    + math.ceil(expert * optimizer_bytes / expert_shards)
+                ),
+                activations=math.ceil(activations),
+                in_flight=in_flight,
+            )
+        )
     return stages
 
 
@@ -234,19 +244,29 @@ def memory_table(args, stages: list[StageMemory]) -> str:
     then what the figures assume."""
     rows = [("stage", "dense params", "expert params", "weights", "grads", "optimizer", "activations", "total GB")]
     for stage in stages:
-        rows.append((
-            str(stage.contents.stage), human_count(stage.dense_params), human_count(stage.expert_params),
-            *(f"{value / GB:.2f}" for value in (stage.weights, stage.gradients, stage.optimizer,
-                                                 stage.activations, stage.total)),
-        ))  # fmt: skip
+        rows.append(
+            (
+                str(stage.contents.stage),
+                human_count(stage.dense_params),
+                human_count(stage.expert_params),
+                *(
+                    f"{value / GB:.2f}"
+                    for value in (stage.weights, stage.gradients, stage.optimizer, stage.activations, stage.total)
+                ),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["memory per GPU (GB = 1e9 bytes):"]
     lines += ["  " + "  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
     sizes = ParallelSizes.from_args(args)
-    optimizer = ("fp32 master weights + " if args.bf16 else "") + ("Lion momentum" if args.optimizer == "lion"
-                                                                  else "Adam moments")  # fmt: skip
-    sharding = (f"sharded over DP {sizes.dp} (experts: expert-DP {sizes.expert_dp})"
-                if args.use_distributed_optimizer else "not sharded (no --use-distributed-optimizer)")  # fmt: skip
+    optimizer = ("fp32 master weights + " if args.bf16 else "") + (
+        "Lion momentum" if args.optimizer == "lion" else "Adam moments"
+    )
+    sharding = (
+        f"sharded over DP {sizes.dp} (experts: expert-DP {sizes.expert_dp})"
+        if args.use_distributed_optimizer
+        else "not sharded (no --use-distributed-optimizer)"
+    )
     if args.recompute_granularity == "full":
         method, group = args.recompute_method or "uniform", args.recompute_num_layers or 1
         recompute = f"full recomputation ({method}, {group} layer(s))"

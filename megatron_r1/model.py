@@ -33,8 +33,8 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_r1 import platform
@@ -169,8 +169,17 @@ def build_gpt_model(
     )
 
 
-def build_model(args, config: TransformerConfig | None = None, *, with_mtp: bool = True, initialize: bool = True,
-                layer_spec_transform=None, prepare_chunk=None, ddp_config=None, device=None) -> list:
+def build_model(
+    args,
+    config: TransformerConfig | None = None,
+    *,
+    with_mtp: bool = True,
+    initialize: bool = True,
+    layer_spec_transform=None,
+    prepare_chunk=None,
+    ddp_config=None,
+    device=None,
+) -> list:
     """Every model chunk of this rank (one per virtual pipeline stage), the one way every entry
     point builds the model: from `config` (default: the flags'), placed on the compute device
     (megatron_r1.platform), wrapped in megatron-core's DDP when `ddp_config` is given.

@@ -102,8 +102,11 @@ def params_norm(optimizer) -> float:
     squares = 0.0
     for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
         tp_group = getattr(wrapper, "tp_group", None)
-        params = [param for param in wrapper.get_parameters()
-                  if param_is_not_shared(param) and tensor_parallel.param_is_not_tensor_parallel_duplicate(param, tp_group)]  # fmt: skip
+        params = [
+            param
+            for param in wrapper.get_parameters()
+            if param_is_not_shared(param) and tensor_parallel.param_is_not_tensor_parallel_duplicate(param, tp_group)
+        ]
         squares += get_grad_norm_fp32(params, grad_stats_parallel_group=wrapper.get_grad_stats_parallel_group()) ** 2
     return math.sqrt(squares)
 

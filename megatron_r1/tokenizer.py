@@ -67,14 +67,21 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE = "<pad>", "<unk>", "<s>", "</s>"
 
 # Types that read a --tokenizer-model, and all types (NullTokenizer reads token ids, no model).
-MODEL_TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "HuggingFaceTokenizer")
+MODEL_TOKENIZER_TYPES = (
+    "SentencePieceTokenizer",
+    "GPTSentencePieceTokenizer",
+    "Llama2Tokenizer",
+    "HuggingFaceTokenizer",
+)
 TOKENIZER_TYPES = (*MODEL_TOKENIZER_TYPES, "NullTokenizer")
 
 # SentencePiece's own default limit on a training sentence (bytes); it ignores longer ones.
 DEFAULT_MAX_SENTENCE_BYTES = 4192
 
 
-def vocab_size_with_padding(vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:
+def vocab_size_with_padding(
+    vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1
+) -> int:
     """Smallest multiple of ``make_vocab_size_divisible_by * tensor_model_parallel_size`` >= vocab_size.
 
     The embedding table is split across tensor-parallel ranks, so every rank must get an equal,
@@ -155,7 +162,11 @@ class SentencePieceTokenizer(Tokenizer):
 
     @property
     def special_tokens(self) -> dict[str, int]:
-        specials = {self._sp.id_to_piece(i): i for i in range(self.vocab_size) if self._sp.is_control(i) or self._sp.is_unknown(i)}
+        specials = {
+            self._sp.id_to_piece(i): i
+            for i in range(self.vocab_size)
+            if self._sp.is_control(i) or self._sp.is_unknown(i)
+        }
         for token in SPECIAL_TOKENS:
             try:
                 specials[token] = self.token_to_id(token)
@@ -266,7 +277,11 @@ class HuggingFaceTokenizer(Tokenizer):
 
     @property
     def special_tokens(self) -> dict[str, int]:
-        return {added.content: token_id for token_id, added in self._tokenizer.get_added_tokens_decoder().items() if added.special}
+        return {
+            added.content: token_id
+            for token_id, added in self._tokenizer.get_added_tokens_decoder().items()
+            if added.special
+        }
 
 
 def _valid_id(token_id: int) -> int | None:
@@ -296,7 +311,9 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None, vocab_size
         return Llama2Tokenizer(tokenizer_model)
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(tokenizer_model)
-    raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not supported; choose one of {', '.join(TOKENIZER_TYPES)}")
+    raise ValueError(
+        f"--tokenizer-type {tokenizer_type!r} is not supported; choose one of {', '.join(TOKENIZER_TYPES)}"
+    )
 
 
 def tokenizer_type_for_model(requested: str | None, saved: str | None) -> str:
@@ -371,15 +388,21 @@ def add_tokenizer_arguments(parser: argparse.ArgumentParser, required: bool = Tr
     its ``--vocab-size``), spelled as in Megatron-LM. ``required``: a tokenizer must be given; with
     NullTokenizer allowed the model is then checked after parsing (:func:`tokenizer_arguments_error`)."""
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", default="SentencePieceTokenizer", choices=types, help="Tokenizer implementation (default: %(default)s).")
+    group.add_argument(
+        "--tokenizer-type",
+        default="SentencePieceTokenizer",
+        choices=types,
+        help="Tokenizer implementation (default: %(default)s).",
+    )
     group.add_argument(
         "--tokenizer-model",
         required=required and "NullTokenizer" not in types,
         help="SentencePiece .model file, or for HuggingFaceTokenizer a directory with tokenizer.json.",
     )
     if "NullTokenizer" in types:
-        group.add_argument("--vocab-size", type=int, default=None,
-                           help="NullTokenizer's vocabulary: ids 0..N-1, N-1 ends documents")  # fmt: skip
+        group.add_argument(
+            "--vocab-size", type=int, default=None, help="NullTokenizer's vocabulary: ids 0..N-1, N-1 ends documents"
+        )
 
 
 def tokenizer_arguments_error(args) -> str | None:

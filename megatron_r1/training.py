@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from megatron.core import parallel_state
 from megatron.core.config import set_experimental_flag
 from megatron.core.distributed import DistributedDataParallelConfig
@@ -19,6 +18,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.utils import get_model_config
+from torch.utils.tensorboard import SummaryWriter
 
 from megatron_r1 import platform
 from megatron_r1.arguments import current_seq_length, transformer_config_from_args
@@ -35,8 +35,8 @@ from megatron_r1.flops import count_model, device_peak_tflops
 from megatron_r1.metrics import MetricsServer
 from megatron_r1.model import build_model
 from megatron_r1.moe_stats import ExpertLoadTracker
-from megatron_r1.signals import ExitConditions
 from megatron_r1.optim import build_optimizer, build_scheduler, params_norm, schedule_increment
+from megatron_r1.signals import ExitConditions
 from megatron_r1.tokenizer import build_tokenizer, vocab_size_with_padding
 
 
@@ -77,13 +77,16 @@ def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainSta
     )
     missing = missing_gpu_packages()
     if torch.cuda.is_available() and missing and torch.distributed.get_rank() == 0:
-        print(f" {' and '.join(missing)} not installed: megatron-core's PyTorch implementations run instead", flush=True)
+        print(
+            f" {' and '.join(missing)} not installed: megatron-core's PyTorch implementations run instead", flush=True
+        )
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     args.vocab_size = tokenizer.vocab_size  # the real vocabulary, saved with checkpoints (export drops padding)
     if args.padded_vocab_size is not None:  # --padded-vocab-size
         if args.padded_vocab_size < args.vocab_size:
-            raise ValueError(f"--padded-vocab-size ({args.padded_vocab_size}) is below the vocabulary of "
-                             f"{args.vocab_size} ids")  # fmt: skip
+            raise ValueError(
+                f"--padded-vocab-size ({args.padded_vocab_size}) is below the vocabulary of {args.vocab_size} ids"
+            )
     else:
         args.padded_vocab_size = vocab_size_with_padding(
             args.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
@@ -94,15 +97,22 @@ def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainSta
         if saved_padding and saved_padding >= args.vocab_size and saved_padding % args.tensor_model_parallel_size == 0:
             args.padded_vocab_size = saved_padding
     config = transformer_config_from_args(args)
-    config.gradient_accumulation_fusion = args.gradient_accumulation_fusion and platform.gradient_accumulation_fusion_available()
+    config.gradient_accumulation_fusion = (
+        args.gradient_accumulation_fusion and platform.gradient_accumulation_fusion_available()
+    )
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=not args.grad_reduce_in_bf16,
         use_distributed_optimizer=args.use_distributed_optimizer,
         overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather,
     )
-    model = build_model(args, config, layer_spec_transform=layer_spec_transform, prepare_chunk=prepare_model_chunk,
-                        ddp_config=ddp_config)  # fmt: skip
+    model = build_model(
+        args,
+        config,
+        layer_spec_transform=layer_spec_transform,
+        prepare_chunk=prepare_model_chunk,
+        ddp_config=ddp_config,
+    )
     config = get_model_config(model[0])  # the one the chunks and the schedule hold
     config.finalize_model_grads_func = finalize_model_grads
     if args.overlap_grad_reduce:
@@ -124,8 +134,11 @@ def micro_batch_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, logged: d
     mask = mask.float()
     num_tokens = mask.sum().int()
     loss_sum = (per_token_loss.float() * mask).sum()
-    sums = {"lm loss": loss_sum} if logged is None else {
-        name: (values.float() * mask).sum() for name, values in logged.items()}  # fmt: skip
+    sums = (
+        {"lm loss": loss_sum}
+        if logged is None
+        else {name: (values.float() * mask).sum() for name, values in logged.items()}
+    )
     reported = {name: torch.stack([value.detach(), num_tokens.float()]) for name, value in sums.items()}
     return loss_sum, num_tokens, reported
 
@@ -225,8 +238,9 @@ class IterationProfiler:
         if self.on and args.use_pytorch_profiler:
             self.torch_profiler = torch.profiler.profile(
                 on_trace_ready=torch.profiler.tensorboard_trace_handler(args.tensorboard_dir),
-                record_shapes=True, with_stack=True,
-            )  # fmt: skip
+                record_shapes=True,
+                with_stack=True,
+            )
 
     def iteration_starts(self, iteration: int) -> None:
         if self.on and iteration == self.start:
@@ -255,9 +269,11 @@ def memory_figures() -> dict:
     process's peak resident memory."""
     if torch.cuda.is_available():
         stats = torch.cuda.memory_stats()
-        return {"mem-reserved-bytes": stats["reserved_bytes.all.current"],
-                "mem-allocated-bytes": stats["allocated_bytes.all.current"],
-                "mem-max-allocated-bytes": stats["allocated_bytes.all.peak"]}  # fmt: skip
+        return {
+            "mem-reserved-bytes": stats["reserved_bytes.all.current"],
+            "mem-allocated-bytes": stats["allocated_bytes.all.current"],
+            "mem-max-allocated-bytes": stats["allocated_bytes.all.peak"],
+        }
     return {"mem-max-rss-bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
 
 
@@ -293,7 +309,9 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
     (TensorBoard) and `metrics` (a MetricsServer) receive them on the logging rank."""
     # Every model chunk reads the same micro-batch sequence through its own iterator.
     train_data = [MicroBatches(train_dataset, args.micro_batch_size, state.consumed_samples) for _ in state.model]
-    valid_data = validation_batches(args, state, valid_dataset, evaluations_done=_evaluations_before(args, state.iteration))
+    valid_data = validation_batches(
+        args, state, valid_dataset, evaluations_done=_evaluations_before(args, state.iteration)
+    )
     expert_load = None
     if args.num_experts:
         expert_load = ExpertLoadTracker(state.model, args.num_layers + (args.mtp_num_layers or 0), args.num_experts)
@@ -361,16 +379,25 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
                 *([f"expert load max/mean: {max(load_imbalance.values()):.2f}"] if load_imbalance else []),
                 f"grad norm: {grad_norm:.3f}" if grad_norm is not None else "grad norm: n/a",
                 *([f"params norm: {weights_norm:.3f}"] if weights_norm is not None else []),
-                *([f"num zeros: {num_zeros:.1f}" if num_zeros is not None else "num zeros: n/a"]
-                  if args.log_num_zeros_in_grad else []),
+                *(
+                    [f"num zeros: {num_zeros:.1f}" if num_zeros is not None else "num zeros: n/a"]
+                    if args.log_num_zeros_in_grad
+                    else []
+                ),
                 f"number of skipped iterations: {state.skipped_iterations:3d}",
                 f"number of nan iterations: {state.nan_iterations:3d}",
             ]
             if metrics is not None:  # published before the log line, which scrapers and tests wait for
-                metrics.update({**last, "consumed samples": state.consumed_samples, "skipped iterations":
-                                state.skipped_iterations, "nan iterations": state.nan_iterations,
-                                "throughput tokens per second": tokens_per_step / elapsed,
-                                "throughput tflops per gpu": flops_per_gpu_step / elapsed / 1e12})  # fmt: skip
+                metrics.update(
+                    {
+                        **last,
+                        "consumed samples": state.consumed_samples,
+                        "skipped iterations": state.skipped_iterations,
+                        "nan iterations": state.nan_iterations,
+                        "throughput tokens per second": tokens_per_step / elapsed,
+                        "throughput tflops per gpu": flops_per_gpu_step / elapsed / 1e12,
+                    }
+                )
             print(" " + " | ".join(fields) + " |", flush=True)
             if writer is not None:
                 for name, value in (("lm loss", loss), ("learning-rate", learning_rate), ("grad-norm", grad_norm),
@@ -387,8 +414,10 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
 
         if args.rollback_after_bad_steps and bad_steps_in_a_row >= args.rollback_after_bad_steps:
             restored = rollback_to_last_checkpoint(args, state)
-            print_rank_last(f" rolled back to the checkpoint of iteration {restored} after {bad_steps_in_a_row} "
-                            f"consecutive skipped iterations; data goes on at sample {state.consumed_samples}")  # fmt: skip
+            print_rank_last(
+                f" rolled back to the checkpoint of iteration {restored} after {bad_steps_in_a_row} "
+                f"consecutive skipped iterations; data goes on at sample {state.consumed_samples}"
+            )
             bad_steps_in_a_row = 0
         if args.save_interval and state.iteration % args.save_interval == 0:
             save_checkpoint(args, state)
@@ -403,8 +432,10 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
 
         if args.manual_gc and args.manual_gc_interval and state.iteration % args.manual_gc_interval == 0:
             gc.collect()
-        if args.eval_interval and valid_data and (
-            state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters
+        if (
+            args.eval_interval
+            and valid_data
+            and (state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters)
         ):
             valid_loss = evaluate(args, state, valid_data)
             if is_logging_rank():
@@ -449,8 +480,10 @@ def evaluate_and_print(args, state: TrainState, valid_dataset) -> float | None:
     valid_data = validation_batches(args, state, valid_dataset)
     valid_loss = evaluate(args, state, valid_data)
     if is_logging_rank():
-        print_rank_last(f" validation loss at iteration {state.iteration} | lm loss value: {valid_loss:.6E} "
-                        f"| lm loss PPL: {math.exp(min(20.0, valid_loss)):.6E} |")  # fmt: skip
+        print_rank_last(
+            f" validation loss at iteration {state.iteration} | lm loss value: {valid_loss:.6E} "
+            f"| lm loss PPL: {math.exp(min(20.0, valid_loss)):.6E} |"
+        )
     return valid_loss
 
 

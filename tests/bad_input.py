@@ -61,7 +61,9 @@ def write_bad_line_file(path, wrap, good) -> dict:
 # paragraph separators, quotes and backslashes, special-token strings.
 _PIECES = st.one_of(
     st.text(max_size=6),
-    st.sampled_from(["\ud800", "\udfff", "\ud83d\ude00", "\x00", "\u2028", "\x85", "\n", " ", "\\", '"', "<|end|>", "中文"]),
+    st.sampled_from(
+        ["\ud800", "\udfff", "\ud83d\ude00", "\x00", "\u2028", "\x85", "\n", " ", "\\", '"', "<|end|>", "中文"]
+    ),
 )
 texts = st.lists(_PIECES, min_size=1, max_size=5).map("".join)
 json_values = st.recursive(
@@ -97,7 +99,10 @@ good_corpus_records = st.fixed_dictionaries({"text": texts}, optional={"id": jso
 corpus_records = st.fixed_dictionaries({"text": text_or_any}) | st.dictionaries(texts, json_values, max_size=2)
 _messages = st.lists(
     st.fixed_dictionaries(
-        {"role": st.sampled_from(["system", "user", "assistant", "tool", "robot"]) | json_values, "content": text_or_any},
+        {
+            "role": st.sampled_from(["system", "user", "assistant", "tool", "robot"]) | json_values,
+            "content": text_or_any,
+        },
         optional={"reasoning": text_or_any, "reasoning_content": text_or_any},
     )
     | json_values,
@@ -105,12 +110,18 @@ _messages = st.lists(
 )
 _instruction_fields = {"input": text_or_any, "system": text_or_any, "reasoning": text_or_any}
 good_sft_records = st.one_of(
-    st.fixed_dictionaries({"instruction": texts, "output": texts}, optional={"input": texts, "system": texts, "reasoning": texts}),
-    st.fixed_dictionaries({"messages": st.tuples(
-        st.fixed_dictionaries({"role": st.just("user"), "content": texts}),
-        st.fixed_dictionaries({"role": st.just("assistant"), "content": texts}, optional={"reasoning": texts}),
-    ).map(list)}),
-)  # fmt: skip
+    st.fixed_dictionaries(
+        {"instruction": texts, "output": texts}, optional={"input": texts, "system": texts, "reasoning": texts}
+    ),
+    st.fixed_dictionaries(
+        {
+            "messages": st.tuples(
+                st.fixed_dictionaries({"role": st.just("user"), "content": texts}),
+                st.fixed_dictionaries({"role": st.just("assistant"), "content": texts}, optional={"reasoning": texts}),
+            ).map(list)
+        }
+    ),
+)
 sft_records = st.one_of(
     st.fixed_dictionaries({"messages": _messages}),
     st.fixed_dictionaries({"messages": json_values}),

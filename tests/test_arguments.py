@@ -20,48 +20,109 @@ def parse_error(argv, capsys, world_size=1, monkeypatch=None):
 @pytest.mark.parametrize(
     "extra, world_size, expected",
     [
-        (["--num-attention-heads", "6", "--tensor-model-parallel-size", "4"], 4,
-         "--num-attention-heads (6) is not divisible by --tensor-model-parallel-size (4)"),
-        (["--num-experts", "6", "--expert-model-parallel-size", "4"], 4,
-         "--num-experts (6) is not divisible by --expert-model-parallel-size (4)"),
-        (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], 2,
-         "--num-layers (3) is not divisible by --pipeline-model-parallel-size (2); "
-         "or split it unevenly with --decoder-first/last-pipeline-num-layers"),
-        (["--num-layers", "61", "--pipeline-model-parallel-size", "4", "--decoder-first-pipeline-num-layers", "3"], 4,
-         "--num-layers (61) minus --decoder-first-pipeline-num-layers (3) leaves 58 layers, which do not split "
-         "evenly over the other 3 of --pipeline-model-parallel-size (4) stages"),
-        (["--global-batch-size", "6"], 2,
-         "--global-batch-size (6) is not divisible by --micro-batch-size (2) x data-parallel size (2)"),
-        (["--tensor-model-parallel-size", "3"], 4,
-         "world size 4 is not divisible by --tensor-model-parallel-size (3) x --pipeline-model-parallel-size (1)"),
-        (["--num-experts", "4", "--tensor-model-parallel-size", "2"], 2,
-         "MoE with --tensor-model-parallel-size > 1 requires --sequence-parallel"),
-        (["--multi-latent-attention", "--tensor-model-parallel-size", "2"], 2,
-         "--multi-latent-attention with --tensor-model-parallel-size > 1 requires --sequence-parallel"),
-        (["--moe-layer-freq", "[0]+[1]*2", "--num-experts", "4"], 1,
-         "--moe-layer-freq pattern has 3 entries, --num-layers is 4"),
-        (["--num-layers-per-virtual-pipeline-stage", "1", "--pipeline-model-parallel-size", "2",
-          "--global-batch-size", "2"], 2,
-         "interleaved pipelining needs the number of micro-batches (1 = --global-batch-size / (--micro-batch-size"
-         " x data-parallel size)) divisible by --pipeline-model-parallel-size (2)"),
-        (["--fp8-format", "e4m3", "--transformer-impl", "local"], 1,
-         "--fp8-format needs --transformer-impl transformer_engine (CUDA + TransformerEngine)"),
-        (["--seq-length", "128", "--seq-length-curriculum", "48:0"], 1,
-         "--seq-length-curriculum: 48 does not divide --seq-length (128)"),
+        (
+            ["--num-attention-heads", "6", "--tensor-model-parallel-size", "4"],
+            4,
+            "--num-attention-heads (6) is not divisible by --tensor-model-parallel-size (4)",
+        ),
+        (
+            ["--num-experts", "6", "--expert-model-parallel-size", "4"],
+            4,
+            "--num-experts (6) is not divisible by --expert-model-parallel-size (4)",
+        ),
+        (
+            ["--num-layers", "3", "--pipeline-model-parallel-size", "2"],
+            2,
+            "--num-layers (3) is not divisible by --pipeline-model-parallel-size (2); "
+            "or split it unevenly with --decoder-first/last-pipeline-num-layers",
+        ),
+        (
+            ["--num-layers", "61", "--pipeline-model-parallel-size", "4", "--decoder-first-pipeline-num-layers", "3"],
+            4,
+            "--num-layers (61) minus --decoder-first-pipeline-num-layers (3) leaves 58 layers, which do not split "
+            "evenly over the other 3 of --pipeline-model-parallel-size (4) stages",
+        ),
+        (
+            ["--global-batch-size", "6"],
+            2,
+            "--global-batch-size (6) is not divisible by --micro-batch-size (2) x data-parallel size (2)",
+        ),
+        (
+            ["--tensor-model-parallel-size", "3"],
+            4,
+            "world size 4 is not divisible by --tensor-model-parallel-size (3) x --pipeline-model-parallel-size (1)",
+        ),
+        (
+            ["--num-experts", "4", "--tensor-model-parallel-size", "2"],
+            2,
+            "MoE with --tensor-model-parallel-size > 1 requires --sequence-parallel",
+        ),
+        (
+            ["--multi-latent-attention", "--tensor-model-parallel-size", "2"],
+            2,
+            "--multi-latent-attention with --tensor-model-parallel-size > 1 requires --sequence-parallel",
+        ),
+        (
+            ["--moe-layer-freq", "[0]+[1]*2", "--num-experts", "4"],
+            1,
+            "--moe-layer-freq pattern has 3 entries, --num-layers is 4",
+        ),
+        (
+            [
+                "--num-layers-per-virtual-pipeline-stage",
+                "1",
+                "--pipeline-model-parallel-size",
+                "2",
+                "--global-batch-size",
+                "2",
+            ],
+            2,
+            "interleaved pipelining needs the number of micro-batches (1 = --global-batch-size / (--micro-batch-size"
+            " x data-parallel size)) divisible by --pipeline-model-parallel-size (2)",
+        ),
+        (
+            ["--fp8-format", "e4m3", "--transformer-impl", "local"],
+            1,
+            "--fp8-format needs --transformer-impl transformer_engine (CUDA + TransformerEngine)",
+        ),
+        (
+            ["--seq-length", "128", "--seq-length-curriculum", "48:0"],
+            1,
+            "--seq-length-curriculum: 48 does not divide --seq-length (128)",
+        ),
         (["--attention-dropout", "1.0"], 1, "--attention-dropout (1.0) must be in [0, 1)"),
-        (["--window-attn-skip-freq", "2"], 1,
-         "--window-attn-skip-freq needs --window-size (the sliding window of the other layers)"),
-        (["--window-size", "8,0", "--window-attn-skip-freq", "[1,0]"], 1,
-         "--window-attn-skip-freq pattern has 2 entries, --num-layers is 4"),
-        (["--train-samples", "64", "--lr-warmup-iters", "2"], 1,
-         "--lr-warmup-iters does not go with --train-samples: use --lr-warmup-samples"),
+        (
+            ["--window-attn-skip-freq", "2"],
+            1,
+            "--window-attn-skip-freq needs --window-size (the sliding window of the other layers)",
+        ),
+        (
+            ["--window-size", "8,0", "--window-attn-skip-freq", "[1,0]"],
+            1,
+            "--window-attn-skip-freq pattern has 2 entries, --num-layers is 4",
+        ),
+        (
+            ["--train-samples", "64", "--lr-warmup-iters", "2"],
+            1,
+            "--lr-warmup-iters does not go with --train-samples: use --lr-warmup-samples",
+        ),
         (["--lr-decay-samples", "64"], 1, "--lr-decay-samples does not go with --train-iters: use --lr-decay-iters"),
-        (["--train-samples", "64", "--train-iters", "4"], 1, "--train-iters and --train-samples are alternatives: give one"),
-        (["--train-samples", "64", "--lr-warmup-samples", "64"], 1,
-         "the warm-up (64 samples) must be shorter than the decay (--lr-decay-samples 64, default --train-samples)"),
+        (
+            ["--train-samples", "64", "--train-iters", "4"],
+            1,
+            "--train-iters and --train-samples are alternatives: give one",
+        ),
+        (
+            ["--train-samples", "64", "--lr-warmup-samples", "64"],
+            1,
+            "the warm-up (64 samples) must be shorter than the decay (--lr-decay-samples 64, default --train-samples)",
+        ),
         (["--recompute-modules", "mlp"], 1, "--recompute-modules needs --recompute-granularity selective"),
-        (["--overlap-param-gather", "--overlap-grad-reduce"], 2,
-         "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce"),
+        (
+            ["--overlap-param-gather", "--overlap-grad-reduce"],
+            2,
+            "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce",
+        ),
     ],
 )
 def test_inconsistent_layouts_are_rejected_naming_the_flags(extra, world_size, expected, capsys, monkeypatch):
@@ -74,7 +135,9 @@ def test_cpu_defaults_to_the_local_implementation(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert parse_args("test", TINY).transformer_impl == "local"
     line = parse_error(TINY + ["--transformer-impl", "transformer_engine"], capsys, 1, monkeypatch)
-    assert line.endswith("--transformer-impl transformer_engine needs CUDA and TransformerEngine (pip install -e .[gpu])")
+    assert line.endswith(
+        "--transformer-impl transformer_engine needs CUDA and TransformerEngine (pip install -e .[gpu])"
+    )
 
 
 def test_missing_data_files_are_named(tmp_path, capsys, monkeypatch):
@@ -82,8 +145,15 @@ def test_missing_data_files_are_named(tmp_path, capsys, monkeypatch):
     model.write_bytes(b"")
     (tmp_path / "corpus_text_document.bin").write_bytes(b"")
     prefix = str(tmp_path / "corpus_text_document")
-    argv = [a for a in TINY if a != "--mock-data"] + ["--tokenizer-model", str(model), "--data-path", "0.5", prefix,
-                                                     "0.5", str(tmp_path / "missing")]  # fmt: skip
+    argv = [a for a in TINY if a != "--mock-data"] + [
+        "--tokenizer-model",
+        str(model),
+        "--data-path",
+        "0.5",
+        prefix,
+        "0.5",
+        str(tmp_path / "missing"),
+    ]
     line = parse_error(argv, capsys, 1, monkeypatch)
     assert line.endswith(f"--data-path: {prefix}.idx does not exist"), line
 
@@ -94,23 +164,57 @@ def test_tokenizer_flags_name_what_a_run_without_a_model_needs(tmp_path, capsys,
     assert parse_args("test", TINY).tokenizer_type == "NullTokenizer"
     without_mock = [a for a in TINY if a != "--mock-data"]
     line = parse_error(without_mock + ["--data-path", str(tmp_path / "x")], capsys, 1, monkeypatch)
-    assert line.endswith("--data-path needs the tokenizer the data was made with: --tokenizer-type "
-                         "SentencePieceTokenizer needs --tokenizer-model"), line  # fmt: skip
+    assert line.endswith(
+        "--data-path needs the tokenizer the data was made with: --tokenizer-type "
+        "SentencePieceTokenizer needs --tokenizer-model"
+    ), line
     (tmp_path / "tok.model").write_bytes(b"")
-    line = parse_error(TINY + ["--tokenizer-type", "NullTokenizer", "--tokenizer-model", str(tmp_path / "tok.model")],
-                       capsys, 1, monkeypatch)  # fmt: skip
+    line = parse_error(
+        TINY + ["--tokenizer-type", "NullTokenizer", "--tokenizer-model", str(tmp_path / "tok.model")],
+        capsys,
+        1,
+        monkeypatch,
+    )
     assert line.endswith("--tokenizer-type NullTokenizer reads token ids, no --tokenizer-model"), line
 
 
 def test_deepseek_flags_reach_the_transformer_config(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
-    args = parse_args("test", TINY + [
-        "--swiglu", "--disable-bias-linear", "--multi-latent-attention", "--kv-lora-rank", "16",
-        "--num-experts", "8", "--moe-layer-freq", "[0]+[1]*3", "--moe-router-score-function", "sigmoid",
-        "--moe-router-enable-expert-bias", "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
-        "--moe-router-topk-scaling-factor", "2.5", "--mtp-num-layers", "1", "--norm-epsilon", "1e-5",
-        "--window-size", "32,0", "--recompute-granularity", "selective", "--recompute-modules", "mla_up_proj", "moe",
-    ])  # fmt: skip
+    args = parse_args(
+        "test",
+        TINY
+        + [
+            "--swiglu",
+            "--disable-bias-linear",
+            "--multi-latent-attention",
+            "--kv-lora-rank",
+            "16",
+            "--num-experts",
+            "8",
+            "--moe-layer-freq",
+            "[0]+[1]*3",
+            "--moe-router-score-function",
+            "sigmoid",
+            "--moe-router-enable-expert-bias",
+            "--moe-router-num-groups",
+            "4",
+            "--moe-router-group-topk",
+            "2",
+            "--moe-router-topk-scaling-factor",
+            "2.5",
+            "--mtp-num-layers",
+            "1",
+            "--norm-epsilon",
+            "1e-5",
+            "--window-size",
+            "32,0",
+            "--recompute-granularity",
+            "selective",
+            "--recompute-modules",
+            "mla_up_proj",
+            "moe",
+        ],
+    )
     config = transformer_config_from_args(args)
     assert type(config).__name__ == "MLATransformerConfig"
     assert (config.num_moe_experts, config.moe_layer_freq, config.kv_lora_rank) == (8, [0, 1, 1, 1], 16)
@@ -124,15 +228,46 @@ def test_deepseek_flags_reach_the_transformer_config(monkeypatch):
 def test_a_megatron_lm_deepseek_v3_recipe_parses(monkeypatch):
     """Flags as NVIDIA's DeepSeek-V3 recipes spell them (Megatron-MoE-ModelZoo, Megatron-LM examples)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args = parse_args("test", TINY + [
-        "--use-mcore-models", "--moe-layer-freq", "([0]*1+[1]*3)", "--num-experts", "4", "--moe-grouped-gemm",
-        "--accumulate-allreduce-grads-in-fp32", "--attention-softmax-in-fp32", "--main-grads-dtype", "fp32",
-        "--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
-        "--global-batch-size", "8", "--recompute-activations", "--window-size", "127", "0",
-        "--attention-backend", "fused", "--use-rotary-position-embeddings", "--position-embedding-type", "none",
-        "--moe-router-force-load-balancing", "--log-validation-ppl-to-tensorboard", "--no-rope-fusion",
-        "--moe-token-dispatcher-type", "flex", "--moe-flex-dispatcher-backend", "hybridep", "--moe-hybridep-num-sms", "32",
-    ])  # fmt: skip
+    args = parse_args(
+        "test",
+        TINY
+        + [
+            "--use-mcore-models",
+            "--moe-layer-freq",
+            "([0]*1+[1]*3)",
+            "--num-experts",
+            "4",
+            "--moe-grouped-gemm",
+            "--accumulate-allreduce-grads-in-fp32",
+            "--attention-softmax-in-fp32",
+            "--main-grads-dtype",
+            "fp32",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--num-virtual-stages-per-pipeline-rank",
+            "2",
+            "--global-batch-size",
+            "8",
+            "--recompute-activations",
+            "--window-size",
+            "127",
+            "0",
+            "--attention-backend",
+            "fused",
+            "--use-rotary-position-embeddings",
+            "--position-embedding-type",
+            "none",
+            "--moe-router-force-load-balancing",
+            "--log-validation-ppl-to-tensorboard",
+            "--no-rope-fusion",
+            "--moe-token-dispatcher-type",
+            "flex",
+            "--moe-flex-dispatcher-backend",
+            "hybridep",
+            "--moe-hybridep-num-sms",
+            "32",
+        ],
+    )
     assert parse_args("test", TINY + ["--no-position-embedding"]).position_embedding_type == "rope"
     config = transformer_config_from_args(args)
     assert config.moe_layer_freq == [0, 1, 1, 1] and config.recompute_granularity == "selective"
@@ -148,42 +283,89 @@ def test_a_megatron_lm_deepseek_v3_recipe_parses(monkeypatch):
     "extra, expected",
     [
         (["--fp16"], "--fp16: fp16 training (with loss scaling) is not supported: use --bf16"),
-        (["--wandb-project", "p", "--use-precision-aware-optimizer"],
-         "--wandb-project: Weights & Biases is not built in: use --tensorboard-dir or --metrics-port; "
-         "--use-precision-aware-optimizer: low-precision optimizer state is not supported (it is kept in fp32)"),
+        (
+            ["--wandb-project", "p", "--use-precision-aware-optimizer"],
+            "--wandb-project: Weights & Biases is not built in: use --tensorboard-dir or --metrics-port; "
+            "--use-precision-aware-optimizer: low-precision optimizer state is not supported (it is kept in fp32)",
+        ),
         (["--moe-router-top-k", "2"], "--moe-router-top-k: unknown flag (did you mean --moe-router-topk?)"),
-        (["--context-parallel-size", "2"], "--context-parallel-size 2: only 1 is supported here; context parallelism "
-         "is not supported (long sequences: --recompute-granularity, --sequence-parallel)"),
+        (
+            ["--context-parallel-size", "2"],
+            "--context-parallel-size 2: only 1 is supported here; context parallelism "
+            "is not supported (long sequences: --recompute-granularity, --sequence-parallel)",
+        ),
         (["--rotary-percent", "0.5"], "--rotary-percent 0.5: only 1 is supported here; partial RoPE is not supported"),
-        (["--main-params-dtype", "fp32", "--exp-avg-dtype", "bf16"], "--exp-avg-dtype bf16: only fp32 is supported "
-         "here; low-precision optimizer state is not supported (it is kept in fp32)"),
+        (
+            ["--main-params-dtype", "fp32", "--exp-avg-dtype", "bf16"],
+            "--exp-avg-dtype bf16: only fp32 is supported "
+            "here; low-precision optimizer state is not supported (it is kept in fp32)",
+        ),
         (["--window-size", "4096"], "--window-size 4096: give LEFT,RIGHT, two numbers of tokens (e.g. 4096,0)"),
-        (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
-          "--num-layers-per-virtual-pipeline-stage", "1"],
-         "--num-virtual-stages-per-pipeline-rank and --num-layers-per-virtual-pipeline-stage are alternatives: give one"),
-        (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "3"],
-         "--num-virtual-stages-per-pipeline-rank (3) needs --pipeline-model-parallel-size > 1 and --num-layers (4) "
-         "divisible by PP x it (6)"),
-        (["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Et|ttt|tL"],
-         "--pipeline-model-parallel-layout Et|ttt|tL: pipeline_model_parallel_layout must be divisible by "
-         "pipeline_model_parallel_size (len(layout)=3, pipeline_model_parallel_size=2) (--num-layers 4, "
-         "--mtp-num-layers 0, --pipeline-model-parallel-size 2)"),
-        (["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Et|tL"],
-         "Number of decoder layers 2must match num_layers 4 (--num-layers 4, --mtp-num-layers 0, "
-         "--pipeline-model-parallel-size 2)"),
-        (["--pipeline-model-parallel-size", "2", "--mtp-num-layers", "1", "--pipeline-model-parallel-layout",
-          "Ettttm|L"], "--pipeline-model-parallel-layout Ettttm|L: the MTP layers (m) must be on the last pipeline "
-         "stage, with the loss (L)"),
-        (["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "1",
-          "--pipeline-model-parallel-layout", "Et|tttL"], "--pipeline-model-parallel-layout places every layer: not "
-         "with --decoder-first/last-pipeline-num-layers, --num-layers-per-virtual-pipeline-stage or "
-         "--num-virtual-stages-per-pipeline-rank"),
-        (["--no-position-embedding", "--position-embedding-type", "learned_absolute"],
-         "--no-position-embedding goes with RoPE only; for no position information at all: --position-embedding-type "
-         "none (not learned_absolute)"),
-        (["--pipeline-model-parallel-layout", "Ett|ttL"], "--pipeline-model-parallel-layout Ett|ttL: 2 stages need "
-         "--pipeline-model-parallel-size > 1"),
-        (["--dataloader-type", "cyclic"], "argument --dataloader-type: invalid choice: 'cyclic' (choose from 'single')"),
+        (
+            [
+                "--pipeline-model-parallel-size",
+                "2",
+                "--num-virtual-stages-per-pipeline-rank",
+                "2",
+                "--num-layers-per-virtual-pipeline-stage",
+                "1",
+            ],
+            "--num-virtual-stages-per-pipeline-rank and --num-layers-per-virtual-pipeline-stage are alternatives: give one",
+        ),
+        (
+            ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "3"],
+            "--num-virtual-stages-per-pipeline-rank (3) needs --pipeline-model-parallel-size > 1 and --num-layers (4) "
+            "divisible by PP x it (6)",
+        ),
+        (
+            ["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Et|ttt|tL"],
+            "--pipeline-model-parallel-layout Et|ttt|tL: pipeline_model_parallel_layout must be divisible by "
+            "pipeline_model_parallel_size (len(layout)=3, pipeline_model_parallel_size=2) (--num-layers 4, "
+            "--mtp-num-layers 0, --pipeline-model-parallel-size 2)",
+        ),
+        (
+            ["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Et|tL"],
+            "Number of decoder layers 2must match num_layers 4 (--num-layers 4, --mtp-num-layers 0, "
+            "--pipeline-model-parallel-size 2)",
+        ),
+        (
+            [
+                "--pipeline-model-parallel-size",
+                "2",
+                "--mtp-num-layers",
+                "1",
+                "--pipeline-model-parallel-layout",
+                "Ettttm|L",
+            ],
+            "--pipeline-model-parallel-layout Ettttm|L: the MTP layers (m) must be on the last pipeline "
+            "stage, with the loss (L)",
+        ),
+        (
+            [
+                "--pipeline-model-parallel-size",
+                "2",
+                "--decoder-first-pipeline-num-layers",
+                "1",
+                "--pipeline-model-parallel-layout",
+                "Et|tttL",
+            ],
+            "--pipeline-model-parallel-layout places every layer: not "
+            "with --decoder-first/last-pipeline-num-layers, --num-layers-per-virtual-pipeline-stage or "
+            "--num-virtual-stages-per-pipeline-rank",
+        ),
+        (
+            ["--no-position-embedding", "--position-embedding-type", "learned_absolute"],
+            "--no-position-embedding goes with RoPE only; for no position information at all: --position-embedding-type "
+            "none (not learned_absolute)",
+        ),
+        (
+            ["--pipeline-model-parallel-layout", "Ett|ttL"],
+            "--pipeline-model-parallel-layout Ett|ttL: 2 stages need --pipeline-model-parallel-size > 1",
+        ),
+        (
+            ["--dataloader-type", "cyclic"],
+            "argument --dataloader-type: invalid choice: 'cyclic' (choose from 'single')",
+        ),
     ],
 )
 def test_megatron_lm_flags_without_a_counterpart_are_refused_with_the_reason(extra, expected, capsys, monkeypatch):

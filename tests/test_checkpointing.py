@@ -16,10 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from torch.distributed.checkpoint import FileSystemReader
-
 from conftest import plain_tensors, run_command
 from malicious import CreatesAFile, poison_checkpoint_metadata
+from torch.distributed.checkpoint import FileSystemReader
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "pretrain_r1.py"
 TINY = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
@@ -43,7 +42,10 @@ def assert_identical(first, second, atol=0.0):
 
 
 def _validation_losses(output) -> dict:
-    return {int(i): float(loss) for i, loss in re.findall(r"validation loss at iteration (\d+) \| lm loss value: (\S+)", output)}
+    return {
+        int(i): float(loss)
+        for i, loss in re.findall(r"validation loss at iteration (\d+) \| lm loss value: (\S+)", output)
+    }
 
 
 KILLED_LAYOUTS = {
@@ -61,8 +63,9 @@ def test_kill_minus_nine_after_a_save_then_rerun_is_bit_identical(tmp_path, layo
     run = ["--train-iters", "16", "--eval-interval", "5", "--eval-iters", "1", "--global-batch-size", "4", *flags]
     straight = _validation_losses(pretrain(tmp_path, *run, "--save", "straight", launcher=launcher))
     argv = [*launcher, str(PRETRAIN), *TINY, *run, "--save", "killed", "--save-interval", "2"]
-    process = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     published = tmp_path / "killed" / "iter_0000004"
     while not published.exists() and process.poll() is None:
         time.sleep(0.01)
@@ -87,7 +90,11 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_the_latest(tmp_path)
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "2"
     output = pretrain(tmp_path, "--train-iters", "4", "--save", "ckpt")
     assert "resumed from iteration 2 " in output
-    assert sorted(os.listdir(tmp_path / "ckpt")) == ["iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == [
+        "iter_0000002",
+        "iter_0000004",
+        "latest_checkpointed_iteration.txt",
+    ]
 
 
 def test_distributed_optimizer_state_survives_save_and_load(tmp_path):
@@ -148,17 +155,35 @@ def test_exit_duration_in_mins_saves_and_exits(time_limited_run):
 def test_dist_ckpt_strictness_reaches_the_loader(tmp_path, time_limited_run):
     """raise_all: the optimizer state that --no-load-optim leaves in the checkpoint stops the load."""
     shutil.copytree(time_limited_run[1], tmp_path / "ckpt")
-    result = subprocess.run([sys.executable, str(PRETRAIN), *TINY, "--train-iters", "100", "--load", "ckpt",
-                             "--no-load-optim", "--dist-ckpt-strictness", "raise_all"],
-                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(PRETRAIN),
+            *TINY,
+            "--train-iters",
+            "100",
+            "--load",
+            "ckpt",
+            "--no-load-optim",
+            "--dist-ckpt-strictness",
+            "raise_all",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     assert "Some keys found in the checkpoint are missing" in result.stderr, result.stderr[-2000:]
 
 
 def test_a_checkpoint_of_another_shape_is_refused_naming_the_flag(tmp_path, time_limited_run):
     shutil.copytree(time_limited_run[1], tmp_path / "ckpt")
-    result = subprocess.run([sys.executable, str(PRETRAIN), *TINY, "--hidden-size", "64", "--train-iters", "3",
-                             "--load", "ckpt"], cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(PRETRAIN), *TINY, "--hidden-size", "64", "--train-iters", "3", "--load", "ckpt"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     assert "--hidden-size 32 (checkpoint) vs 64 (now)" in result.stderr, result.stderr[-2000:]
 
@@ -172,23 +197,41 @@ def test_a_checkpoint_of_another_transformer_impl_is_refused_naming_the_flag(tmp
     assert metadata["model_args"]["transformer_impl"] == "local"
     metadata["model_args"]["transformer_impl"] = "transformer_engine"
     metadata_file.write_text(json.dumps(metadata))
-    result = subprocess.run([sys.executable, str(PRETRAIN), *TINY, "--train-iters", "3", "--load", "ckpt"],
-                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
-    assert "--transformer-impl 'transformer_engine' (checkpoint) vs 'local' (now)" in result.stderr, result.stderr[-2000:]
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "generate.py"), "--load", "ckpt", "--prompt-ids", "1"],
-                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(PRETRAIN), *TINY, "--train-iters", "3", "--load", "ckpt"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert "--transformer-impl 'transformer_engine' (checkpoint) vs 'local' (now)" in result.stderr, result.stderr[
+        -2000:
+    ]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "generate.py"), "--load", "ckpt", "--prompt-ids", "1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert "trained with --transformer-impl transformer_engine" in result.stderr, result.stderr[-2000:]
 
 
 def test_a_checkpoint_without_optimizer_state_resumes_only_with_no_load_optim(tmp_path):
-    pretrain(tmp_path, "--train-iters", "4", "--exit-interval", "3", "--save", "light", "--no-save-optim", "--no-save-rng")
+    pretrain(
+        tmp_path, "--train-iters", "4", "--exit-interval", "3", "--save", "light", "--no-save-optim", "--no-save-rng"
+    )
     saved = FileSystemReader(str(tmp_path / "light" / "iter_0000003")).read_metadata().state_dict_metadata
     assert {key.split(".")[0].split("/")[0] for key in saved} == {"decoder", "embedding"}, sorted(saved)
-    result = subprocess.run([sys.executable, str(PRETRAIN), *TINY, "--train-iters", "4", "--save", "light"],
-                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(PRETRAIN), *TINY, "--train-iters", "4", "--save", "light"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
-    assert "iter_0000003: saved without its optimizer state (--no-save-optim); resume from it with --no-load-optim" \
-        in result.stderr, result.stderr[-2000:]
+    assert (
+        "iter_0000003: saved without its optimizer state (--no-save-optim); resume from it with --no-load-optim"
+        in result.stderr
+    ), result.stderr[-2000:]
     output = pretrain(tmp_path, "--train-iters", "4", "--save", "light", "--no-load-optim")
     assert "resumed from iteration 3 " in output and " iteration        4/       4 |" in output
 
@@ -213,8 +256,12 @@ def test_code_in_a_checkpoint_pickle_is_refused_before_it_runs(tmp_path, time_li
     with open(shard_file, "ab") as f:
         f.write(payload_file.read_bytes())
     metadata_file.write_bytes(pickle.dumps(metadata))
-    result = subprocess.run([sys.executable, str(PRETRAIN), *TINY, "--train-iters", "100", "--load", "ckpt"],
-                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(PRETRAIN), *TINY, "--train-iters", "100", "--load", "ckpt"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     refusal = f"ckpt/iter_0000001/{storage.relative_path}: object {index.fqn} refused, not plain data: "
     assert refusal + "Unsupported global: GLOBAL io.open" in result.stderr, result.stderr[-2000:]
@@ -264,7 +311,13 @@ def test_every_tool_that_reads_a_checkpoint_refuses_code_in_it(reader, tmp_path,
     shutil.copytree(time_limited_run[1], tmp_path / "ckpt")
     witness = poison_checkpoint_metadata(tmp_path / "ckpt", tmp_path / "code_ran")
     if reader == "merge_lora":  # a LoRA run's directory whose base is the same checkpoint
-        lora = {"rank": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": ["attention"], "pretrained_checkpoint": "ckpt"}
+        lora = {
+            "rank": 2,
+            "alpha": 4.0,
+            "dropout": 0.0,
+            "target_modules": ["attention"],
+            "pretrained_checkpoint": "ckpt",
+        }
         (tmp_path / "ckpt" / "lora.json").write_text(json.dumps(lora))
     if reader == "export":  # (this GQA model is refused by export itself: its reader, directly)
         from megatron_r1.checkpointing import CheckpointError
@@ -279,8 +332,13 @@ def test_every_tool_that_reads_a_checkpoint_refuses_code_in_it(reader, tmp_path,
         "generate": ["tools/generate.py", "--load", "ckpt", "--prompt-ids", "1", "2", "--max-new-tokens", "2"],
         "merge_lora": ["tools/merge_lora.py", "--lora-load", "ckpt", "--save", "merged"],
     }[reader]
-    result = subprocess.run([sys.executable, str(REPO / command[0]), *command[1:]], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(REPO / command[0]), *command[1:]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and ".metadata: refused" in result.stderr, result.stderr[-3000:]
     assert not witness.exists()
 
@@ -289,8 +347,9 @@ def test_sigterm_to_one_rank_makes_both_save_and_exit_0(tmp_path):
     """The signal reaches rank 1 only (one node of a job preempted first); rank 0 learns of it
     through the end-of-iteration all-reduce, both save the same iteration and exit 0."""
     argv = [*TWO_PROCESSES, str(PRETRAIN), *TINY, "--train-iters", "1000", "--save", "ckpt", "--exit-signal-handler"]
-    process = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         for line in process.stdout:  # printed by rank 1, the logging rank
             if line.startswith(f" iteration {2:8d}/"):
@@ -316,8 +375,20 @@ def test_consecutive_bad_steps_roll_back_to_the_last_checkpoint(tmp_path, monkey
     from megatron_r1.training import build_data, setup, train
 
     monkeypatch.setenv("WORLD_SIZE", "1")
-    args = parse_args("test", TINY + ["--train-iters", "7", "--save", str(tmp_path / "ckpt"), "--save-interval", "3",
-                                      "--rollback-after-bad-steps", "2"])  # fmt: skip
+    args = parse_args(
+        "test",
+        TINY
+        + [
+            "--train-iters",
+            "7",
+            "--save",
+            str(tmp_path / "ckpt"),
+            "--save-interval",
+            "3",
+            "--rollback-after-bad-steps",
+            "2",
+        ],
+    )
     state = setup(args)
     try:
         train_dataset, valid_dataset = build_data(args, state)
@@ -333,7 +404,10 @@ def test_consecutive_bad_steps_roll_back_to_the_last_checkpoint(tmp_path, monkey
         last = train(args, state, train_dataset, valid_dataset)
     finally:
         destroy_distributed()
-    assert " rolled back to the checkpoint of iteration 3 after 2 consecutive skipped iterations" in capsys.readouterr().out
+    assert (
+        " rolled back to the checkpoint of iteration 3 after 2 consecutive skipped iterations"
+        in capsys.readouterr().out
+    )
 
     def same(a, b):
         return all(torch.equal(x, y) for x, y in zip(weights_entering[a], weights_entering[b]))

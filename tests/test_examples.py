@@ -45,12 +45,28 @@ if [[ "$1 $2" == "show hostnames" ]]; then tr , '\n' <<< "$3"; fi
 def run_preset(script, tmp_path, timeout=120, **env):
     # One thread per process: CPU tests share the machine.
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    for name in ("DATA_PATH", "TOKENIZER_MODEL", "MASTER_ADDR", "EXTRA_ARGS", "DRY_RUN", "PRETRAINED", "SFT_DATA",
-                 "VALID_DATA", "SAVE", "MERGED", "LOAD", "DIRECTION", "TP", "PP", "EP"):
+    for name in (
+        "DATA_PATH",
+        "TOKENIZER_MODEL",
+        "MASTER_ADDR",
+        "EXTRA_ARGS",
+        "DRY_RUN",
+        "PRETRAINED",
+        "SFT_DATA",
+        "VALID_DATA",
+        "SAVE",
+        "MERGED",
+        "LOAD",
+        "DIRECTION",
+        "TP",
+        "PP",
+        "EP",
+    ):
         if name not in env:
             environment.pop(name, None)
-    return subprocess.run(["bash", str(EXAMPLES / script)], cwd=tmp_path, env=environment,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        ["bash", str(EXAMPLES / script)], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def dry_run_flags(result, entry="pretrain_r1.py"):
@@ -59,8 +75,15 @@ def dry_run_flags(result, entry="pretrain_r1.py"):
 
 
 def test_tiny_preset_trains_in_two_tensor_parallel_processes(tmp_path):
-    result = run_preset("pretrain_tiny.sh", tmp_path, GPUS_PER_NODE="2", TP="2", TRAIN_ITERS="2", EVAL_INTERVAL="2",
-                        TENSORBOARD_DIR=str(tmp_path / "tb"))  # fmt: skip
+    result = run_preset(
+        "pretrain_tiny.sh",
+        tmp_path,
+        GPUS_PER_NODE="2",
+        TP="2",
+        TRAIN_ITERS="2",
+        EVAL_INTERVAL="2",
+        TENSORBOARD_DIR=str(tmp_path / "tb"),
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     iterations = re.findall(r"^ iteration +(\d+)/ +2 \|.*lm loss: (\S+) \|.*mtp_1 loss", result.stdout, re.M)
     assert [number for number, _ in iterations] == ["1", "2"], result.stdout
@@ -70,8 +93,9 @@ def test_tiny_preset_trains_in_two_tensor_parallel_processes(tmp_path):
 
 
 def test_tiny_preset_environment_becomes_flags(tmp_path):
-    result = run_preset("pretrain_tiny.sh", tmp_path, DRY_RUN="1", GPUS_PER_NODE="4", EP="2", PP="2",
-                        EXTRA_ARGS="--lr 1e-3")  # fmt: skip
+    result = run_preset(
+        "pretrain_tiny.sh", tmp_path, DRY_RUN="1", GPUS_PER_NODE="4", EP="2", PP="2", EXTRA_ARGS="--lr 1e-3"
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     command, flags = dry_run_flags(result)
     assert command[:4] == ["torchrun", "--standalone", "--nproc-per-node", "4"]
@@ -94,8 +118,10 @@ def test_deepseek_v2_lite_preset(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     command, flags = dry_run_flags(result)
     assert command[:4] == ["torchrun", "--standalone", "--nproc-per-node", "8"]
-    assert ("--expert-model-parallel-size 8 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather"
-            in " ".join(flags))
+    assert (
+        "--expert-model-parallel-size 8 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather"
+        in " ".join(flags)
+    )
     assert "--bf16" in flags and "--q-lora-rank" not in flags
     assert result.stdout.strip().splitlines()[-1].startswith("total 15.7B params, active 2.5B per token")
 
@@ -104,11 +130,23 @@ def test_deepseek_v3_preset_on_128_nodes(tmp_path):
     result = run_preset("pretrain_deepseek_v3.sh", tmp_path, DRY_RUN="1", MASTER_ADDR="node0", NODE_RANK="5")
     assert result.returncode == 0, result.stderr[-4000:]
     command, flags = dry_run_flags(result)
-    assert command[:10] == ["torchrun", "--nnodes", "128", "--node-rank", "5", "--master-addr", "node0",
-                            "--master-port", "29500", "--nproc-per-node"]  # fmt: skip
+    assert command[:10] == [
+        "torchrun",
+        "--nnodes",
+        "128",
+        "--node-rank",
+        "5",
+        "--master-addr",
+        "node0",
+        "--master-port",
+        "29500",
+        "--nproc-per-node",
+    ]
     joined = " ".join(flags)
-    assert "--tensor-model-parallel-size 8 --pipeline-model-parallel-size 1 --expert-model-parallel-size 64 " \
-           "--expert-tensor-parallel-size 2 --sequence-parallel --use-distributed-optimizer" in joined
+    assert (
+        "--tensor-model-parallel-size 8 --pipeline-model-parallel-size 1 --expert-model-parallel-size 64 "
+        "--expert-tensor-parallel-size 2 --sequence-parallel --use-distributed-optimizer" in joined
+    )
     # 671B + the MTP module; 36.6B active in the main model + 0.7B in MTP.
     assert result.stdout.strip().splitlines()[-1].startswith("total 682.6B params (MTP 11.6B), active 37.3B per token")
     # The documented layout: 128 nodes, experts over 64 x 2 GPUs, within the 80 GB of a GPU.
@@ -119,12 +157,22 @@ def test_deepseek_v3_preset_on_128_nodes(tmp_path):
 
 def test_deepseek_v3_preset_in_deepseeks_uneven_pipeline_layout(tmp_path):
     """PP 16 x EP 64 without TP: 61 layers as 3 (the dense ones) + 14 x 4 + 2 (with the output layer and MTP)."""
-    result = run_preset("pretrain_deepseek_v3.sh", tmp_path, DRY_RUN="1", MASTER_ADDR="node0", TP="1", PP="16",
-                        ETP="1", EXTRA_ARGS="--decoder-first-pipeline-num-layers 3 --decoder-last-pipeline-num-layers 2")
+    result = run_preset(
+        "pretrain_deepseek_v3.sh",
+        tmp_path,
+        DRY_RUN="1",
+        MASTER_ADDR="node0",
+        TP="1",
+        PP="16",
+        ETP="1",
+        EXTRA_ARGS="--decoder-first-pipeline-num-layers 3 --decoder-last-pipeline-num-layers 2",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "pipeline stage 0 (ranks 0-63): layers 0-2 (3 dense, 0 MoE), embedding\n" in result.stdout
     assert "pipeline stage 1 (ranks 64-127): layers 3-6 (0 dense, 4 MoE)\n" in result.stdout
-    assert "pipeline stage 15 (ranks 960-1023): layers 59-60 (0 dense, 2 MoE), output layer, 1 MTP layer" in result.stdout
+    assert (
+        "pipeline stage 15 (ranks 960-1023): layers 59-60 (0 dense, 2 MoE), output layer, 1 MTP layer" in result.stdout
+    )
     assert re.search(r"^peak \d+\.\d GB on pipeline stage 15: fits in 80 GB per GPU$", result.stdout, re.M)
 
 
@@ -150,14 +198,26 @@ def slurm_environment(tmp_path, nodes, **env):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     (tmp_path / "slurm").mkdir()
-    environment = {name: value for name, value in os.environ.items()
-                   if name not in ("DATA_PATH", "TOKENIZER_MODEL", "MASTER_ADDR", "EXTRA_ARGS", "DRY_RUN", "PRESET")}
-    environment.update({
-        "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1", "FAKE_SLURM_LOG": str(tmp_path / "slurm"),
-        "SLURM_SUBMIT_DIR": str(REPO_ROOT), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "r1",
-        "SLURM_NNODES": str(nodes), "SLURM_JOB_NODELIST": ",".join(f"gpu-{i:02d}" for i in range(7, 7 + nodes)),
-        "SLURM_GPUS_ON_NODE": "8", "RUN_DIR": str(tmp_path / "run"), **env,
-    })  # fmt: skip
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("DATA_PATH", "TOKENIZER_MODEL", "MASTER_ADDR", "EXTRA_ARGS", "DRY_RUN", "PRESET")
+    }
+    environment.update(
+        {
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "OMP_NUM_THREADS": "1",
+            "FAKE_SLURM_LOG": str(tmp_path / "slurm"),
+            "SLURM_SUBMIT_DIR": str(REPO_ROOT),
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NAME": "r1",
+            "SLURM_NNODES": str(nodes),
+            "SLURM_JOB_NODELIST": ",".join(f"gpu-{i:02d}" for i in range(7, 7 + nodes)),
+            "SLURM_GPUS_ON_NODE": "8",
+            "RUN_DIR": str(tmp_path / "run"),
+            **env,
+        }
+    )
     return environment
 
 
@@ -170,8 +230,14 @@ def node_command(tmp_path, node):
 
 def test_multinode_sbatch_launches_torchrun_on_every_node(tmp_path):
     environment = slurm_environment(tmp_path, nodes=2, DRY_RUN="1", PRESET="examples/pretrain_deepseek_v2_lite.sh")
-    result = subprocess.run(["bash", str(EXAMPLES / "slurm" / "pretrain_multinode.sbatch")], cwd=tmp_path,
-                            env=environment, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        ["bash", str(EXAMPLES / "slurm" / "pretrain_multinode.sbatch")],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "rendezvous gpu-07:29500" in result.stdout
     assert (tmp_path / "slurm" / "scontrol").read_text() == "show hostnames gpu-07,gpu-08\n"
@@ -180,12 +246,24 @@ def test_multinode_sbatch_launches_torchrun_on_every_node(tmp_path):
         command, flags, log = node_command(tmp_path, node)
         # Both nodes meet at the first node's c10d rendezvous, named by the job id; torchrun assigns
         # the node ranks (it ignores --node-rank unless the rendezvous is static).
-        assert command[:10] == ["torchrun", "--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-id", "4242",
-                                "--rdzv-endpoint", "gpu-07:29500", "--nproc-per-node"]  # fmt: skip
+        assert command[:10] == [
+            "torchrun",
+            "--nnodes",
+            "2",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-id",
+            "4242",
+            "--rdzv-endpoint",
+            "gpu-07:29500",
+            "--nproc-per-node",
+        ]
         assert command[10] == "8" and "--node-rank" not in command
         joined = " ".join(flags)
-        assert f"--save {tmp_path}/run/checkpoints --save-interval 1000 --exit-signal-handler --exit-signal SIGUSR1" \
+        assert (
+            f"--save {tmp_path}/run/checkpoints --save-interval 1000 --exit-signal-handler --exit-signal SIGUSR1"
             in joined
+        )
         assert f"--tensorboard-dir {tmp_path}/run/tensorboard" in joined
         # The dry run validated the flags for 16 processes and fitted them in 80 GB.
         assert "parallel layout: 16 processes (2 nodes x 8)" in log and "fits in 80 GB per GPU" in log
@@ -194,10 +272,15 @@ def test_multinode_sbatch_launches_torchrun_on_every_node(tmp_path):
 
 def test_single_node_sbatch_runs_standalone(tmp_path):
     # Half a node's GPUs: the default preset (DeepSeek-V2-Lite) needs more than 80 GB each, so 141 GB ones.
-    environment = slurm_environment(tmp_path, nodes=1, DRY_RUN="1", SLURM_GPUS_ON_NODE="4", EP="4",
-                                    GPU_MEMORY_GB="141")  # fmt: skip
-    result = subprocess.run(["bash", str(EXAMPLES / "slurm" / "pretrain_single_node.sbatch")], cwd=tmp_path,
-                            env=environment, capture_output=True, text=True, timeout=300)  # fmt: skip
+    environment = slurm_environment(tmp_path, nodes=1, DRY_RUN="1", SLURM_GPUS_ON_NODE="4", EP="4", GPU_MEMORY_GB="141")
+    result = subprocess.run(
+        ["bash", str(EXAMPLES / "slurm" / "pretrain_single_node.sbatch")],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     command, flags, log = node_command(tmp_path, 0)
     assert command[:4] == ["torchrun", "--standalone", "--nproc-per-node", "4"]
@@ -208,8 +291,14 @@ def test_single_node_sbatch_runs_standalone(tmp_path):
 @pytest.mark.parametrize("exit_status, requeued", [(0, True), (1, False)])
 def test_time_limit_signal_saves_then_requeues(tmp_path, exit_status, requeued):
     environment = slurm_environment(tmp_path, nodes=2, FAKE_SRUN_WAITS_FOR_SIGNAL=str(exit_status))
-    job = subprocess.Popen(["bash", str(EXAMPLES / "slurm" / "pretrain_multinode.sbatch")], cwd=tmp_path,
-                           env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    job = subprocess.Popen(
+        ["bash", str(EXAMPLES / "slurm" / "pretrain_multinode.sbatch")],
+        cwd=tmp_path,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 30
     while not (tmp_path / "slurm" / "srun_started").exists():
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()
@@ -226,8 +315,16 @@ def test_time_limit_signal_saves_then_requeues(tmp_path, exit_status, requeued):
 
 @pytest.mark.parametrize("script", ["finetune_sft.sh", "finetune_lora.sh"])
 def test_finetuning_presets_dry_run(tmp_path, script):
-    result = run_preset(script, tmp_path, DRY_RUN="1", GPUS_PER_NODE="2", TP="2", PRETRAINED="runs/base",
-                        SAVE="runs/ft", EXTRA_ARGS="--lr 1e-5")  # fmt: skip
+    result = run_preset(
+        script,
+        tmp_path,
+        DRY_RUN="1",
+        GPUS_PER_NODE="2",
+        TP="2",
+        PRETRAINED="runs/base",
+        SAVE="runs/ft",
+        EXTRA_ARGS="--lr 1e-5",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     command, flags = dry_run_flags(result, "finetune_r1.py")
     assert command[:4] == ["torchrun", "--standalone", "--nproc-per-node", "2"]
@@ -236,8 +333,10 @@ def test_finetuning_presets_dry_run(tmp_path, script):
     model_flags = pretrain_flags[: pretrain_flags.index("--micro-batch-size")]
     assert flags[: len(model_flags)] == model_flags and "--qk-layernorm" in model_flags
     joined = " ".join(flags)
-    assert "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --expert-model-parallel-size 1 " \
-           "--sequence-parallel" in joined
+    assert (
+        "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --expert-model-parallel-size 1 "
+        "--sequence-parallel" in joined
+    )
     assert "--pretrained-checkpoint runs/base --data-path megatron_r1/assets/tiny_sft.jsonl" in joined
     assert "--save runs/ft" in joined and "--mock-data" not in flags and flags[-2:] == ["--lr", "1e-5"]
     assert ("--lora" in flags) == (script == "finetune_lora.sh")
@@ -268,11 +367,26 @@ def test_pretrain_finetune_and_convert_both_ways(tmp_path):
     and back, each conversion verified."""
     tokenizer = train_task_tokenizer(tmp_path)
     base, sft = tmp_path / "base", tmp_path / "sft"
-    result = run_preset("pretrain_tiny.sh", tmp_path, TRAIN_ITERS="1", EVAL_INTERVAL="1", TOKENIZER_MODEL=tokenizer,
-                        EXTRA_ARGS=f"--save {base} --save-interval 1")  # fmt: skip
+    result = run_preset(
+        "pretrain_tiny.sh",
+        tmp_path,
+        TRAIN_ITERS="1",
+        EVAL_INTERVAL="1",
+        TOKENIZER_MODEL=tokenizer,
+        EXTRA_ARGS=f"--save {base} --save-interval 1",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
-    result = run_preset("finetune_sft.sh", tmp_path, PRETRAINED=str(base), TOKENIZER_MODEL=tokenizer, SAVE=str(sft),
-                        TRAIN_ITERS="2", EVAL_INTERVAL="1", MICRO_BATCH_SIZE="2", GLOBAL_BATCH_SIZE="2")  # fmt: skip
+    result = run_preset(
+        "finetune_sft.sh",
+        tmp_path,
+        PRETRAINED=str(base),
+        TOKENIZER_MODEL=tokenizer,
+        SAVE=str(sft),
+        TRAIN_ITERS="2",
+        EVAL_INTERVAL="1",
+        MICRO_BATCH_SIZE="2",
+        GLOBAL_BATCH_SIZE="2",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"starting weights: {base}/iter_0000001" in result.stdout
     assert re.findall(r"^ iteration +(\d+)/ +2 \|", result.stdout, re.M) == ["1", "2"]
@@ -283,8 +397,9 @@ def test_pretrain_finetune_and_convert_both_ways(tmp_path):
     assert '"top1_agreement": 1.0' in result.stdout
     assert (tmp_path / "sft-hf" / "config.json").is_file() and (tmp_path / "sft-hf" / "tokenizer.json").is_file()
 
-    result = run_preset("export_hf.sh", tmp_path, DIRECTION="hf2mcore", LOAD=str(tmp_path / "sft-hf"), TP="2",
-                        timeout=300)  # fmt: skip
+    result = run_preset(
+        "export_hf.sh", tmp_path, DIRECTION="hf2mcore", LOAD=str(tmp_path / "sft-hf"), TP="2", timeout=300
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert '"top1_agreement": 1.0' in result.stdout
     assert "--qk-layernorm" in result.stdout.split("--finetune: ", 1)[1]  # the model flags to train it with

@@ -14,8 +14,9 @@ TOKENS_PER_EXPERT = [3, 0, 6, 2]  # an expert without tokens too
 def _operands(in_features, out_features):
     generator = torch.Generator().manual_seed(0)
     rows = torch.randn(sum(TOKENS_PER_EXPERT), in_features, generator=generator, requires_grad=True)
-    weights = [torch.randn(out_features, in_features, generator=generator, requires_grad=True)
-               for _ in TOKENS_PER_EXPERT]  # fmt: skip
+    weights = [
+        torch.randn(out_features, in_features, generator=generator, requires_grad=True) for _ in TOKENS_PER_EXPERT
+    ]
     return rows, weights, torch.randn(len(rows), out_features, generator=generator)
 
 
@@ -64,5 +65,3 @@ def test_the_kernel_is_chosen_only_where_it_is_fast_and_sync_free(monkeypatch):
     assert not experts.grouped_kernel_applies(cpu, torch.empty(2, 16, 6))  # 24-byte rows
     assert not experts.grouped_kernel_applies(cpu, torch.empty(2, 16, 8, dtype=torch.float64))  # mixed types
     assert not experts.grouped_kernel_applies(torch.empty(4, 16, device="meta"))
-
-

@@ -95,8 +95,10 @@ def test_counts_match_built_model(process_group, name, qk_layernorm):
 
 
 def test_counts_match_built_model_without_q_compression(process_group):
-    args = parse(f"{BASE} --disable-bias-linear --multi-latent-attention --kv-lora-rank 32 --qk-head-dim 16 "
-                 "--qk-pos-emb-head-dim 8 --v-head-dim 16")  # fmt: skip
+    args = parse(
+        f"{BASE} --disable-bias-linear --multi-latent-attention --kv-lora-rank 32 --qk-head-dim 16 "
+        "--qk-pos-emb-head-dim 8 --v-head-dim 16"
+    )
     assert count_model(args).total_params == sum(p.numel() for p in build(args).parameters())
 
 
@@ -119,9 +121,11 @@ def test_deepseek_v2_lite_published_size():
 
 
 def test_flops_of_a_dense_gqa_model_by_hand():
-    args = parse("--mock-data --vocab-size 256 --seq-length 64 --num-layers 3 --hidden-size 64 --num-attention-heads 4 "
-                 "--group-query-attention --num-query-groups 2 --ffn-hidden-size 160 --swiglu --disable-bias-linear "
-                 "--micro-batch-size 2 --global-batch-size 8")  # fmt: skip
+    args = parse(
+        "--mock-data --vocab-size 256 --seq-length 64 --num-layers 3 --hidden-size 64 --num-attention-heads 4 "
+        "--group-query-attention --num-query-groups 2 --ffn-hidden-size 160 --swiglu --disable-bias-linear "
+        "--micro-batch-size 2 --global-batch-size 8"
+    )
     head_dim = 64 // 4
     per_layer_weights = 64 * (4 + 2 * 2) * head_dim + 4 * head_dim * 64 + 64 * 2 * 160 + 160 * 64
     # Causal attention: each query meets 64 / 2 keys on average, for QK^T and for AV.
@@ -159,15 +163,24 @@ def test_window_attn_skip_freq_counts_full_attention_in_the_layers_it_names():
     per-layer list the same. The built model's layers agree (MTP's takes the last decoder layer's)."""
     from megatron_r1.layers import SDPACoreAttention
 
-    flags = ("--mock-data --vocab-size 256 --seq-length 64 --max-position-embeddings 64 --num-layers 4 "
-             "--hidden-size 32 --num-attention-heads 2")  # fmt: skip
+    flags = (
+        "--mock-data --vocab-size 256 --seq-length 64 --max-position-embeddings 64 --num-layers 4 "
+        "--hidden-size 32 --num-attention-heads 2"
+    )
     attention = {
         name: count_model(parse(flags + extra)).components["attention"].flops_per_token
-        for name, extra in (("full", ""), ("window", " --window-size 16 0"),
-                            ("every 2nd full", " --window-size 16 0 --window-attn-skip-freq 2"),
-                            ("pattern", " --window-size 16 0 --window-attn-skip-freq ([1]+[0])*2"))  # fmt: skip
+        for name, extra in (
+            ("full", ""),
+            ("window", " --window-size 16 0"),
+            ("every 2nd full", " --window-size 16 0 --window-attn-skip-freq 2"),
+            ("pattern", " --window-size 16 0 --window-attn-skip-freq ([1]+[0])*2"),
+        )  # fmt: skip
     }
-    assert attention["every 2nd full"] == attention["pattern"] == pytest.approx((attention["full"] + attention["window"]) / 2)
+    assert (
+        attention["every 2nd full"]
+        == attention["pattern"]
+        == pytest.approx((attention["full"] + attention["window"]) / 2)
+    )
     args = parse(flags + " --window-size 16 0 --window-attn-skip-freq ([1]+[0])*2 --mtp-num-layers 1")
     model = build(args)
     windows = [module.window_size for module in model.modules() if isinstance(module, SDPACoreAttention)]

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import run_command
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "pretrain_r1.py"

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import plain_tensors, run_command
 from sft_task import task_records, train_task_tokenizer, write_jsonl
 
@@ -19,20 +18,85 @@ TWO, FOUR = ["torchrun", "--standalone", "--nproc_per_node=2"], ["torchrun", "--
 
 
 def deepseek(num_layers: int) -> list[str]:
-    return ["--num-layers", str(num_layers), "--hidden-size", "64", "--ffn-hidden-size", "128",
-            "--num-attention-heads", "4", "--swiglu", "--disable-bias-linear", "--normalization", "RMSNorm",
-            "--untie-embeddings-and-output-weights", "--multi-latent-attention", "--q-lora-rank", "32",
-            "--kv-lora-rank", "32", "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8", "--v-head-dim", "16",
-            "--rope-type", "yarn", "--rotary-scaling-factor", "4", "--original-max-position-embeddings", "16",
-            "--num-experts", "4", "--moe-layer-freq", f"[0]+[1]*{num_layers - 1}", "--moe-router-topk", "2",
-            "--moe-ffn-hidden-size", "64", "--moe-shared-expert-intermediate-size", "64",
-            "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias", "--moe-router-num-groups",
-            "2", "--moe-router-group-topk", "1", "--moe-router-topk-scaling-factor", "2.5",
-            "--moe-router-load-balancing-type", "seq_aux_loss", "--moe-aux-loss-coeff", "1e-2",
-            "--moe-token-dispatcher-type", "alltoall", "--mtp-num-layers", "1", "--hidden-dropout", "0",
-            "--attention-dropout", "0", "--seq-length", "32", "--max-position-embeddings", "32",
-            "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "3", "--lr", "1e-3",
-            "--lr-warmup-iters", "1", "--log-interval", "1"]  # fmt: skip
+    return [
+        "--num-layers",
+        str(num_layers),
+        "--hidden-size",
+        "64",
+        "--ffn-hidden-size",
+        "128",
+        "--num-attention-heads",
+        "4",
+        "--swiglu",
+        "--disable-bias-linear",
+        "--normalization",
+        "RMSNorm",
+        "--untie-embeddings-and-output-weights",
+        "--multi-latent-attention",
+        "--q-lora-rank",
+        "32",
+        "--kv-lora-rank",
+        "32",
+        "--qk-head-dim",
+        "16",
+        "--qk-pos-emb-head-dim",
+        "8",
+        "--v-head-dim",
+        "16",
+        "--rope-type",
+        "yarn",
+        "--rotary-scaling-factor",
+        "4",
+        "--original-max-position-embeddings",
+        "16",
+        "--num-experts",
+        "4",
+        "--moe-layer-freq",
+        f"[0]+[1]*{num_layers - 1}",
+        "--moe-router-topk",
+        "2",
+        "--moe-ffn-hidden-size",
+        "64",
+        "--moe-shared-expert-intermediate-size",
+        "64",
+        "--moe-router-score-function",
+        "sigmoid",
+        "--moe-router-enable-expert-bias",
+        "--moe-router-num-groups",
+        "2",
+        "--moe-router-group-topk",
+        "1",
+        "--moe-router-topk-scaling-factor",
+        "2.5",
+        "--moe-router-load-balancing-type",
+        "seq_aux_loss",
+        "--moe-aux-loss-coeff",
+        "1e-2",
+        "--moe-token-dispatcher-type",
+        "alltoall",
+        "--mtp-num-layers",
+        "1",
+        "--hidden-dropout",
+        "0",
+        "--attention-dropout",
+        "0",
+        "--seq-length",
+        "32",
+        "--max-position-embeddings",
+        "32",
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        "3",
+        "--lr",
+        "1e-3",
+        "--lr-warmup-iters",
+        "1",
+        "--log-interval",
+        "1",
+    ]
 
 
 # The vocabulary padded to 128 rows under TP=1 and 2 alike.
@@ -122,14 +186,17 @@ def runs(tmp_path_factory):
 def test_pretraining_under_a_layout_equals_one_process(runs, layout):
     processes, flags = PRETRAIN_LAYOUTS[layout]
     reference = runs([sys.executable], "pretrain_r1.py", [*deepseek(2), *PRETRAIN_DATA])
-    assert_same_training(runs(TWO if processes == 2 else FOUR, "pretrain_r1.py", [*deepseek(2), *PRETRAIN_DATA, *flags]),
-                         reference)  # fmt: skip
+    assert_same_training(
+        runs(TWO if processes == 2 else FOUR, "pretrain_r1.py", [*deepseek(2), *PRETRAIN_DATA, *flags]), reference
+    )
 
 
 @pytest.mark.parametrize("layout", PIPELINE_LAYOUTS)
 def test_pretraining_under_a_pipeline_split_equals_one_process(runs, layout):
     reference = runs([sys.executable], "pretrain_r1.py", [*deepseek(4), *PRETRAIN_DATA])
-    assert_same_training(runs(TWO, "pretrain_r1.py", [*deepseek(4), *PRETRAIN_DATA, *PIPELINE_LAYOUTS[layout]]), reference)
+    assert_same_training(
+        runs(TWO, "pretrain_r1.py", [*deepseek(4), *PRETRAIN_DATA, *PIPELINE_LAYOUTS[layout]]), reference
+    )
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +212,21 @@ def sft_data(tmp_path_factory):
 def teacher(runs, sft_data, tmp_path_factory):
     """A checkpoint of the same shape trained (in one process) on the task: the teacher."""
     workdir = tmp_path_factory.mktemp("teacher")
-    run_command([sys.executable, str(REPO / "finetune_r1.py"), *deepseek(2), *sft_data, "--train-iters", "6",
-                 "--lr", "1e-2", "--save", "teacher"], workdir)  # fmt: skip
+    run_command(
+        [
+            sys.executable,
+            str(REPO / "finetune_r1.py"),
+            *deepseek(2),
+            *sft_data,
+            "--train-iters",
+            "6",
+            "--lr",
+            "1e-2",
+            "--save",
+            "teacher",
+        ],
+        workdir,
+    )
     return workdir / "teacher"
 
 

@@ -3,6 +3,7 @@ what base + adapters compute; under TP and EP the adapters compute and learn wha
 process."""
 
 import torch
+from sft_task import TINY_DEEPSEEK, task_records, train_task_tokenizer, write_jsonl
 
 from megatron_r1.data.pretrain import MicroBatches
 from megatron_r1.data.sft import packed_attention_inputs
@@ -10,15 +11,28 @@ from megatron_r1.distributed import destroy_distributed
 from megatron_r1.finetuning import build_finetuning_data, parse_finetuning_args, setup_finetuning
 from megatron_r1.lora import LoRADuplicatedLinear, adapter_layers, is_adapter_key, merge_adapters
 from megatron_r1.training import train
-from sft_task import TINY_DEEPSEEK, task_records, train_task_tokenizer, write_jsonl
 
 
 def test_lora_trains_only_adapters_and_merges_exactly(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     data = write_jsonl(tmp_path / "copy.jsonl", task_records("copy", 200, 0))
-    args = parse_finetuning_args("test", [*TINY_DEEPSEEK, "--data-path", data, "--tokenizer-model",
-                                          train_task_tokenizer(tmp_path), "--lora", "--lora-rank", "4",
-                                          "--train-iters", "3", "--lr", "1e-2"])  # fmt: skip
+    args = parse_finetuning_args(
+        "test",
+        [
+            *TINY_DEEPSEEK,
+            "--data-path",
+            data,
+            "--tokenizer-model",
+            train_task_tokenizer(tmp_path),
+            "--lora",
+            "--lora-rank",
+            "4",
+            "--train-iters",
+            "3",
+            "--lr",
+            "1e-2",
+        ],
+    )
     state = setup_finetuning(args)
     try:
         model = state.model[0].module
@@ -54,5 +68,3 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path, monkeypatch):
         assert (adapted - logits[-1]).abs().max() <= 1e-5
     finally:
         destroy_distributed()
-
-

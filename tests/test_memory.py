@@ -75,8 +75,9 @@ def test_distributed_optimizer_divides_optimizer_bytes_by_data_parallel_size():
 
 
 def test_experts_split_over_expert_parallel_ranks_and_sharded_over_expert_data_parallel():
-    args = parse(TINY_MOE + ["--bf16", "--use-distributed-optimizer", "--expert-model-parallel-size", "2"],
-                 world_size=4)  # fmt: skip
+    args = parse(
+        TINY_MOE + ["--bf16", "--use-distributed-optimizer", "--expert-model-parallel-size", "2"], world_size=4
+    )
     count = count_model(args)
     experts = count.components["routed_experts"].total
     (stage,) = estimate_memory(args)
@@ -91,8 +92,10 @@ def test_pipeline_stages_split_layers_and_hold_embedding_and_output():
     first, last = estimate_memory(untied)
     assert first.contents.layers == [0, 1] and last.contents.layers == [2, 3]
     assert first.contents.embedding and not first.contents.output_layer and last.contents.output_layer
-    assert first.dense_params + last.dense_params + first.expert_params + last.expert_params == \
-        count_model(untied).total_params
+    assert (
+        first.dense_params + last.dense_params + first.expert_params + last.expert_params
+        == count_model(untied).total_params
+    )
     # Tied embeddings across stages: the last stage keeps its own copy for the output layer.
     tied_flags = [flag for flag in TINY_MOE if flag != "--untie-embeddings-and-output-weights"]
     tied = parse(tied_flags + ["--pipeline-model-parallel-size", "2"], world_size=2)
@@ -101,9 +104,22 @@ def test_pipeline_stages_split_layers_and_hold_embedding_and_output():
 
 
 def test_interleaved_stages_hold_every_pp_th_chunk():
-    args = parse(TINY_MOE + ["--num-layers", "8", "--moe-layer-freq", "[0]+[1]*7", "--pipeline-model-parallel-size",
-                             "2", "--num-layers-per-virtual-pipeline-stage", "2", "--global-batch-size", "8"],
-                 world_size=2)  # fmt: skip
+    args = parse(
+        TINY_MOE
+        + [
+            "--num-layers",
+            "8",
+            "--moe-layer-freq",
+            "[0]+[1]*7",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--num-layers-per-virtual-pipeline-stage",
+            "2",
+            "--global-batch-size",
+            "8",
+        ],
+        world_size=2,
+    )
     first, last = pipeline_stages(args, ParallelSizes.from_args(args))
     assert first.layers == [0, 1, 4, 5] and last.layers == [2, 3, 6, 7]
     assert first.ranks == [0] and last.ranks == [1]
@@ -112,9 +128,24 @@ def test_interleaved_stages_hold_every_pp_th_chunk():
 def test_a_pipeline_layout_places_the_layers_it_names():
     """--pipeline-model-parallel-layout, DeepSeek-V3's style on PP=2 x 2 virtual stages: chunks of 2, 3,
     2 and 1 decoder layers in layer order, the MTP layer with the loss."""
-    args = parse(TINY_MOE + ["--num-layers", "8", "--moe-layer-freq", "[0]*2+[1]*6", "--mtp-num-layers", "1",
-                             "--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Ett|ttt|tt|tmL",
-                             "--global-batch-size", "8"], world_size=2)  # fmt: skip
+    args = parse(
+        TINY_MOE
+        + [
+            "--num-layers",
+            "8",
+            "--moe-layer-freq",
+            "[0]*2+[1]*6",
+            "--mtp-num-layers",
+            "1",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--pipeline-model-parallel-layout",
+            "Ett|ttt|tt|tmL",
+            "--global-batch-size",
+            "8",
+        ],
+        world_size=2,
+    )
     assert args.virtual_pipeline_model_parallel_size == 2
     first, last = pipeline_stages(args, ParallelSizes.from_args(args))
     assert first.layers == [0, 1, 5, 6] and last.layers == [2, 3, 4, 7]
@@ -143,11 +174,27 @@ def test_dense_layer_activations_match_korthikanti():
 
 
 def test_full_recomputation_keeps_layer_inputs_and_one_layer():
-    flags = ["--mock-data", "--vocab-size", "128", "--num-layers", "4", "--hidden-size", "64",
-             "--num-attention-heads", "4", "--ffn-hidden-size", "256", "--seq-length", "32", "--micro-batch-size", "2"]
+    flags = [
+        "--mock-data",
+        "--vocab-size",
+        "128",
+        "--num-layers",
+        "4",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "4",
+        "--ffn-hidden-size",
+        "256",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "2",
+    ]
     plain = parse(flags)
-    recomputed = parse(flags + ["--recompute-granularity", "full", "--recompute-method", "uniform",
-                                "--recompute-num-layers", "1"])  # fmt: skip
+    recomputed = parse(
+        flags + ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+    )
     layer = layer_activation_bytes_per_token(plain, False, ParallelSizes.from_args(plain))
     head = estimate_memory(plain)[0].activations - 4 * layer * 64
     assert estimate_memory(recomputed)[0].activations == pytest.approx(4 * 64 * 4 * 64 + layer * 64 + head)
@@ -161,8 +208,14 @@ def deepseek_v3_flags(tmp_path, **env):
     (tmp_path / "bin" / "python").chmod(0o755)
     environment = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "DRY_RUN": "1",
                    "MASTER_ADDR": "node0", **env}  # fmt: skip
-    result = subprocess.run(["bash", str(REPO_ROOT / "examples" / "pretrain_deepseek_v3.sh")], env=environment,
-                            capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    result = subprocess.run(
+        ["bash", str(REPO_ROOT / "examples" / "pretrain_deepseek_v3.sh")],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     command = shlex.split(result.stdout.splitlines()[0])
     return command[command.index("pretrain_r1.py") + 1 :]
 

@@ -15,8 +15,14 @@ def test_label_smoothing_applies_to_training_loss_only():
 
     initialize_distributed()
     try:
-        config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, hidden_dropout=0.0,
-                                   attention_dropout=0.0, use_cpu_initialization=True)
+        config = TransformerConfig(
+            num_layers=1,
+            hidden_size=32,
+            num_attention_heads=4,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            use_cpu_initialization=True,
+        )
         model = build_gpt_model(config, vocab_size=64, max_sequence_length=16, label_smoothing=0.2)
         tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
         labels = torch.roll(tokens, -1, dims=1)
@@ -52,17 +58,50 @@ def test_everything_a_step_touches_is_placed_on_the_platforms_compute_device(mon
 
     fake_gpu = torch.device("meta")
     monkeypatch.setattr(platform, "compute_device", lambda: fake_gpu)
-    args = parse_args("test", ["--mock-data", "--vocab-size", "64", "--num-layers", "2", "--hidden-size", "32",
-                               "--num-attention-heads", "4", "--swiglu", "--disable-bias-linear", "--multi-latent-attention", "--q-lora-rank",
-                               "16", "--kv-lora-rank", "16", "--qk-head-dim", "8", "--qk-pos-emb-head-dim", "8",
-                               "--v-head-dim", "8", "--num-experts", "2", "--moe-ffn-hidden-size", "16",
-                               "--mtp-num-layers", "1", "--seq-length", "8"])  # fmt: skip
+    args = parse_args(
+        "test",
+        [
+            "--mock-data",
+            "--vocab-size",
+            "64",
+            "--num-layers",
+            "2",
+            "--hidden-size",
+            "32",
+            "--num-attention-heads",
+            "4",
+            "--swiglu",
+            "--disable-bias-linear",
+            "--multi-latent-attention",
+            "--q-lora-rank",
+            "16",
+            "--kv-lora-rank",
+            "16",
+            "--qk-head-dim",
+            "8",
+            "--qk-pos-emb-head-dim",
+            "8",
+            "--v-head-dim",
+            "8",
+            "--num-experts",
+            "2",
+            "--moe-ffn-hidden-size",
+            "16",
+            "--mtp-num-layers",
+            "1",
+            "--seq-length",
+            "8",
+        ],
+    )
     args.padded_vocab_size = 64
     lora = LoRAConfig(rank=2)
     initialize_distributed()
     try:
-        (model,) = build_model(args, layer_spec_transform=lora_spec_transform(lora, True),
-                               prepare_chunk=lambda chunk: add_adapters_to_duplicated_linears(chunk, lora))  # fmt: skip
+        (model,) = build_model(
+            args,
+            layer_spec_transform=lora_spec_transform(lora, True),
+            prepare_chunk=lambda chunk: add_adapters_to_duplicated_linears(chunk, lora),
+        )
         tensors = dict(model.named_parameters()) | dict(model.named_buffers())
         assert any(".lora_a" in name for name in tensors) and any("mtp." in name for name in tensors)
         left_behind = [name for name, tensor in tensors.items() if tensor.device != fake_gpu]

@@ -12,9 +12,16 @@ def test_counts_every_routed_token_per_moe_layer(monkeypatch):
     initialize_distributed()
     try:
         config = TransformerConfig(
-            num_layers=3, hidden_size=32, num_attention_heads=4, num_moe_experts=4, moe_router_topk=2,
-            moe_ffn_hidden_size=32, moe_layer_freq=[0, 1, 1], add_bias_linear=False, use_cpu_initialization=True,
-        )  # fmt: skip
+            num_layers=3,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_moe_experts=4,
+            moe_router_topk=2,
+            moe_ffn_hidden_size=32,
+            moe_layer_freq=[0, 1, 1],
+            add_bias_linear=False,
+            use_cpu_initialization=True,
+        )
         model = build_gpt_model(config, vocab_size=64, max_sequence_length=8)
         tracker = ExpertLoadTracker([model], num_layers=3, num_experts=4)
         tokens = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(0))

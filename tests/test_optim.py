@@ -30,10 +30,20 @@ class _StubOptimizer:
 
 def test_cosine_warm_restarts_schedule():
     scheduler = ParamScheduler(
-        _StubOptimizer(), init_lr=0.0, max_lr=1.0, min_lr=0.0, lr_warmup_steps=2, lr_decay_steps=100,
-        lr_decay_style="cosine-warm-restarts", start_wd=0.0, end_wd=0.0, wd_incr_steps=100,
-        wd_incr_style="constant", restart_iters=4, restart_mult=2.0,
-    )  # fmt: skip
+        _StubOptimizer(),
+        init_lr=0.0,
+        max_lr=1.0,
+        min_lr=0.0,
+        lr_warmup_steps=2,
+        lr_decay_steps=100,
+        lr_decay_style="cosine-warm-restarts",
+        start_wd=0.0,
+        end_wd=0.0,
+        wd_incr_steps=100,
+        wd_incr_style="constant",
+        restart_iters=4,
+        restart_mult=2.0,
+    )
     lrs = []
     for _ in range(14):
         scheduler.step(increment=1)
@@ -51,9 +61,28 @@ def test_sample_based_schedule_advances_by_the_global_batch(monkeypatch):
     from megatron_r1.optim import build_scheduler, schedule_increment
 
     monkeypatch.setenv("WORLD_SIZE", "1")
-    args = parse_args("test", ["--mock-data", "--vocab-size", "64", "--global-batch-size", "8", "--train-samples", "100",
-                               "--lr", "1.0", "--min-lr", "0.1", "--lr-warmup-init", "0.2", "--lr-warmup-samples", "20",
-                               "--lr-decay-samples", "80"])  # fmt: skip
+    args = parse_args(
+        "test",
+        [
+            "--mock-data",
+            "--vocab-size",
+            "64",
+            "--global-batch-size",
+            "8",
+            "--train-samples",
+            "100",
+            "--lr",
+            "1.0",
+            "--min-lr",
+            "0.1",
+            "--lr-warmup-init",
+            "0.2",
+            "--lr-warmup-samples",
+            "20",
+            "--lr-decay-samples",
+            "80",
+        ],
+    )
     assert args.train_iters == 12 and schedule_increment(args) == 8
     scheduler = build_scheduler(args, _StubOptimizer())
     lrs = []
@@ -77,8 +106,25 @@ def one_layer_gpt_and_optimizer(monkeypatch, flags):
     from megatron_r1.optim import build_optimizer
 
     monkeypatch.setenv("WORLD_SIZE", "1")
-    args = parse_args("test", ["--mock-data", "--vocab-size", "64", "--num-layers", "1", "--hidden-size", "32",
-                               "--num-attention-heads", "4", "--lr", "0.01", "--seq-length", "8", *flags])  # fmt: skip
+    args = parse_args(
+        "test",
+        [
+            "--mock-data",
+            "--vocab-size",
+            "64",
+            "--num-layers",
+            "1",
+            "--hidden-size",
+            "32",
+            "--num-attention-heads",
+            "4",
+            "--lr",
+            "0.01",
+            "--seq-length",
+            "8",
+            *flags,
+        ],
+    )
     initialize_distributed()
     try:
         config = transformer_config_from_args(args)
@@ -121,10 +167,15 @@ def test_adam_is_torch_fused_adamw_with_megatron_param_groups(monkeypatch):
         reference = [torch.nn.Parameter(param.detach().clone()) for param in params]
         index = {id(param): i for i, param in enumerate(params)}
         reference_optimizer = torch.optim.AdamW(
-            [{"params": [reference[index[id(p)]] for p in group["params"]], "weight_decay": group["weight_decay"]}
-             for group in optimizer.optimizer.param_groups],
-            lr=0.01, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, foreach=False,
-        )  # fmt: skip
+            [
+                {"params": [reference[index[id(p)]] for p in group["params"]], "weight_decay": group["weight_decay"]}
+                for group in optimizer.optimizer.param_groups
+            ],
+            lr=0.01,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_eps,
+            foreach=False,
+        )
         for _ in range(2):
             compute_gradients()
             for param, ref in zip(params, reference):
@@ -154,7 +205,9 @@ def test_decoupled_lr_schedules_the_embedding_and_output_layer_apart(monkeypatch
             scheduler.step(1)
             for group in groups:
                 (peaks if step == 2 else ends if step == 10 else {})[group["max_lr"]] = group["lr"]
-        assert peaks == pytest.approx({0.002: 0.002, 0.01: 0.01}) and ends == pytest.approx({0.002: 0.0002, 0.01: 0.001})
+        assert peaks == pytest.approx({0.002: 0.002, 0.01: 0.01}) and ends == pytest.approx(
+            {0.002: 0.0002, 0.01: 0.001}
+        )
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(SystemExit):
         parse_args("test", ["--mock-data", "--vocab-size", "64", "--decoupled-min-lr", "0.1"])

@@ -9,6 +9,7 @@ import torch
 
 from megatron_r1 import platform
 
+
 def test_noop_when_cuda_is_available():
     code = """
 import torch
@@ -103,8 +104,24 @@ def test_distributed_timeout_reaches_every_process_group(monkeypatch):
     from megatron_r1.training import setup
 
     monkeypatch.setenv("WORLD_SIZE", "1")
-    setup(parse_args("test", ["--mock-data", "--vocab-size", "64", "--num-layers", "1", "--hidden-size", "16",
-                              "--num-attention-heads", "2", "--distributed-timeout-minutes", "3"]))  # fmt: skip
+    setup(
+        parse_args(
+            "test",
+            [
+                "--mock-data",
+                "--vocab-size",
+                "64",
+                "--num-layers",
+                "1",
+                "--hidden-size",
+                "16",
+                "--num-attention-heads",
+                "2",
+                "--distributed-timeout-minutes",
+                "3",
+            ],
+        )
+    )
     try:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         groups = [torch.distributed.distributed_c10d._get_default_group(), parallel_state.get_data_parallel_group()]
@@ -119,6 +136,7 @@ def test_megatron_cores_missing_package_warnings_are_not_repeated_per_module_and
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-c", "import megatron_r1.training"], capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", "import megatron_r1.training"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "not installed" not in result.stderr, result.stderr[-2000:]

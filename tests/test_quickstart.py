@@ -18,11 +18,20 @@ def run_and_check_quickstart(tmp_path) -> Path:
     """Runs examples/quickstart.sh (on this machine's device: tests/gpu runs it on a GPU too) and
     checks every stage's result; returns its output directory."""
     out = tmp_path / "quickstart"
-    environment = {name: value for name, value in os.environ.items()
-                   if name not in ("DATA_PATH", "TOKENIZER_MODEL", "MASTER_ADDR", "EXTRA_ARGS", "DRY_RUN")}
-    environment.update(OUT=str(out), PRETRAIN_ITERS="2", SFT_ITERS="2", NEW_TOKENS="4", OMP_NUM_THREADS="1")  # fmt: skip
-    result = subprocess.run(["bash", str(REPO_ROOT / "examples" / "quickstart.sh")], cwd=tmp_path, env=environment,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("DATA_PATH", "TOKENIZER_MODEL", "MASTER_ADDR", "EXTRA_ARGS", "DRY_RUN")
+    }
+    environment.update(OUT=str(out), PRETRAIN_ITERS="2", SFT_ITERS="2", NEW_TOKENS="4", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        ["bash", str(REPO_ROOT / "examples" / "quickstart.sh")],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     log = result.stdout
     assert result.returncode == 0, log[-3000:] + result.stderr[-6000:]
 
@@ -32,7 +41,9 @@ def run_and_check_quickstart(tmp_path) -> Path:
 
     # Pre-training stopped at iteration 1 and the second run went on from its checkpoint to 2.
     first_run, resumed = log.split("=== 6/11 resume", 1)
-    assert re.search(r"^ iteration +1/ +2 \|", first_run, re.M) and not re.search(r"^ iteration +2/ +2 \|", first_run, re.M)
+    assert re.search(r"^ iteration +1/ +2 \|", first_run, re.M) and not re.search(
+        r"^ iteration +2/ +2 \|", first_run, re.M
+    )
     assert "resumed from iteration 1 (16 samples consumed)" in resumed
     resumed_pretraining = resumed.split("=== 7/11", 1)[0]
     assert re.findall(r"^ iteration +(\d+)/ +2 \|", resumed_pretraining, re.M) == ["2"]
@@ -42,7 +53,9 @@ def run_and_check_quickstart(tmp_path) -> Path:
     assert f"starting weights: {out}/checkpoints/iter_0000002" in sft
     assert re.search(r"LoRA: \d+ trainable parameters", sft)
     assert re.findall(r"^ iteration +(\d+)/ +2 \|", sft, re.M) == ["1", "2"]
-    assert re.search(r"^merged \d+ adapted linears .* into .*: " + re.escape(f"{out}/sft_merged/iter_0000002"), sft, re.M)
+    assert re.search(
+        r"^merged \d+ adapted linears .* into .*: " + re.escape(f"{out}/sft_merged/iter_0000002"), sft, re.M
+    )
 
     # The export's check: the same top-1 token as our model everywhere.
     assert re.search(r"^verify passed: top-1 agreement 1\.000, max \|logit diff\| ", log, re.M)

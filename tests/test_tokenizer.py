@@ -26,9 +26,18 @@ def sp_model(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "vocab_size, divisible_by, tensor_parallel, expected",
-    [(4000, 128, 1, 4096), (4096, 128, 1, 4096), (4097, 128, 2, 4352), (50257, 128, 8, 51200), (1, 1, 1, 1), (129280, 128, 4, 129536)],
+    [
+        (4000, 128, 1, 4096),
+        (4096, 128, 1, 4096),
+        (4097, 128, 2, 4352),
+        (50257, 128, 8, 51200),
+        (1, 1, 1, 1),
+        (129280, 128, 4, 129536),
+    ],
 )
-def test_vocab_padding_is_the_next_multiple_of_divisible_by_times_tp(vocab_size, divisible_by, tensor_parallel, expected):
+def test_vocab_padding_is_the_next_multiple_of_divisible_by_times_tp(
+    vocab_size, divisible_by, tensor_parallel, expected
+):
     assert vocab_size_with_padding(vocab_size, divisible_by, tensor_parallel) == expected
 
 
@@ -122,13 +131,19 @@ def _write_hf_tokenizer(directory, with_config):
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["[UNK]", "<|endoftext|>", "<pad>", "<think>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400,
+        special_tokens=["[UNK]", "<|endoftext|>", "<pad>", "<think>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator(["hello world, hello tokens", "the quick brown fox jumps over the lazy dog"] * 20, trainer=trainer)
+    tokenizer.train_from_iterator(
+        ["hello world, hello tokens", "the quick brown fox jumps over the lazy dog"] * 20, trainer=trainer
+    )
     directory.mkdir()
     tokenizer.save(str(directory / "tokenizer.json"))
     if with_config:
-        (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<think>"}, "pad_token": "<pad>"}))
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps({"eos_token": {"content": "<think>"}, "pad_token": "<pad>"})
+        )
     return tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
 
 
@@ -145,9 +160,14 @@ def test_hugging_face_tokenizer_json_directory(tmp_path):
     assert tokenizer.pad == reference.token_to_id("<pad>")
     assert tokenizer.bos is None
     assert tokenizer.special_tokens["<think>"] == reference.token_to_id("<think>")
-    assert tokenizer.padded_vocab_size(64, 2) % 128 == 0 and 0 <= tokenizer.padded_vocab_size(64, 2) - tokenizer.vocab_size < 128
+    assert (
+        tokenizer.padded_vocab_size(64, 2) % 128 == 0
+        and 0 <= tokenizer.padded_vocab_size(64, 2) - tokenizer.vocab_size < 128
+    )
     # The tokenizer.json file itself is accepted too.
-    assert build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "hf" / "tokenizer.json")).tokenize(text) == tokenizer.tokenize(text)
+    assert build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "hf" / "tokenizer.json")).tokenize(
+        text
+    ) == tokenizer.tokenize(text)
 
 
 def test_hugging_face_roles_come_from_tokenizer_config_when_present(tmp_path):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_command
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "pretrain_r1.py"
@@ -54,31 +53,58 @@ MEGATRON_LM_RECIPE_FLAGS = [
 def test_single_process_deepseek_run(tmp_path):
     """Also: a Megatron-LM MoE recipe's kernel and no-op flags train on CPU, and the logging flags
     reach the iteration line and TensorBoard."""
-    result = run_command([sys.executable, str(PRETRAIN), *DEEPSEEK_TINY, *MEGATRON_LM_RECIPE_FLAGS,
-                          "--tensorboard-dir", "tb", "--tensorboard-queue-size", "1", "--log-num-zeros-in-grad",
-                          "--moe-per-layer-logging", "--log-memory-to-tensorboard", "--logging-level", "20", "--enable-experimental", "--profile",
-                          "--use-pytorch-profiler", "--profile-step-start", "1", "--profile-step-end", "2",
-                          "--peak-tflops", "1e-6"], tmp_path)  # fmt: skip
+    result = run_command(
+        [
+            sys.executable,
+            str(PRETRAIN),
+            *DEEPSEEK_TINY,
+            *MEGATRON_LM_RECIPE_FLAGS,
+            "--tensorboard-dir",
+            "tb",
+            "--tensorboard-queue-size",
+            "1",
+            "--log-num-zeros-in-grad",
+            "--moe-per-layer-logging",
+            "--log-memory-to-tensorboard",
+            "--logging-level",
+            "20",
+            "--enable-experimental",
+            "--profile",
+            "--use-pytorch-profiler",
+            "--profile-step-start",
+            "1",
+            "--profile-step-end",
+            "2",
+            "--peak-tflops",
+            "1e-6",
+        ],
+        tmp_path,
+    )
     assert_complete_log(result.stdout)
     # TFLOP/s per GPU and MFU: megatron_r1.flops' count of a step over the step's time, over the peak.
     from megatron_r1.arguments import parse_args
     from megatron_r1.flops import count_model
 
     flops = count_model(parse_args("test", [*DEEPSEEK_TINY, *MEGATRON_LM_RECIPE_FLAGS])).flops_per_iteration
-    milliseconds, mfu = map(float, re.findall(r"per iteration \(ms\): (\S+) .*TFLOP/s/GPU\): \S+ \| MFU: (\S+)%",
-                                              result.stdout)[-1])  # fmt: skip
+    milliseconds, mfu = map(
+        float, re.findall(r"per iteration \(ms\): (\S+) .*TFLOP/s/GPU\): \S+ \| MFU: (\S+)%", result.stdout)[-1]
+    )
     assert mfu == pytest.approx(100 * flops / (milliseconds / 1000) / 1e12 / 1e-6, rel=0.02), (mfu, milliseconds)
     assert "INFO:megatron.core.datasets" in result.stderr, result.stderr  # --logging-level 20 lets INFO through
     if not torch.cuda.is_available():
-        assert ("the plain megatron-core path stands in for --moe-permute-fusion, --moe-token-dispatcher-type flex"
-                in result.stderr), result.stderr
+        assert (
+            "the plain megatron-core path stands in for --moe-permute-fusion, --moe-token-dispatcher-type flex"
+            in result.stderr
+        ), result.stderr
     assert re.search(r"num zeros: \d+\.\d", result.stdout), result.stdout
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     tags = events.Tags()["scalars"]
     memory = "mem-max-allocated-bytes" if torch.cuda.is_available() else "mem-max-rss-bytes"
-    assert {"lm loss", "num-zeros", "moe/seq_load_balancing_loss_layer_1", "lm loss validation ppl", memory} <= set(tags)
+    assert {"lm loss", "num-zeros", "moe/seq_load_balancing_loss_layer_1", "lm loss validation ppl", memory} <= set(
+        tags
+    )
     assert events.Scalars(memory)[-1].value > 100e6  # megatron-core and torch alone take more
     trace = json.loads(next((tmp_path / "tb").glob("*.pt.trace.json")).read_text())  # --profile: iteration 2 only
     assert sum(event.get("name") == "Optimizer.step#AdamW.step" for event in trace["traceEvents"]) == 1
@@ -94,11 +120,23 @@ def test_two_process_pipeline_with_mtp_on_the_last_stage(tmp_path):
 
     tied = [flag for flag in DEEPSEEK_TINY if flag != "--untie-embeddings-and-output-weights"]
     result = run_command(
-        ["torchrun", "--standalone", "--nproc_per_node=2", str(PRETRAIN), *tied, "--pipeline-model-parallel-size", "2",
-         "--pipeline-model-parallel-layout", "Ett|mL", "--save", "ckpt", "--log-params-norm"],
+        [
+            "torchrun",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(PRETRAIN),
+            *tied,
+            "--pipeline-model-parallel-size",
+            "2",
+            "--pipeline-model-parallel-layout",
+            "Ett|mL",
+            "--save",
+            "ckpt",
+            "--log-params-norm",
+        ],
         tmp_path,
         timeout=300,
-    )  # fmt: skip
+    )
     assert_complete_log(result.stdout)
     loaded = run_command([sys.executable, str(PRETRAIN), *tied, "--load", "ckpt", "--skip-train"], tmp_path)
     loss = re.compile(r"validation loss at iteration 3 \| lm loss value: (\S+)")
@@ -171,9 +209,15 @@ def test_reset_attention_mask_keeps_documents_apart(monkeypatch):
     state = setup(args)
     try:
         eod, generator = 127, torch.Generator().manual_seed(0)
-        first, second = torch.randint(0, 127, (6,), generator=generator), torch.randint(0, 127, (11,), generator=generator)
+        first, second = (
+            torch.randint(0, 127, (6,), generator=generator),
+            torch.randint(0, 127, (11,), generator=generator),
+        )
         first[-1] = eod
-        packed, alone = torch.cat([first, second]), torch.cat([second, torch.randint(0, 127, (6,), generator=generator)])
+        packed, alone = (
+            torch.cat([first, second]),
+            torch.cat([second, torch.randint(0, 127, (6,), generator=generator)]),
+        )
 
         def losses(tokens, masked=True):
             mask, _, positions = _get_ltor_masks_and_position_ids(tokens[:-1], eod, True, True, False, True)
@@ -241,8 +285,21 @@ def test_manual_gc_collects_at_fixed_iterations_only(monkeypatch):
     from megatron_r1.training import build_data, setup, train
 
     monkeypatch.setenv("WORLD_SIZE", "1")
-    args = parse_args("test", TINY_MOE + ["--train-iters", "4", "--manual-gc", "--manual-gc-interval", "2",
-                                          "--eval-interval", "4", "--eval-iters", "1"])  # fmt: skip
+    args = parse_args(
+        "test",
+        TINY_MOE
+        + [
+            "--train-iters",
+            "4",
+            "--manual-gc",
+            "--manual-gc-interval",
+            "2",
+            "--eval-interval",
+            "4",
+            "--eval-iters",
+            "1",
+        ],
+    )
     state = setup(args)
     collected_after, automatic_during = [], []
     monkeypatch.setattr(gc, "collect", lambda *a: collected_after.append(state.iteration))
@@ -265,9 +322,21 @@ def test_empty_unused_memory_level_and_bf16_full_precision_matmul_flags(monkeypa
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", True)
-    args = parse_args("test", TINY_MOE + ["--train-iters", "2", "--eval-interval", "2", "--eval-iters", "1",
-                                          "--empty-unused-memory-level", "2",
-                                          "--disable-bf16-reduced-precision-matmul"])  # fmt: skip
+    args = parse_args(
+        "test",
+        TINY_MOE
+        + [
+            "--train-iters",
+            "2",
+            "--eval-interval",
+            "2",
+            "--eval-iters",
+            "1",
+            "--empty-unused-memory-level",
+            "2",
+            "--disable-bf16-reduced-precision-matmul",
+        ],
+    )
     state = setup(args)
     assert torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction is False
     emptied_at = []
@@ -304,7 +373,11 @@ def test_grad_reduce_in_bf16_keeps_bf16_grad_buffers_and_trains(monkeypatch, cap
     assert len(bf16) == 6 and bf16[-1] < bf16[0] and abs(bf16[-1] - fp32[-1]) < 0.1, (fp32, bf16)
     with pytest.raises(SystemExit):
         parse_args("test", TINY_MOE + ["--grad-reduce-in-bf16"])
-    assert capsys.readouterr().err.strip().endswith("--grad-reduce-in-bf16 needs --bf16 (fp32 training keeps fp32 gradients)")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("--grad-reduce-in-bf16 needs --bf16 (fp32 training keeps fp32 gradients)")
+    )
 
 
 def test_padded_vocab_size_sets_the_embedding_rows(monkeypatch, capsys):
@@ -328,10 +401,15 @@ def test_padded_vocab_size_sets_the_embedding_rows(monkeypatch, capsys):
             destroy_distributed()
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit):
-        parse_args("test", TINY_MOE + ["--padded-vocab-size", "301", "--tensor-model-parallel-size", "2",
-                                       "--sequence-parallel"])  # fmt: skip
-    assert capsys.readouterr().err.strip().endswith(
-        "--padded-vocab-size (301) is not divisible by --tensor-model-parallel-size (2)")
+        parse_args(
+            "test",
+            TINY_MOE + ["--padded-vocab-size", "301", "--tensor-model-parallel-size", "2", "--sequence-parallel"],
+        )
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("--padded-vocab-size (301) is not divisible by --tensor-model-parallel-size (2)")
+    )
 
 
 def _grad_buffers_after_one_step(args):
@@ -394,8 +472,11 @@ def test_metrics_endpoint_serves_the_iteration_figures(tmp_path):
         port = sock.getsockname()[1]
     process = subprocess.Popen(
         [sys.executable, str(PRETRAIN), *TINY_MOE, "--train-iters", "400", "--metrics-port", str(port)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         for line in process.stdout:  # the first iteration line means figures are published
             if line.startswith(" iteration"):
@@ -431,24 +512,88 @@ def test_tiny_model_learns_the_bundled_corpus(tmp_path):
 
     repo = PRETRAIN.parent
     corpus = repo / "megatron_r1" / "assets" / "tiny_corpus.jsonl"
-    run_command([sys.executable, str(repo / "tools" / "train_tokenizer.py"), "--input", str(corpus),
-                 "--vocab-size", "2000", "--output-prefix", "tok"], tmp_path)  # fmt: skip
-    run_command([sys.executable, str(repo / "tools" / "preprocess_data.py"), "--input", str(corpus),
-                 "--output-prefix", "corpus", "--tokenizer-type", "SentencePieceTokenizer",
-                 "--tokenizer-model", "tok.model", "--append-eod", "--workers", "2"], tmp_path)  # fmt: skip
+    run_command(
+        [
+            sys.executable,
+            str(repo / "tools" / "train_tokenizer.py"),
+            "--input",
+            str(corpus),
+            "--vocab-size",
+            "2000",
+            "--output-prefix",
+            "tok",
+        ],
+        tmp_path,
+    )
+    run_command(
+        [
+            sys.executable,
+            str(repo / "tools" / "preprocess_data.py"),
+            "--input",
+            str(corpus),
+            "--output-prefix",
+            "corpus",
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            "tok.model",
+            "--append-eod",
+            "--workers",
+            "2",
+        ],
+        tmp_path,
+    )
     dataset = IndexedDataset(str(tmp_path / "corpus_text_document"))
     counts = np.bincount(np.concatenate([dataset[i] for i in range(len(dataset))]).astype(np.int64))
     probabilities = counts[counts > 0] / counts.sum()
     unigram_entropy = float(-(probabilities * np.log(probabilities)).sum())
 
     result = run_command(
-        [sys.executable, str(PRETRAIN), "--data-path", "corpus_text_document", "--split", "98,2,0",
-         "--tokenizer-model", "tok.model", "--data-cache-path", "cache", "--num-layers", "2", "--hidden-size", "128",
-         "--num-attention-heads", "4", "--swiglu", "--disable-bias-linear", "--num-experts", "4",
-         "--moe-ffn-hidden-size", "128", "--moe-aux-loss-coeff", "1e-2", "--seq-length", "128",
-         "--micro-batch-size", "8", "--train-iters", "150", "--lr", "3e-3", "--lr-warmup-iters", "10",
-         "--min-lr", "3e-4", "--eval-interval", "150", "--eval-iters", "4", "--log-interval", "50"],
+        [
+            sys.executable,
+            str(PRETRAIN),
+            "--data-path",
+            "corpus_text_document",
+            "--split",
+            "98,2,0",
+            "--tokenizer-model",
+            "tok.model",
+            "--data-cache-path",
+            "cache",
+            "--num-layers",
+            "2",
+            "--hidden-size",
+            "128",
+            "--num-attention-heads",
+            "4",
+            "--swiglu",
+            "--disable-bias-linear",
+            "--num-experts",
+            "4",
+            "--moe-ffn-hidden-size",
+            "128",
+            "--moe-aux-loss-coeff",
+            "1e-2",
+            "--seq-length",
+            "128",
+            "--micro-batch-size",
+            "8",
+            "--train-iters",
+            "150",
+            "--lr",
+            "3e-3",
+            "--lr-warmup-iters",
+            "10",
+            "--min-lr",
+            "3e-4",
+            "--eval-interval",
+            "150",
+            "--eval-iters",
+            "4",
+            "--log-interval",
+            "50",
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     validation_loss = float(re.search(r"validation loss at iteration 150 \| lm loss value: (\S+)", result.stdout)[1])
     assert validation_loss < unigram_entropy - 0.3, (validation_loss, unigram_entropy)

@@ -30,7 +30,14 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from megatron_r1.corpus.jsonl import InputError, atomic_output, check_output_not_input, expand_inputs, iter_line_batches, total_bytes
+from megatron_r1.corpus.jsonl import (
+    InputError,
+    atomic_output,
+    check_output_not_input,
+    expand_inputs,
+    iter_line_batches,
+    total_bytes,
+)
 from megatron_r1.corpus.mixture import (
     MixtureError,
     SourceCounts,
@@ -60,7 +67,9 @@ def _token_total(text: str) -> int:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--total-tokens expects a number such as 1000000 or 1e9, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--total-tokens expects a number such as 1000000 or 1e9, got {text!r}"
+        ) from None
     if not value >= 1:
         raise argparse.ArgumentTypeError(f"--total-tokens must be >= 1, got {text!r}")
     return int(value)
@@ -68,16 +77,52 @@ def _token_total(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", action="append", required=True, type=lambda text: _name_value(text, "--source"), metavar="NAME=PATH[,PATH...]", help="a source: name and comma-separated JSONL files (plain or .gz) / globs (repeat per source)")
-    parser.add_argument("--weight", action="append", required=True, type=lambda text: _name_value(text, "--weight"), metavar="NAME=W", help="target token weight of a source (repeat per source; normalized to sum 1)")
-    parser.add_argument("--total-tokens", type=_token_total, help="token budget of the mixture (default: the largest total without repeating documents)")
-    parser.add_argument("--allow-upsample", action="store_true", help="allow a --total-tokens that repeats documents of some source")
+    parser.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        type=lambda text: _name_value(text, "--source"),
+        metavar="NAME=PATH[,PATH...]",
+        help="a source: name and comma-separated JSONL files (plain or .gz) / globs (repeat per source)",
+    )
+    parser.add_argument(
+        "--weight",
+        action="append",
+        required=True,
+        type=lambda text: _name_value(text, "--weight"),
+        metavar="NAME=W",
+        help="target token weight of a source (repeat per source; normalized to sum 1)",
+    )
+    parser.add_argument(
+        "--total-tokens",
+        type=_token_total,
+        help="token budget of the mixture (default: the largest total without repeating documents)",
+    )
+    parser.add_argument(
+        "--allow-upsample", action="store_true", help="allow a --total-tokens that repeats documents of some source"
+    )
     parser.add_argument("--output", help="write the mixed JSONL here")
     parser.add_argument("--data-path-out", metavar="FILE", help="write the pretraining --data-path weight list here")
-    parser.add_argument("--prefix", action="append", default=[], type=lambda text: _name_value(text, "--prefix"), metavar="NAME=PREFIX", help="dataset prefix of a source in the --data-path list")
-    parser.add_argument("--prefix-dir", default=".", help="directory of the default dataset prefixes DIR/NAME_{json-key}_document (default: .)")
+    parser.add_argument(
+        "--prefix",
+        action="append",
+        default=[],
+        type=lambda text: _name_value(text, "--prefix"),
+        metavar="NAME=PREFIX",
+        help="dataset prefix of a source in the --data-path list",
+    )
+    parser.add_argument(
+        "--prefix-dir",
+        default=".",
+        help="directory of the default dataset prefixes DIR/NAME_{json-key}_document (default: .)",
+    )
     parser.add_argument("--json-key", default="text", help="field holding the text (default: text)")
-    parser.add_argument("--token-proxy", choices=TOKEN_PROXIES, default="approx", help="token count without --tokenizer-model (default: approx)")
+    parser.add_argument(
+        "--token-proxy",
+        choices=TOKEN_PROXIES,
+        default="approx",
+        help="token count without --tokenizer-model (default: approx)",
+    )
     parser.add_argument("--seed", type=int, default=1234, help="sampling and interleaving seed (default: 1234)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes for token counting (default: 2)")
     add_bad_line_arguments(parser, repairs_text=False)  # selected lines are copied verbatim
@@ -93,13 +138,21 @@ def _count_sources(args, paths: dict[str, list[str]], input_bytes: int, bad: Ski
         for name, source_paths in paths.items():
             located, tokens = [], []
             batches = iter_line_batches(source_paths, batch_lines=256, progress=progress)
-            for batch_bad, batch_located, batch_tokens in ordered_map(count_batch, batches, args.workers, init_counter, init_args):
+            for batch_bad, batch_located, batch_tokens in ordered_map(
+                count_batch, batches, args.workers, init_counter, init_args
+            ):
                 for reason, file_index, line_number in batch_bad:
                     bad.add(reason, source_paths[file_index], line_number)
                 located.append(batch_located)
                 tokens.append(batch_tokens)
             located_all = np.concatenate(located) if located else np.zeros((0, 2), np.uint64)
-            counts[name] = SourceCounts(name, source_paths, located_all[:, 0].astype(np.uint16), located_all[:, 1].astype(np.uint32), np.concatenate(tokens) if tokens else np.zeros(0, np.int64))
+            counts[name] = SourceCounts(
+                name,
+                source_paths,
+                located_all[:, 0].astype(np.uint16),
+                located_all[:, 1].astype(np.uint32),
+                np.concatenate(tokens) if tokens else np.zeros(0, np.int64),
+            )
     return counts
 
 
@@ -156,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             for label in tqdm(order, desc="write", unit="doc"):
                 handle.write(next(streams[label]))
 
-    data_path = " ".join(f"{weights[name]:.6g} {prefixes.get(name) or output_prefix_for(os.path.join(args.prefix_dir, name), args.json_key)}" for name in counts)
+    data_path = " ".join(
+        f"{weights[name]:.6g} {prefixes.get(name) or output_prefix_for(os.path.join(args.prefix_dir, name), args.json_key)}"
+        for name in counts
+    )
     if args.data_path_out:
         with atomic_output(args.data_path_out) as handle:
             handle.write((data_path + "\n").encode("utf-8"))
@@ -164,8 +220,12 @@ def main(argv: list[str] | None = None) -> int:
 
     unit = f"tokens of {args.tokenizer_model}" if args.tokenizer_model else f"token proxy '{args.token_proxy}'"
     selected_total = max(sum(selected.values()), 1)
-    print(f"mixture summary ({unit}), {elapsed:.1f} s; target total {total} (largest without repetition: {int(min(available[n] / weights[n] for n in counts))})")
-    print(f"  {'source':<12} {'docs':>9} {'available':>12} {'target':>8} {'quota':>12} {'selected':>12} {'achieved':>8} {'passes':>7}")
+    print(
+        f"mixture summary ({unit}), {elapsed:.1f} s; target total {total} (largest without repetition: {int(min(available[n] / weights[n] for n in counts))})"
+    )
+    print(
+        f"  {'source':<12} {'docs':>9} {'available':>12} {'target':>8} {'quota':>12} {'selected':>12} {'achieved':>8} {'passes':>7}"
+    )
     for name, source in counts.items():
         print(
             f"  {name:<12} {len(source.tokens):>9} {available[name]:>12} {weights[name]:>8.2%} {quotas[name]:>12.0f} {selected[name]:>12} "
@@ -173,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("\n".join(bad.table(indent="  ")))
     if args.output:
-        print(f"  mixed JSONL: {args.output} ({sum(int(repeats[name].sum()) for name in counts)} documents, {sum(selected.values())} tokens)")
+        print(
+            f"  mixed JSONL: {args.output} ({sum(int(repeats[name].sum()) for name in counts)} documents, {sum(selected.values())} tokens)"
+        )
     print(f"  --data-path {data_path}" + (f"  (written to {args.data_path_out})" if args.data_path_out else ""))
     return 0
 

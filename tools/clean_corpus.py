@@ -29,7 +29,14 @@ from tqdm import tqdm
 
 from megatron_r1.corpus.clean import CleanConfig, clean_batch, init_worker
 from megatron_r1.corpus.domain import DomainRulesError, load_domain_rules
-from megatron_r1.corpus.jsonl import InputError, atomic_output, check_output_not_input, expand_inputs, iter_line_batches, total_bytes
+from megatron_r1.corpus.jsonl import (
+    InputError,
+    atomic_output,
+    check_output_not_input,
+    expand_inputs,
+    iter_line_batches,
+    total_bytes,
+)
 from megatron_r1.corpus.langid import LANGUAGES
 from megatron_r1.corpus.normalize import prepare
 from megatron_r1.corpus.parallel import ordered_map
@@ -42,15 +49,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="JSONL files (plain or .gz) or glob patterns")
     parser.add_argument("--output", required=True, help="JSONL of the kept, cleaned documents")
-    parser.add_argument("--keep-rejects", metavar="FILE", help="also write every dropped document / bad line with its reason")
+    parser.add_argument(
+        "--keep-rejects", metavar="FILE", help="also write every dropped document / bad line with its reason"
+    )
     parser.add_argument("--json-key", default="text", help="field holding the text (default: text)")
-    parser.add_argument("--language-key", default="lang", help="field added with the language zh/en/other (default: lang)")
-    parser.add_argument("--languages", help=f"comma-separated languages to keep, of {','.join(LANGUAGES)} (default: all); others are dropped as 'language'")
+    parser.add_argument(
+        "--language-key", default="lang", help="field added with the language zh/en/other (default: lang)"
+    )
+    parser.add_argument(
+        "--languages",
+        help=f"comma-separated languages to keep, of {','.join(LANGUAGES)} (default: all); others are dropped as 'language'",
+    )
     parser.add_argument("--no-pii", dest="mask_pii", action="store_false", help="do not anonymize PII")
-    parser.add_argument("--domain-rules", metavar="FILE", help='JSON {"domain": ["keyword", ...]}: add a domain field (the domain with most keyword hits)')
+    parser.add_argument(
+        "--domain-rules",
+        metavar="FILE",
+        help='JSON {"domain": ["keyword", ...]}: add a domain field (the domain with most keyword hits)',
+    )
     parser.add_argument("--domain-key", default="domain", help="field added with the domain (default: domain)")
-    parser.add_argument("--default-domain", default="general", help="domain of documents matching no rule (default: general)")
-    parser.add_argument("--domain-min-hits", type=int, default=1, help="keyword occurrences needed for a domain (default: 1)")
+    parser.add_argument(
+        "--default-domain", default="general", help="domain of documents matching no rule (default: general)"
+    )
+    parser.add_argument(
+        "--domain-min-hits", type=int, default=1, help="keyword occurrences needed for a domain (default: 1)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default: 2; 1 = in-process)")
     add_bad_line_arguments(parser)
     add_quality_arguments(parser)
@@ -77,11 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, DomainRulesError) as error:
         parser.error(str(error))
     config = CleanConfig(
-        paths=tuple(paths), json_key=args.json_key, language_key=args.language_key, languages=languages,
-        quality=quality_config_from_args(args), mask_pii=args.mask_pii, domain_rules=domain_rules,
-        domain_key=args.domain_key, default_domain=args.default_domain, domain_min_hits=args.domain_min_hits,
-        keep_rejects=bool(args.keep_rejects), replace_surrogates=args.replace_lone_surrogates,
-    )  # fmt: skip
+        paths=tuple(paths),
+        json_key=args.json_key,
+        language_key=args.language_key,
+        languages=languages,
+        quality=quality_config_from_args(args),
+        mask_pii=args.mask_pii,
+        domain_rules=domain_rules,
+        domain_key=args.domain_key,
+        default_domain=args.default_domain,
+        domain_min_hits=args.domain_min_hits,
+        keep_rejects=bool(args.keep_rejects),
+        replace_surrogates=args.replace_lone_surrogates,
+    )
 
     started = time.perf_counter()
     prepare()
@@ -94,18 +124,34 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     elapsed = time.perf_counter() - started
 
-    print(f"clean summary: {len(paths)} input file(s), {input_bytes / 1e6:.1f} MB, {elapsed:.1f} s ({input_bytes / 1e6 / max(elapsed, 1e-9):.2f} MB/s)")
-    print(f"  documents: {documents}, kept: {kept} ({100.0 * kept / max(documents, 1):.1f}%), dropped: {documents - kept}")
+    print(
+        f"clean summary: {len(paths)} input file(s), {input_bytes / 1e6:.1f} MB, {elapsed:.1f} s ({input_bytes / 1e6 / max(elapsed, 1e-9):.2f} MB/s)"
+    )
+    print(
+        f"  documents: {documents}, kept: {kept} ({100.0 * kept / max(documents, 1):.1f}%), dropped: {documents - kept}"
+    )
     reasons = totals["reasons"]
     for reason in ("language", *REASONS):
         if reasons[reason]:
             print(f"    dropped {reason}: {reasons[reason]}")
     print("\n".join(bad.table(indent="  ")))
     print("  kept by language: " + ", ".join(f"{language}={totals['languages'][language]}" for language in LANGUAGES))
-    print("  PII replaced: " + (", ".join(f"{placeholder}={totals['pii'][placeholder]}" for placeholder in PLACEHOLDERS) if args.mask_pii else "off"))
+    print(
+        "  PII replaced: "
+        + (
+            ", ".join(f"{placeholder}={totals['pii'][placeholder]}" for placeholder in PLACEHOLDERS)
+            if args.mask_pii
+            else "off"
+        )
+    )
     if domain_rules:
-        print("  kept by domain: " + ", ".join(f"{domain}={count}" for domain, count in totals["domains"].most_common()))
-    print(f"  output: {args.output}" + (f"; rejects ({rejected_lines} lines): {args.keep_rejects}" if args.keep_rejects else ""))
+        print(
+            "  kept by domain: " + ", ".join(f"{domain}={count}" for domain, count in totals["domains"].most_common())
+        )
+    print(
+        f"  output: {args.output}"
+        + (f"; rejects ({rejected_lines} lines): {args.keep_rejects}" if args.keep_rejects else "")
+    )
     return 0
 
 

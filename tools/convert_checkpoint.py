@@ -53,29 +53,49 @@ def _size(text: str) -> int:
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--direction", choices=["mcore2hf", "hf2mcore"], required=True)
-    parser.add_argument("--load", required=True, help="mcore2hf: our checkpoint (--save root or iter_XXXXXXX); "
-                        "hf2mcore: the Hugging Face directory")  # fmt: skip
+    parser.add_argument(
+        "--load",
+        required=True,
+        help="mcore2hf: our checkpoint (--save root or iter_XXXXXXX); hf2mcore: the Hugging Face directory",
+    )
     parser.add_argument("--save", required=True, help="output directory (replaced if it exists)")
     parser.add_argument("--ckpt-step", type=int, default=None, help="mcore2hf: this iteration, not the latest")
-    parser.add_argument("--tokenizer-model", default=None,
-                        help="mcore2hf: SentencePiece model to export (default: the one saved with the checkpoint)")
+    parser.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="mcore2hf: SentencePiece model to export (default: the one saved with the checkpoint)",
+    )
     parser.add_argument("--tokenizer-type", choices=MODEL_TOKENIZER_TYPES, default=None)
-    parser.add_argument("--vocab-size", type=int, default=None,
-                        help="mcore2hf: real vocabulary size (default: the tokenizer's / the checkpoint's)")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="mcore2hf: real vocabulary size (default: the tokenizer's / the checkpoint's)",
+    )
     parser.add_argument("--max-shard-size", type=_size, default=_size("5GB"), help="mcore2hf: safetensors shard size")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="mcore2hf: dtype of the written weights (with --fp8: of those left unquantized)")
-    parser.add_argument("--fp8", action="store_true",
-                        help="mcore2hf: DeepSeek's FP8 block format: the attention/MLP/expert weights as float8_e4m3fn "
-                             "with a float32 weight_scale_inv per 128x128 block (embeddings, norms, router, eh_proj, "
-                             "lm_head in --dtype); the summary reports the round-trip error")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="mcore2hf: dtype of the written weights (with --fp8: of those left unquantized)",
+    )
+    parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="mcore2hf: DeepSeek's FP8 block format: the attention/MLP/expert weights as float8_e4m3fn "
+        "with a float32 weight_scale_inv per 128x128 block (embeddings, norms, router, eh_proj, "
+        "lm_head in --dtype); the summary reports the round-trip error",
+    )
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="hf2mcore: target TP")
     parser.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="hf2mcore: target PP")
     parser.add_argument("--expert-model-parallel-size", type=int, default=1, help="hf2mcore: target EP")
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="hf2mcore: vocabulary padding")
-    parser.add_argument("--verify", action="store_true",
-                        help="afterwards run both models on the same random tokens (CPU, fp32) and report the max "
-                             "|logit difference| and top-1 agreement")  # fmt: skip
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="afterwards run both models on the same random tokens (CPU, fp32) and report the max "
+        "|logit difference| and top-1 agreement",
+    )
     parser.add_argument("--verify-tokens", type=int, default=32, help="sequence length for --verify")
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -90,8 +110,10 @@ def main(argv=None):
     if args.fp8 and args.direction != "mcore2hf":
         raise SystemExit("error: --fp8 is for mcore2hf (hf2mcore reads FP8 weights by their config.json)")
     if args.fp8 and args.verify:
-        raise SystemExit("error: --verify with --fp8: transformers runs FP8 weights only on a GPU (with FP8 "
-                         "activations); compare the bf16 export, the fp8 summary gives the weights' error")  # fmt: skip
+        raise SystemExit(
+            "error: --verify with --fp8: transformers runs FP8 weights only on a GPU (with FP8 "
+            "activations); compare the bf16 export, the fp8 summary gives the weights' error"
+        )
     from megatron_r1.checkpointing import CheckpointError, checkpoint_dir
     from megatron_r1.distributed import destroy_distributed, initialize_distributed
     from megatron_r1.hf.config import UnsupportedModelError, resolve_checkpoint
@@ -104,17 +126,35 @@ def main(argv=None):
         if args.direction == "mcore2hf":
             from megatron_r1.hf.export import export_to_hf
 
-            checkpoint = checkpoint_dir(args.load, args.ckpt_step) if args.ckpt_step is not None else resolve_checkpoint(args.load)
-            summary = export_to_hf(checkpoint, args.save, vocab_size=args.vocab_size, tokenizer_model=args.tokenizer_model,
-                                   tokenizer_type=args.tokenizer_type, max_shard_bytes=args.max_shard_size,
-                                   dtype=args.dtype, fp8=args.fp8, progress=not args.no_progress)  # fmt: skip
+            checkpoint = (
+                checkpoint_dir(args.load, args.ckpt_step)
+                if args.ckpt_step is not None
+                else resolve_checkpoint(args.load)
+            )
+            summary = export_to_hf(
+                checkpoint,
+                args.save,
+                vocab_size=args.vocab_size,
+                tokenizer_model=args.tokenizer_model,
+                tokenizer_type=args.tokenizer_type,
+                max_shard_bytes=args.max_shard_size,
+                dtype=args.dtype,
+                fp8=args.fp8,
+                progress=not args.no_progress,
+            )
             ours, hf_dir = checkpoint, args.save
         else:
             from megatron_r1.hf.import_ import import_from_hf
 
-            summary = import_from_hf(args.load, args.save, args.tensor_model_parallel_size,
-                                     args.pipeline_model_parallel_size, args.expert_model_parallel_size,
-                                     args.make_vocab_size_divisible_by, progress=not args.no_progress)  # fmt: skip
+            summary = import_from_hf(
+                args.load,
+                args.save,
+                args.tensor_model_parallel_size,
+                args.pipeline_model_parallel_size,
+                args.expert_model_parallel_size,
+                args.make_vocab_size_divisible_by,
+                progress=not args.no_progress,
+            )
             ours, hf_dir = checkpoint_dir(args.save, 0), args.load
         summary["seconds"] = round(time.perf_counter() - start, 2)
         if args.verify:

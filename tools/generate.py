@@ -39,7 +39,11 @@ def build_parser():
     parser.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus filter")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence per token")
-    parser.add_argument("--ignore-eod", action="store_true", help="do not stop at the end-of-document token (with --chat: the end of the turn)")
+    parser.add_argument(
+        "--ignore-eod",
+        action="store_true",
+        help="do not stop at the end-of-document token (with --chat: the end of the turn)",
+    )
     return parser
 
 
@@ -65,16 +69,22 @@ def main(argv=None):
 
     initialize_distributed()
     try:
-        checkpoint = checkpoint_dir(args.load, args.ckpt_step) if args.ckpt_step is not None else resolve_checkpoint(args.load)
+        checkpoint = (
+            checkpoint_dir(args.load, args.ckpt_step) if args.ckpt_step is not None else resolve_checkpoint(args.load)
+        )
         model_args, model = load_model(checkpoint)
     except (CheckpointError, FileNotFoundError) as error:
         parser.error(str(error))
     tokenizer_model = args.tokenizer_model or model_args.tokenizer_model
     tokenizer = None
     if tokenizer_model:
-        tokenizer = build_tokenizer(tokenizer_type_for_model(args.tokenizer_type, model_args.tokenizer_type), tokenizer_model)
+        tokenizer = build_tokenizer(
+            tokenizer_type_for_model(args.tokenizer_type, model_args.tokenizer_type), tokenizer_model
+        )
     elif not args.prompt_ids:
-        parser.error("text prompts need a tokenizer: --tokenizer-model (none was saved with the checkpoint), or use --prompt-ids")
+        parser.error(
+            "text prompts need a tokenizer: --tokenizer-model (none was saved with the checkpoint), or use --prompt-ids"
+        )
     stop_ids = [tokenizer.eod] if tokenizer and tokenizer.eod is not None else []
     if args.prompt_ids:
         prompt = args.prompt_ids
@@ -83,7 +93,8 @@ def main(argv=None):
         if args.chat:
             template = ChatTemplate(tokenizer)
             turns = ([{"role": "system", "content": args.system}] if args.system is not None else []) + [
-                {"role": "user", "content": text}]  # fmt: skip
+                {"role": "user", "content": text}
+            ]
             prompt = template.render(turns, add_generation_prompt=True)[0]
             stop_ids = template.end_ids
         else:
@@ -92,15 +103,27 @@ def main(argv=None):
     if not prompt or max(prompt) >= vocab_size or min(prompt) < 0:
         parser.error(f"the prompt must be 1+ token ids in [0, {vocab_size})")
     if len(prompt) + args.max_new_tokens > model_args.max_position_embeddings:
-        parser.error(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's "
-                     f"{model_args.max_position_embeddings} positions")  # fmt: skip
+        parser.error(
+            f"prompt ({len(prompt)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's "
+            f"{model_args.max_position_embeddings} positions"
+        )
     if args.ignore_eod:
         stop_ids = []
     start = time.perf_counter()
     with tqdm(total=args.max_new_tokens, desc="generating", unit="tok", file=sys.stderr) as bar:
-        new = generate(model, prompt, args.max_new_tokens, vocab_size, stop_ids, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_kv_cache=not args.no_kv_cache,
-                       on_token=lambda _: bar.update())  # fmt: skip
+        new = generate(
+            model,
+            prompt,
+            args.max_new_tokens,
+            vocab_size,
+            stop_ids,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            use_kv_cache=not args.no_kv_cache,
+            on_token=lambda _: bar.update(),
+        )
     elapsed = time.perf_counter() - start
     destroy_distributed()
     ended = bool(new) and new[-1] in stop_ids
@@ -109,8 +132,10 @@ def main(argv=None):
     print(f"prompt token ids: {' '.join(map(str, prompt))}")
     print(f"new token ids: {' '.join(map(str, new))}")
     stopped = ("end of the assistant turn" if args.chat else "end of document") if ended else "--max-new-tokens"
-    print(f"generated {len(new)} tokens after a {len(prompt)}-token prompt in {elapsed:.2f} s "
-          f"({len(new) / elapsed:.1f} tokens/s), stopped at {stopped}")  # fmt: skip
+    print(
+        f"generated {len(new)} tokens after a {len(prompt)}-token prompt in {elapsed:.2f} s "
+        f"({len(new) / elapsed:.1f} tokens/s), stopped at {stopped}"
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,12 @@ from megatron_r1.data.indexed import bin_path, idx_path, merge_indexed_datasets
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="Directory holding the PREFIX.bin/PREFIX.idx pairs to merge.")
-    parser.add_argument("--output-prefix", required=True, help="Output path without suffix; writes PREFIX.bin and PREFIX.idx.")
-    parser.add_argument("--multimodal", action="store_true", help="The datasets carry a mode per sequence (multimodal).")
+    parser.add_argument(
+        "--output-prefix", required=True, help="Output path without suffix; writes PREFIX.bin and PREFIX.idx."
+    )
+    parser.add_argument(
+        "--multimodal", action="store_true", help="The datasets carry a mode per sequence (multimodal)."
+    )
     args = parser.parse_args(argv)
     if not os.path.isdir(args.input):
         parser.error(f"--input {args.input}: not a directory")
@@ -47,7 +51,9 @@ def find_dataset_prefixes(directory: str, exclude_prefix: str | None = None) -> 
             continue
         missing = {".bin", ".idx"} - names[stem]
         if missing:
-            raise FileNotFoundError(f"{prefix}{missing.pop()}: missing (its partner {prefix}{names[stem].pop()} exists)")
+            raise FileNotFoundError(
+                f"{prefix}{missing.pop()}: missing (its partner {prefix}{names[stem].pop()} exists)"
+            )
         prefixes.append(prefix)
     return prefixes
 
@@ -61,7 +67,9 @@ def main(argv=None) -> int:
             return 1
         input_bytes = sum(os.path.getsize(bin_path(prefix)) for prefix in prefixes)
         with tqdm(total=len(prefixes), unit="dataset", desc="merge") as progress:
-            merged = merge_indexed_datasets(prefixes, args.output_prefix, args.multimodal, on_dataset_done=lambda: progress.update(1))
+            merged = merge_indexed_datasets(
+                prefixes, args.output_prefix, args.multimodal, on_dataset_done=lambda: progress.update(1)
+            )
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)
         return 130
@@ -69,7 +77,9 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"merged {len(prefixes)} datasets ({input_bytes / 1e6:.2f} MB of tokens, dtype {merged.dtype})")
-    print(f"documents: {merged.document_count}  sequences: {len(merged.sequence_lengths)}  tokens: {merged.token_count}")
+    print(
+        f"documents: {merged.document_count}  sequences: {len(merged.sequence_lengths)}  tokens: {merged.token_count}"
+    )
     print(f"wrote {bin_path(args.output_prefix)} and {idx_path(args.output_prefix)}")
     return 0
 

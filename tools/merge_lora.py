@@ -15,6 +15,8 @@ import shutil
 import sys
 
 import megatron_r1  # noqa: F401  before megatron.core: on CPU its import then skips TorchDynamo (platform.py)
+
+# isort: split
 import torch
 from megatron.core import dist_checkpointing
 from tqdm import tqdm
@@ -22,8 +24,8 @@ from tqdm import tqdm
 from megatron_r1.arguments import build_parser
 from megatron_r1.checkpointing import (
     METADATA_FILE,
-    CheckpointError,
     TRACKER_FILE,
+    CheckpointError,
     _write_text_atomically,
     checkpoint_dir,
     find_checkpoint,
@@ -52,12 +54,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     config_path = os.path.join(args.lora_load, LORA_CONFIG_FILE)
     if not os.path.isfile(config_path):
-        parser.error(f"--lora-load {args.lora_load}: no {LORA_CONFIG_FILE} (not a finetune_r1.py --lora --save directory)")
+        parser.error(
+            f"--lora-load {args.lora_load}: no {LORA_CONFIG_FILE} (not a finetune_r1.py --lora --save directory)"
+        )
     with open(config_path) as f:
         args.lora_config = json.load(f)
     args.pretrained_checkpoint = args.pretrained_checkpoint or args.lora_config["pretrained_checkpoint"]
     if not args.pretrained_checkpoint:
-        parser.error("the LoRA run had no --pretrained-checkpoint; give the base checkpoint with --pretrained-checkpoint")
+        parser.error(
+            "the LoRA run had no --pretrained-checkpoint; give the base checkpoint with --pretrained-checkpoint"
+        )
     return args
 
 
@@ -80,9 +86,13 @@ def _checkpoint(directory: str, step=None) -> str:
 def _merged_model(base_path: str, adapter_path: str, flags, lora: LoRAConfig):
     """The base model with the adapters loaded (not yet folded in), on the CPU: merging is a
     host-memory conversion wherever the compute device is."""
-    (model,) = build_model(flags, initialize=False, layer_spec_transform=lora_spec_transform(lora, flags.swiglu),
-                           prepare_chunk=lambda chunk: add_adapters_to_duplicated_linears(chunk, lora),
-                           device=torch.device("cpu"))  # fmt: skip
+    (model,) = build_model(
+        flags,
+        initialize=False,
+        layer_spec_transform=lora_spec_transform(lora, flags.swiglu),
+        prepare_chunk=lambda chunk: add_adapters_to_duplicated_linears(chunk, lora),
+        device=torch.device("cpu"),
+    )
     load_weights(base_path, [model], keep=lambda key: not is_adapter_key(key))
     load_weights(adapter_path, [model], keep=is_adapter_key)
     return model
@@ -92,7 +102,9 @@ def main(argv=None):
     args = parse_args(argv)
     adapter_path = _checkpoint(args.lora_load, args.ckpt_step)
     base_path = _checkpoint(args.pretrained_checkpoint)
-    lora = LoRAConfig(args.lora_config["rank"], args.lora_config["alpha"], 0.0, tuple(args.lora_config["target_modules"]))
+    lora = LoRAConfig(
+        args.lora_config["rank"], args.lora_config["alpha"], 0.0, tuple(args.lora_config["target_modules"])
+    )
     initialize_distributed()
     try:
         metadata = read_metadata(adapter_path)
@@ -122,8 +134,10 @@ def main(argv=None):
     os.rename(temporary, final)
     _write_text_atomically(os.path.join(args.save, TRACKER_FILE), str(metadata["iteration"]))
     destroy_distributed()
-    print(f"merged {len(layers)} adapted linears (rank {lora.rank}, alpha {lora.alpha}) of {adapter_path} "
-          f"into {base_path}: {final}")  # fmt: skip
+    print(
+        f"merged {len(layers)} adapted linears (rank {lora.rank}, alpha {lora.alpha}) of {adapter_path} "
+        f"into {base_path}: {final}"
+    )
 
 
 if __name__ == "__main__":

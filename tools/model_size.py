@@ -27,10 +27,18 @@ from megatron_r1.tokenizer import build_tokenizer, vocab_size_with_padding
 def parse_args(argv=None):
     parser = build_parser(__doc__)
     dry_run = parser.add_argument_group("dry run (this tool only)")
-    dry_run.add_argument("--gpus-per-node", type=int, default=None,
-                         help="for the node count and node-crossing warnings; default: the world size (one node)")
-    dry_run.add_argument("--gpu-memory-gb", type=float, default=None,
-                         help="memory of one GPU in GB (1e9 bytes): check that the busiest pipeline stage fits")
+    dry_run.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="for the node count and node-crossing warnings; default: the world size (one node)",
+    )
+    dry_run.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        default=None,
+        help="memory of one GPU in GB (1e9 bytes): check that the busiest pipeline stage fits",
+    )
     args = parser.parse_args(argv)
     validate_args(args, parser.error)
     if args.gpus_per_node is not None and args.gpus_per_node < 1:
@@ -57,13 +65,21 @@ def main(argv=None) -> int:
     if args.gpu_memory_gb is not None:
         fits = peak.total <= args.gpu_memory_gb * GB
         verdict = "fits in" if fits else "does NOT fit in"
-        print(f"peak {peak.total / GB:.1f} GB on pipeline stage {peak.contents.stage}: {verdict} "
-              f"{args.gpu_memory_gb:g} GB per GPU" + ("" if fits else
-              " (raise EP/ETP/TP/PP, use the distributed optimizer, recompute, or shrink the micro-batch)"))  # fmt: skip
+        print(
+            f"peak {peak.total / GB:.1f} GB on pipeline stage {peak.contents.stage}: {verdict} "
+            f"{args.gpu_memory_gb:g} GB per GPU"
+            + (
+                ""
+                if fits
+                else " (raise EP/ETP/TP/PP, use the distributed optimizer, recompute, or shrink the micro-batch)"
+            )
+        )
     print()
-    print(f"global batch {args.global_batch_size} x sequence {args.seq_length}: "
-          f"{count.tokens_per_iteration:,} tokens/iteration "
-          f"({args.num_microbatches} micro-batches of {args.micro_batch_size} per data-parallel rank)")
+    print(
+        f"global batch {args.global_batch_size} x sequence {args.seq_length}: "
+        f"{count.tokens_per_iteration:,} tokens/iteration "
+        f"({args.num_microbatches} micro-batches of {args.micro_batch_size} per data-parallel rank)"
+    )
     print(summary(count) + f", peak {peak.total / GB:.1f} GB/GPU")
     return 1 if fits is False else 0
 

@@ -26,8 +26,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_tokenizer_arguments(parser)
     group = parser.add_argument_group("input data")
-    group.add_argument("--input", nargs="+", required=True, help="JSONL file(s) or glob pattern(s), one document per line (.gz read through gzip).")
-    group.add_argument("--json-keys", nargs="+", default=["text"], help="Keys whose text to tokenize; one output dataset per key (default: text).")
+    group.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="JSONL file(s) or glob pattern(s), one document per line (.gz read through gzip).",
+    )
+    group.add_argument(
+        "--json-keys",
+        nargs="+",
+        default=["text"],
+        help="Keys whose text to tokenize; one output dataset per key (default: text).",
+    )
     group.add_argument(
         "--max-document-bytes",
         type=int,
@@ -38,9 +48,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     group = parser.add_argument_group("tokenization")
     group.add_argument("--append-eod", action="store_true", help="Append the end-of-document token to every document.")
     group = parser.add_argument_group("output data")
-    group.add_argument("--output-prefix", required=True, help="Output path prefix; writes {prefix}_{key}_document.bin/.idx.")
+    group.add_argument(
+        "--output-prefix", required=True, help="Output path prefix; writes {prefix}_{key}_document.bin/.idx."
+    )
     group = parser.add_argument_group("runtime")
-    group.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="Worker processes (default: number of CPUs, %(default)s).")
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="Worker processes (default: number of CPUs, %(default)s).",
+    )
     group.add_argument(
         "--partitions",
         type=int,
@@ -95,8 +112,12 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     seconds = max(result.seconds, 1e-9)
-    print(f"files: {len(args.input_files)}  workers: {args.workers}  partitions: {args.partitions}  vocab: {result.vocab_size} ({result.dtype})")
-    print(f"documents: {result.documents}  tokens: {result.tokens}  input: {result.input_bytes / 1e6:.2f} MB  time: {result.seconds:.2f} s")
+    print(
+        f"files: {len(args.input_files)}  workers: {args.workers}  partitions: {args.partitions}  vocab: {result.vocab_size} ({result.dtype})"
+    )
+    print(
+        f"documents: {result.documents}  tokens: {result.tokens}  input: {result.input_bytes / 1e6:.2f} MB  time: {result.seconds:.2f} s"
+    )
     print(
         f"throughput: {result.documents / seconds:.1f} docs/s  {result.input_bytes / 1e6 / seconds:.2f} MB/s  "
         f"{result.tokens / seconds:.0f} tokens/s"

@@ -32,8 +32,15 @@ from megatron_r1.tokenizer import MODEL_TOKENIZER_TYPES, add_tokenizer_arguments
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_tokenizer_arguments(parser, types=MODEL_TOKENIZER_TYPES)  # chat templates need named tokens
-    parser.add_argument("--input", nargs="+", required=True, help="JSONL file(s) or glob pattern(s), one record per line (.gz read through gzip).")
-    parser.add_argument("--output-prefix", required=True, help=f"Writes PREFIX.bin/.idx and PREFIX{LOSS_MASK_SUFFIX}.bin/.idx.")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="JSONL file(s) or glob pattern(s), one record per line (.gz read through gzip).",
+    )
+    parser.add_argument(
+        "--output-prefix", required=True, help=f"Writes PREFIX.bin/.idx and PREFIX{LOSS_MASK_SUFFIX}.bin/.idx."
+    )
     add_bad_line_arguments(parser)
     args = parser.parse_args(argv)
     try:

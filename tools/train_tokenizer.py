@@ -37,23 +37,55 @@ from megatron_r1.tokenizer import DEFAULT_MAX_SENTENCE_BYTES, SPECIAL_TOKENS, tr
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help="JSONL file(s) or glob pattern(s) (.gz read through gzip).")
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="JSONL file(s) or glob pattern(s) (.gz read through gzip)."
+    )
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="Keys whose text to train on (default: text).")
     parser.add_argument("--output-prefix", required=True, help="Writes PREFIX.model and PREFIX.vocab.")
-    parser.add_argument("--vocab-size", type=int, default=128000, help="Vocabulary size (default: %(default)s, a real-model size; use ~4000 for the tiny corpus).")
-    parser.add_argument("--character-coverage", type=float, default=0.9999, help="Share of characters covered by pieces; the rest fall back to bytes (default: %(default)s).")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=128000,
+        help="Vocabulary size (default: %(default)s, a real-model size; use ~4000 for the tiny corpus).",
+    )
+    parser.add_argument(
+        "--character-coverage",
+        type=float,
+        default=0.9999,
+        help="Share of characters covered by pieces; the rest fall back to bytes (default: %(default)s).",
+    )
     parser.add_argument(
         "--user-defined-symbols",
         nargs="*",
         default=list(SPECIAL_TOKENS),
         help="Special tokens kept whole, ids from 4 (default: %(default)s).",
     )
-    parser.add_argument("--max-sentences", type=int, default=2_000_000, help="Lines sampled from the corpus for training (default: %(default)s).")
-    parser.add_argument("--max-sentence-bytes", type=int, default=DEFAULT_MAX_SENTENCE_BYTES, help="Longer sample lines are cut to this size (default: %(default)s).")
-    parser.add_argument("--max-document-bytes", type=int, default=DEFAULT_MAX_DOCUMENT_BYTES, help="Skip (count) JSONL lines longer than this (default: %(default)s).")
+    parser.add_argument(
+        "--max-sentences",
+        type=int,
+        default=2_000_000,
+        help="Lines sampled from the corpus for training (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--max-sentence-bytes",
+        type=int,
+        default=DEFAULT_MAX_SENTENCE_BYTES,
+        help="Longer sample lines are cut to this size (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--max-document-bytes",
+        type=int,
+        default=DEFAULT_MAX_DOCUMENT_BYTES,
+        help="Skip (count) JSONL lines longer than this (default: %(default)s).",
+    )
     add_bad_line_arguments(parser)
     parser.add_argument("--seed", type=int, default=1234, help="Sampling seed (default: %(default)s).")
-    parser.add_argument("--num-threads", type=int, default=os.cpu_count() or 1, help="SentencePiece training threads (default: %(default)s).")
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="SentencePiece training threads (default: %(default)s).",
+    )
     parser.add_argument("--verbose", action="store_true", help="Show SentencePiece's training log.")
     args = parser.parse_args(argv)
     for flag in ("vocab_size", "max_sentences", "max_sentence_bytes", "max_document_bytes", "num_threads"):
@@ -109,7 +141,11 @@ def sample_corpus(args) -> tuple[SentenceReservoir, int, SkipCounter]:
         for path in args.input_files:
             byte_range = ByteRange(path, 0, None, os.path.getsize(path))
             for line_number, (line, consumed) in enumerate(read_lines(byte_range, args.max_document_bytes), start=1):
-                texts, reason = parse_document(line, args.json_keys, args.replace_lone_surrogates) if line is not None else (None, "too_large")
+                texts, reason = (
+                    parse_document(line, args.json_keys, args.replace_lone_surrogates)
+                    if line is not None
+                    else (None, "too_large")
+                )
                 if reason is not None:
                     skipped.add(reason, path, line_number)
                 else:
@@ -149,7 +185,10 @@ def main(argv=None) -> int:
         return 1
     except RuntimeError as error:
         # SentencePiece reports impossible settings (e.g. fewer pieces than required characters) this way.
-        print(f"error: SentencePiece training failed: {error}\nhint: adjust --vocab-size / --character-coverage", file=sys.stderr)
+        print(
+            f"error: SentencePiece training failed: {error}\nhint: adjust --vocab-size / --character-coverage",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)
@@ -157,8 +196,13 @@ def main(argv=None) -> int:
     finished = time.perf_counter()
     print(f"documents: {documents}  lines seen: {reservoir.seen}  sampled: {len(reservoir.lines)}")
     print("\n".join(skipped.table()))
-    print(f"vocab size: {tokenizer.vocab_size} (requested {args.vocab_size})  pad {tokenizer.pad}  bos {tokenizer.bos}  eod {tokenizer.eod}")
-    print("user-defined symbols: " + " ".join(f"{symbol}={tokenizer.token_to_id(symbol)}" for symbol in args.user_defined_symbols))
+    print(
+        f"vocab size: {tokenizer.vocab_size} (requested {args.vocab_size})  pad {tokenizer.pad}  bos {tokenizer.bos}  eod {tokenizer.eod}"
+    )
+    print(
+        "user-defined symbols: "
+        + " ".join(f"{symbol}={tokenizer.token_to_id(symbol)}" for symbol in args.user_defined_symbols)
+    )
     print(f"time: sampling {sampled_at - started:.1f} s, training {finished - sampled_at:.1f} s")
     print(f"wrote {args.output_prefix}.model and {args.output_prefix}.vocab")
     return 0

@@ -62,7 +62,11 @@ _tagger: DomainTagger | None = None
 def init_worker(config: CleanConfig) -> None:
     global _config, _tagger
     _config = config
-    _tagger = DomainTagger(config.domain_rules, config.default_domain, config.domain_min_hits) if config.domain_rules else None
+    _tagger = (
+        DomainTagger(config.domain_rules, config.default_domain, config.domain_min_hits)
+        if config.domain_rules
+        else None
+    )
 
 
 def clean_batch(batch: list[RawLine]) -> CleanBatch:
@@ -76,7 +80,9 @@ def clean_batch(batch: list[RawLine]) -> CleanBatch:
             if config.keep_rejects and reason != "blank_line":
                 raw_text = raw[:_MAX_RAW_REJECT_BYTES].decode("utf-8", "replace") if raw is not None else ""
                 raw_text = mask_pii(raw_text)[0] if config.mask_pii else raw_text
-                result.rejects.append(dump_line({"reject_location": location, "reject_reason": reason, "raw": raw_text}))
+                result.rejects.append(
+                    dump_line({"reject_location": location, "reject_reason": reason, "raw": raw_text})
+                )
             continue
         result.documents += 1
         text, garbled = normalize_text(text)
@@ -91,7 +97,14 @@ def clean_batch(batch: list[RawLine]) -> CleanBatch:
             if config.keep_rejects:
                 text = mask_pii(text)[0] if config.mask_pii else text
                 record = json.loads(raw)
-                record.update({config.json_key: text, config.language_key: language, "reject_reason": reason, "reject_location": location})
+                record.update(
+                    {
+                        config.json_key: text,
+                        config.language_key: language,
+                        "reject_reason": reason,
+                        "reject_location": location,
+                    }
+                )
                 result.rejects.append(dump_line(record))
             continue
         if config.mask_pii:

@@ -127,7 +127,9 @@ def sketch_batch(batch: list[RawLine]) -> SketchBatch:
         signature_array = minhash.signatures(hashes, offsets, config.num_perm, config.seed)
         keys = minhash.band_keys(signature_array, bands, rows)
     else:
-        signature_array = np.array([simhash.fingerprint(hashes[offsets[i] : offsets[i + 1]]) for i in range(len(texts))], dtype=np.uint64)
+        signature_array = np.array(
+            [simhash.fingerprint(hashes[offsets[i] : offsets[i + 1]]) for i in range(len(texts))], dtype=np.uint64
+        )
         keys = simhash.block_keys(signature_array, config.max_distance)
     count = len(kept)
     locations = np.array(kept, dtype=np.uint64).reshape(count, 3)
@@ -153,12 +155,16 @@ class SketchStore:
         self.config = config
         self.paths = paths
         self.bad = SkipCounter(strict=strict)  # strict: the first bad line raises StrictModeError
-        self._chunks: dict[str, list[np.ndarray]] = {name: [] for name in ("file_index", "line", "offset", "exact", "indexable", "keys")}
+        self._chunks: dict[str, list[np.ndarray]] = {
+            name: [] for name in ("file_index", "line", "offset", "exact", "indexable", "keys")
+        }
         self._fingerprints: list[np.ndarray] = []
         self._signature_file = None
         self._signature_path = None
         if config.method == "minhash":
-            handle, self._signature_path = tempfile.mkstemp(prefix=".dedup-signatures-", suffix=".bin", dir=temporary_directory)
+            handle, self._signature_path = tempfile.mkstemp(
+                prefix=".dedup-signatures-", suffix=".bin", dir=temporary_directory
+            )
             self._signature_file = os.fdopen(handle, "wb")
         self.count = 0
 
@@ -173,7 +179,7 @@ class SketchStore:
             self._fingerprints.append(batch.signatures)
         self.count += len(batch.line)
 
-    def finish(self) -> "Sketches":
+    def finish(self) -> Sketches:
         arrays = {name: np.concatenate(chunks) if chunks else None for name, chunks in self._chunks.items()}
         self._chunks.clear()
         bands = self.config.banding()[0]
@@ -186,7 +192,9 @@ class SketchStore:
             self._signature_file.close()
             if self.count:
                 # A plain ndarray view of the mapping: indexing a np.memmap subclass costs ~20 us per call.
-                signatures = np.memmap(self._signature_path, dtype=np.uint32, mode="r", shape=(self.count, self.config.num_perm)).view(np.ndarray)
+                signatures = np.memmap(
+                    self._signature_path, dtype=np.uint32, mode="r", shape=(self.count, self.config.num_perm)
+                ).view(np.ndarray)
             else:
                 signatures = np.empty((0, self.config.num_perm), np.uint32)
         else:
@@ -314,16 +322,24 @@ def find_duplicates(
         # (most buckets of later bands). Their roots' minimum equals their maximum.
         roots = np.append(union_find.roots()[members], 0)
         bounds = np.stack([starts, ends], axis=1).ravel()
-        split = np.minimum.reduceat(roots, bounds)[0::2] != np.maximum.reduceat(roots, bounds)[0::2] if len(starts) else np.empty(0, bool)
+        split = (
+            np.minimum.reduceat(roots, bounds)[0::2] != np.maximum.reduceat(roots, bounds)[0::2]
+            if len(starts)
+            else np.empty(0, bool)
+        )
         pairs = split & (ends - starts == 2)
         # Buckets of two (nearly all of them): every estimate of the band in one array operation.
         first, second = members[starts[pairs]], members[starts[pairs] + 1]
         checks += _merge_pairs(first, second, sketches.signatures, config, margin, union_find, edges, ambiguous)
         for start, end in zip(starts[split & ~pairs].tolist(), ends[split & ~pairs].tolist()):
-            checks += _merge_bucket(members[start:end], sketches.signatures, config, margin, union_find, edges, ambiguous)
+            checks += _merge_bucket(
+                members[start:end], sketches.signatures, config, margin, union_find, edges, ambiguous
+            )
 
     exact_checks = 0
-    pending = [(first, second) for first, second in sorted(ambiguous) if union_find.find(first) != union_find.find(second)]
+    pending = [
+        (first, second) for first, second in sorted(ambiguous) if union_find.find(first) != union_find.find(second)
+    ]
     # Pairs of one group of related documents go to the same task, where each text is read once.
     groups = UnionFind(count)
     for first, second in pending:
@@ -333,9 +349,17 @@ def find_duplicates(
         # At least 4 tasks per worker (when there are enough pairs), so that the workers share the work evenly.
         per_task = max(_MIN_PAIRS_PER_TASK, min(_PAIRS_PER_TASK, math.ceil(len(pending) / (4 * workers))))
         tasks = [
-            [(paths[sketches.file_index[a]], int(sketches.offset[a]), paths[sketches.file_index[b]], int(sketches.offset[b])) for a, b in pending[start : start + per_task]]
+            [
+                (
+                    paths[sketches.file_index[a]],
+                    int(sketches.offset[a]),
+                    paths[sketches.file_index[b]],
+                    int(sketches.offset[b]),
+                )
+                for a, b in pending[start : start + per_task]
+            ]
             for start in range(0, len(pending), per_task)
-        ]  # fmt: skip
+        ]
         similarities = ordered_map(exact_jaccard_task, tasks, workers, init_worker, (config,))
         position = 0
         for task_similarities in progress(similarities, total=len(tasks), desc="exact Jaccard", unit="batch"):
@@ -366,7 +390,9 @@ def _merge_pairs(first, second, signatures, config, margin, union_find, edges, a
         return 0
     similarities, accepted, undecided, match = _judge(config, margin, signatures[first], signatures[second])
     checks = 0
-    for a, b, similarity, accept, unsure in zip(first.tolist(), second.tolist(), similarities.tolist(), accepted.tolist(), undecided.tolist()):
+    for a, b, similarity, accept, unsure in zip(
+        first.tolist(), second.tolist(), similarities.tolist(), accepted.tolist(), undecided.tolist()
+    ):
         if union_find.find(a) == union_find.find(b) or (a, b) in ambiguous:
             continue  # merged earlier in this band, or already queued for the exact check
         checks += 1
@@ -402,7 +428,13 @@ def exact_jaccard_task(pairs: list[tuple[str, int, str, int]]) -> list[float]:
     """Exact Jaccard similarity for (path_a, offset_a, path_b, offset_b) pairs, read from disk."""
     config = _worker_config
     # Each document once, in file order; texts are read and shingled a batch at a time.
-    documents = sorted({(path, offset) for path_a, offset_a, path_b, offset_b in pairs for path, offset in ((path_a, offset_a), (path_b, offset_b))})
+    documents = sorted(
+        {
+            (path, offset)
+            for path_a, offset_a, path_b, offset_b in pairs
+            for path, offset in ((path_a, offset_a), (path_b, offset_b))
+        }
+    )
     sets: dict[tuple[str, int], np.ndarray] = {}
     handles: dict[str, object] = {}
     try:
@@ -419,7 +451,10 @@ def exact_jaccard_task(pairs: list[tuple[str, int, str, int]]) -> list[float]:
     finally:
         for handle in handles.values():
             handle.close()
-    return [round(jaccard(sets[(path_a, offset_a)], sets[(path_b, offset_b)]), 4) for path_a, offset_a, path_b, offset_b in pairs]
+    return [
+        round(jaccard(sets[(path_a, offset_a)], sets[(path_b, offset_b)]), 4)
+        for path_a, offset_a, path_b, offset_b in pairs
+    ]
 
 
 # ---------------------------------------------------------------- outputs
@@ -449,10 +484,15 @@ def iter_cluster_records(sketches: Sketches, result: DedupResult, paths: list[st
             "size": int(end - start),
             "members": [location(sketches, paths, int(member)) for member in members],
             "edges": [
-                {"a": location(sketches, paths, edge.first), "b": location(sketches, paths, edge.second), "match": edge.match, "similarity": edge.similarity}
+                {
+                    "a": location(sketches, paths, edge.first),
+                    "b": location(sketches, paths, edge.second),
+                    "match": edge.match,
+                    "similarity": edge.similarity,
+                }
                 for edge in edges_by_root.get(root, [])
             ],
-        }  # fmt: skip
+        }
 
 
 def write_clusters(handle, sketches: Sketches, result: DedupResult, paths: list[str]) -> int:

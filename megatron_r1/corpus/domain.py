@@ -29,8 +29,14 @@ def load_domain_rules(path: str) -> dict[str, list[str]]:
     if not isinstance(rules, dict) or not rules:
         raise DomainRulesError(f'{path}: expected a non-empty JSON object {{"domain": ["keyword", ...]}}')
     for domain, keywords in rules.items():
-        if not isinstance(keywords, list) or not keywords or not all(isinstance(k, str) and k.strip() for k in keywords):
-            raise DomainRulesError(f"{path}: domain {domain!r} must map to a non-empty list of non-empty keyword strings")
+        if (
+            not isinstance(keywords, list)
+            or not keywords
+            or not all(isinstance(k, str) and k.strip() for k in keywords)
+        ):
+            raise DomainRulesError(
+                f"{path}: domain {domain!r} must map to a non-empty list of non-empty keyword strings"
+            )
     return rules
 
 

@@ -43,15 +43,17 @@ ENGLISH_STOPWORDS = frozenset(
     "will with would you your".split()
 )
 # Frequent function words of other Latin-script languages that are not English words.
-_OTHER_LATIN_STOPWORDS = frozenset(
-    "le la les des du et est un une que qui dans pour pas sur avec ce il elle nous vous sont "  # fr
-    "der die das und ist nicht ein eine zu den von mit sich auf dem für ich sie es auch wie "  # de
-    "el los las y en del se por con para una es lo más pero su al como "  # es
-    "il di che è per non della gli sono ma anche nel alla "  # it
-    "os não uma com mais ao pela são também "  # pt
-    "het een van zijn niet dat op te voor met ook maar "  # nl
-    .split()
-) - ENGLISH_STOPWORDS
+_OTHER_LATIN_STOPWORDS = (
+    frozenset(
+        "le la les des du et est un une que qui dans pour pas sur avec ce il elle nous vous sont "  # fr
+        "der die das und ist nicht ein eine zu den von mit sich auf dem für ich sie es auch wie "  # de
+        "el los las y en del se por con para una es lo más pero su al como "  # es
+        "il di che è per non della gli sono ma anche nel alla "  # it
+        "os não uma com mais ao pela são também "  # pt
+        "het een van zijn niet dat op te voor met ook maar ".split()  # nl
+    )
+    - ENGLISH_STOPWORDS
+)
 
 
 def script_units(text: str) -> dict[str, float]:
@@ -62,7 +64,13 @@ def script_units(text: str) -> dict[str, float]:
     latin_words = _LATIN_WORD.findall(text)
     latin_letters = sum(map(len, latin_words))
     other_letters = len(_LETTER.findall(text)) - han - kana - hangul - latin_letters
-    return {"han": han * 2 / 3, "kana": kana, "hangul": hangul, "latin": len(latin_words), "other": max(other_letters, 0) // 4}
+    return {
+        "han": han * 2 / 3,
+        "kana": kana,
+        "hangul": hangul,
+        "latin": len(latin_words),
+        "other": max(other_letters, 0) // 4,
+    }
 
 
 def detect_language(text: str) -> str:
@@ -81,4 +89,3 @@ def detect_language(text: str) -> str:
     if english or foreign:
         return "en" if english > foreign else "other"
     return "other" if _NON_ASCII_LATIN.search(text) else "en"
-

@@ -55,7 +55,9 @@ def signatures(hashes: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int
     while document < documents:
         if counts[document] > _BLOCK_ROWS:  # one long document: blocks of its own shingles
             for start in range(int(offsets[document]), int(offsets[document + 1]), _BLOCK_ROWS):
-                block = np.multiply.outer(low_bits[start : min(start + _BLOCK_ROWS, int(offsets[document + 1]))], multipliers)
+                block = np.multiply.outer(
+                    low_bits[start : min(start + _BLOCK_ROWS, int(offsets[document + 1]))], multipliers
+                )
                 block += offsets_k
                 np.minimum(result[document], block.min(axis=0), out=result[document])
             document += 1
@@ -90,7 +92,11 @@ def optimal_bands_rows(threshold: float, num_perm: int) -> tuple[int, int]:
             at_threshold = float(_candidate_probability(np.float64(threshold), bands, rows))
             false_positive = float(np.trapezoid(_candidate_probability(below, bands, rows), below))
             # Sort key: first reach the recall floor (or get as close as possible), then fewest false positives.
-            key = (0.0, false_positive) if at_threshold >= MIN_RECALL_AT_THRESHOLD else (1.0 - at_threshold, false_positive)
+            key = (
+                (0.0, false_positive)
+                if at_threshold >= MIN_RECALL_AT_THRESHOLD
+                else (1.0 - at_threshold, false_positive)
+            )
             if best_key is None or key < best_key:
                 best_key, best = key, (bands, rows)
     return best

@@ -56,7 +56,9 @@ def normalize_weights(weights: dict[str, float]) -> dict[str, float]:
     return {name: weight / total for name, weight in weights.items()}
 
 
-def plan_quotas(available: dict[str, int], weights: dict[str, float], total_tokens: int | None, allow_upsample: bool) -> tuple[dict[str, float], int]:
+def plan_quotas(
+    available: dict[str, int], weights: dict[str, float], total_tokens: int | None, allow_upsample: bool
+) -> tuple[dict[str, float], int]:
     """Token quota per source and the total, as described in the module docstring."""
     weights = normalize_weights(weights)
     empty = [name for name, tokens in available.items() if tokens == 0]

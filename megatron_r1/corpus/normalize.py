@@ -50,7 +50,9 @@ def _tables() -> np.ndarray:
             kind = category(character)
             if kind in ("Cs", "Co", "Cn") or codepoint == 0xFFFD:
                 continue
-            if (kind == "Cc" and character not in "\t\n\r\x0b\x0c\x85") or (kind == "Cf" and character not in _KEPT_FORMAT_CHARACTERS):
+            if (kind == "Cc" and character not in "\t\n\r\x0b\x0c\x85") or (
+                kind == "Cf" and character not in _KEPT_FORMAT_CHARACTERS
+            ):
                 table[codepoint] = _REMOVE
             else:
                 table[codepoint] = _KEEP

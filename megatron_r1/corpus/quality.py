@@ -67,21 +67,44 @@ def _flag(default, help_text: str):
 class QualityConfig:
     min_words: int = _flag(50, "Gopher: minimum words (en/other) (default: %(default)s)")
     max_words: int = _flag(100_000, "Gopher: maximum words (en/other) (default: %(default)s)")
-    min_zh_chars: int = _flag(100, "minimum units for zh: Han characters plus other words (ours; ~Gopher's 50 words) (default: %(default)s)")
+    min_zh_chars: int = _flag(
+        100, "minimum units for zh: Han characters plus other words (ours; ~Gopher's 50 words) (default: %(default)s)"
+    )
     max_zh_chars: int = _flag(200_000, "maximum units for zh (ours) (default: %(default)s)")
-    min_mean_word_length: float = _flag(3.0, "Gopher: minimum mean word length in characters, en/other (default: %(default)s)")
+    min_mean_word_length: float = _flag(
+        3.0, "Gopher: minimum mean word length in characters, en/other (default: %(default)s)"
+    )
     max_mean_word_length: float = _flag(10.0, "Gopher: maximum mean word length, en/other (default: %(default)s)")
-    max_symbol_word_ratio: float = _flag(0.1, "Gopher: maximum ratio of '#' and ellipsis symbols to words (default: %(default)s)")
-    max_bullet_lines: float = _flag(0.9, "Gopher: maximum fraction of lines starting with a bullet (default: %(default)s)")
-    max_ellipsis_lines: float = _flag(0.3, "Gopher: maximum fraction of lines ending with an ellipsis (default: %(default)s)")
-    min_alpha_words: float = _flag(0.8, "Gopher: minimum fraction of words with an alphabetic character (Han counts) (default: %(default)s)")
-    max_digit_ratio: float = _flag(0.3, "maximum fraction of digits among non-space characters (ours) (default: %(default)s)")
-    min_stopwords: int = _flag(2, "Gopher: minimum occurrences of the, be, to, of, and, that, have, with (en); of 的了是在和有不这我也就都与之为他 (zh) (default: %(default)s)")
+    max_symbol_word_ratio: float = _flag(
+        0.1, "Gopher: maximum ratio of '#' and ellipsis symbols to words (default: %(default)s)"
+    )
+    max_bullet_lines: float = _flag(
+        0.9, "Gopher: maximum fraction of lines starting with a bullet (default: %(default)s)"
+    )
+    max_ellipsis_lines: float = _flag(
+        0.3, "Gopher: maximum fraction of lines ending with an ellipsis (default: %(default)s)"
+    )
+    min_alpha_words: float = _flag(
+        0.8, "Gopher: minimum fraction of words with an alphabetic character (Han counts) (default: %(default)s)"
+    )
+    max_digit_ratio: float = _flag(
+        0.3, "maximum fraction of digits among non-space characters (ours) (default: %(default)s)"
+    )
+    min_stopwords: int = _flag(
+        2,
+        "Gopher: minimum occurrences of the, be, to, of, and, that, have, with (en); of 的了是在和有不这我也就都与之为他 (zh) (default: %(default)s)",
+    )
     max_dup_lines: float = _flag(0.3, "Gopher: maximum fraction of duplicate lines (default: %(default)s)")
     max_dup_paragraphs: float = _flag(0.3, "Gopher: maximum fraction of duplicate paragraphs (default: %(default)s)")
-    max_dup_line_chars: float = _flag(0.2, "Gopher: maximum fraction of characters in duplicate lines (default: %(default)s)")
-    max_dup_paragraph_chars: float = _flag(0.2, "Gopher: maximum fraction of characters in duplicate paragraphs (default: %(default)s)")
-    max_top_2gram: float = _flag(0.2, "Gopher: maximum character fraction of the most frequent 2-gram (default: %(default)s)")
+    max_dup_line_chars: float = _flag(
+        0.2, "Gopher: maximum fraction of characters in duplicate lines (default: %(default)s)"
+    )
+    max_dup_paragraph_chars: float = _flag(
+        0.2, "Gopher: maximum fraction of characters in duplicate paragraphs (default: %(default)s)"
+    )
+    max_top_2gram: float = _flag(
+        0.2, "Gopher: maximum character fraction of the most frequent 2-gram (default: %(default)s)"
+    )
     max_top_3gram: float = _flag(0.18, "Gopher: ... 3-gram (default: %(default)s)")
     max_top_4gram: float = _flag(0.16, "Gopher: ... 4-gram (default: %(default)s)")
     max_dup_5gram: float = _flag(0.15, "Gopher: maximum character fraction in duplicate 5-grams (default: %(default)s)")
@@ -90,13 +113,27 @@ class QualityConfig:
     max_dup_8gram: float = _flag(0.12, "Gopher: ... 8-grams (default: %(default)s)")
     max_dup_9gram: float = _flag(0.11, "Gopher: ... 9-grams (default: %(default)s)")
     max_dup_10gram: float = _flag(0.1, "Gopher: ... 10-grams (default: %(default)s)")
-    max_garbled_ratio: float = _flag(0.01, "maximum fraction of garbled characters (U+FFFD, unassigned, mojibake) (ours) (default: %(default)s)")
+    max_garbled_ratio: float = _flag(
+        0.01, "maximum fraction of garbled characters (U+FFFD, unassigned, mojibake) (ours) (default: %(default)s)"
+    )
     drop_lorem_ipsum: bool = _flag(True, "C4: drop documents containing 'lorem ipsum' (default: %(default)s)")
-    drop_curly_brace: bool = _flag(False, "C4: drop documents containing '{' (code); off by default (default: %(default)s)")
-    remove_boilerplate_lines: bool = _flag(True, "C4-style: remove lines of at most --boilerplate-max-line-chars that mention javascript, cookies, privacy policy, terms of use, ads, or Chinese boilerplate (版权所有, 免责声明, 扫码, 关注公众号, 广告 ...) (default: %(default)s)")
-    boilerplate_max_line_chars: int = _flag(200, "longest line that the boilerplate filter may remove (ours) (default: %(default)s)")
-    c4_terminal_punctuation: bool = _flag(False, "C4: keep only lines ending in terminal punctuation (. ! ? \" … 。 」 ”); off by default (default: %(default)s)")
-    c4_min_line_words: int = _flag(0, "C4: remove lines with fewer units than this (C4 used 3; 0 = off) (default: %(default)s)")
+    drop_curly_brace: bool = _flag(
+        False, "C4: drop documents containing '{' (code); off by default (default: %(default)s)"
+    )
+    remove_boilerplate_lines: bool = _flag(
+        True,
+        "C4-style: remove lines of at most --boilerplate-max-line-chars that mention javascript, cookies, privacy policy, terms of use, ads, or Chinese boilerplate (版权所有, 免责声明, 扫码, 关注公众号, 广告 ...) (default: %(default)s)",
+    )
+    boilerplate_max_line_chars: int = _flag(
+        200, "longest line that the boilerplate filter may remove (ours) (default: %(default)s)"
+    )
+    c4_terminal_punctuation: bool = _flag(
+        False,
+        'C4: keep only lines ending in terminal punctuation (. ! ? " … 。 」 ”); off by default (default: %(default)s)',
+    )
+    c4_min_line_words: int = _flag(
+        0, "C4: remove lines with fewer units than this (C4 used 3; 0 = off) (default: %(default)s)"
+    )
 
 
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,7 +141,9 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     for spec in dataclasses.fields(QualityConfig):
         flag = "--" + spec.name.replace("_", "-")
         if isinstance(spec.default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=spec.default, help=spec.metadata["help"])
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=spec.default, help=spec.metadata["help"]
+            )
         else:
             group.add_argument(flag, type=type(spec.default), default=spec.default, help=spec.metadata["help"])
 
@@ -121,7 +160,12 @@ def remove_boilerplate_lines(text: str, language: str, config: QualityConfig) ->
     kept = []
     for line in text.split("\n"):
         stripped = line.strip()
-        if config.remove_boilerplate_lines and stripped and len(stripped) <= config.boilerplate_max_line_chars and BOILERPLATE_PATTERN.search(stripped):
+        if (
+            config.remove_boilerplate_lines
+            and stripped
+            and len(stripped) <= config.boilerplate_max_line_chars
+            and BOILERPLATE_PATTERN.search(stripped)
+        ):
             continue
         if stripped and config.c4_terminal_punctuation and not stripped.endswith(_TERMINAL_PUNCTUATION):
             continue
@@ -156,7 +200,9 @@ class _NgramRepetition:
     def __init__(self, tokens: list[str]):
         vocabulary: dict[str, int] = {}
         # setdefault with a running counter: each distinct unit gets the index of its first occurrence.
-        self.ids = np.fromiter(map(vocabulary.setdefault, tokens, itertools.count()), dtype=np.uint64, count=len(tokens))
+        self.ids = np.fromiter(
+            map(vocabulary.setdefault, tokens, itertools.count()), dtype=np.uint64, count=len(tokens)
+        )
         self.lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
         self.total = max(int(self.lengths.sum()), 1)
         self.cumulative = np.concatenate(([0], np.cumsum(self.lengths)))

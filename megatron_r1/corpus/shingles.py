@@ -37,8 +37,17 @@ SHINGLE_KINDS = ("auto", "word", "char")
 _WORD_BASE = np.uint64(0x100000001B3)  # odd, so invertible modulo 2**64
 _WORD_BASE_INVERSE = np.uint64(pow(0x100000001B3, -1, 1 << 64))
 # Per-position multipliers of the n-gram window (fixed random odd 64-bit constants).
-_WINDOW_MULTIPLIERS = np.random.default_rng(0x5EED).integers(0, 1 << 63, size=64, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-_CJK_RANGES = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF), (0x20000, 0x3134F))
+_WINDOW_MULTIPLIERS = np.random.default_rng(0x5EED).integers(0, 1 << 63, size=64, dtype=np.uint64) * np.uint64(
+    2
+) + np.uint64(1)
+_CJK_RANGES = (
+    (0x3040, 0x30FF),
+    (0x3400, 0x4DBF),
+    (0x4E00, 0x9FFF),
+    (0xAC00, 0xD7AF),
+    (0xF900, 0xFAFF),
+    (0x20000, 0x3134F),
+)
 
 _powers = np.ones(1, dtype=np.uint64)
 _inverse_powers = np.ones(1, dtype=np.uint64)
@@ -59,7 +68,9 @@ def _power_tables(length: int) -> tuple[np.ndarray, np.ndarray]:
     if len(_powers) <= length:
         size = max(length + 1, 2 * len(_powers))
         _powers = np.concatenate(([np.uint64(1)], np.cumprod(np.full(size - 1, _WORD_BASE, dtype=np.uint64))))
-        _inverse_powers = np.concatenate(([np.uint64(1)], np.cumprod(np.full(size - 1, _WORD_BASE_INVERSE, dtype=np.uint64))))
+        _inverse_powers = np.concatenate(
+            ([np.uint64(1)], np.cumprod(np.full(size - 1, _WORD_BASE_INVERSE, dtype=np.uint64)))
+        )
     return _powers, _inverse_powers
 
 
@@ -76,7 +87,9 @@ class GrowingWindows:
         if not self.span <= span <= len(self.units):
             raise ValueError(f"span {span} must be in [{self.span}, {len(self.units)}]")
         while self.span < span:
-            self.sums = self.sums[:-1] + self.units[self.span :] * _WINDOW_MULTIPLIERS[self.span % len(_WINDOW_MULTIPLIERS)]
+            self.sums = (
+                self.sums[:-1] + self.units[self.span :] * _WINDOW_MULTIPLIERS[self.span % len(_WINDOW_MULTIPLIERS)]
+            )
             self.span += 1
         return mix64(self.sums)
 
@@ -127,7 +140,10 @@ def _units_to_windows(units: np.ndarray, doc: np.ndarray, documents: int, n: int
     if len(short):  # fewer units than n: one shingle of all of them
         members = np.repeat(short, counts[short])
         positions = np.arange(len(members)) - np.repeat(np.cumsum(counts[short]) - counts[short], counts[short])
-        products = units[np.repeat(starts[short], counts[short]) + positions] * _WINDOW_MULTIPLIERS[positions % len(_WINDOW_MULTIPLIERS)]
+        products = (
+            units[np.repeat(starts[short], counts[short]) + positions]
+            * _WINDOW_MULTIPLIERS[positions % len(_WINDOW_MULTIPLIERS)]
+        )
         hashes.append(np.add.reduceat(products, np.cumsum(counts[short]) - counts[short]))
         owners.append(short)
     if not hashes:
@@ -202,7 +218,13 @@ def shingle_strings(text: str, kind: str, n: int) -> list[str]:
     if kind == "auto":
         _, is_cjk = _tables()
         cjk = sum(1 for character in reduced if is_cjk[ord(character)])
-        other_words = sum(1 for word in re.split(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0003134f ]+", reduced) if word)
+        other_words = sum(
+            1
+            for word in re.split(
+                r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0003134f ]+", reduced
+            )
+            if word
+        )
         kind = "char" if cjk >= max(other_words, 1) else "word"
     elif kind not in SHINGLE_KINDS:
         raise ValueError(f"unknown shingle kind {kind!r}; expected one of {SHINGLE_KINDS}")

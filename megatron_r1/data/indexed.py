@@ -131,7 +131,7 @@ class IndexedDatasetWriter:
         self._document_ends = open(self._document_ends_tmp, "wb")
         self._modes = open(self._modes_tmp, "wb") if multimodal else None
 
-    def __enter__(self) -> "IndexedDatasetWriter":
+    def __enter__(self) -> IndexedDatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc_value, traceback) -> None:
@@ -179,7 +179,9 @@ class IndexedDatasetWriter:
                 stream.close()
             expected_bytes = self._token_total() * self.dtype.itemsize
             if expected_bytes != self.data_bytes:
-                raise ValueError(f"{self.prefix}: sequence lengths add up to {expected_bytes} bytes but .bin has {self.data_bytes}")
+                raise ValueError(
+                    f"{self.prefix}: sequence lengths add up to {expected_bytes} bytes but .bin has {self.data_bytes}"
+                )
             idx_tmp = temporary_path(idx_path(self.prefix))
             try:
                 self._write_index(idx_tmp)
@@ -210,7 +212,11 @@ class IndexedDatasetWriter:
 
     def _write_index(self, path: str) -> None:
         with open(path, "wb") as index_file:
-            index_file.write(_PREAMBLE.pack(INDEX_HEADER, INDEX_VERSION, _DTYPE_CODES[self.dtype], self.sequence_count, self.document_count + 1))
+            index_file.write(
+                _PREAMBLE.pack(
+                    INDEX_HEADER, INDEX_VERSION, _DTYPE_CODES[self.dtype], self.sequence_count, self.document_count + 1
+                )
+            )
             append_file(self._lengths_tmp, index_file)
             next_pointer = 0
             for block in _blocks(self._lengths_tmp, np.int32):
@@ -232,7 +238,9 @@ def _blocks(path: str, dtype):
             yield np.frombuffer(block, dtype=dtype)
 
 
-def merge_indexed_datasets(input_prefixes: list[str], output_prefix: str, multimodal: bool = False, on_dataset_done=None) -> IndexedDatasetIndex:
+def merge_indexed_datasets(
+    input_prefixes: list[str], output_prefix: str, multimodal: bool = False, on_dataset_done=None
+) -> IndexedDatasetIndex:
     """Concatenate datasets of one dtype into ``output_prefix`` (atomically); returns its index.
     ``on_dataset_done()`` is called after each input (for progress)."""
     if not input_prefixes:
@@ -245,7 +253,9 @@ def merge_indexed_datasets(input_prefixes: list[str], output_prefix: str, multim
         index = read_index(idx_path(prefix), multimodal)
         expected_bytes = index.token_count * index.dtype.itemsize
         if os.path.getsize(bin_path(prefix)) != expected_bytes:
-            raise ValueError(f"{bin_path(prefix)}: {os.path.getsize(bin_path(prefix))} bytes, its index says {expected_bytes}")
+            raise ValueError(
+                f"{bin_path(prefix)}: {os.path.getsize(bin_path(prefix))} bytes, its index says {expected_bytes}"
+            )
         if indexes and index.dtype != indexes[0].dtype:
             raise ValueError(f"{index.path}: dtype {index.dtype} differs from {indexes[0].path}'s {indexes[0].dtype}")
         indexes.append(index)
@@ -254,9 +264,14 @@ def merge_indexed_datasets(input_prefixes: list[str], output_prefix: str, multim
             first_sequence = writer.sequence_count
             for start in range(0, len(index.sequence_lengths), _BLOCK_ENTRIES):
                 stop = start + _BLOCK_ENTRIES
-                writer.add_sequences(index.sequence_lengths[start:stop], None if index.sequence_modes is None else index.sequence_modes[start:stop])
+                writer.add_sequences(
+                    index.sequence_lengths[start:stop],
+                    None if index.sequence_modes is None else index.sequence_modes[start:stop],
+                )
             for start in range(1, len(index.document_indices), _BLOCK_ENTRIES):
-                writer.end_documents(np.asarray(index.document_indices[start : start + _BLOCK_ENTRIES], dtype=np.int64) + first_sequence)
+                writer.end_documents(
+                    np.asarray(index.document_indices[start : start + _BLOCK_ENTRIES], dtype=np.int64) + first_sequence
+                )
             writer.append_bin_file(bin_path(prefix))
             if on_dataset_done is not None:
                 on_dataset_done()

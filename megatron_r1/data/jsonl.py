@@ -56,7 +56,11 @@ class StrictModeError(BadInputError):
 def add_bad_line_arguments(parser: argparse.ArgumentParser, repairs_text: bool = True) -> None:
     """--strict, and --replace-lone-surrogates for tools whose output holds the text they read
     (a tool that copies lines verbatim cannot repair them)."""
-    parser.add_argument("--strict", action="store_true", help="Stop with an error (exit status 2) at the first bad line instead of skipping it.")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="Stop with an error (exit status 2) at the first bad line instead of skipping it.",
+    )
     if repairs_text:
         parser.add_argument(
             "--replace-lone-surrogates",
@@ -157,7 +161,9 @@ def replace_lone_surrogates(text: str) -> str:
     return _SURROGATE.sub(REPLACEMENT_CHARACTER, text)
 
 
-def parse_document(line: bytes, json_keys: list[str], replace_surrogates: bool = False) -> tuple[list[str] | None, str | None]:
+def parse_document(
+    line: bytes, json_keys: list[str], replace_surrogates: bool = False
+) -> tuple[list[str] | None, str | None]:
     """``(texts, None)`` for a good line, one text per key; ``(None, reason)`` for a bad one. With
     ``replace_surrogates``, lone surrogates become U+FFFD instead of making the line bad."""
     record, reason = load_json_object(line)
@@ -199,7 +205,7 @@ class SkipCounter:
         if len(examples) < self.max_examples:
             examples.append((path, line) if detail is None else (path, line, detail))
 
-    def merge(self, other: "SkipCounter", line_offset: int = 0) -> None:
+    def merge(self, other: SkipCounter, line_offset: int = 0) -> None:
         """Add ``other``'s counts, its line numbers shifted by ``line_offset`` (ranges count from 1)."""
         for reason, count in other.counts.items():
             self.counts[reason] = self.counts.get(reason, 0) + count

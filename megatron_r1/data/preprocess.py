@@ -31,7 +31,16 @@ from tqdm import tqdm
 
 from megatron_r1.data.files import remove_if_exists
 from megatron_r1.data.indexed import IndexedDatasetWriter, merge_indexed_datasets, token_dtype
-from megatron_r1.data.jsonl import DEFAULT_MAX_DOCUMENT_BYTES, BadInputError, ByteRange, SkipCounter, parse_document, read_lines, split_into_ranges, strict_error
+from megatron_r1.data.jsonl import (
+    DEFAULT_MAX_DOCUMENT_BYTES,
+    BadInputError,
+    ByteRange,
+    SkipCounter,
+    parse_document,
+    read_lines,
+    split_into_ranges,
+    strict_error,
+)
 from megatron_r1.tokenizer import build_tokenizer
 
 # Texts are tokenized in batches of about this many bytes: large enough that per-call overhead
@@ -111,7 +120,11 @@ class _RangeEncoder:
             for line, consumed in read_lines(byte_range, self.config.max_document_bytes):
                 result.lines += 1
                 result.input_bytes += consumed
-                texts, reason = parse_document(line, keys, self.config.replace_surrogates) if line is not None else (None, "too_large")
+                texts, reason = (
+                    parse_document(line, keys, self.config.replace_surrogates)
+                    if line is not None
+                    else (None, "too_large")
+                )
                 if reason is not None:
                     if self._reject(result, reason, byte_range.path, result.lines):
                         break
@@ -128,7 +141,9 @@ class _RangeEncoder:
         finally:
             for stream in outputs.values():
                 stream.close()
-        result.lengths = {key: np.concatenate(parts) if parts else np.zeros(0, np.int32) for key, parts in lengths.items()}
+        result.lengths = {
+            key: np.concatenate(parts) if parts else np.zeros(0, np.int32) for key, parts in lengths.items()
+        }
         return result
 
     def _reject(self, result: _RangeResult, reason: str, path: str, line: int) -> bool:
@@ -236,12 +251,17 @@ def preprocess(config: PreprocessConfig, show_progress: bool = True) -> Preproce
     ranges = split_into_ranges(config.input_files, _range_bytes(config, total_disk_bytes))
     range_partitions = _assign_partitions(ranges, config.partitions)
     run_prefix = os.path.join(
-        os.path.dirname(os.path.abspath(config.output_prefix)), f".{os.path.basename(config.output_prefix)}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.path.dirname(os.path.abspath(config.output_prefix)),
+        f".{os.path.basename(config.output_prefix)}.{os.getpid()}-{uuid.uuid4().hex[:8]}",
     )
     tasks = [(byte_range, f"{run_prefix}.range{index}") for index, byte_range in enumerate(ranges)]
     keys = config.json_keys
     partitioned = config.partitions > 1
-    output_prefixes = [output_prefix_for(config.output_prefix, key, partition if partitioned else None) for partition in range(config.partitions) for key in keys]
+    output_prefixes = [
+        output_prefix_for(config.output_prefix, key, partition if partitioned else None)
+        for partition in range(config.partitions)
+        for key in keys
+    ]
     writers: dict[tuple[int, str], IndexedDatasetWriter] = {}
     skipped = SkipCounter()
     documents = tokens = input_bytes = 0
@@ -250,13 +270,17 @@ def preprocess(config: PreprocessConfig, show_progress: bool = True) -> Preproce
     try:
         for partition in range(config.partitions):
             for key in keys:
-                writers[(partition, key)] = IndexedDatasetWriter(output_prefix_for(config.output_prefix, key, partition if partitioned else None), main_encoder.dtype)
+                writers[(partition, key)] = IndexedDatasetWriter(
+                    output_prefix_for(config.output_prefix, key, partition if partitioned else None), main_encoder.dtype
+                )
         if config.workers > 1:
             pool = _process_context().Pool(config.workers, initializer=_start_worker, initargs=(config,))
             results = pool.imap(_encode_in_worker, tasks)
         else:
             results = map(main_encoder.encode, tasks)
-        with tqdm(total=total_disk_bytes, unit="B", unit_scale=True, desc="preprocess", disable=not show_progress) as progress:
+        with tqdm(
+            total=total_disk_bytes, unit="B", unit_scale=True, desc="preprocess", disable=not show_progress
+        ) as progress:
             for (byte_range, _), partition, result in zip(tasks, range_partitions, results):
                 line_offset = lines_before[byte_range.path]
                 if result.strict_failure is not None:
@@ -277,13 +301,23 @@ def preprocess(config: PreprocessConfig, show_progress: bool = True) -> Preproce
             pool.close()
             pool.join()
         if documents == 0:
-            raise BadInputError("no documents to write: " + ("every line was skipped\n" + "\n".join(skipped.summary_lines()) if skipped.total else "the input is empty"))
+            raise BadInputError(
+                "no documents to write: "
+                + (
+                    "every line was skipped\n" + "\n".join(skipped.summary_lines())
+                    if skipped.total
+                    else "the input is empty"
+                )
+            )
         for writer in writers.values():
             writer.finalize()
         if partitioned:
             for key in keys:
                 merged = output_prefix_for(config.output_prefix, key)
-                merge_indexed_datasets([output_prefix_for(config.output_prefix, key, partition) for partition in range(config.partitions)], merged)
+                merge_indexed_datasets(
+                    [output_prefix_for(config.output_prefix, key, partition) for partition in range(config.partitions)],
+                    merged,
+                )
                 output_prefixes.append(merged)
     except BaseException:
         if pool is not None:
@@ -295,4 +329,13 @@ def preprocess(config: PreprocessConfig, show_progress: bool = True) -> Preproce
     finally:
         for path in glob.glob(glob.escape(run_prefix) + ".range*"):
             remove_if_exists(path)
-    return PreprocessResult(documents, tokens, input_bytes, time.perf_counter() - started, skipped, output_prefixes, main_encoder.tokenizer.vocab_size, main_encoder.dtype)
+    return PreprocessResult(
+        documents,
+        tokens,
+        input_bytes,
+        time.perf_counter() - started,
+        skipped,
+        output_prefixes,
+        main_encoder.tokenizer.vocab_size,
+        main_encoder.dtype,
+    )

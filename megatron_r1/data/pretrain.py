@@ -71,8 +71,10 @@ def empty_split_error(data_path, split: str, drawn_from: list[bool]) -> str | No
         count = len(read_index(idx_path(prefix)).sequence_lengths)
         for name, part, drawn in zip(SPLIT_NAMES, matrix, drawn_from):
             if drawn and part is not None and round(part[0] * count) == round(part[1] * count):
-                return (f"--split {split}: the {name} split of {prefix} gets none of its {count} documents; "
-                        f"give it a larger share")  # fmt: skip
+                return (
+                    f"--split {split}: the {name} split of {prefix} gets none of its {count} documents; "
+                    f"give it a larger share"
+                )
     return None
 
 

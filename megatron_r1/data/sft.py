@@ -73,7 +73,14 @@ class RecordError(BadInputError):
         self.reason, self.detail = reason, detail
 
 
-_JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", type(None): "null", list: "an array", dict: "an object"}
+_JSON_TYPES = {
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    type(None): "null",
+    list: "an array",
+    dict: "an object",
+}
 
 
 class _TextFields:
@@ -84,7 +91,9 @@ class _TextFields:
 
     def __call__(self, value, what: str) -> str:
         if not isinstance(value, str):
-            raise RecordError(self.where, "not_a_string", f"{what} is {_JSON_TYPES.get(type(value), type(value).__name__)}")
+            raise RecordError(
+                self.where, "not_a_string", f"{what} is {_JSON_TYPES.get(type(value), type(value).__name__)}"
+            )
         if has_lone_surrogate(value):
             if not self.replace_surrogates:
                 raise RecordError(self.where, "lone_surrogate", f"in {what}")
@@ -101,12 +110,18 @@ def _chat_messages(record: dict, where: str, text: _TextFields) -> list[dict]:
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise RecordError(where, "invalid_record", f"messages[{i}] must be an object with 'role' and 'content'")
         if message["role"] not in ROLES:
-            raise RecordError(where, "invalid_record", f"messages[{i}] has role {message['role']!r}; expected one of {', '.join(ROLES)}")
+            raise RecordError(
+                where,
+                "invalid_record",
+                f"messages[{i}] has role {message['role']!r}; expected one of {', '.join(ROLES)}",
+            )
         entry = {"role": message["role"], "content": text(message["content"], f"messages[{i}].content")}
         reasoning = message.get("reasoning", message.get("reasoning_content"))
         if reasoning is not None:
             if message["role"] != "assistant":
-                raise RecordError(where, "invalid_record", f"messages[{i}] has reasoning but is not an assistant message")
+                raise RecordError(
+                    where, "invalid_record", f"messages[{i}] has reasoning but is not an assistant message"
+                )
             entry["reasoning"] = text(reasoning, f"messages[{i}].reasoning")
         parsed.append(entry)
     return parsed
@@ -140,7 +155,9 @@ def parse_record(record, where: str, replace_surrogates: bool = False) -> list[d
     elif "instruction" in record or "output" in record:
         parsed = _instruction_messages(record, where, text)
     else:
-        raise RecordError(where, "missing_key", "expected 'messages' (chat format) or 'instruction'/'output' (instruction format)")
+        raise RecordError(
+            where, "missing_key", "expected 'messages' (chat format) or 'instruction'/'output' (instruction format)"
+        )
     responses = [m for m in parsed if m["role"] == "assistant"]
     if not responses:
         raise RecordError(where, "invalid_record", "no assistant message: nothing to learn")
@@ -184,7 +201,10 @@ class ChatTemplate:
             response = int(message["role"] == "assistant")
             add(self.markers[ROLE_MARKERS[message["role"]]], 0)
             if "reasoning" in message:
-                add(self.markers[THINK_START] + self.tokenizer.tokenize(message["reasoning"]) + self.markers[THINK_END], 1)
+                add(
+                    self.markers[THINK_START] + self.tokenizer.tokenize(message["reasoning"]) + self.markers[THINK_END],
+                    1,
+                )
             add(self.tokenizer.tokenize(message["content"]) + self.markers[END_MARKER], response)
         if add_generation_prompt:
             add(self.markers[ROLE_MARKERS["assistant"]], 0)

@@ -42,8 +42,10 @@ def resolve_checkpoint(path: str) -> str:
         return path
     found = find_checkpoint(argparse.Namespace(load=path, ckpt_step=None))
     if found is None:
-        raise CheckpointError(f"{path}: neither a checkpoint directory (no {METADATA_FILE}) nor a --save root "
-                              "(no latest_checkpointed_iteration.txt)")  # fmt: skip
+        raise CheckpointError(
+            f"{path}: neither a checkpoint directory (no {METADATA_FILE}) nor a --save root "
+            "(no latest_checkpointed_iteration.txt)"
+        )
     return found
 
 
@@ -85,15 +87,22 @@ def checkpoint_args(path: str) -> argparse.Namespace:
     saved = read_json_object(metadata_path, CheckpointError).get("model_args")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{metadata_path}: no model_args object: not a megatron-r1 checkpoint's metadata")
-    missing = [name for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS
-               if name not in saved and name not in MODEL_ARGS_WITH_OLD_DEFAULTS]  # fmt: skip
+    missing = [
+        name
+        for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS
+        if name not in saved and name not in MODEL_ARGS_WITH_OLD_DEFAULTS
+    ]
     if missing:
-        raise CheckpointError(f"{metadata_path} lacks the model flags {', '.join(missing)} (saved by an older "
-                              "version): load it with pretrain_r1.py --finetune and the original flags, and save again")  # fmt: skip
+        raise CheckpointError(
+            f"{metadata_path} lacks the model flags {', '.join(missing)} (saved by an older "
+            "version): load it with pretrain_r1.py --finetune and the original flags, and save again"
+        )
     if saved.get("transformer_impl", "local") != "local":
-        raise CheckpointError(f"{metadata_path}: trained with --transformer-impl {saved['transformer_impl']}, whose "
-                              "layers keep other checkpoint keys; generation, merging and export read checkpoints "
-                              "of --transformer-impl local")  # fmt: skip
+        raise CheckpointError(
+            f"{metadata_path}: trained with --transformer-impl {saved['transformer_impl']}, whose "
+            "layers keep other checkpoint keys; generation, merging and export read checkpoints "
+            "of --transformer-impl local"
+        )
     args = build_parser("").parse_args([])
     _check_saved_types(saved, args, metadata_path)
     vars(args).update(saved)
@@ -107,8 +116,10 @@ def first_dense_layers(args) -> int:
     pattern = moe_layer_pattern(args)
     k = pattern.index(1) if 1 in pattern else len(pattern)
     if any(flag == 0 for flag in pattern[k:]):
-        raise UnsupportedModelError(f"--moe-layer-freq {pattern}: DeepseekV3 needs the dense layers first and only MoE "
-                                    "layers after them (first_k_dense_replace)")  # fmt: skip
+        raise UnsupportedModelError(
+            f"--moe-layer-freq {pattern}: DeepseekV3 needs the dense layers first and only MoE "
+            "layers after them (first_k_dense_replace)"
+        )
     return k
 
 
@@ -123,16 +134,25 @@ def deepseek_v3_config(args, vocab_size: int, bos_token_id=None, eos_token_id=No
     from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor
     from transformers import DeepseekV3Config
 
-    _refuse_unless(args.multi_latent_attention, "GQA models (no --multi-latent-attention) have no exact Hugging Face "
-                   "architecture here: DeepseekV3ForCausalLM needs MLA, and no standard GQA MoE architecture matches our "
-                   "flags in every respect (shared experts, dense layers, expert bias, routing)")  # fmt: skip
+    _refuse_unless(
+        args.multi_latent_attention,
+        "GQA models (no --multi-latent-attention) have no exact Hugging Face "
+        "architecture here: DeepseekV3ForCausalLM needs MLA, and no standard GQA MoE architecture matches our "
+        "flags in every respect (shared experts, dense layers, expert bias, routing)",
+    )
     _refuse_unless(args.normalization == "RMSNorm", "--normalization LayerNorm: DeepseekV3 uses RMSNorm")
     _refuse_unless(args.swiglu, "DeepseekV3's MLPs are SwiGLU: the model needs --swiglu")
-    _refuse_unless(args.disable_bias_linear, "DeepseekV3's linear layers have no biases: the model needs --disable-bias-linear")
-    _refuse_unless(args.qk_layernorm, "DeepseekV3 normalises the compressed q and kv (q_a_layernorm, kv_a_layernorm): "
-                   "the model needs --qk-layernorm")  # fmt: skip
-    _refuse_unless(args.position_embedding_type == "rope", f"--position-embedding-type {args.position_embedding_type}: "
-                   "DeepseekV3 uses RoPE")  # fmt: skip
+    _refuse_unless(
+        args.disable_bias_linear, "DeepseekV3's linear layers have no biases: the model needs --disable-bias-linear"
+    )
+    _refuse_unless(
+        args.qk_layernorm,
+        "DeepseekV3 normalises the compressed q and kv (q_a_layernorm, kv_a_layernorm): the model needs --qk-layernorm",
+    )
+    _refuse_unless(
+        args.position_embedding_type == "rope",
+        f"--position-embedding-type {args.position_embedding_type}: DeepseekV3 uses RoPE",
+    )
     _refuse_unless(args.window_size is None, "--window-size: DeepseekV3 has no sliding-window attention")
     config = transformer_config_from_args(args)
     rope_scaling = None
@@ -146,26 +166,38 @@ def deepseek_v3_config(args, vocab_size: int, bos_token_id=None, eos_token_id=No
             "mscale": args.mscale,
             "mscale_all_dim": args.mscale_all_dim,
             # megatron-core's cos/sin scale, stated so that transformers does not re-derive it differently.
-            "attention_factor": _yarn_get_concentration_factor(args.rotary_scaling_factor, args.mscale, args.mscale_all_dim),
+            "attention_factor": _yarn_get_concentration_factor(
+                args.rotary_scaling_factor, args.mscale, args.mscale_all_dim
+            ),
         }
     else:
-        _refuse_unless(args.rotary_scaling_factor <= 1 or not args.mscale_all_dim,
-                       "--rope-type rope with --rotary-scaling-factor > 1 and --mscale-all-dim scales the attention "
-                       "softmax, which DeepseekV3 does only with yarn RoPE")  # fmt: skip
+        _refuse_unless(
+            args.rotary_scaling_factor <= 1 or not args.mscale_all_dim,
+            "--rope-type rope with --rotary-scaling-factor > 1 and --mscale-all-dim scales the attention "
+            "softmax, which DeepseekV3 does only with yarn RoPE",
+        )
     n_dense = first_dense_layers(args)
     moe = {}
     if args.num_experts:
-        _refuse_unless(args.moe_router_score_function == "sigmoid", "--moe-router-score-function softmax: DeepseekV3 "
-                       "routes with sigmoid scores (topk_method noaux_tc)")  # fmt: skip
+        _refuse_unless(
+            args.moe_router_score_function == "sigmoid",
+            "--moe-router-score-function softmax: DeepseekV3 routes with sigmoid scores (topk_method noaux_tc)",
+        )
         shared = args.moe_shared_expert_intermediate_size
         expert_size = config.moe_ffn_hidden_size
-        _refuse_unless(bool(shared) and shared % expert_size == 0, f"--moe-shared-expert-intermediate-size {shared}: "
-                       f"DeepseekV3 has n_shared_experts >= 1 shared experts of --moe-ffn-hidden-size ({expert_size}) channels")  # fmt: skip
+        _refuse_unless(
+            bool(shared) and shared % expert_size == 0,
+            f"--moe-shared-expert-intermediate-size {shared}: "
+            f"DeepseekV3 has n_shared_experts >= 1 shared experts of --moe-ffn-hidden-size ({expert_size}) channels",
+        )
         groups, group_topk = args.moe_router_num_groups or 1, args.moe_router_group_topk or 1
         if groups > 1:
-            _refuse_unless(args.moe_router_topk == 2 * group_topk, f"--moe-router-topk {args.moe_router_topk} with "
-                           f"--moe-router-group-topk {group_topk}: DeepseekV3 scores a group by its top 2 experts, "
-                           "megatron-core by its top topk/group_topk; they agree only when topk = 2 x group_topk")  # fmt: skip
+            _refuse_unless(
+                args.moe_router_topk == 2 * group_topk,
+                f"--moe-router-topk {args.moe_router_topk} with "
+                f"--moe-router-group-topk {group_topk}: DeepseekV3 scores a group by its top 2 experts, "
+                "megatron-core by its top topk/group_topk; they agree only when topk = 2 x group_topk",
+            )
         else:
             _refuse_unless(args.num_experts >= 2, "DeepseekV3 needs at least 2 routed experts")
         moe = dict(
@@ -248,14 +280,25 @@ def args_from_deepseek_v3(config: dict, source: str) -> list[str]:
     """Our model flags for a Hugging Face ``config.json`` (dict) read from `source`."""
     fields = _ConfigFields(config, source)
     model_type = config.get("model_type")
-    _refuse_unless(model_type == "deepseek_v3", f"{source}: model_type {model_type!r}; only 'deepseek_v3' (DeepseekV3ForCausalLM) converts")
-    _refuse_unless(config.get("hidden_act", "silu") == "silu", f"{source}: hidden_act {config.get('hidden_act')!r} (only silu)")
+    _refuse_unless(
+        model_type == "deepseek_v3",
+        f"{source}: model_type {model_type!r}; only 'deepseek_v3' (DeepseekV3ForCausalLM) converts",
+    )
+    _refuse_unless(
+        config.get("hidden_act", "silu") == "silu", f"{source}: hidden_act {config.get('hidden_act')!r} (only silu)"
+    )
     _refuse_unless(not config.get("attention_bias", False), f"{source}: attention_bias true (our MLA has no biases)")
-    _refuse_unless(config.get("rope_interleave", True), f"{source}: rope_interleave false (megatron-core's MLA "
-                   "always de-interleaves the rotary channels)")  # fmt: skip
-    _refuse_unless(config.get("scoring_func", "sigmoid") == "sigmoid", f"{source}: scoring_func {config.get('scoring_func')!r}")
+    _refuse_unless(
+        config.get("rope_interleave", True),
+        f"{source}: rope_interleave false (megatron-core's MLA always de-interleaves the rotary channels)",
+    )
+    _refuse_unless(
+        config.get("scoring_func", "sigmoid") == "sigmoid", f"{source}: scoring_func {config.get('scoring_func')!r}"
+    )
     layers, heads = fields.integer("num_hidden_layers"), fields.integer("num_attention_heads")
-    _refuse_unless(config.get("num_key_value_heads", heads) == heads, f"{source}: num_key_value_heads != num_attention_heads")
+    _refuse_unless(
+        config.get("num_key_value_heads", heads) == heads, f"{source}: num_key_value_heads != num_attention_heads"
+    )
     rope_theta = fields.number("rope_theta", 10000)
     if float(rope_theta) != int(rope_theta):
         raise UnsupportedModelError(f"{source}: rope_theta {rope_theta} is not an integer (--rotary-base)")
@@ -290,7 +333,11 @@ def _yarn_flags(rope_scaling, max_positions: int, source: str) -> list:
     fields = _ConfigFields(rope_scaling, source, "rope_scaling.")
     kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
     _refuse_unless(kind == "yarn", f"{source}: rope_scaling type {kind!r} (only yarn)")
-    factor, mscale, mscale_all_dim = fields.number("factor"), fields.number("mscale", 1.0), fields.number("mscale_all_dim", 0.0)
+    factor, mscale, mscale_all_dim = (
+        fields.number("factor"),
+        fields.number("mscale", 1.0),
+        fields.number("mscale_all_dim", 0.0),
+    )
     flags = ["--rope-type", "yarn", "--rotary-scaling-factor", factor,
              "--original-max-position-embeddings", fields.integer("original_max_position_embeddings", max_positions),
              "--beta-fast", fields.number("beta_fast", 32), "--beta-slow", fields.number("beta_slow", 1),
@@ -301,8 +348,10 @@ def _yarn_flags(rope_scaling, max_positions: int, source: str) -> list:
         given = fields.number("attention_factor")
         _refuse_unless(factor > 0, f"{source}: rope_scaling.factor {factor} must be positive")
         ours = _yarn_get_concentration_factor(factor, mscale, mscale_all_dim)
-        _refuse_unless(abs(ours - given) < 1e-6, f"{source}: rope_scaling.attention_factor "
-                       f"{given} differs from megatron-core's yarn factor {ours}")  # fmt: skip
+        _refuse_unless(
+            abs(ours - given) < 1e-6,
+            f"{source}: rope_scaling.attention_factor {given} differs from megatron-core's yarn factor {ours}",
+        )
     return flags
 
 
@@ -311,9 +360,12 @@ def _moe_flags(fields: _ConfigFields, layers: int, n_dense: int) -> list:
     experts, topk = fields.integer("n_routed_experts"), fields.integer("num_experts_per_tok")
     n_shared, expert_size = fields.integer("n_shared_experts", minimum=0), fields.integer("moe_intermediate_size")
     _refuse_unless(n_shared >= 1, f"{source}: n_shared_experts {n_shared} (our MoE layers take >= 1 shared expert)")
-    _refuse_unless(bool(fields.get("norm_topk_prob", True)) == (topk > 1), f"{source}: norm_topk_prob "
-                   f"{fields.get('norm_topk_prob')} with num_experts_per_tok {topk}: megatron-core renormalises "
-                   "sigmoid routing weights exactly when top-k > 1")  # fmt: skip
+    _refuse_unless(
+        bool(fields.get("norm_topk_prob", True)) == (topk > 1),
+        f"{source}: norm_topk_prob "
+        f"{fields.get('norm_topk_prob')} with num_experts_per_tok {topk}: megatron-core renormalises "
+        "sigmoid routing weights exactly when top-k > 1",
+    )
     groups, group_topk = fields.integer("n_group", 1), fields.integer("topk_group", 1)
     flags = ["--num-experts", experts, "--moe-ffn-hidden-size", expert_size,
              "--moe-shared-expert-intermediate-size", n_shared * expert_size,
@@ -321,8 +373,11 @@ def _moe_flags(fields: _ConfigFields, layers: int, n_dense: int) -> list:
              "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
              "--moe-router-topk-scaling-factor", fields.number("routed_scaling_factor", 1.0)]  # fmt: skip
     if groups > 1:
-        _refuse_unless(topk == 2 * group_topk, f"{source}: num_experts_per_tok {topk} with topk_group {group_topk}: "
-                       "megatron-core scores a group by its top topk/topk_group experts, DeepseekV3 by its top 2")  # fmt: skip
+        _refuse_unless(
+            topk == 2 * group_topk,
+            f"{source}: num_experts_per_tok {topk} with topk_group {group_topk}: "
+            "megatron-core scores a group by its top topk/topk_group experts, DeepseekV3 by its top 2",
+        )
         flags += ["--moe-router-num-groups", groups, "--moe-router-group-topk", group_topk]
     return flags
 
@@ -333,12 +388,18 @@ def fp8_block_size(config: dict, source: str) -> tuple[int, int] | None:
     quantization = config.get("quantization_config")
     if quantization is None:
         return None
-    _refuse_unless(isinstance(quantization, dict), f"{source}: quantization_config must be an object, got {quantization!r}")
+    _refuse_unless(
+        isinstance(quantization, dict), f"{source}: quantization_config must be an object, got {quantization!r}"
+    )
     method, fmt = quantization.get("quant_method"), quantization.get("fmt")
-    _refuse_unless(method == "fp8", f"{source}: quantization_config.quant_method {method!r}; only DeepSeek's "
-                   "'fp8' block format is read")  # fmt: skip
+    _refuse_unless(
+        method == "fp8",
+        f"{source}: quantization_config.quant_method {method!r}; only DeepSeek's 'fp8' block format is read",
+    )
     _refuse_unless(fmt == "e4m3", f"{source}: quantization_config.fmt {fmt!r}; only 'e4m3' (float8_e4m3fn) is read")
     block = quantization.get("weight_block_size")
-    _refuse_unless(isinstance(block, list) and len(block) == 2 and all(type(n) is int and n > 0 for n in block),
-                   f"{source}: quantization_config.weight_block_size must be two positive integers, got {block!r}")  # fmt: skip
+    _refuse_unless(
+        isinstance(block, list) and len(block) == 2 and all(type(n) is int and n > 0 for n in block),
+        f"{source}: quantization_config.weight_block_size must be two positive integers, got {block!r}",
+    )
     return block[0], block[1]

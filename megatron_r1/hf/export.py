@@ -17,11 +17,19 @@ import shutil
 import torch
 from tqdm import tqdm
 
+from megatron_r1.data.sft import END_MARKER
 from megatron_r1.hf.config import UnsupportedModelError, checkpoint_args, deepseek_v3_config
-from megatron_r1.hf.fp8 import DEEPSEEK_BLOCK, SCALE_SUFFIX, RoundTripError, deepseek_quantizes, dequantize, fp8_quantization_config, quantize
+from megatron_r1.hf.fp8 import (
+    DEEPSEEK_BLOCK,
+    SCALE_SUFFIX,
+    RoundTripError,
+    deepseek_quantizes,
+    dequantize,
+    fp8_quantization_config,
+    quantize,
+)
 from megatron_r1.hf.keys import conversion_groups
 from megatron_r1.hf.storage import McoreCheckpointReader, ShardedSafetensorsWriter, WeightsError
-from megatron_r1.data.sft import END_MARKER
 from megatron_r1.tokenizer import SentencePieceTokenizer, build_tokenizer, tokenizer_type_for_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,16 +41,25 @@ def expected_hf_shapes(hf_config) -> dict:
     from transformers import DeepseekV3ForCausalLM
 
     mtp = getattr(hf_config, "num_nextn_predict_layers", 0)
-    config = hf_config.__class__.from_dict({**hf_config.to_dict(), "num_hidden_layers": hf_config.num_hidden_layers + mtp})
+    config = hf_config.__class__.from_dict(
+        {**hf_config.to_dict(), "num_hidden_layers": hf_config.num_hidden_layers + mtp}
+    )
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(config)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     hidden, vocab = hf_config.hidden_size, hf_config.vocab_size
     for i in range(mtp):
         prefix = f"model.layers.{hf_config.num_hidden_layers + i}."
-        shapes.update({f"{prefix}enorm.weight": (hidden,), f"{prefix}hnorm.weight": (hidden,),
-                       f"{prefix}eh_proj.weight": (hidden, 2 * hidden), f"{prefix}shared_head.norm.weight": (hidden,),
-                       f"{prefix}embed_tokens.weight": (vocab, hidden), f"{prefix}shared_head.head.weight": (vocab, hidden)})  # fmt: skip
+        shapes.update(
+            {
+                f"{prefix}enorm.weight": (hidden,),
+                f"{prefix}hnorm.weight": (hidden,),
+                f"{prefix}eh_proj.weight": (hidden, 2 * hidden),
+                f"{prefix}shared_head.norm.weight": (hidden,),
+                f"{prefix}embed_tokens.weight": (vocab, hidden),
+                f"{prefix}shared_head.head.weight": (vocab, hidden),
+            }
+        )
     if hf_config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     return shapes
@@ -55,8 +72,10 @@ def check_mapping(groups, source_shapes: dict, target_shapes: dict, convert, sou
     used = {key for m in maps for key in convert.source_keys(m)}
     missing = sorted(used - set(source_shapes))
     if missing:
-        raise WeightsError(f"{source}: the configuration needs tensors the weights lack: {', '.join(missing[:8])}"
-                           + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))  # fmt: skip
+        raise WeightsError(
+            f"{source}: the configuration needs tensors the weights lack: {', '.join(missing[:8])}"
+            + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        )
     unmapped = sorted(set(source_shapes) - used)
     if unmapped:
         raise WeightsError(f"{source}: tensors the configuration does not account for: {', '.join(unmapped[:8])}")
@@ -64,8 +83,11 @@ def check_mapping(groups, source_shapes: dict, target_shapes: dict, convert, sou
     for m in maps:
         for name, shape in convert.meta(m, source_shapes).items():
             produced[name], origin[name] = shape, convert.source_keys(m)[0]
-    wrong = [f"{name} {produced.get(name)} (from {origin.get(name)} in the weights) vs {shape} (configuration)"
-             for name, shape in target_shapes.items() if produced.get(name) != shape]  # fmt: skip
+    wrong = [
+        f"{name} {produced.get(name)} (from {origin.get(name)} in the weights) vs {shape} (configuration)"
+        for name, shape in target_shapes.items()
+        if produced.get(name) != shape
+    ]
     extra = sorted(set(produced) - set(target_shapes))
     if wrong or extra:
         raise WeightsError(f"{source}: weights do not match the configuration: " + "; ".join(wrong[:8] + extra[:8]))
@@ -133,24 +155,31 @@ def export_to_hf(checkpoint: str, output: str, vocab_size: int | None = None, to
     tokenizer = None
     if tokenizer_model:
         if not os.path.exists(tokenizer_model):
-            raise FileNotFoundError(f"tokenizer {tokenizer_model} (--tokenizer-model, or saved in the checkpoint) does not exist")
+            raise FileNotFoundError(
+                f"tokenizer {tokenizer_model} (--tokenizer-model, or saved in the checkpoint) does not exist"
+            )
         tokenizer = build_tokenizer(tokenizer_type_for_model(tokenizer_type, args.tokenizer_type), tokenizer_model)
     vocab_size = vocab_size or (tokenizer.vocab_size if tokenizer else args.vocab_size)
     if not vocab_size:
         raise UnsupportedModelError("the real vocabulary size is unknown: give --vocab-size or --tokenizer-model")
     if vocab_size > args.padded_vocab_size:
-        raise WeightsError(f"vocabulary of {vocab_size} tokens, but the checkpoint's embedding has {args.padded_vocab_size} rows")
+        raise WeightsError(
+            f"vocabulary of {vocab_size} tokens, but the checkpoint's embedding has {args.padded_vocab_size} rows"
+        )
     hf_config = deepseek_v3_config(
-        args, vocab_size,
+        args,
+        vocab_size,
         bos_token_id=tokenizer.bos if tokenizer else None,
         eos_token_id=tokenizer.eod if tokenizer else None,
         pad_token_id=tokenizer.pad if tokenizer else None,
-    )  # fmt: skip
+    )
     hf_config.torch_dtype = dtype
     groups = conversion_groups(args)
     reader = McoreCheckpointReader(checkpoint)
     to_hf = _ToHF(vocab_size)
-    check_mapping(groups, {key: reader.shape(key) for key in reader.keys()}, expected_hf_shapes(hf_config), to_hf, checkpoint)
+    check_mapping(
+        groups, {key: reader.shape(key) for key in reader.keys()}, expected_hf_shapes(hf_config), to_hf, checkpoint
+    )
     fp8_error = RoundTripError() if fp8 else None
     if fp8:
         hf_config.quantization_config = fp8_quantization_config(DEEPSEEK_BLOCK)
@@ -165,8 +194,11 @@ def export_to_hf(checkpoint: str, output: str, vocab_size: int | None = None, to
     hf_config.save_pretrained(temporary)
     from transformers import GenerationConfig
 
-    GenerationConfig(bos_token_id=hf_config.bos_token_id, eos_token_id=_generation_stop_ids(tokenizer),
-                     pad_token_id=hf_config.pad_token_id).save_pretrained(temporary)  # fmt: skip
+    GenerationConfig(
+        bos_token_id=hf_config.bos_token_id,
+        eos_token_id=_generation_stop_ids(tokenizer),
+        pad_token_id=hf_config.pad_token_id,
+    ).save_pretrained(temporary)
     _write_tokenizer(tokenizer, temporary, args.max_position_embeddings)
     if os.path.exists(output):
         shutil.rmtree(output)

@@ -64,7 +64,9 @@ def quantize(weight: torch.Tensor, block: tuple[int, int] = DEEPSEEK_BLOCK) -> t
     """``(float8_e4m3fn weight, float32 scale_inv)`` of a 2-D `weight`, one scale per block."""
     weight = weight.float()
     rows, cols = scale_grid(weight.shape, block)
-    padded = torch.nn.functional.pad(weight.abs(), (0, cols * block[1] - weight.shape[1], 0, rows * block[0] - weight.shape[0]))
+    padded = torch.nn.functional.pad(
+        weight.abs(), (0, cols * block[1] - weight.shape[1], 0, rows * block[0] - weight.shape[0])
+    )
     amax = padded.view(rows, block[0], cols, block[1]).amax(dim=(1, 3))
     # An all-zero block gets the smallest normal scale instead of 0 (0/0), and stays zeros.
     scale_inv = (amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
@@ -87,8 +89,12 @@ class RoundTripError:
 
     def summary(self, block: tuple[int, int]) -> dict:
         relative = math.sqrt(self._error_squares / self._squares) if self._squares else 0.0
-        return {"tensors": self.tensors, "weight_block_size": list(block), "max_abs_error": self.max_abs,
-                "relative_rms_error": relative}  # fmt: skip
+        return {
+            "tensors": self.tensors,
+            "weight_block_size": list(block),
+            "max_abs_error": self.max_abs,
+            "relative_rms_error": relative,
+        }
 
 
 def _fp8_errors(headers: dict, block: tuple[int, int] | None) -> list[str]:
@@ -97,8 +103,14 @@ def _fp8_errors(headers: dict, block: tuple[int, int] | None) -> list[str]:
     fp8 = [name for name, (dtype, _) in headers.items() if dtype.startswith("F8_")]
     if block is None:
         found = (fp8 + list(scales.values()))[:3]
-        return [f"{', '.join(found)} are float8 weights or their scales, but config.json has no quantization_config"] if found else []
-    errors = [f"{scale} scales {weight}, which the weights lack" for weight, scale in scales.items() if weight not in headers]
+        return (
+            [f"{', '.join(found)} are float8 weights or their scales, but config.json has no quantization_config"]
+            if found
+            else []
+        )
+    errors = [
+        f"{scale} scales {weight}, which the weights lack" for weight, scale in scales.items() if weight not in headers
+    ]
     for name in fp8:
         dtype, shape = headers[name]
         if dtype != SAFETENSORS_FP8:
@@ -116,8 +128,10 @@ def _fp8_errors(headers: dict, block: tuple[int, int] | None) -> list[str]:
         elif scale_dtype != "F32":
             errors.append(f"{scale} is {scale_dtype}; DeepSeek's scales are F32")
         elif len(shape) == 2 and scale_shape != scale_grid(shape, block):
-            errors.append(f"{scale} has shape {scale_shape}, but {weight} {shape} in {block[0]}x{block[1]} blocks "
-                          f"(weight_block_size) needs {scale_grid(shape, block)}")  # fmt: skip
+            errors.append(
+                f"{scale} has shape {scale_shape}, but {weight} {shape} in {block[0]}x{block[1]} blocks "
+                f"(weight_block_size) needs {scale_grid(shape, block)}"
+            )
     return errors
 
 
@@ -131,7 +145,11 @@ class DequantizingReader:
         headers = reader.headers()
         errors = _fp8_errors(headers, block)
         if errors:
-            raise WeightsError(f"{reader.directory}: " + "; ".join(errors[:4]) + (f" and {len(errors) - 4} more" if len(errors) > 4 else ""))
+            raise WeightsError(
+                f"{reader.directory}: "
+                + "; ".join(errors[:4])
+                + (f" and {len(errors) - 4} more" if len(errors) > 4 else "")
+            )
         self.reader, self.block, self.directory = reader, block, reader.directory
         self.scales = {name: name + SCALE_SUFFIX for name, (dtype, _) in headers.items() if dtype == SAFETENSORS_FP8}
         scale_names = set(self.scales.values())

@@ -55,7 +55,9 @@ class _ToMcore:
         return {m.mcore: tuple(m.to_mcore(tensors, self.padded_vocab_size).shape)}
 
 
-def read_hf_model_flags(hf_dir: str, make_vocab_size_divisible_by: int = 128) -> tuple[argparse.Namespace, list[str], str]:
+def read_hf_model_flags(
+    hf_dir: str, make_vocab_size_divisible_by: int = 128
+) -> tuple[argparse.Namespace, list[str], str]:
     """``(args, model flags, config path)`` for the model of `hf_dir`'s config.json; WeightsError /
     UnsupportedModelError naming config.json when it is unreadable or describes no model we build."""
     config_path = os.path.join(hf_dir, "config.json")
@@ -68,7 +70,9 @@ def read_hf_model_flags(hf_dir: str, make_vocab_size_divisible_by: int = 128) ->
 
     parser = build_parser("")
     parser.error = refuse
-    args = parse_known_flags(parser, argv + ["--mock-data", "--make-vocab-size-divisible-by", str(make_vocab_size_divisible_by)])
+    args = parse_known_flags(
+        parser, argv + ["--mock-data", "--make-vocab-size-divisible-by", str(make_vocab_size_divisible_by)]
+    )
     validate_args(args, refuse)
     _transformer_config(args, config_path)
     return args, argv, config_path
@@ -112,8 +116,13 @@ def import_from_hf(hf_dir: str, output: str, tensor_model_parallel_size: int = 1
     # Every weight is filled below; the conversion streams through host memory.
     (model,) = build_model(args, config, initialize=False, device=torch.device("cpu"))
     pieces = flat_sharded_tensors(model)
-    check_mapping(imported, source_shapes, {key: global_shape(p) for key, p in pieces.items()},
-                  _ToMcore(args.padded_vocab_size), hf_dir)  # fmt: skip
+    check_mapping(
+        imported,
+        source_shapes,
+        {key: global_shape(p) for key, p in pieces.items()},
+        _ToMcore(args.padded_vocab_size),
+        hf_dir,
+    )
 
     for _, maps in tqdm(imported, desc="hf -> mcore", unit="layer", disable=not progress):
         tensors = reader.load([name for m in maps for name in m.hf])
@@ -145,6 +154,10 @@ def import_from_hf(hf_dir: str, output: str, tensor_model_parallel_size: int = 1
     if os.path.exists(output):
         shutil.rmtree(output)
     os.rename(temporary, output)
-    return {"tensors": sum(len(maps) for _, maps in imported), "layers": args.num_layers,
-            "mtp_layers": args.mtp_num_layers or 0, "padded_vocab_size": args.padded_vocab_size,
-            "flags": argv}  # fmt: skip
+    return {
+        "tensors": sum(len(maps) for _, maps in imported),
+        "layers": args.num_layers,
+        "mtp_layers": args.mtp_num_layers or 0,
+        "padded_vocab_size": args.padded_vocab_size,
+        "flags": argv,
+    }

@@ -73,7 +73,9 @@ class TensorMap:
 def _transformer_layer(ours: str, theirs: str, args, moe: bool, expert_bias: bool) -> list[TensorMap]:
     attention = [
         TensorMap(f"{ours}input_layernorm.weight", (f"{theirs}input_layernorm.weight",)),
-        TensorMap(f"{ours}self_attention.linear_kv_down_proj.weight", (f"{theirs}self_attn.kv_a_proj_with_mqa.weight",)),
+        TensorMap(
+            f"{ours}self_attention.linear_kv_down_proj.weight", (f"{theirs}self_attn.kv_a_proj_with_mqa.weight",)
+        ),
         TensorMap(f"{ours}self_attention.kv_layernorm.weight", (f"{theirs}self_attn.kv_a_layernorm.weight",)),
         TensorMap(f"{ours}self_attention.linear_kv_up_proj.weight", (f"{theirs}self_attn.kv_b_proj.weight",)),
         TensorMap(f"{ours}self_attention.linear_proj.weight", (f"{theirs}self_attn.o_proj.weight",)),
@@ -89,7 +91,9 @@ def _transformer_layer(ours: str, theirs: str, args, moe: bool, expert_bias: boo
         attention.append(TensorMap(f"{ours}self_attention.linear_q_proj.weight", (f"{theirs}self_attn.q_proj.weight",)))
     if not moe:
         return attention + [
-            TensorMap(f"{ours}mlp.linear_fc1.weight", (f"{theirs}mlp.gate_proj.weight", f"{theirs}mlp.up_proj.weight"), "glu"),
+            TensorMap(
+                f"{ours}mlp.linear_fc1.weight", (f"{theirs}mlp.gate_proj.weight", f"{theirs}mlp.up_proj.weight"), "glu"
+            ),
             TensorMap(f"{ours}mlp.linear_fc2.weight", (f"{theirs}mlp.down_proj.weight",)),
         ]
     experts = range(args.num_experts)
@@ -101,10 +105,16 @@ def _transformer_layer(ours: str, theirs: str, args, moe: bool, expert_bias: boo
         if expert_bias
         else TensorMap(f"{ours}mlp.router.weight", (bias_key,), "zeros", export_only=True),
         TensorMap(f"{ours}mlp.experts.experts.linear_fc1.weight", gate_up, "experts_glu"),
-        TensorMap(f"{ours}mlp.experts.experts.linear_fc2.weight",
-                  tuple(f"{theirs}mlp.experts.{e}.down_proj.weight" for e in experts), "experts"),  # fmt: skip
-        TensorMap(f"{ours}mlp.shared_experts.linear_fc1.weight",
-                  (f"{theirs}mlp.shared_experts.gate_proj.weight", f"{theirs}mlp.shared_experts.up_proj.weight"), "glu"),  # fmt: skip
+        TensorMap(
+            f"{ours}mlp.experts.experts.linear_fc2.weight",
+            tuple(f"{theirs}mlp.experts.{e}.down_proj.weight" for e in experts),
+            "experts",
+        ),  # fmt: skip
+        TensorMap(
+            f"{ours}mlp.shared_experts.linear_fc1.weight",
+            (f"{theirs}mlp.shared_experts.gate_proj.weight", f"{theirs}mlp.shared_experts.up_proj.weight"),
+            "glu",
+        ),  # fmt: skip
         TensorMap(f"{ours}mlp.shared_experts.linear_fc2.weight", (f"{theirs}mlp.shared_experts.down_proj.weight",)),
     ]
 
@@ -117,14 +127,20 @@ def conversion_groups(args) -> list[tuple[str, list[TensorMap]]]:
     output = embedding if tied else "output_layer.weight"
     groups = [("embedding", [TensorMap(embedding, ("model.embed_tokens.weight",), "vocab")])]
     for layer in range(args.num_layers):
-        maps = _transformer_layer(f"decoder.layers.{layer}.", f"model.layers.{layer}.", args, layer >= n_dense,
-                                  args.moe_router_enable_expert_bias)  # fmt: skip
+        maps = _transformer_layer(
+            f"decoder.layers.{layer}.",
+            f"model.layers.{layer}.",
+            args,
+            layer >= n_dense,
+            args.moe_router_enable_expert_bias,
+        )
         groups.append((f"layer {layer}", maps))
     for i in range(args.mtp_num_layers or 0):
         ours, theirs = f"mtp.layers.{i}.", f"model.layers.{args.num_layers + i}."
         # megatron-core builds MTP layers with the last decoder layer's spec.
-        maps = _transformer_layer(f"{ours}transformer_layer.", theirs, args, args.num_layers > n_dense,
-                                  args.moe_router_enable_expert_bias)  # fmt: skip
+        maps = _transformer_layer(
+            f"{ours}transformer_layer.", theirs, args, args.num_layers > n_dense, args.moe_router_enable_expert_bias
+        )
         maps += [
             TensorMap(f"{ours}enorm.weight", (f"{theirs}enorm.weight",)),
             TensorMap(f"{ours}hnorm.weight", (f"{theirs}hnorm.weight",)),

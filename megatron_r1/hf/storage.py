@@ -44,9 +44,10 @@ class McoreCheckpointReader:
         refuse_executable_pickles(path)  # before dist_checkpointing unpickles anything of it
         self.path = path
         self._metadata = {
-            key: entry for key, entry in dist_checkpointing.load_tensors_metadata(path).items()
+            key: entry
+            for key, entry in dist_checkpointing.load_tensors_metadata(path).items()
             if not key.startswith("optimizer.")
-        }  # fmt: skip
+        }
 
     def keys(self) -> list[str]:
         return list(self._metadata)
@@ -98,7 +99,9 @@ class SafetensorsReader:
         index_path = os.path.join(directory, SAFETENSORS_INDEX)
         if os.path.isfile(index_path):
             self.weight_map = _read_weight_map(index_path)
-            missing = sorted({name for name in self.weight_map.values() if not os.path.isfile(os.path.join(directory, name))})
+            missing = sorted(
+                {name for name in self.weight_map.values() if not os.path.isfile(os.path.join(directory, name))}
+            )
             if missing:
                 raise WeightsError(f"{index_path} names shard(s) that do not exist: {', '.join(missing)}")
         elif os.path.isfile(os.path.join(directory, SINGLE_SAFETENSORS)):
@@ -114,7 +117,9 @@ class SafetensorsReader:
     def shape(self, name: str) -> tuple:
         with _open_safetensors(os.path.join(self.directory, self.weight_map[name])) as f:
             if name not in f.keys():
-                raise WeightsError(f"{os.path.join(self.directory, self.weight_map[name])}: no tensor {name}, which the index puts there")
+                raise WeightsError(
+                    f"{os.path.join(self.directory, self.weight_map[name])}: no tensor {name}, which the index puts there"
+                )
             return tuple(f.get_slice(name).get_shape())
 
     def _by_file(self, names) -> dict[str, list[str]]:
@@ -178,7 +183,9 @@ class ShardedSafetensorsWriter:
     def _flush(self) -> None:
         from safetensors.torch import save_file
 
-        save_file(self._pending, os.path.join(self.directory, f"shard-{len(self._files)}.tmp"), metadata={"format": "pt"})
+        save_file(
+            self._pending, os.path.join(self.directory, f"shard-{len(self._files)}.tmp"), metadata={"format": "pt"}
+        )
         self._files.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 

@@ -32,7 +32,9 @@ def make_corpus(seed=0, families=60):
         total = sum(map(len, edited))
         for _ in range(max(1, int(fraction * total))):
             p = edited[rng.integers(len(edited))]
-            p[rng.integers(len(p))] = han[rng.integers(len(han))] if chinese else vocabulary[rng.integers(len(vocabulary))]
+            p[rng.integers(len(p))] = (
+                han[rng.integers(len(han))] if chinese else vocabulary[rng.integers(len(vocabulary))]
+            )
         return edited
 
     for family in range(families):
@@ -43,7 +45,9 @@ def make_corpus(seed=0, families=60):
         texts.append(render(paragraphs, chinese))
         kind = family % 5
         if kind == 0:  # exact copy up to case and whitespace
-            texts.append(texts[base].upper().replace("\n\n", "\n  \n") if not chinese else texts[base].replace("。", "。 "))
+            texts.append(
+                texts[base].upper().replace("\n\n", "\n  \n") if not chinese else texts[base].replace("。", "。 ")
+            )
             exact.append((base, base + 1))
         elif kind == 1:  # 1% of the units replaced
             texts.append(render(edit(paragraphs, 0.01, chinese), chinese))
@@ -71,7 +75,9 @@ def run_dedup(texts, tmp_path, config, workers=1, extra_lines=()):
     paths = [str(path)]
     store = SketchStore(config, paths, str(tmp_path))
     try:
-        for batch in ordered_map(sketch_batch, iter_line_batches(paths, batch_lines=16), workers, init_worker, (config,)):
+        for batch in ordered_map(
+            sketch_batch, iter_line_batches(paths, batch_lines=16), workers, init_worker, (config,)
+        ):
             store.add(batch)
         sketches = store.finish()
         result = find_duplicates(sketches, config, paths, workers)
@@ -121,7 +127,9 @@ def test_simhash_option_finds_every_pair_within_the_hamming_distance(corpus, tmp
     fingerprints = np.array([simhash.fingerprint(shingle_hashes(text, "auto", 5)) for text in texts], dtype=np.uint64)
     assert np.array_equal(sketches.signatures, fingerprints)
     within = [(a, b) for a, b in near if simhash.hamming_distance(fingerprints[a], fingerprints[b : b + 1])[0] <= 6]
-    assert len(within) >= len(near) // 2  # (SimHash approximates cosine similarity: not every J >= 0.9 pair is this close)
+    assert (
+        len(within) >= len(near) // 2
+    )  # (SimHash approximates cosine similarity: not every J >= 0.9 pair is this close)
     roots = result.roots
     for a, b in exact + within:
         assert roots[a] == roots[b]
@@ -141,7 +149,14 @@ def test_bad_lines_are_counted_and_documents_without_shingles_are_not_indexed(tm
 
 
 def test_batched_shingles_match_single_texts_and_the_string_reference():
-    texts = ["Hello, World! The quick brown fox jumps over the lazy dog.", "你好，世界！今天天气很好，我们去公园散步吧。", "", "a b", "mixed 中文 and English words here", "İstanbul STRASSE ǅ"]
+    texts = [
+        "Hello, World! The quick brown fox jumps over the lazy dog.",
+        "你好，世界！今天天气很好，我们去公园散步吧。",
+        "",
+        "a b",
+        "mixed 中文 and English words here",
+        "İstanbul STRASSE ǅ",
+    ]
     hashes, offsets = shingle_hashes_batch(texts, "auto", 3)
     for index, text in enumerate(texts):
         single = shingle_hashes(text, "auto", 3)

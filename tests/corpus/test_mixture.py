@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from megatron_r1.corpus.mixture import MixtureError, SourceCounts, interleave_order, iter_selected_lines, normalize_weights, plan_quotas, select_documents
+from megatron_r1.corpus.mixture import (
+    MixtureError,
+    SourceCounts,
+    interleave_order,
+    iter_selected_lines,
+    normalize_weights,
+    plan_quotas,
+    select_documents,
+)
 from megatron_r1.corpus.tokens import TokenCounter, proxy_count
 
 

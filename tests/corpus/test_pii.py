@@ -62,8 +62,8 @@ def test_independent_checksums_agree_with_the_validators():
         (f"ID {VALID_ID.lower()}", "ID <ID_NUMBER>"),
         (f"ID {VALID_ID_DIGIT}", "ID <ID_NUMBER>"),
         (f"card {VISA}", "card <BANK_CARD>"),
-        (f"card {' '.join(VISA[i:i + 4] for i in range(0, 16, 4))}.", "card <BANK_CARD>."),
-        (f"card {'-'.join(VISA[i:i + 4] for i in range(0, 16, 4))}", "card <BANK_CARD>"),
+        (f"card {' '.join(VISA[i : i + 4] for i in range(0, 16, 4))}.", "card <BANK_CARD>."),
+        (f"card {'-'.join(VISA[i : i + 4] for i in range(0, 16, 4))}", "card <BANK_CARD>"),
         (f"银行卡{UNIONPAY_19}", "银行卡<BANK_CARD>"),
     ],
 )

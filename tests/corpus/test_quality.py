@@ -3,7 +3,15 @@ import re
 
 import pytest
 
-from megatron_r1.corpus.quality import REASONS, QualityConfig, add_quality_arguments, check_quality, ngram_span, quality_config_from_args, remove_boilerplate_lines
+from megatron_r1.corpus.quality import (
+    REASONS,
+    QualityConfig,
+    add_quality_arguments,
+    check_quality,
+    ngram_span,
+    quality_config_from_args,
+    remove_boilerplate_lines,
+)
 
 ENGLISH = (
     "The river that runs through the old town was once the main road for traders who carried salt, "
@@ -37,7 +45,20 @@ def test_good_english_and_chinese_documents_pass():
         ("\n".join(f"- item {word} of the list" for word in ENGLISH.split()[:60]), "en", "bullet_lines"),
         (" ".join(f"{1000 + i} {7919 * i + 100} river" for i in range(40)), "en", "alpha_words"),
         (re.sub(r"\b(the|be|to|of|and|that|have|with)\b", "xq", ENGLISH), "en", "stopwords"),
-        (CHINESE.replace("的", "").replace("了", "").replace("是", "").replace("在", "").replace("和", "").replace("有", "").replace("不", "").replace("这", "").replace("也", "").replace("就", ""), "zh", "stopwords"),
+        (
+            CHINESE.replace("的", "")
+            .replace("了", "")
+            .replace("是", "")
+            .replace("在", "")
+            .replace("和", "")
+            .replace("有", "")
+            .replace("不", "")
+            .replace("这", "")
+            .replace("也", "")
+            .replace("就", ""),
+            "zh",
+            "stopwords",
+        ),
         (ENGLISH + "\n" + "\n".join(["Call the office for the details."] * 6), "en", "dup_lines"),
         (" ".join(["the river and the town"] * 20), "en", "top_ngram"),
         (CHINESE + CHINESE[:120], "zh", "dup_ngram"),
@@ -61,18 +82,27 @@ def test_chinese_repetition_uses_longer_character_ngrams():
 
 
 def test_boilerplate_lines_are_removed_in_both_languages():
-    text = ENGLISH + "\nWe use cookies to improve your experience.\n" + "All rights reserved 2024.\n点击这里下载APP\n扫码关注公众号"
+    text = (
+        ENGLISH
+        + "\nWe use cookies to improve your experience.\n"
+        + "All rights reserved 2024.\n点击这里下载APP\n扫码关注公众号"
+    )
     assert remove_boilerplate_lines(text, "en", CONFIG) == ENGLISH
     long_line = "This line mentions the cookie jar in the kitchen" + " and goes on" * 20
     assert remove_boilerplate_lines(long_line, "en", CONFIG) == long_line  # longer than --boilerplate-max-line-chars
-    assert remove_boilerplate_lines("Ends well.\nno end", "en", QualityConfig(c4_terminal_punctuation=True)) == "Ends well."
+    assert (
+        remove_boilerplate_lines("Ends well.\nno end", "en", QualityConfig(c4_terminal_punctuation=True))
+        == "Ends well."
+    )
 
 
 def test_thresholds_are_command_line_flags():
     parser = argparse.ArgumentParser()
     add_quality_arguments(parser)
     short = "A short note about the river and the town."
-    config = quality_config_from_args(parser.parse_args(["--min-words", "5", "--max-dup-line-chars", "0.5", "--no-drop-lorem-ipsum"]))
+    config = quality_config_from_args(
+        parser.parse_args(["--min-words", "5", "--max-dup-line-chars", "0.5", "--no-drop-lorem-ipsum"])
+    )
     assert config.min_words == 5 and config.max_dup_line_chars == 0.5 and not config.drop_lorem_ipsum
     assert check_quality(short, "en", CONFIG) == "too_short"
     assert check_quality(short, "en", config) is None

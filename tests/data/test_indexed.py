@@ -30,7 +30,10 @@ def write_with_ours(prefix, documents, dtype):
 
 
 def same_bytes(first_prefix, second_prefix):
-    return all(open(first_prefix + suffix, "rb").read() == open(second_prefix + suffix, "rb").read() for suffix in (".bin", ".idx"))
+    return all(
+        open(first_prefix + suffix, "rb").read() == open(second_prefix + suffix, "rb").read()
+        for suffix in (".bin", ".idx")
+    )
 
 
 @pytest.mark.parametrize("vocab_size", [3000, 70000])

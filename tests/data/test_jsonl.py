@@ -2,11 +2,18 @@ import gzip
 import json
 
 import pytest
+from bad_input import corpus_records, good_corpus_records, jsonl_lines, write_line_file
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from bad_input import corpus_records, good_corpus_records, jsonl_lines, write_line_file
-from megatron_r1.data.jsonl import SKIP_REASONS, SkipCounter, StrictModeError, parse_document, read_lines, split_into_ranges
+from megatron_r1.data.jsonl import (
+    SKIP_REASONS,
+    SkipCounter,
+    StrictModeError,
+    parse_document,
+    read_lines,
+    split_into_ranges,
+)
 
 
 def write_lines(path, lines: list[bytes]):
@@ -34,7 +41,12 @@ def test_overlong_line_is_reported_as_none_and_fully_consumed(tmp_path):
     (byte_range,) = split_into_ranges([path], 10**6)
     read = list(read_lines(byte_range, max_line_bytes=100))
     # The limit excludes the newline: a 100-byte line passes, a 5013-byte one does not.
-    assert read == [(lines[0], len(lines[0])), (None, len(lines[1])), (lines[2], len(lines[2])), (lines[3], len(lines[3]))]
+    assert read == [
+        (lines[0], len(lines[0])),
+        (None, len(lines[1])),
+        (lines[2], len(lines[2])),
+        (lines[3], len(lines[3])),
+    ]
 
 
 def test_gzip_input_is_one_range_read_through_gzip(tmp_path):
@@ -107,7 +119,10 @@ def test_skip_table_is_the_total_then_the_reasons_with_details_and_strict_raises
         "    invalid_record (not an SFT record in instruction or chat format): 1  e.g. a.jsonl:4 (no assistant message)",
         "    blank_line (blank line): 1  e.g. a.jsonl:7",
     ]
-    with pytest.raises(StrictModeError, match=r"^a\.jsonl:3: not_a_string \(a text field is not a string: is null\); stopped by --strict$"):
+    with pytest.raises(
+        StrictModeError,
+        match=r"^a\.jsonl:3: not_a_string \(a text field is not a string: is null\); stopped by --strict$",
+    ):
         SkipCounter(strict=True).add("not_a_string", "a.jsonl", 3, "is null")
 
 
@@ -121,7 +136,9 @@ def test_every_line_of_any_input_is_usable_text_or_a_counted_reason(tmp_path_fac
     for byte_range in split_into_ranges([str(path)], 16):
         for line, _ in read_lines(byte_range, max_line_bytes=200):
             read += 1
-            texts, reason = parse_document(line, ["text"], replace_surrogates) if line is not None else (None, "too_large")
+            texts, reason = (
+                parse_document(line, ["text"], replace_surrogates) if line is not None else (None, "too_large")
+            )
             if reason is None:
                 # What the tokenizers receive: text that encodes as UTF-8 and is not blank.
                 assert len(texts) == 1 and texts[0].strip() and texts[0].encode("utf-8")

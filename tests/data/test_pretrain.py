@@ -27,8 +27,12 @@ def test_megatron_sample_order_and_curriculum_reshape(monkeypatch):
 
     batches.seq_length = 4  # curriculum: each 8-token sample becomes two 4-token sequences
     second = next(batches)  # samples 6 and 7
-    assert second["tokens"].tolist() == [[600, 601, 602, 603], [604, 605, 606, 607],
-                                         [700, 701, 702, 703], [704, 705, 706, 707]]  # fmt: skip
+    assert second["tokens"].tolist() == [
+        [600, 601, 602, 603],
+        [604, 605, 606, 607],
+        [700, 701, 702, 703],
+        [704, 705, 706, 707],
+    ]
     assert torch.equal(second["labels"], second["tokens"] + 1)
     assert second["position_ids"].tolist() == [[0, 1, 2, 3]] * 4
     assert batches.consumed_samples == 8
@@ -59,10 +63,21 @@ def test_eod_mask_loss_and_file_reads_reach_megatron_datasets(tmp_path):
     prefix = _documents_dataset(tmp_path, eod=vocab_size - 1)
 
     def first_sample(**flags):
-        args = SimpleNamespace(seed=1, seq_length=12, mock_data=False, data_path=([prefix], None), split="100,0,0",
-                               data_per_split=None, data_cache_path=None, tokenizer_type="NullTokenizer",
-                               tokenizer_model=None, eod_mask_loss=False, mmap_bin_files=True,
-                               reset_attention_mask=False, reset_position_ids=False)  # fmt: skip
+        args = SimpleNamespace(
+            seed=1,
+            seq_length=12,
+            mock_data=False,
+            data_path=([prefix], None),
+            split="100,0,0",
+            data_per_split=None,
+            data_cache_path=None,
+            tokenizer_type="NullTokenizer",
+            tokenizer_model=None,
+            eod_mask_loss=False,
+            mmap_bin_files=True,
+            reset_attention_mask=False,
+            reset_position_ids=False,
+        )
         train, _ = build_datasets(SimpleNamespace(**{**vars(args), **flags}), NullTokenizer(vocab_size), 8, 0)
         readers.append(type(train.dataset.bin_reader).__name__)
         return train[0]
@@ -92,9 +107,23 @@ def test_document_masks_and_separate_validation_data_reach_the_batches(tmp_path,
     train_prefix = _documents_dataset(tmp_path, eod=15)
     (tmp_path / "valid").mkdir()
     valid_prefix = _documents_dataset(tmp_path / "valid", eod=15)
-    args = parse_args("test", ["--train-data-path", train_prefix, "--valid-data-path", valid_prefix, "--tokenizer-type",
-                               "NullTokenizer", "--vocab-size", "16", "--seq-length", "12", "--reset-attention-mask",
-                               "--reset-position-ids"])  # fmt: skip
+    args = parse_args(
+        "test",
+        [
+            "--train-data-path",
+            train_prefix,
+            "--valid-data-path",
+            valid_prefix,
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            "16",
+            "--seq-length",
+            "12",
+            "--reset-attention-mask",
+            "--reset-position-ids",
+        ],
+    )
     train, valid = build_datasets(args, NullTokenizer(args.vocab_size), 8, 4)
     assert [d.dataset.path_prefix for d in (train, valid)] == [train_prefix, valid_prefix]
     batch = next(MicroBatches(train, micro_batch_size=2))
@@ -143,5 +172,8 @@ def test_a_split_with_no_documents_is_skipped_when_unread_and_named_when_read(tm
         assert capsys.readouterr().err.strip().splitlines()[-1].endswith(expected)
     with pytest.raises(SystemExit):
         parse_args("test", ["--train-data-path", prefix, *flags[2:], "--eval-interval", "2"])
-    assert capsys.readouterr().err.strip().endswith(
-        "evaluation (--eval-interval, --skip-train) reads validation data: give --valid-data-path")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("evaluation (--eval-interval, --skip-train) reads validation data: give --valid-data-path")
+    )

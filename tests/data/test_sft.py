@@ -5,26 +5,26 @@ import json
 import numpy as np
 import pytest
 import torch
+from bad_input import good_sft_records, jsonl_lines, sft_records, write_line_file
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from sft_task import task_records, train_task_tokenizer, write_jsonl
 
-from bad_input import good_sft_records, jsonl_lines, sft_records, write_line_file
 from megatron_r1.data.jsonl import SKIP_REASONS, BadInputError, SkipCounter
 from megatron_r1.data.sft import (
     ChatTemplate,
     PackedSFTDataset,
+    RecordError,
     load_samples,
     pack,
     packed_attention_inputs,
-    RecordError,
     parse_record,
     read_conversations,
-    render_sample,
     read_sft_dataset,
+    render_sample,
     write_sft_dataset,
 )
 from megatron_r1.tokenizer import SentencePieceTokenizer
-from sft_task import task_records, train_task_tokenizer, write_jsonl
 
 
 class CharTokenizer:
@@ -51,8 +51,15 @@ def test_loss_mask_covers_exactly_the_responses(tokenizer):
                 {"role": "user", "content": "reverse a b"}, {"role": "assistant", "content": "b a"}]  # fmt: skip
     tokens, mask = template.render(messages)
     end, think, think_end = (tokenizer.token_to_id(t) for t in ("<|end|>", "<think>", "</think>"))
-    expected_response = ([think] + tokenizer.tokenize("easy") + [think_end] + tokenizer.tokenize("a b") + [end]
-                         + tokenizer.tokenize("b a") + [end, tokenizer.eod])  # fmt: skip
+    expected_response = (
+        [think]
+        + tokenizer.tokenize("easy")
+        + [think_end]
+        + tokenizer.tokenize("a b")
+        + [end]
+        + tokenizer.tokenize("b a")
+        + [end, tokenizer.eod]
+    )
     assert [t for t, m in zip(tokens, mask) if m] == expected_response
     assert tokens[0] == tokenizer.bos and tokens[1] == tokenizer.token_to_id("<|system|>")
     assert tokenizer.token_to_id("<|assistant|>") in [t for t, m in zip(tokens, mask) if not m]
@@ -91,7 +98,7 @@ def test_packing_keeps_labels_masks_and_attention_within_samples(tmp_path, token
         mask, positions = packed_attention_inputs(seg)
         allowed = ~mask[0, 0]
         start = 0
-        for segment, index in enumerate(dataset.bins[order[position]]):
+        for index in dataset.bins[order[position]]:
             tokens, response = samples[index]
             n = len(tokens) - 1
             assert list(item["tokens"][start : start + n]) == list(tokens[:-1])
@@ -112,7 +119,10 @@ def test_first_fit_packing_fills_bins():
 
 def test_indexed_round_trip(tmp_path, tokenizer):
     samples = load_samples([write_jsonl(tmp_path / "d.jsonl", task_records("reverse", 20, 2))], tokenizer)
-    assert write_sft_dataset(samples, str(tmp_path / "sft"), tokenizer.vocab_size) == (20, sum(len(t) for t, _ in samples))
+    assert write_sft_dataset(samples, str(tmp_path / "sft"), tokenizer.vocab_size) == (
+        20,
+        sum(len(t) for t, _ in samples),
+    )
     again = read_sft_dataset(str(tmp_path / "sft"))
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(samples, again))
 
@@ -124,11 +134,16 @@ LONE_SURROGATE_CHAT = b'{"messages": [{"role": "user", "content": "q"}, {"role":
 @given(lines=st.lists(jsonl_lines(sft_records, good_sft_records), max_size=8), replace_surrogates=st.booleans())
 @example(lines=[LONE_SURROGATE_CHAT], replace_surrogates=False)  # issue 18's crash in the tokenizer
 @example(lines=[LONE_SURROGATE_CHAT], replace_surrogates=True)
-def test_any_sft_input_renders_or_is_counted_and_fails_only_with_file_and_line(tmp_path_factory, tokenizer, lines, replace_surrogates):
+def test_any_sft_input_renders_or_is_counted_and_fails_only_with_file_and_line(
+    tmp_path_factory, tokenizer, lines, replace_surrogates
+):
     path = tmp_path_factory.mktemp("fuzz") / "in.jsonl"
     expected_lines = write_line_file(path, lines)
     template, skipped = ChatTemplate(tokenizer), SkipCounter()
-    rendered = [render_sample(template, messages) for _, messages, _ in read_conversations(str(path), skipped, replace_surrogates)]
+    rendered = [
+        render_sample(template, messages)
+        for _, messages, _ in read_conversations(str(path), skipped, replace_surrogates)
+    ]
     assert len(rendered) + skipped.total == expected_lines and set(skipped.counts) <= set(SKIP_REASONS)
     assert not (replace_surrogates and "lone_surrogate" in skipped.counts)
     # Without a counter (finetune_r1.py's .jsonl --data-path) the first bad line is one error naming it.

@@ -23,8 +23,11 @@ sys.path.insert(0, str(REPO / "tests"))
 
 
 def run(command, cwd, env=None, timeout=600) -> str:
-    environment = {name: value for name, value in os.environ.items()
-                   if name not in ("DATA_PATH", "TOKENIZER_MODEL", "MASTER_ADDR", "EXTRA_ARGS", "DRY_RUN")}  # fmt: skip
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("DATA_PATH", "TOKENIZER_MODEL", "MASTER_ADDR", "EXTRA_ARGS", "DRY_RUN")
+    }
     environment.update(env or {})
     result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(map(str, command))}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
@@ -38,11 +41,15 @@ def tiny_model_flags() -> list[str]:
 
 
 def losses(output: str, name: str = "lm loss") -> dict[int, float]:
-    return {int(i): float(v) for i, v in re.findall(rf"^ iteration +(\d+)/ *\d+ \|.*?\| {name}: (\S+) \|", output, re.M)}
+    return {
+        int(i): float(v) for i, v in re.findall(rf"^ iteration +(\d+)/ *\d+ \|.*?\| {name}: (\S+) \|", output, re.M)
+    }
 
 
 def validation_losses(output: str) -> dict[int, float]:
-    return {int(i): float(v) for i, v in re.findall(r"validation loss at iteration (\d+) \| lm loss value: (\S+)", output)}
+    return {
+        int(i): float(v) for i, v in re.findall(r"validation loss at iteration (\d+) \| lm loss value: (\S+)", output)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -149,11 +156,28 @@ def test_lora_adapters_train_on_the_gpu_and_the_base_stays(quickstart, monkeypat
     from megatron_r1.training import train
 
     monkeypatch.setenv("WORLD_SIZE", "1")
-    args = parse_finetuning_args("gpu", [*tiny_model_flags(), "--lora", "--pretrained-checkpoint",
-                                         str(quickstart / "checkpoints"), "--data-path",
-                                         str(REPO / "megatron_r1/assets/tiny_sft.jsonl"), "--tokenizer-model",
-                                         str(quickstart / "tokenizer.model"), "--train-iters", "3", "--lr", "1e-2",
-                                         "--micro-batch-size", "2", "--global-batch-size", "4", "--bf16"])  # fmt: skip
+    args = parse_finetuning_args(
+        "gpu",
+        [
+            *tiny_model_flags(),
+            "--lora",
+            "--pretrained-checkpoint",
+            str(quickstart / "checkpoints"),
+            "--data-path",
+            str(REPO / "megatron_r1/assets/tiny_sft.jsonl"),
+            "--tokenizer-model",
+            str(quickstart / "tokenizer.model"),
+            "--train-iters",
+            "3",
+            "--lr",
+            "1e-2",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "4",
+            "--bf16",
+        ],
+    )
     try:
         state = setup_finetuning(args)
         model = state.model[0].module

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_command
 from safetensors.torch import load_file
 
-from conftest import run_command
 from megatron_r1.arguments import build_parser
 from megatron_r1.distributed import destroy_distributed, initialize_distributed
 from megatron_r1.hf.config import UnsupportedModelError, deepseek_v3_config
@@ -46,7 +46,9 @@ def process_group():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("deepseek")
-    run_command([sys.executable, str(PRETRAIN), *DEEPSEEK, "--train-iters", "3", "--save", "ckpt"], workdir, timeout=300)
+    run_command(
+        [sys.executable, str(PRETRAIN), *DEEPSEEK, "--train-iters", "3", "--save", "ckpt"], workdir, timeout=300
+    )
     return workdir / "ckpt" / "iter_0000003"
 
 
@@ -85,7 +87,10 @@ def test_logits_match_transformers(checkpoint, exported):
 
 def test_mcore_hf_mcore_round_trip_is_bit_exact(checkpoint, exported, tmp_path):
     import_from_hf(str(exported), str(tmp_path / "back"), make_vocab_size_divisible_by=64, progress=False)
-    original, back = McoreCheckpointReader(str(checkpoint)), McoreCheckpointReader(str(tmp_path / "back" / "iter_0000000"))
+    original, back = (
+        McoreCheckpointReader(str(checkpoint)),
+        McoreCheckpointReader(str(tmp_path / "back" / "iter_0000000")),
+    )
     assert sorted(original.keys()) == sorted(back.keys())
     first, second = original.load(original.keys()), back.load(back.keys())
     for key in first:
@@ -98,9 +103,23 @@ def test_mcore_hf_mcore_round_trip_is_bit_exact(checkpoint, exported, tmp_path):
 
 def test_unrepresentable_models_are_refused():
     def args_for(*flags):
-        args = build_parser("").parse_args(["--multi-latent-attention", "--qk-layernorm", "--swiglu", "--disable-bias-linear",
-                                            "--num-experts", "4", "--moe-shared-expert-intermediate-size", "32",
-                                            "--moe-ffn-hidden-size", "16", "--moe-router-score-function", "sigmoid", *flags])  # fmt: skip
+        args = build_parser("").parse_args(
+            [
+                "--multi-latent-attention",
+                "--qk-layernorm",
+                "--swiglu",
+                "--disable-bias-linear",
+                "--num-experts",
+                "4",
+                "--moe-shared-expert-intermediate-size",
+                "32",
+                "--moe-ffn-hidden-size",
+                "16",
+                "--moe-router-score-function",
+                "sigmoid",
+                *flags,
+            ]
+        )
         args.max_position_embeddings, args.virtual_pipeline_model_parallel_size = args.seq_length, None
         return args
 
@@ -172,36 +191,55 @@ def test_older_checkpoints_load_without_flags_added_since(checkpoint, tmp_path):
         checkpoint_args(str(older))
 
 
-def test_fp8_export_reimports_as_dequantized_quantized_weights_with_the_reported_error(checkpoint, tmp_path, process_group):
+def test_fp8_export_reimports_as_dequantized_quantized_weights_with_the_reported_error(
+    checkpoint, tmp_path, process_group
+):
     from megatron_r1.hf.config import checkpoint_args
     from megatron_r1.hf.fp8 import FP8_DTYPE, SCALE_SUFFIX, deepseek_quantizes, dequantize, quantize
     from megatron_r1.hf.keys import conversion_groups
 
     summary = export_to_hf(str(checkpoint), str(tmp_path / "fp8"), vocab_size=VOCAB, fp8=True, progress=False)
     config = json.loads((tmp_path / "fp8" / "config.json").read_text())
-    assert config["quantization_config"] == {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                             "weight_block_size": [128, 128]}  # fmt: skip
+    assert config["quantization_config"] == {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    }
     index = json.loads((tmp_path / "fp8" / "model.safetensors.index.json").read_text())["weight_map"]
     tensors = load_file(tmp_path / "fp8" / index["model.layers.1.mlp.experts.3.down_proj.weight"])
     assert tensors["model.layers.1.mlp.experts.3.down_proj.weight"].dtype == FP8_DTYPE
     assert tensors["model.layers.1.mlp.experts.3.down_proj.weight" + SCALE_SUFFIX].dtype == torch.float32
     scaled = {name[: -len(SCALE_SUFFIX)] for name in index if name.endswith(SCALE_SUFFIX)}
-    assert "model.layers.0.self_attn.q_a_proj.weight" in scaled and "model.layers.2.mlp.shared_experts.gate_proj.weight" in scaled
+    assert (
+        "model.layers.0.self_attn.q_a_proj.weight" in scaled
+        and "model.layers.2.mlp.shared_experts.gate_proj.weight" in scaled
+    )
     # Left as DeepSeek's release leaves them: embeddings, norms, router, MTP's eh_proj, output heads.
     for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight", "model.layers.2.eh_proj.weight",
                  "model.layers.0.self_attn.kv_a_layernorm.weight", "model.layers.2.shared_head.head.weight"):  # fmt: skip
         assert name in index and name not in scaled, name
 
     import_from_hf(str(tmp_path / "fp8"), str(tmp_path / "back"), make_vocab_size_divisible_by=64, progress=False)
-    original, back = McoreCheckpointReader(str(checkpoint)), McoreCheckpointReader(str(tmp_path / "back" / "iter_0000000"))
+    original, back = (
+        McoreCheckpointReader(str(checkpoint)),
+        McoreCheckpointReader(str(tmp_path / "back" / "iter_0000000")),
+    )
     first, second = original.load(original.keys()), back.load(back.keys())
-    maps = {m.mcore: m for _, group in conversion_groups(checkpoint_args(str(checkpoint))) for m in group if not m.export_only}
+    maps = {
+        m.mcore: m
+        for _, group in conversion_groups(checkpoint_args(str(checkpoint)))
+        for m in group
+        if not m.export_only
+    }
     quantized = [key for key, m in maps.items() if all(map(deepseek_quantizes, m.hf))]
     assert len(scaled) == summary["fp8"]["tensors"] == sum(len(maps[key].hf) for key in quantized)
     errors = []
     for key in quantized:  # each Hugging Face piece (an expert's gate, up) quantized on its own
         pieces = maps[key].to_hf(first[key], VOCAB)
-        expected = maps[key].to_mcore({name: dequantize(*quantize(piece), (128, 128)) for name, piece in pieces.items()}, 0)
+        expected = maps[key].to_mcore(
+            {name: dequantize(*quantize(piece), (128, 128)) for name, piece in pieces.items()}, 0
+        )
         assert torch.equal(second[key], expected), key
         errors.append((second[key] - first[key]).abs().max().item())
     for key in set(first) - set(quantized):

@@ -9,7 +9,14 @@ import torch
 
 from megatron_r1.distributed import destroy_distributed, initialize_distributed
 from megatron_r1.hf.config import UnsupportedModelError
-from megatron_r1.hf.fp8 import FP8_DTYPE, SCALE_SUFFIX, deepseek_quantizes, dequantize, fp8_quantization_config, quantize
+from megatron_r1.hf.fp8 import (
+    FP8_DTYPE,
+    SCALE_SUFFIX,
+    deepseek_quantizes,
+    dequantize,
+    fp8_quantization_config,
+    quantize,
+)
 from megatron_r1.hf.import_ import import_from_hf
 from megatron_r1.hf.storage import SAFETENSORS_INDEX, McoreCheckpointReader, ShardedSafetensorsWriter, WeightsError
 
@@ -37,7 +44,9 @@ def test_blocks_are_quantized_and_dequantized_one_scale_each_with_partial_edges(
             # Each block's largest magnitude is float8's largest (448) times the block's own scale.
             assert scale_inv[i, j] == max(block.abs().max() / 448, torch.finfo(torch.float32).tiny)
             restored = back[128 * i : 128 * (i + 1), 128 * j : 128 * (j + 1)]
-            assert torch.equal(restored, fp8[128 * i : 128 * (i + 1), 128 * j : 128 * (j + 1)].float() * scale_inv[i, j])
+            assert torch.equal(
+                restored, fp8[128 * i : 128 * (i + 1), 128 * j : 128 * (j + 1)].float() * scale_inv[i, j]
+            )
             # e4m3 keeps 3 mantissa bits: within half a step (1/16) of the value, or of the smallest subnormal.
             assert ((restored - block).abs() <= block.abs() / 16 + scale_inv[i, j] * 2**-9).all()
     assert not back[128:256, :128].any() and back[0, 0] == 1000.0
@@ -101,8 +110,11 @@ def _all_weights(checkpoint_root) -> dict:
 def test_fp8_import_equals_importing_the_dequantized_weights(hf_weights, fp8_tensors, tmp_path, process_group):
     fp8_config = {**CONFIG, "quantization_config": fp8_quantization_config(BLOCK)}
     fp8_dir = _write_hf_dir(tmp_path / "fp8", fp8_config, fp8_tensors, max_shard_bytes=4000)
-    dequantized = {name: dequantize(tensor, fp8_tensors[name + SCALE_SUFFIX], BLOCK) if tensor.dtype == FP8_DTYPE else tensor
-                   for name, tensor in fp8_tensors.items() if not name.endswith(SCALE_SUFFIX)}  # fmt: skip
+    dequantized = {
+        name: dequantize(tensor, fp8_tensors[name + SCALE_SUFFIX], BLOCK) if tensor.dtype == FP8_DTYPE else tensor
+        for name, tensor in fp8_tensors.items()
+        if not name.endswith(SCALE_SUFFIX)
+    }
     assert any(not torch.equal(dequantized[name], hf_weights[name]) for name in dequantized), "nothing was rounded"
     plain_dir = _write_hf_dir(tmp_path / "plain", CONFIG, dequantized)
     import_from_hf(str(fp8_dir), str(tmp_path / "from_fp8"), make_vocab_size_divisible_by=64, progress=False)

@@ -6,11 +6,11 @@ import json
 import struct
 
 import torch
+from bad_input import json_values, texts
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from bad_input import json_values, texts
 from megatron_r1.arguments import build_parser
 from megatron_r1.checkpointing import METADATA_FILE, MODEL_FUNCTION_ARGS, MODEL_SHAPE_ARGS, CheckpointError
 from megatron_r1.hf.config import UnsupportedModelError, checkpoint_args
@@ -35,20 +35,29 @@ def _header_file(header, data_length: int, declared_extra: int) -> bytes:
     return struct.pack("<Q", max(0, len(encoded) + declared_extra)) + encoded + b"\0" * data_length
 
 
-tensor_entries = st.fixed_dictionaries({
-    "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "F8_E4M3", "XX"]) | json_values,
-    "shape": st.lists(st.integers(-1, 4), max_size=3) | json_values,
-    "data_offsets": st.lists(st.integers(-1, 64), min_size=2, max_size=2) | json_values,
-})  # fmt: skip
+tensor_entries = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "F8_E4M3", "XX"]) | json_values,
+        "shape": st.lists(st.integers(-1, 4), max_size=3) | json_values,
+        "data_offsets": st.lists(st.integers(-1, 64), min_size=2, max_size=2) | json_values,
+    }
+)
 safetensors_files = st.one_of(
-    st.builds(_header_file, st.dictionaries(texts, tensor_entries, max_size=3), st.integers(0, 64), st.sampled_from([0, 0, -1, 3, 2**40])),
+    st.builds(
+        _header_file,
+        st.dictionaries(texts, tensor_entries, max_size=3),
+        st.integers(0, 64),
+        st.sampled_from([0, 0, -1, 3, 2**40]),
+    ),
     st.builds(_header_file, json_values, st.integers(0, 8), st.just(0)),
     st.binary(max_size=40),
 )
 
 
 def _good_file(path) -> bytes:
-    save_file({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(4, dtype=torch.bfloat16)}, str(path))
+    save_file(
+        {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(4, dtype=torch.bfloat16)}, str(path)
+    )
     return path.read_bytes()
 
 
@@ -72,7 +81,12 @@ def test_any_safetensors_file_is_read_or_refused_naming_it(tmp_path_factory, con
 
 
 @FUZZ
-@given(index=json_values | st.fixed_dictionaries({"weight_map": st.dictionaries(texts, json_values | st.just(SINGLE_SAFETENSORS), max_size=3)}))
+@given(
+    index=json_values
+    | st.fixed_dictionaries(
+        {"weight_map": st.dictionaries(texts, json_values | st.just(SINGLE_SAFETENSORS), max_size=3)}
+    )
+)
 def test_any_shard_index_is_read_or_refused_naming_it(tmp_path_factory, index):
     directory = tmp_path_factory.mktemp("hf")
     _good_file(directory / SINGLE_SAFETENSORS)
@@ -120,13 +134,20 @@ def _saved_model_args() -> dict:
 
 
 @FUZZ
-@given(changes=st.dictionaries(st.sampled_from(sorted(MODEL_SHAPE_ARGS)), json_values, max_size=2), wrap=st.sampled_from(["object", "list", "no model_args"]))
+@given(
+    changes=st.dictionaries(st.sampled_from(sorted(MODEL_SHAPE_ARGS)), json_values, max_size=2),
+    wrap=st.sampled_from(["object", "list", "no model_args"]),
+)
 @example(changes={"num_layers": "2"}, wrap="object")
 @example(changes={}, wrap="list")
 def test_any_checkpoint_metadata_gives_model_flags_or_one_error_naming_it(tmp_path_factory, changes, wrap):
     directory = tmp_path_factory.mktemp("iter_0000001")
     model_args = {**_saved_model_args(), **changes}
-    metadata = {"object": {"iteration": 1, "model_args": model_args}, "list": [model_args], "no model_args": {"iteration": 1}}[wrap]
+    metadata = {
+        "object": {"iteration": 1, "model_args": model_args},
+        "list": [model_args],
+        "no model_args": {"iteration": 1},
+    }[wrap]
     (directory / METADATA_FILE).write_text(json.dumps(metadata))
     try:
         args = checkpoint_args(str(directory))
@@ -137,5 +158,11 @@ def test_any_checkpoint_metadata_gives_model_flags_or_one_error_naming_it(tmp_pa
     defaults = build_parser("").parse_args([])
     for name, value in changes.items():  # accepted only with the kind of value of the flag's default
         default = getattr(defaults, name)
-        assert value is None or default is None or type(value) is type(default) or isinstance(value, list) and not isinstance(default, (bool, str))
+        assert (
+            value is None
+            or default is None
+            or type(value) is type(default)
+            or isinstance(value, list)
+            and not isinstance(default, (bool, str))
+        )
         assert getattr(args, name) == json.loads(json.dumps(value))  # (a surrogate pair comes back as one character)

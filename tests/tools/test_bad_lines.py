@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 
 import pytest
-
 from bad_input import write_bad_line_file
-from megatron_r1.data.jsonl import SKIP_REASONS
 from sft_task import train_task_tokenizer
+
+from megatron_r1.data.jsonl import SKIP_REASONS
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
@@ -59,7 +59,9 @@ RUNS = {
 
 def _run(name, inputs, out, strict, capsys):
     kind, arguments, outputs, documents = RUNS[name]
-    exit_code = load_tool(name).main(["--input", inputs[kind]["path"], *arguments(out, inputs["tokenizer"])] + ["--strict"] * strict)
+    exit_code = load_tool(name).main(
+        ["--input", inputs[kind]["path"], *arguments(out, inputs["tokenizer"])] + ["--strict"] * strict
+    )
     return exit_code, capsys.readouterr(), inputs[kind], outputs, documents
 
 
@@ -78,28 +80,52 @@ def test_strict_stops_at_the_first_bad_line_with_exit_status_2_and_no_output(nam
     exit_code, (_, errors), expected, outputs, _ = _run(name, inputs, tmp_path, True, capsys)
     assert exit_code == 2
     error_lines = [line for line in errors.replace("\r", "\n").splitlines() if "error" in line.lower()]
-    assert error_lines == [f"error: {expected['path']}:{expected['first_bad']}: invalid_json (not a JSON object); stopped by --strict"]
+    assert error_lines == [
+        f"error: {expected['path']}:{expected['first_bad']}: invalid_json (not a JSON object); stopped by --strict"
+    ]
     assert not [name for name in outputs if (tmp_path / name).exists()]
 
 
 def test_build_mixture_counts_every_line_and_stops_under_strict(inputs, tmp_path, capsys):
     build_mixture = load_tool("build_mixture")
     corpus = inputs["corpus"]
-    arguments = ["--source", f"a={corpus['path']}", "--weight", "a=1", "--output", str(tmp_path / "mix.jsonl"), "--workers", "1"]
+    arguments = [
+        "--source",
+        f"a={corpus['path']}",
+        "--weight",
+        "a=1",
+        "--output",
+        str(tmp_path / "mix.jsonl"),
+        "--workers",
+        "1",
+    ]
     assert build_mixture.main(arguments) == 0
     output = capsys.readouterr().out
-    assert re.search(rf"^  a +{corpus['documents']} ", output, re.MULTILINE) and f"skipped lines: {sum(corpus['skipped'].values())}\n" in output
+    assert (
+        re.search(rf"^  a +{corpus['documents']} ", output, re.MULTILINE)
+        and f"skipped lines: {sum(corpus['skipped'].values())}\n" in output
+    )
     assert f"  lone_surrogate ({SKIP_REASONS['lone_surrogate']}): 1  e.g. {corpus['path']}:" in output
     (tmp_path / "mix.jsonl").unlink()
     assert build_mixture.main(arguments + ["--strict"]) == 2
-    assert capsys.readouterr().err.endswith(f"error: {corpus['path']}:{corpus['first_bad']}: invalid_json (not a JSON object); stopped by --strict\n")
+    assert capsys.readouterr().err.endswith(
+        f"error: {corpus['path']}:{corpus['first_bad']}: invalid_json (not a JSON object); stopped by --strict\n"
+    )
     assert not (tmp_path / "mix.jsonl").exists()
 
 
 def test_replace_lone_surrogates_keeps_the_line_with_u_fffd(inputs, tmp_path, capsys):
     clean_corpus = load_tool("clean_corpus")
     corpus = inputs["corpus"]
-    arguments = ["--input", corpus["path"], "--output", str(tmp_path / "clean.jsonl"), "--workers", "1", "--replace-lone-surrogates"]
+    arguments = [
+        "--input",
+        corpus["path"],
+        "--output",
+        str(tmp_path / "clean.jsonl"),
+        "--workers",
+        "1",
+        "--replace-lone-surrogates",
+    ]
     assert clean_corpus.main(arguments) == 0
     output = capsys.readouterr().out
     assert f"documents: {corpus['documents'] + 1}," in output and "lone_surrogate (" not in output

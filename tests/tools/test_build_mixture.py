@@ -19,7 +19,14 @@ def write_source(path, language, count, length, bad=()):
     with open(path, "wb") as handle:
         for index in range(count):
             unit = "中" if language == "zh" else "e" if language == "en" else "ж"
-            handle.write((json.dumps({"id": f"{path.stem}-{index}", "lang": language, "text": unit * length}, ensure_ascii=False) + "\n").encode())
+            handle.write(
+                (
+                    json.dumps(
+                        {"id": f"{path.stem}-{index}", "lang": language, "text": unit * length}, ensure_ascii=False
+                    )
+                    + "\n"
+                ).encode()
+            )
         handle.writelines(bad)
 
 
@@ -33,23 +40,62 @@ def sources(tmp_path):
 
 
 def mix_args(directory, *extra):
-    return ["--source", f"zh={directory}/zh_*.jsonl", "--source", f"en={directory}/en.jsonl", "--source", f"other={directory}/other.jsonl",
-            "--weight", "zh=45", "--weight", "en=35", "--weight", "other=20", "--token-proxy", "chars", *extra]  # fmt: skip
+    return [
+        "--source",
+        f"zh={directory}/zh_*.jsonl",
+        "--source",
+        f"en={directory}/en.jsonl",
+        "--source",
+        f"other={directory}/other.jsonl",
+        "--weight",
+        "zh=45",
+        "--weight",
+        "en=35",
+        "--weight",
+        "other=20",
+        "--token-proxy",
+        "chars",
+        *extra,
+    ]
 
 
 def test_cli_mixes_to_target_token_weights_and_writes_the_data_path(sources, tmp_path):
     output, data_path = tmp_path / "out" / "mixed.jsonl", tmp_path / "out" / "data_path.txt"
     result = subprocess.run(
-        [sys.executable, TOOL, *mix_args(sources, "--output", str(output), "--data-path-out", str(data_path), "--prefix-dir", "/data/tok", "--prefix", "other=/data/custom_other", "--workers", "2")],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            TOOL,
+            *mix_args(
+                sources,
+                "--output",
+                str(output),
+                "--data-path-out",
+                str(data_path),
+                "--prefix-dir",
+                "/data/tok",
+                "--prefix",
+                "other=/data/custom_other",
+                "--workers",
+                "2",
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     # Available: zh 6000, en 5000, other 1000 tokens; "other" limits the total to 1000 / 0.2 = 5000.
     records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
-    tokens = {language: sum(len(r["text"]) for r in records if r["lang"] == language) for language in ("zh", "en", "other")}
+    tokens = {
+        language: sum(len(r["text"]) for r in records if r["lang"] == language) for language in ("zh", "en", "other")
+    }
     assert tokens == {"zh": 2240, "en": 1750, "other": 1000}  # closest document sums to 2250 / 1750 / 1000
     assert len({r["id"] for r in records}) == len(records)  # no document repeated without --allow-upsample
-    assert data_path.read_text() == "0.45 /data/tok/zh_text_document 0.35 /data/tok/en_text_document 0.2 /data/custom_other\n"
+    assert (
+        data_path.read_text()
+        == "0.45 /data/tok/zh_text_document 0.35 /data/tok/en_text_document 0.2 /data/custom_other\n"
+    )
     # Sources are interleaved, not concatenated.
     first_half = [r["lang"] for r in records[: len(records) // 2]]
     assert {"zh", "en", "other"} <= set(first_half)
@@ -66,7 +112,12 @@ def test_total_tokens_needs_upsampling_flag(sources, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "needs 2000 tokens of source 'other' but it has 1000" in capsys.readouterr().err
     assert not output.exists()
-    assert build_mixture.main(mix_args(sources, "--output", str(output), "--total-tokens", "1e4", "--allow-upsample", "--workers", "1")) == 0
+    assert (
+        build_mixture.main(
+            mix_args(sources, "--output", str(output), "--total-tokens", "1e4", "--allow-upsample", "--workers", "1")
+        )
+        == 0
+    )
     records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
     other = [r["id"] for r in records if r["lang"] == "other"]
     assert len(other) == 200 and len(set(other)) == 100  # two whole passes over "other"

@@ -44,29 +44,61 @@ def leftovers(directory):
 
 def test_cli_cleans_counts_every_drop_and_bad_line(tmp_path):
     first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    write_lines(first, [
-        {"id": 1, "source": "web", "text": "\ufeff" + ENGLISH.replace("river", "ｒｉｖｅｒ", 1) + "\nWe use cookies to improve your experience."},
-        b"{broken json\n",
-        {"id": 2, "text": "Lorem ipsum dolor sit amet. " + ENGLISH},
-        b'{"id": 3, "text": "caf\xe9"}\n',  # Latin-1, not UTF-8
-        {"id": 4, "text": "   "},
-        b"\n",
-        {"id": 5, "text": "Too short."},
-    ])  # fmt: skip
-    write_lines(second, [
-        {"id": 6, "text": CHINESE},
-        {"id": 7, "body": "no text key"},
-        {"id": 8, "text": JAPANESE},
-        b'{"id": 9, "text": 42}',  # last line without a newline
-    ])  # fmt: skip
+    write_lines(
+        first,
+        [
+            {
+                "id": 1,
+                "source": "web",
+                "text": "\ufeff"
+                + ENGLISH.replace("river", "ｒｉｖｅｒ", 1)
+                + "\nWe use cookies to improve your experience.",
+            },
+            b"{broken json\n",
+            {"id": 2, "text": "Lorem ipsum dolor sit amet. " + ENGLISH},
+            b'{"id": 3, "text": "caf\xe9"}\n',  # Latin-1, not UTF-8
+            {"id": 4, "text": "   "},
+            b"\n",
+            {"id": 5, "text": "Too short."},
+        ],
+    )
+    write_lines(
+        second,
+        [
+            {"id": 6, "text": CHINESE},
+            {"id": 7, "body": "no text key"},
+            {"id": 8, "text": JAPANESE},
+            b'{"id": 9, "text": 42}',  # last line without a newline
+        ],
+    )
     rules = tmp_path / "domains.json"
-    rules.write_text(json.dumps({"history": ["historians", "历史", "museum"], "code": ["python", "函数"]}), encoding="utf-8")
+    rules.write_text(
+        json.dumps({"history": ["historians", "历史", "museum"], "code": ["python", "函数"]}), encoding="utf-8"
+    )
     output, rejects = tmp_path / "out" / "clean.jsonl", tmp_path / "rejects.jsonl"
     result = subprocess.run(
-        [sys.executable, TOOL, "--input", str(first), str(tmp_path / "b*.jsonl"), "--output", str(output), "--keep-rejects", str(rejects),
-         "--languages", "zh,en", "--domain-rules", str(rules), "--workers", "2"],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            TOOL,
+            "--input",
+            str(first),
+            str(tmp_path / "b*.jsonl"),
+            "--output",
+            str(output),
+            "--keep-rejects",
+            str(rejects),
+            "--languages",
+            "zh,en",
+            "--domain-rules",
+            str(rules),
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     kept = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
     assert [record["id"] for record in kept] == [1, 6]
@@ -86,11 +118,23 @@ def test_cli_cleans_counts_every_drop_and_bad_line(tmp_path):
     rejected = [json.loads(line) for line in rejects.read_text(encoding="utf-8").splitlines()]
     reasons = {record["reject_location"]: record["reject_reason"] for record in rejected}
     assert reasons == {
-        f"{first}:2": "invalid_json", f"{first}:3": "lorem_ipsum", f"{first}:4": "non_utf8", f"{first}:5": "empty_document",
-        f"{first}:7": "too_short", f"{second}:2": "missing_key", f"{second}:3": "language", f"{second}:4": "not_a_string",
-    }  # fmt: skip
-    assert all("text" in record and "lang" in record for record in rejected if record["reject_reason"] in ("lorem_ipsum", "too_short", "language"))
-    assert "<EMAIL>" in next(record["text"] for record in rejected if record["reject_reason"] == "lorem_ipsum")  # rejects are anonymized too
+        f"{first}:2": "invalid_json",
+        f"{first}:3": "lorem_ipsum",
+        f"{first}:4": "non_utf8",
+        f"{first}:5": "empty_document",
+        f"{first}:7": "too_short",
+        f"{second}:2": "missing_key",
+        f"{second}:3": "language",
+        f"{second}:4": "not_a_string",
+    }
+    assert all(
+        "text" in record and "lang" in record
+        for record in rejected
+        if record["reject_reason"] in ("lorem_ipsum", "too_short", "language")
+    )
+    assert "<EMAIL>" in next(
+        record["text"] for record in rejected if record["reject_reason"] == "lorem_ipsum"
+    )  # rejects are anonymized too
     assert not leftovers(tmp_path) and not leftovers(output.parent)
 
 
@@ -108,7 +152,18 @@ def test_output_is_atomic_when_the_run_fails(tmp_path, monkeypatch):
 
     monkeypatch.setattr(clean_corpus, "ordered_map", failing_map)
     with pytest.raises(OSError, match="disk full"):
-        clean_corpus.main(["--input", str(source), "--output", str(output), "--keep-rejects", str(tmp_path / "rejects.jsonl"), "--workers", "1"])
+        clean_corpus.main(
+            [
+                "--input",
+                str(source),
+                "--output",
+                str(output),
+                "--keep-rejects",
+                str(tmp_path / "rejects.jsonl"),
+                "--workers",
+                "1",
+            ]
+        )
     assert output.read_text() == "previous run\n"
     assert not (tmp_path / "rejects.jsonl").exists() and not leftovers(tmp_path)
 
@@ -140,7 +195,17 @@ def test_bad_flags_are_errors_naming_the_flag(tmp_path, capsys):
 
 
 def test_help_lists_the_quality_thresholds():
-    result = subprocess.run([sys.executable, TOOL, "--help"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, TOOL, "--help"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
+    )
     assert result.returncode == 0
-    for flag in ("--keep-rejects", "--min-words", "--max-dup-10gram", "--min-zh-chars", "--domain-rules", "--no-pii", "--workers"):
+    for flag in (
+        "--keep-rejects",
+        "--min-words",
+        "--max-dup-10gram",
+        "--min-zh-chars",
+        "--domain-rules",
+        "--no-pii",
+        "--workers",
+    ):
         assert flag in result.stdout

@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import run_command
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "convert_checkpoint.py"
@@ -35,37 +34,110 @@ def test_tp2_ep2_checkpoint_exports_the_same_weights_as_tp1(tmp_path):
     run_command([sys.executable, str(REPO / "pretrain_r1.py"), *MODEL, "--train-iters", "2", "--save", "tp1"], tmp_path)
     # The same weights resharded: loaded and saved again by two processes under TP=2, EP=2, with the
     # grouped-GEMM experts (megatron_r1.experts), whose checkpoints are SequentialMLP's.
-    run_command(["torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "pretrain_r1.py"), *MODEL,
-                 "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1",
-                 "--sequence-parallel", "--moe-grouped-gemm",
-                 "--load", "tp1", "--finetune", "--train-iters", "0", "--save", "tp2"], tmp_path)  # fmt: skip
-    assert json.loads((tmp_path / "tp2" / "iter_0000000" / "megatron_r1.json").read_text())["layout"][
-        "tensor_model_parallel_size"] == 2  # fmt: skip
+    run_command(
+        [
+            "torchrun",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "pretrain_r1.py"),
+            *MODEL,
+            "--tensor-model-parallel-size",
+            "2",
+            "--expert-model-parallel-size",
+            "2",
+            "--expert-tensor-parallel-size",
+            "1",
+            "--sequence-parallel",
+            "--moe-grouped-gemm",
+            "--load",
+            "tp1",
+            "--finetune",
+            "--train-iters",
+            "0",
+            "--save",
+            "tp2",
+        ],
+        tmp_path,
+    )
+    assert (
+        json.loads((tmp_path / "tp2" / "iter_0000000" / "megatron_r1.json").read_text())["layout"][
+            "tensor_model_parallel_size"
+        ]
+        == 2
+    )
     outputs = {}
     for name in ("tp1", "tp2"):
-        result = run_command([sys.executable, str(TOOL), "--direction", "mcore2hf", "--load", name, "--save", f"hf_{name}",
-                              "--no-progress"] + (["--verify"] if name == "tp2" else []), tmp_path)  # fmt: skip
+        result = run_command(
+            [
+                sys.executable,
+                str(TOOL),
+                "--direction",
+                "mcore2hf",
+                "--load",
+                name,
+                "--save",
+                f"hf_{name}",
+                "--no-progress",
+            ]
+            + (["--verify"] if name == "tp2" else []),
+            tmp_path,
+        )
         outputs[name] = result.stdout
     first, second = hf_tensors(tmp_path / "hf_tp1"), hf_tensors(tmp_path / "hf_tp2")
     assert first.keys() == second.keys()
     assert [key for key in first if not torch.equal(first[key], second[key])] == []
-    verify = json.loads(outputs["tp2"][outputs["tp2"].index("{"):])["verify"]
+    verify = json.loads(outputs["tp2"][outputs["tp2"].index("{") :])["verify"]
     assert verify["max_abs_logit_diff"] <= 1e-4 and verify["top1_agreement"] == 1.0, verify
 
-    result = run_command([sys.executable, str(TOOL), "--direction", "hf2mcore", "--load", "hf_tp1", "--save", "back",
-                          "--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "64", "--no-progress"],
-                         tmp_path)  # fmt: skip
+    result = run_command(
+        [
+            sys.executable,
+            str(TOOL),
+            "--direction",
+            "hf2mcore",
+            "--load",
+            "hf_tp1",
+            "--save",
+            "back",
+            "--tensor-model-parallel-size",
+            "2",
+            "--make-vocab-size-divisible-by",
+            "64",
+            "--no-progress",
+        ],
+        tmp_path,
+    )
     assert "--finetune" in result.stdout
     # The converted checkpoint loads for fine-tuning under the layout it was padded for.
-    run_command(["torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "pretrain_r1.py"), *MODEL,
-                 "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1",
-                 "--sequence-parallel",
-                 "--load", "back", "--finetune", "--train-iters", "1"], tmp_path)  # fmt: skip
+    run_command(
+        [
+            "torchrun",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "pretrain_r1.py"),
+            *MODEL,
+            "--tensor-model-parallel-size",
+            "2",
+            "--expert-model-parallel-size",
+            "2",
+            "--expert-tensor-parallel-size",
+            "1",
+            "--sequence-parallel",
+            "--load",
+            "back",
+            "--finetune",
+            "--train-iters",
+            "1",
+        ],
+        tmp_path,
+    )
 
 
 def test_bad_input_fails_with_a_message_and_writes_nothing(tmp_path):
     def fails(*argv):
-        result = subprocess.run([sys.executable, str(TOOL), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, str(TOOL), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
         assert result.returncode != 0
         return result.stderr
 
@@ -73,7 +145,9 @@ def test_bad_input_fails_with_a_message_and_writes_nothing(tmp_path):
     (tmp_path / "empty").mkdir()
     assert "neither a checkpoint directory" in fails("--direction", "mcore2hf", "--load", "empty", "--save", "out")
     assert "no config.json" in fails("--direction", "hf2mcore", "--load", "empty", "--save", "out")
-    assert "--verify with --fp8" in fails("--direction", "mcore2hf", "--load", "empty", "--save", "out", "--fp8", "--verify")
+    assert "--verify with --fp8" in fails(
+        "--direction", "mcore2hf", "--load", "empty", "--save", "out", "--fp8", "--verify"
+    )
     assert "--fp8 is for mcore2hf" in fails("--direction", "hf2mcore", "--load", "empty", "--save", "out", "--fp8")
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.tmp")
 
@@ -108,12 +182,30 @@ def test_deepseek_presets_export_as_deepseek_v3_or_are_refused_with_the_reason(t
         flags = preset_model_flags(script)
         assert "--qk-layernorm" in flags, script
         run_command([sys.executable, str(REPO / "pretrain_r1.py"), *flags, *training, "--save", script], tmp_path)
-        export = subprocess.run([sys.executable, str(TOOL), "--direction", "mcore2hf", "--load", script, "--save", f"hf_{script}",
-                                 "--verify", "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+        export = subprocess.run(
+            [
+                sys.executable,
+                str(TOOL),
+                "--direction",
+                "mcore2hf",
+                "--load",
+                script,
+                "--save",
+                f"hf_{script}",
+                "--verify",
+                "--no-progress",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if script == "pretrain_deepseek_v3.sh":
             assert export.returncode == 0, export.stderr[-3000:]
-            verify = json.loads(export.stdout[export.stdout.index("{"):])["verify"]
+            verify = json.loads(export.stdout[export.stdout.index("{") :])["verify"]
             assert verify["max_abs_logit_diff"] <= 1e-4 and verify["top1_agreement"] == 1.0, verify
         else:
-            assert export.returncode != 0 and "--moe-router-score-function softmax" in export.stderr, export.stderr[-3000:]
+            assert export.returncode != 0 and "--moe-router-score-function softmax" in export.stderr, export.stderr[
+                -3000:
+            ]
             assert not (tmp_path / f"hf_{script}").exists()

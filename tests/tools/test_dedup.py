@@ -73,14 +73,21 @@ def run_tool(args, tmp_path):
 def test_cli_removes_exact_and_near_duplicates_across_files_with_two_workers(corpus, tmp_path):
     first, second = corpus
     output, clusters = tmp_path / "out" / "kept.jsonl", tmp_path / "out" / "clusters.jsonl"
-    result = run_tool(["--input", str(first), str(second), "--output", str(output), "--clusters", str(clusters), "--workers", "2"], tmp_path)
+    result = run_tool(
+        ["--input", str(first), str(second), "--output", str(output), "--clusters", str(clusters), "--workers", "2"],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     kept = [json.loads(line)["id"] for line in output.read_text(encoding="utf-8").splitlines()]
     removed = {"b0", "b1", "b2", "b99"}
     expected = [f"a{i}" for i in range(20)] + ["b3"] + [f"b{i}" for i in range(20, 40)]
     assert kept == expected and not removed & set(kept)
     # Kept lines are copied byte for byte.
-    originals = {json.loads(line)["id"]: line for line in (first.read_bytes() + second.read_bytes()).splitlines(keepends=True) if line.startswith(b'{"id"')}
+    originals = {
+        json.loads(line)["id"]: line
+        for line in (first.read_bytes() + second.read_bytes()).splitlines(keepends=True)
+        if line.startswith(b'{"id"')
+    }
     assert output.read_bytes() == b"".join(originals[doc_id] for doc_id in expected)
 
     records = [json.loads(line) for line in clusters.read_text(encoding="utf-8").splitlines()]
@@ -90,27 +97,65 @@ def test_cli_removes_exact_and_near_duplicates_across_files_with_two_workers(cor
     assert by_representative[f"{first}:1"]["edges"][0]["match"] == "exact_text"
     three = by_representative[f"{first}:2"]
     assert three["size"] == 3 and set(three["members"]) == {f"{first}:2", f"{second}:2", f"{second}:27"}
-    assert all(edge["match"] in ("minhash_estimate", "jaccard") and edge["similarity"] >= 0.85 for edge in three["edges"])
+    assert all(
+        edge["match"] in ("minhash_estimate", "jaccard") and edge["similarity"] >= 0.85 for edge in three["edges"]
+    )
 
     summary = result.stdout
     for line in ("documents: 45, kept: 41, removed: 4 (exact: 1, near: 3)", "skipped lines: 3", f"invalid_json (not a JSON object): 1  e.g. {first}:6",
                  f"non_utf8 (not valid UTF-8): 1  e.g. {second}:6", f"empty_document (empty or whitespace-only text): 1  e.g. {second}:5", "clusters: 3", "docs/s", "peak RSS"):  # fmt: skip
         assert line in summary, line
-    assert not [name for name in os.listdir(output.parent) if name.startswith(".")]  # no temporary or signature files left
+    assert not [
+        name for name in os.listdir(output.parent) if name.startswith(".")
+    ]  # no temporary or signature files left
 
 
 def test_threshold_word_shingles_and_simhash_options(corpus, tmp_path):
     first, second = corpus
     output = tmp_path / "strict.jsonl"
     # At threshold 0.99 only the exact duplicate goes (the near copies have Jaccard ~0.9-0.95).
-    result = run_tool(["--input", str(first), str(second), "--output", str(output), "--threshold", "0.99", "--workers", "1"], tmp_path)
+    result = run_tool(
+        ["--input", str(first), str(second), "--output", str(output), "--threshold", "0.99", "--workers", "1"], tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert "removed: 1 (exact: 1, near: 0)" in result.stdout
     assert (tmp_path / "strict.clusters.jsonl").exists()  # default clusters path
-    result = run_tool(["--input", str(first), str(second), "--output", str(output), "--shingle", "word", "--ngram", "3", "--num-perm", "64", "--workers", "1"], tmp_path)
+    result = run_tool(
+        [
+            "--input",
+            str(first),
+            str(second),
+            "--output",
+            str(output),
+            "--shingle",
+            "word",
+            "--ngram",
+            "3",
+            "--num-perm",
+            "64",
+            "--workers",
+            "1",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "removed: 2 (exact: 1, near: 1)" in result.stdout  # a Chinese text is one "word": only the English near copy
-    result = run_tool(["--input", str(first), str(second), "--output", str(output), "--method", "simhash", "--max-distance", "6", "--workers", "1"], tmp_path)
+    result = run_tool(
+        [
+            "--input",
+            str(first),
+            str(second),
+            "--output",
+            str(output),
+            "--method",
+            "simhash",
+            "--max-distance",
+            "6",
+            "--workers",
+            "1",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "method simhash" in result.stdout and "exact: 1" in result.stdout
 
@@ -127,7 +172,9 @@ def test_failed_run_leaves_outputs_untouched(corpus, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         dedup.main(["--input", str(first), str(second), "--output", str(output), "--workers", "1"])
     assert output.read_text() == "previous\n"
-    assert sorted(name for name in os.listdir(tmp_path) if name.startswith(".")) == []  # temporary output and signatures removed
+    assert (
+        sorted(name for name in os.listdir(tmp_path) if name.startswith(".")) == []
+    )  # temporary output and signatures removed
 
 
 def test_bad_flags_and_compressed_input_are_errors(tmp_path, capsys):
@@ -139,7 +186,10 @@ def test_bad_flags_and_compressed_input_are_errors(tmp_path, capsys):
     for argv, message in [
         (["--input", str(source), "--output", str(tmp_path / "o")], "compressed input is not supported"),
         (["--input", str(plain), "--output", str(tmp_path / "o"), "--threshold", "1.5"], "--threshold"),
-        (["--input", str(plain), "--output", str(tmp_path / "o"), "--bands", "20", "--rows", "8"], "exceeds --num-perm"),
+        (
+            ["--input", str(plain), "--output", str(tmp_path / "o"), "--bands", "20", "--rows", "8"],
+            "exceeds --num-perm",
+        ),
         (["--input", str(plain), "--output", str(tmp_path / "o"), "--bands", "20"], "give both --bands and --rows"),
         (["--input", str(tmp_path / "none*.jsonl"), "--output", str(tmp_path / "o")], "no file matches"),
     ]:

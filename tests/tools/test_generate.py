@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_command
+
 from megatron_r1.distributed import destroy_distributed, initialize_distributed
 from megatron_r1.generation import generate, load_model
 from megatron_r1.hf.export import export_to_hf
@@ -31,8 +31,21 @@ def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("generate")
     lines = [json.loads(record)["text"] for record in CORPUS.read_text(encoding="utf-8").splitlines()[:300]]
     tokenizer = train_sentencepiece(lines, str(workdir / "spm"), vocab_size=1000, character_coverage=0.98)
-    run_command([sys.executable, str(REPO / "pretrain_r1.py"), *MODEL, "--tokenizer-model", tokenizer.model_file,
-                 "--train-iters", "3", "--save", "ckpt"], workdir, timeout=300)  # fmt: skip
+    run_command(
+        [
+            sys.executable,
+            str(REPO / "pretrain_r1.py"),
+            *MODEL,
+            "--tokenizer-model",
+            tokenizer.model_file,
+            "--train-iters",
+            "3",
+            "--save",
+            "ckpt",
+        ],
+        workdir,
+        timeout=300,
+    )
     initialize_distributed()
     export_to_hf(str(workdir / "ckpt" / "iter_0000003"), str(workdir / "hf"), progress=False)
     yield workdir, tokenizer
@@ -43,14 +56,25 @@ def test_greedy_generation_equals_transformers_generate(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     workdir, tokenizer = trained
-    output = run_command([sys.executable, str(REPO / "tools" / "generate.py"), "--load", "ckpt", "--prompt", PROMPT,
-                          "--max-new-tokens", "12"], workdir).stdout  # fmt: skip
+    output = run_command(
+        [
+            sys.executable,
+            str(REPO / "tools" / "generate.py"),
+            "--load",
+            "ckpt",
+            "--prompt",
+            PROMPT,
+            "--max-new-tokens",
+            "12",
+        ],
+        workdir,
+    ).stdout
     ours = [int(t) for t in re.search(r"new token ids: ([\d ]*)", output).group(1).split()]
     hf_tokenizer = AutoTokenizer.from_pretrained(workdir / "hf")
     prompt = hf_tokenizer.encode(PROMPT, add_special_tokens=False)
     assert prompt == tokenizer.tokenize(PROMPT)
     model = AutoModelForCausalLM.from_pretrained(workdir / "hf", torch_dtype=torch.float32)
-    theirs = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
+    theirs = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt) :].tolist()
     assert ours == theirs and len(ours) > 0
     assert hf_tokenizer.decode(ours) == tokenizer.detokenize(ours)
     # transformers' generate stops where ours does: end of document, and end of a chat turn.
@@ -82,8 +106,22 @@ def test_chat_renders_the_fine_tuning_template_and_stops_at_the_end_of_the_turn(
     from megatron_r1.data.sft import ChatTemplate
 
     workdir, tokenizer = trained
-    output = run_command([sys.executable, str(REPO / "tools" / "generate.py"), "--load", "ckpt", "--chat", "--prompt",
-                          "What is 3 + 4?", "--system", "Be brief.", "--max-new-tokens", "8"], workdir).stdout  # fmt: skip
+    output = run_command(
+        [
+            sys.executable,
+            str(REPO / "tools" / "generate.py"),
+            "--load",
+            "ckpt",
+            "--chat",
+            "--prompt",
+            "What is 3 + 4?",
+            "--system",
+            "Be brief.",
+            "--max-new-tokens",
+            "8",
+        ],
+        workdir,
+    ).stdout
     template = ChatTemplate(tokenizer)
     turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3 + 4?"}]
     prompt = template.render(turns, add_generation_prompt=True)[0]
@@ -99,6 +137,9 @@ def test_export_converts_every_sentencepiece_type(trained, tmp_path):
     from transformers import AutoTokenizer
 
     workdir, tokenizer = trained
-    export_to_hf(str(workdir / "ckpt" / "iter_0000003"), str(tmp_path / "hf"), tokenizer_type="Llama2Tokenizer",
-                 progress=False)  # fmt: skip
-    assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(PROMPT, add_special_tokens=False) == tokenizer.tokenize(PROMPT)
+    export_to_hf(
+        str(workdir / "ckpt" / "iter_0000003"), str(tmp_path / "hf"), tokenizer_type="Llama2Tokenizer", progress=False
+    )
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(
+        PROMPT, add_special_tokens=False
+    ) == tokenizer.tokenize(PROMPT)

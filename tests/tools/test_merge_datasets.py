@@ -27,10 +27,19 @@ def test_megatron_core_reads_the_merged_documents_in_file_name_order(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
     generator = np.random.default_rng(0)
-    documents = {name: [generator.integers(0, 5000, size=generator.integers(1, 30)).tolist() for _ in range(count)] for name, count in [("b", 4), ("a", 3), ("c", 5)]}
+    documents = {
+        name: [generator.integers(0, 5000, size=generator.integers(1, 30)).tolist() for _ in range(count)]
+        for name, count in [("b", 4), ("a", 3), ("c", 5)]
+    }
     for name, docs in documents.items():
         write_dataset(shards / name, docs)
-    result = subprocess.run([sys.executable, TOOL, "--input", str(shards), "--output-prefix", str(tmp_path / "merged")], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, TOOL, "--input", str(shards), "--output-prefix", str(tmp_path / "merged")],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "merged 3 datasets" in result.stdout and "documents: 12  sequences: 12" in result.stdout
     merged = IndexedDataset(str(tmp_path / "merged"))

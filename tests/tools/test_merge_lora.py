@@ -4,14 +4,14 @@ import sys
 from pathlib import Path
 
 import torch
-
 from conftest import run_command
+from sft_task import TINY_DENSE, task_records, train_task_tokenizer, write_jsonl
+
 from megatron_r1.data.pretrain import MicroBatches
 from megatron_r1.data.sft import packed_attention_inputs
 from megatron_r1.distributed import destroy_distributed
 from megatron_r1.finetuning import build_finetuning_data, parse_finetuning_args, setup_finetuning
 from megatron_r1.training import train
-from sft_task import TINY_DENSE, task_records, train_task_tokenizer, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,7 +41,9 @@ def test_merged_checkpoint_matches_base_plus_adapters(tmp_path, monkeypatch):
     base = _finetune([*common, "--train-iters", "1", "--save", "base"], monkeypatch)
     lora = [*common, "--pretrained-checkpoint", "base", "--lora", "--lora-rank", "4", "--train-iters", "3"]
     adapted = _finetune([*lora, "--save", "lora"], monkeypatch)
-    result = run_command([sys.executable, str(REPO / "tools" / "merge_lora.py"), "--lora-load", "lora", "--save", "merged"], tmp_path)
+    result = run_command(
+        [sys.executable, str(REPO / "tools" / "merge_lora.py"), "--lora-load", "lora", "--save", "merged"], tmp_path
+    )
     assert "merged 8 adapted linears" in result.stdout, result.stdout  # 2 layers x qkv, proj, fc1, fc2
 
     reloaded = _finetune([*lora, "--load", "lora"], monkeypatch, train_first=False)  # the saved adapters

@@ -33,15 +33,31 @@ def test_table_and_summary():
     expert = 3 * 64 * 32
     assert table_row(result.stdout, "routed_experts")[1:3] == [f"{4 * expert:,}", f"{2 * expert:,}"]
     lines = result.stdout.strip().splitlines()
-    assert lines[-2] == ("global batch 4 x sequence 16: 64 tokens/iteration "
-                         "(2 micro-batches of 2 per data-parallel rank)")
+    assert lines[-2] == (
+        "global batch 4 x sequence 16: 64 tokens/iteration (2 micro-batches of 2 per data-parallel rank)"
+    )
     assert lines[-1].startswith("total ") and "FLOPs/iteration" in lines[-1] and lines[-1].endswith(" GB/GPU")
 
 
 def test_layout_and_memory_report():
-    result = run_tool(TINY + ["--vocab-size", "100", "--pipeline-model-parallel-size", "2", "--bf16",
-                              "--expert-model-parallel-size", "2", "--use-distributed-optimizer",
-                              "--gpus-per-node", "2", "--gpu-memory-gb", "1"], world_size=4)  # fmt: skip
+    result = run_tool(
+        TINY
+        + [
+            "--vocab-size",
+            "100",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--bf16",
+            "--expert-model-parallel-size",
+            "2",
+            "--use-distributed-optimizer",
+            "--gpus-per-node",
+            "2",
+            "--gpu-memory-gb",
+            "1",
+        ],
+        world_size=4,
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "parallel layout: 4 processes (2 nodes x 2)" in out
@@ -71,7 +87,10 @@ def test_vocabulary_comes_from_the_tokenizer(tmp_path):
 
 
 def test_bad_layout_names_the_flags():
-    result = run_tool(TINY + ["--vocab-size", "100", "--num-layers", "3", "--moe-layer-freq", "1",
-                              "--pipeline-model-parallel-size", "2"], world_size=2)  # fmt: skip
+    result = run_tool(
+        TINY
+        + ["--vocab-size", "100", "--num-layers", "3", "--moe-layer-freq", "1", "--pipeline-model-parallel-size", "2"],
+        world_size=2,
+    )
     assert result.returncode == 2
     assert "--num-layers (3) is not divisible by --pipeline-model-parallel-size (2)" in result.stderr

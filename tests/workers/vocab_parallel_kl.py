@@ -2,9 +2,10 @@
 shard against the full-vocabulary KL computed by autograd in one piece, values and the student's
 logit gradients; exits non-zero on a mismatch."""
 
-import torch
-
 import megatron_r1  # noqa: F401  before megatron.core (platform.py)
+
+# isort: split
+import torch
 from megatron.core import parallel_state
 
 from megatron_r1.distributed import destroy_distributed, initialize_distributed
