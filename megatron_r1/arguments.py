@@ -49,9 +49,7 @@ def _int_or_list(value: str):
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False
     )
     model = parser.add_argument_group("model")
     model.add_argument("--num-layers", type=int, default=2)

@@ -154,8 +154,7 @@ def _attention(args, bias: bool, window_size) -> tuple[ComponentCount, Component
         kv_channels = args.kv_channels or hidden // heads
         groups = args.num_query_groups or heads
         projections = _sum(
-            _linear(hidden, (heads + 2 * groups) * kv_channels, bias),
-            _linear(heads * kv_channels, hidden, bias),
+            _linear(hidden, (heads + 2 * groups) * kv_channels, bias), _linear(heads * kv_channels, hidden, bias)
         )
         if qk_layernorm:
             norms += [_norm(kv_channels, args.normalization)] * 2

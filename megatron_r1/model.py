@@ -44,10 +44,7 @@ from megatron_r1.experts import GroupedGemmExperts
 from megatron_r1.initialization import initialize_by_identity
 from megatron_r1.layers import SDPACoreAttention, SequenceParallelTorchNorm
 
-_MODULE_SUBSTITUTES = {
-    WrappedTorchNorm: SequenceParallelTorchNorm,
-    DotProductAttention: SDPACoreAttention,
-}
+_MODULE_SUBSTITUTES = {WrappedTorchNorm: SequenceParallelTorchNorm, DotProductAttention: SDPACoreAttention}
 
 
 def _substitute(spec, substitutes=_MODULE_SUBSTITUTES):

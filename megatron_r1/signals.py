@@ -46,8 +46,7 @@ class ExitConditions:
         if not self.active:
             return None
         flags = torch.tensor(
-            [float(self.signal_received), (time.monotonic() - _RUN_START) / 60],
-            device=platform.compute_device(),
+            [float(self.signal_received), (time.monotonic() - _RUN_START) / 60], device=platform.compute_device()
         )
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         received, minutes = bool(flags[0].item()), flags[1].item()

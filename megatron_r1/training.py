@@ -15,7 +15,7 @@ from megatron.core.config import set_experimental_flag
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, track_moe_metrics
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.utils import get_model_config
 from torch.utils.tensorboard import SummaryWriter
@@ -153,10 +153,11 @@ def _forward_step(data_iterator, model):
     return per_token_loss, loss_func
 
 
-def _run_schedule(args, state, data_iterators, forward_only):
+def _run_schedule(args, state, data_iterators, forward_only, reduce_loss=True):
     """One global batch through megatron-core's schedule (one data iterator per model chunk); the
     lm loss over the loss tokens of all micro-batches and data-parallel ranks (last pipeline stage;
-    None elsewhere)."""
+    None elsewhere, and without `reduce_loss`: a step that is not logged skips the reduction and
+    its host sync)."""
     seq_length = data_iterators[0].seq_length or args.seq_length
     reduced = get_forward_backward_func()(
         forward_step_func=state.forward_step or _forward_step,
@@ -169,7 +170,7 @@ def _run_schedule(args, state, data_iterators, forward_only):
     )
     if args.empty_unused_memory_level >= 1:
         torch.cuda.empty_cache()
-    if not parallel_state.is_pipeline_last_stage():
+    if not (reduce_loss and parallel_state.is_pipeline_last_stage()):
         return None
     totals = torch.stack([item["lm loss"] for item in reduced]).sum(dim=0)  # [loss sum, loss tokens]
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
@@ -202,8 +203,14 @@ def _moe_track_names(args):
     return tracked + (["z_loss"] if args.moe_z_loss_coeff is not None else [])
 
 
-def _auxiliary_losses(args, iteration, writer):
-    """MoE load-balancing / z losses and MTP losses of the last step (collective: every rank)."""
+def _auxiliary_losses(args, iteration, writer, logged: bool = True):
+    """MoE load-balancing / z losses and MTP losses of the last step (collective: every rank). A
+    step that is not logged only empties the trackers: no reduction, no host sync."""
+    if not logged:
+        clear_aux_losses_tracker()
+        if args.mtp_num_layers and "values" in MTPLossLoggingHelper.tracker:
+            MTPLossLoggingHelper.clean_loss_in_tracker()
+        return {}
     losses = {}
     track_names = _moe_track_names(args)
     if track_names:
@@ -338,7 +345,9 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
         for chunk in state.model:
             chunk.zero_grad_buffer()
         state.optimizer.zero_grad()
-        loss = _run_schedule(args, state, train_data, forward_only=False)
+        # Figures that need a host sync are gathered on the iterations that are logged only.
+        logged = (state.iteration + 1) % args.log_interval == 0
+        loss = _run_schedule(args, state, train_data, forward_only=False, reduce_loss=logged)
         # A NaN/Inf gradient would poison the weights and optimizer moments: skip the update.
         if _grads_are_finite(state.model):
             update_successful, grad_norm, num_zeros = state.optimizer.step()
@@ -356,9 +365,8 @@ def train(args, state: TrainState, train_dataset, valid_dataset, writer=None, me
         profiler.iteration_ended(state.iteration)
         state.consumed_samples += args.global_batch_size
         elapsed = time.perf_counter() - start
-        aux_losses = _auxiliary_losses(args, state.iteration, writer)
-        load_imbalance = expert_load.collect() if expert_load else {}
-        logged = state.iteration % args.log_interval == 0
+        aux_losses = _auxiliary_losses(args, state.iteration, writer, logged)
+        load_imbalance = expert_load.collect() if expert_load and logged else {}
         weights_norm = params_norm(state.optimizer) if args.log_params_norm and logged else None
 
         if logged and is_logging_rank():

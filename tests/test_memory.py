@@ -14,12 +14,7 @@ import pytest
 from megatron_r1.arguments import build_parser, validate_args
 from megatron_r1.flops import count_model
 from megatron_r1.layout import ParallelSizes, describe_layout, pipeline_stages
-from megatron_r1.memory import (
-    GB,
-    estimate_memory,
-    in_flight_microbatches,
-    layer_activation_bytes_per_token,
-)
+from megatron_r1.memory import GB, estimate_memory, in_flight_microbatches, layer_activation_bytes_per_token
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,12 +5,7 @@ import sys
 import pytest
 import sentencepiece
 
-from megatron_r1.tokenizer import (
-    SPECIAL_TOKENS,
-    build_tokenizer,
-    train_sentencepiece,
-    vocab_size_with_padding,
-)
+from megatron_r1.tokenizer import SPECIAL_TOKENS, build_tokenizer, train_sentencepiece, vocab_size_with_padding
 
 CORPUS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "megatron_r1", "assets", "tiny_corpus.jsonl")
 

@@ -597,3 +597,34 @@ def test_tiny_model_learns_the_bundled_corpus(tmp_path):
     )
     validation_loss = float(re.search(r"validation loss at iteration 150 \| lm loss value: (\S+)", result.stdout)[1])
     assert validation_loss < unigram_entropy - 0.3, (validation_loss, unigram_entropy)
+
+
+def test_host_syncs_for_the_logged_figures_happen_on_logged_iterations_only(monkeypatch, capsys):
+    """With --log-interval 3 the loss, MoE/MTP losses and expert load are reduced and read on the
+    host at iterations 3 and 6 only, and they are those a --log-interval 1 run prints there."""
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.distributed import destroy_distributed
+    from megatron_r1.training import build_data, setup, train
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    flags = [*TINY_MOE, "--train-iters", "6", "--mtp-num-layers", "1", "--moe-aux-loss-coeff", "1e-2"]
+    lines, syncs = {}, {}
+    for interval in (1, 3):
+        args = parse_args("test", [*flags, "--log-interval", str(interval)])
+        state = setup(args)
+        item, calls = torch.Tensor.item, []
+        monkeypatch.setattr(torch.Tensor, "item", lambda self, calls=calls, item=item: calls.append(1) or item(self))
+        try:
+            train(args, state, *build_data(args, state))
+        finally:
+            monkeypatch.setattr(torch.Tensor, "item", item)
+            destroy_distributed()
+        output = capsys.readouterr().out
+        lines[interval] = {
+            int(i): figures
+            for i, figures in re.findall(r" iteration +(\d+)/ *6 \|.*?(\| lm loss:.*?)\| grad norm", output)
+        }
+        syncs[interval] = len(calls)
+    assert sorted(lines[3]) == [3, 6] and {i: lines[1][i] for i in (3, 6)} == lines[3], lines
+    assert "load_balancing_loss" in lines[3][6] and "mtp_1 loss" in lines[3][6]
+    assert syncs[3] <= syncs[1] - 4 * 3, syncs  # (36 -> 20) the 4 iterations not logged read nothing of these

@@ -24,13 +24,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_r1.arguments import build_parser, transformer_config_from_args, validate_args
-from megatron_r1.checkpointing import (
-    METADATA_FILE,
-    MODEL_FUNCTION_ARGS,
-    MODEL_SHAPE_ARGS,
-    TRACKER_FILE,
-    checkpoint_dir,
-)
+from megatron_r1.checkpointing import METADATA_FILE, MODEL_FUNCTION_ARGS, MODEL_SHAPE_ARGS, TRACKER_FILE, checkpoint_dir
 from megatron_r1.hf.config import UnsupportedModelError, args_from_deepseek_v3, fp8_block_size, read_json_object
 from megatron_r1.hf.export import check_mapping
 from megatron_r1.hf.fp8 import DequantizingReader
