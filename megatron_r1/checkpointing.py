@@ -32,6 +32,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from megatron_r1.distributed import parameters_gathered
+from megatron_r1.jsonfile import read_json_object
 from megatron_r1.sharded_tensors import full_sharded_state_dict, model_sharded_state_dict
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -335,15 +336,7 @@ def read_metadata(path: str) -> dict:
     metadata_path = os.path.join(path, METADATA_FILE)
     if not os.path.exists(metadata_path):
         raise CheckpointError(f"{path} has no {METADATA_FILE}: not a megatron-r1 checkpoint, or an incomplete one")
-    try:
-        with open(metadata_path, encoding="utf-8") as f:
-            metadata = json.load(f)
-    except UnicodeDecodeError as error:
-        raise CheckpointError(f"{metadata_path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{metadata_path}:{error.lineno}: not JSON ({error.msg})") from None
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{metadata_path}: a JSON {type(metadata).__name__}, not an object")
+    metadata = read_json_object(metadata_path, CheckpointError)
     for field, kind in _METADATA_FIELDS.items():
         if not isinstance(metadata.get(field), kind) or isinstance(metadata.get(field), bool):
             raise CheckpointError(f"{metadata_path}: {field!r} is missing or not {_JSON_KINDS[kind]}")

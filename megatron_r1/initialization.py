@@ -32,7 +32,7 @@ def _init_function(key: str, config):
     """How megatron-core draws the weight under checkpoint key `key` (None: a constant)."""
     if key.endswith("lora_a"):
         return initialize_adapter_a
-    if key.endswith("lora_b") or key.endswith("_extra_state"):
+    if key.endswith("lora_b"):
         return None
     if "embeddings" in key and key.endswith(".weight"):
         return config.embedding_init_method

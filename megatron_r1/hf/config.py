@@ -16,7 +16,6 @@ them in every respect our flags allow, and a near match would load and silently 
 """
 
 import argparse
-import json
 import math
 import os
 
@@ -28,6 +27,7 @@ from megatron_r1.checkpointing import (
     MODEL_SHAPE_ARGS,
     CheckpointError,
     find_checkpoint,
+    read_metadata,
 )
 from megatron_r1.flops import moe_layer_pattern
 
@@ -49,20 +49,6 @@ def resolve_checkpoint(path: str) -> str:
     return found
 
 
-def read_json_object(path: str, error_type: type[Exception]) -> dict:
-    """The JSON object in `path`; ``error_type`` naming the file (and line) when it holds none."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except json.JSONDecodeError as error:
-        raise error_type(f"{path}:{error.lineno}: invalid JSON: {error.msg}") from None
-    except (UnicodeDecodeError, RecursionError) as error:  # (RecursionError: thousands of nested brackets)
-        raise error_type(f"{path}: invalid JSON ({type(error).__name__}: {error})") from None
-    if not isinstance(value, dict):
-        raise error_type(f"{path}: not a JSON object")
-    return value
-
-
 def _check_saved_types(saved: dict, defaults: argparse.Namespace, metadata_path: str) -> None:
     """Each saved model flag has the kind of value of the parser's default, where there is one."""
     for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS:
@@ -82,11 +68,7 @@ def checkpoint_args(path: str) -> argparse.Namespace:
     """The flags of the model saved in checkpoint directory `path` (parser defaults for the rest),
     laid out for one process."""
     metadata_path = os.path.join(path, METADATA_FILE)
-    if not os.path.isfile(metadata_path):
-        raise CheckpointError(f"{path} has no {METADATA_FILE}: not a megatron-r1 checkpoint, or an incomplete one")
-    saved = read_json_object(metadata_path, CheckpointError).get("model_args")
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{metadata_path}: no model_args object: not a megatron-r1 checkpoint's metadata")
+    saved = read_metadata(path)["model_args"]
     missing = [
         name
         for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS

@@ -25,11 +25,12 @@ from tqdm import tqdm
 
 from megatron_r1.arguments import build_parser, transformer_config_from_args, validate_args
 from megatron_r1.checkpointing import METADATA_FILE, MODEL_FUNCTION_ARGS, MODEL_SHAPE_ARGS, TRACKER_FILE, checkpoint_dir
-from megatron_r1.hf.config import UnsupportedModelError, args_from_deepseek_v3, fp8_block_size, read_json_object
+from megatron_r1.hf.config import UnsupportedModelError, args_from_deepseek_v3, fp8_block_size
 from megatron_r1.hf.export import check_mapping
 from megatron_r1.hf.fp8 import DequantizingReader
 from megatron_r1.hf.keys import conversion_groups
 from megatron_r1.hf.storage import SafetensorsReader, WeightsError
+from megatron_r1.jsonfile import read_json_object
 from megatron_r1.megatron_lm_flags import parse_known_flags
 from megatron_r1.model import build_model
 from megatron_r1.sharded_tensors import fill, flat_sharded_tensors, global_shape, model_sharded_state_dict

@@ -144,7 +144,14 @@ def test_any_checkpoint_metadata_gives_model_flags_or_one_error_naming_it(tmp_pa
     directory = tmp_path_factory.mktemp("iter_0000001")
     model_args = {**_saved_model_args(), **changes}
     metadata = {
-        "object": {"iteration": 1, "model_args": model_args},
+        "object": {
+            "iteration": 1,
+            "consumed_samples": 0,
+            "skipped_iterations": 0,
+            "nan_iterations": 0,
+            "layout": {},
+            "model_args": model_args,
+        },  # fmt: skip
         "list": [model_args],
         "no model_args": {"iteration": 1},
     }[wrap]
