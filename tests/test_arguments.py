@@ -371,3 +371,42 @@ def test_a_megatron_lm_deepseek_v3_recipe_parses(monkeypatch):
 def test_megatron_lm_flags_without_a_counterpart_are_refused_with_the_reason(extra, expected, capsys, monkeypatch):
     line = parse_error(TINY + extra, capsys, 2, monkeypatch)
     assert line.endswith(expected), line
+
+
+def _validate_error(argv, capsys, **kwargs):
+    from megatron_r1.arguments import build_parser, validate_args
+
+    parser = build_parser("test")
+    with pytest.raises(SystemExit):
+        validate_args(parser.parse_args(argv), parser.error, **kwargs)
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("data", [[], ["--data-path", "train.jsonl"]])
+def test_without_pretraining_data_its_checks_are_skipped(data, tmp_path, capsys, monkeypatch):
+    """validate_args(..., pretraining_data=False), as fine-tuning calls it: neither --mock-data nor an
+    indexed --data-path is needed (fine-tuning checks its own data, left as given)."""
+    from megatron_r1.arguments import build_parser, validate_args
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (tmp_path / "tok.model").write_bytes(b"")
+    argv = [a for a in TINY if a != "--mock-data"] + ["--tokenizer-model", str(tmp_path / "tok.model"), *data]
+    assert "--data-path" in _validate_error(argv, capsys)  # pre-training's: no data, or no indexed dataset
+    args = build_parser("test").parse_args(argv + ["--tensor-model-parallel-size", "2"])
+    validate_args(args, pytest.fail, pretraining_data=False)
+    assert args.data_path == (data[1:] or None) and args.data_per_split is None
+    assert (args.data_parallel_size, args.global_batch_size, args.num_microbatches) == (1, 2, 1)
+
+
+def test_without_pretraining_data_the_other_checks_still_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    (tmp_path / "tok.model").write_bytes(b"")
+    argv = [a for a in TINY if a != "--mock-data"] + ["--tokenizer-model", str(tmp_path / "tok.model")]
+    line = _validate_error(
+        argv + ["--num-attention-heads", "6", "--tensor-model-parallel-size", "4"], capsys, pretraining_data=False
+    )
+    assert line.endswith("--num-attention-heads (6) is not divisible by --tensor-model-parallel-size (4)"), line
+    line = _validate_error(
+        argv + ["--tokenizer-model", str(tmp_path / "missing.model")], capsys, pretraining_data=False
+    )
+    assert line.endswith("missing.model: no such file or directory"), line
