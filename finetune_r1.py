@@ -7,19 +7,26 @@ sequence packing, early stopping, progressive unfreezing and knowledge distillat
 """
 
 from megatron_r1.distributed import destroy_distributed
-from megatron_r1.finetuning import build_finetuning_data, parse_finetuning_args, setup_finetuning
+from megatron_r1.finetuning import (
+    build_finetuning_data,
+    finetuning_extensions,
+    finetuning_forward_step,
+    parse_finetuning_args,
+    setup_finetuning,
+)
 from megatron_r1.training import print_rank_last, train_or_evaluate
 
 
 def main():
     args = parse_finetuning_args(__doc__)
     state = setup_finetuning(args)
+    forward_step, extensions = finetuning_forward_step(args), finetuning_extensions(args)  # the teacher, if any
     train_dataset, valid_dataset = build_finetuning_data(args, state)
     print_rank_last(
         f" fine-tuning data: {len(train_dataset.bins)} packed training sequences"
         + (f", {len(valid_dataset.bins)} validation" if valid_dataset else "")
     )
-    train_or_evaluate(args, state, train_dataset, valid_dataset)
+    train_or_evaluate(args, state, train_dataset, valid_dataset, forward_step, extensions)
     destroy_distributed()
 
 

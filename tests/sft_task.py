@@ -40,3 +40,14 @@ def train_task_tokenizer(directory) -> str:
     sentences = [r["input"] for r in task_records("copy", 300, 0)] + ["copy reverse"] * 20
     train_sentencepiece(sentences, str(directory / "tok"), vocab_size=300)
     return str(directory / "tok.model")
+
+
+def finetune(args, state, train_dataset, valid_dataset, extensions=None, forward_step=None) -> dict:
+    """finetune_r1.py's training: the loop with fine-tuning's forward step and extensions (or the
+    ones given, which a test composes from fine-tuning's own)."""
+    from megatron_r1.finetuning import finetuning_extensions, finetuning_forward_step
+    from megatron_r1.training import train
+
+    extensions = finetuning_extensions(args) if extensions is None else extensions
+    forward_step = forward_step or finetuning_forward_step(args)
+    return train(args, state, train_dataset, valid_dataset, forward_step=forward_step, extensions=extensions)

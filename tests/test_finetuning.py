@@ -9,13 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_command
-from sft_task import TINY_DEEPSEEK, TINY_DENSE, task_records, train_task_tokenizer, write_jsonl
+from sft_task import TINY_DEEPSEEK, TINY_DENSE, finetune, task_records, train_task_tokenizer, write_jsonl
 
 from megatron_r1.data.pretrain import MicroBatches
 from megatron_r1.data.sft import ChatTemplate, packed_attention_inputs, parse_record
 from megatron_r1.distributed import destroy_distributed
-from megatron_r1.finetuning import build_finetuning_data, parse_finetuning_args, setup_finetuning
-from megatron_r1.training import train
+from megatron_r1.finetuning import (
+    EarlyStopping,
+    ProgressiveUnfreezing,
+    build_finetuning_data,
+    finetuning_forward_step,
+    parse_finetuning_args,
+    setup_finetuning,
+)
+from megatron_r1.training import Extension
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +103,7 @@ def test_sft_learns_the_copy_task(task, finetuning):
     )
     # The budget is tight for this tiny model: with seeds 1, 2 and 1234 it reaches 0.77, 0.40 and 0.13.
     before = exact_match(state, task["copy_test"])
-    train(args, state, *build_finetuning_data(args, state))
+    finetune(args, state, *build_finetuning_data(args, state))
     after = exact_match(state, task["copy_test"])
     assert before <= 0.1 and after >= 0.6, (before, after)
 
@@ -143,14 +150,14 @@ def test_early_stopping_stops_and_restores_the_best(task, finetuning):
         ]
     )
     train_dataset, valid_dataset = build_finetuning_data(args, state)
-    stopper, weights_at = state.on_validation, {}
+    stopper, weights_at = EarlyStopping(args), {}
 
-    def record_weights_then_decide(args, state, valid_loss):
-        weights_at[state.iteration] = [p.detach().clone() for p in state.model[0].module.parameters()]
-        return stopper(args, state, valid_loss)
+    class RecordWeights(Extension):  # before the stopper decides (and restores)
+        def validated(self, state, valid_loss):
+            weights_at[state.iteration] = [p.detach().clone() for p in state.model[0].module.parameters()]
+            return False
 
-    state.on_validation = record_weights_then_decide
-    train(args, state, train_dataset, valid_dataset)
+    finetune(args, state, train_dataset, valid_dataset, extensions=[RecordWeights(), stopper])
     losses = [loss for _, loss in stopper.losses]
     assert state.iteration < args.train_iters and stopper.evaluations_without_improvement == 2, losses
     assert stopper.best_iteration < state.iteration and min(losses) == stopper.best_loss
@@ -192,7 +199,7 @@ def teacher_checkpoint(task, tmp_path_factory):
     os.environ.setdefault("WORLD_SIZE", "1")
     try:
         state = setup_finetuning(args)
-        train(args, state, *build_finetuning_data(args, state))
+        finetune(args, state, *build_finetuning_data(args, state))
     finally:
         destroy_distributed()
     return directory
@@ -219,16 +226,17 @@ def test_distillation_lowers_kl_to_the_teacher(task, finetuning, teacher_checkpo
         ]
     )
     train_dataset, valid_dataset = build_finetuning_data(args, state)
+    forward_step = finetuning_forward_step(args)
 
     def kl_to_teacher():
         batch = MicroBatches(valid_dataset, 4, cycle=True)
         with torch.no_grad():
-            output, loss_func = state.forward_step(batch, state.model[0])
+            output, loss_func = forward_step(batch, state.model[0])
             kl_sum, tokens = loss_func(output)[2]["kd loss"]  # summed over the loss tokens
             return (kl_sum / tokens).item()
 
     before = kl_to_teacher()
-    train(args, state, train_dataset, valid_dataset)
+    finetune(args, state, train_dataset, valid_dataset, forward_step=forward_step)
     after = kl_to_teacher()
     assert after < 0.5 * before, (before, after)
 
@@ -261,14 +269,13 @@ def test_progressive_unfreezing_trains_top_layers_first(task, finetuning, tied):
         ]
     )
     model = state.model[0].module
-    snapshots, unfreeze = [], state.on_iteration_start
+    snapshots = []
 
-    def snapshot_then_unfreeze(args, state):
-        snapshots.append({name: p.detach().clone() for name, p in model.named_parameters()})
-        unfreeze(args, state)
+    class Snapshot(Extension):  # before each iteration's unfreezing
+        def iteration_starts(self, state):
+            snapshots.append({name: p.detach().clone() for name, p in model.named_parameters()})
 
-    state.on_iteration_start = snapshot_then_unfreeze
-    train(args, state, *build_finetuning_data(args, state))
+    finetune(args, state, *build_finetuning_data(args, state), extensions=[Snapshot(), ProgressiveUnfreezing(args)])
     snapshots.append({name: p.detach().clone() for name, p in model.named_parameters()})
 
     def group(name):  # the unfreezing stage from which each parameter trains
@@ -416,7 +423,7 @@ def test_pre_training_only_and_unsupported_flags_are_refused(task, flags, expect
 def test_packed_samples_are_not_handed_to_transformer_engines_attention(task, monkeypatch, capsys):
     """TransformerEngine's causal attention takes no per-sample mask: packing with it is refused
     (a machine with CUDA and TransformerEngine is what this test pretends to be)."""
-    monkeypatch.setattr("megatron_r1.arguments.transformer_engine_installed", lambda: True)
+    monkeypatch.setattr("megatron_r1.compat.transformer_engine_installed", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     argv = [*TINY_DENSE, "--data-path", task["copy"], "--tokenizer-model", task["tokenizer"]]
     with pytest.raises(SystemExit):
@@ -445,5 +452,7 @@ def test_code_in_a_teacher_or_starting_checkpoint_is_refused_before_it_runs(task
     witness = poison_checkpoint_metadata(poisoned, tmp_path / "code_ran")
     student = TINY_DENSE if flag == "--teacher-load" else TEACHER
     with pytest.raises(CheckpointError, match=r"\.metadata: refused, .*io\.open"):
-        finetuning([*student, "--data-path", task["copy"], "--tokenizer-model", task["tokenizer"], flag, str(poisoned)])
+        args, _ = finetuning([*student, "--data-path", task["copy"], "--tokenizer-model", task["tokenizer"], flag,
+                              str(poisoned)])  # fmt: skip
+        finetuning_forward_step(args)  # builds the teacher
     assert not witness.exists()

@@ -3,14 +3,13 @@ what base + adapters compute; under TP and EP the adapters compute and learn wha
 process."""
 
 import torch
-from sft_task import TINY_DEEPSEEK, task_records, train_task_tokenizer, write_jsonl
+from sft_task import TINY_DEEPSEEK, finetune, task_records, train_task_tokenizer, write_jsonl
 
 from megatron_r1.data.pretrain import MicroBatches
 from megatron_r1.data.sft import packed_attention_inputs
 from megatron_r1.distributed import destroy_distributed
 from megatron_r1.finetuning import build_finetuning_data, parse_finetuning_args, setup_finetuning
 from megatron_r1.lora import LoRADuplicatedLinear, adapter_layers, is_adapter_key, merge_adapters
-from megatron_r1.training import train
 
 
 def test_lora_trains_only_adapters_and_merges_exactly(tmp_path, monkeypatch):
@@ -48,7 +47,7 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path, monkeypatch):
         assert all(is_adapter_key(k) for k in model.sharded_state_dict(metadata={}))  # checkpoints: adapters alone
 
         train_dataset, valid_dataset = build_finetuning_data(args, state)
-        train(args, state, train_dataset, valid_dataset)
+        finetune(args, state, train_dataset, valid_dataset)
         for name, param in model.named_parameters():
             if not is_adapter_key(name):
                 assert torch.equal(param, base[name]), f"base weight {name} changed"

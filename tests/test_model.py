@@ -53,6 +53,7 @@ def test_everything_a_step_touches_is_placed_on_the_platforms_compute_device(mon
     from megatron_r1 import finetuning, platform, training
     from megatron_r1.arguments import parse_args
     from megatron_r1.distributed import destroy_distributed, initialize_distributed
+    from megatron_r1.finetuning import distillation
     from megatron_r1.lora import LoRAConfig, add_adapters_to_duplicated_linears, lora_spec_transform
     from megatron_r1.model import build_model
 
@@ -107,7 +108,7 @@ def test_everything_a_step_touches_is_placed_on_the_platforms_compute_device(mon
         left_behind = [name for name, tensor in tensors.items() if tensor.device != fake_gpu]
         assert not left_behind, left_behind
 
-        monkeypatch.setattr(finetuning, "load_weights", lambda path, modules, keep=None: None)
+        monkeypatch.setattr(distillation, "load_weights", lambda path, modules, keep=None: None)
         (tmp_path / "teacher" / "iter_0000001").mkdir(parents=True)
         (tmp_path / "teacher" / "latest_checkpointed_iteration.txt").write_text("1")
         metadata = {"iteration": 1, "consumed_samples": 0, "skipped_iterations": 0, "nan_iterations": 0, "layout": {},
@@ -127,8 +128,8 @@ def test_everything_a_step_touches_is_placed_on_the_platforms_compute_device(mon
             seen.extend(t.device for t in [*inputs, *kwargs.values()] if torch.is_tensor(t))
             return torch.zeros(1, 8, device=fake_gpu)
 
-        monkeypatch.setattr(finetuning, "packed_attention_inputs", lambda segment_ids: (None, segment_ids))
-        for forward_step in (training._forward_step, finetuning.sft_forward_step):
+        monkeypatch.setattr(finetuning.data, "packed_attention_inputs", lambda segment_ids: (None, segment_ids))
+        for forward_step in (training.lm_forward_step, finetuning.sft_forward_step):
             seen.clear()
             forward_step(iter([dict(batch)]), model_recording_devices)
             assert seen and set(seen) == {fake_gpu}, (forward_step.__name__, seen)

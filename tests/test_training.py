@@ -202,7 +202,7 @@ def test_reset_attention_mask_keeps_documents_apart(monkeypatch):
 
     from megatron_r1.arguments import parse_args
     from megatron_r1.distributed import destroy_distributed
-    from megatron_r1.training import _forward_step, setup
+    from megatron_r1.training import lm_forward_step, setup
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     args = parse_args("test", TINY_MOE + ["--reset-attention-mask", "--reset-position-ids"])
@@ -224,7 +224,7 @@ def test_reset_attention_mask_keeps_documents_apart(monkeypatch):
             batch = {"tokens": tokens[None, :-1], "labels": tokens[None, 1:], "position_ids": positions[None],
                      "attention_mask": mask[None] if masked else None}  # fmt: skip
             with torch.no_grad():
-                return _forward_step(iter([batch]), state.model[0])[0][0]
+                return lm_forward_step(iter([batch]), state.model[0])[0][0]
 
         state.model[0].eval()
         assert torch.allclose(losses(packed)[6:], losses(alone)[:10], atol=1e-5)
@@ -249,13 +249,14 @@ def _loss_and_gradients(flags):
     from megatron_r1.arguments import parse_args
     from megatron_r1.data.pretrain import MicroBatches
     from megatron_r1.distributed import destroy_distributed
-    from megatron_r1.training import _run_schedule, setup
+    from megatron_r1.training import lm_forward_step, run_schedule, setup
 
     args = parse_args("test", TINY_MOE + ["--global-batch-size", "2", *flags])
     state = setup(args)
     try:
         state.model[0].zero_grad_buffer()
-        loss = _run_schedule(args, state, [MicroBatches(_UnevenlyMaskedSamples(), args.micro_batch_size)], False)
+        batches = [MicroBatches(_UnevenlyMaskedSamples(), args.micro_batch_size)]
+        loss = run_schedule(args, state.model, lm_forward_step, batches, False)
         return loss, [param.main_grad.clone() for param in state.model[0].parameters()]
     finally:
         destroy_distributed()
@@ -282,7 +283,7 @@ def test_manual_gc_collects_at_fixed_iterations_only(monkeypatch):
 
     from megatron_r1.arguments import parse_args
     from megatron_r1.distributed import destroy_distributed
-    from megatron_r1.training import build_data, setup, train
+    from megatron_r1.training import Extension, build_data, setup, train
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     args = parse_args(
@@ -303,9 +304,13 @@ def test_manual_gc_collects_at_fixed_iterations_only(monkeypatch):
     state = setup(args)
     collected_after, automatic_during = [], []
     monkeypatch.setattr(gc, "collect", lambda *a: collected_after.append(state.iteration))
-    state.on_iteration_start = lambda args, state: automatic_during.append(gc.isenabled())
+
+    class RecordCollector(Extension):
+        def iteration_starts(self, state):
+            automatic_during.append(gc.isenabled())
+
     try:
-        train(args, state, *build_data(args, state))
+        train(args, state, *build_data(args, state), extensions=[RecordCollector()])
     finally:
         destroy_distributed()
     assert automatic_during == [False] * 4 and gc.isenabled()

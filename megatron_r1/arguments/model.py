@@ -10,6 +10,8 @@ import argparse
 import torch
 from megatron.core.transformer.enums import AttnBackend
 
+from megatron_r1 import compat
+
 
 def _int_or_list(value: str):
     """--moe-layer-freq / --window-attn-skip-freq: an int N (every Nth layer) or a Python list of
@@ -304,11 +306,7 @@ def _check_moe(args, error) -> None:
 def _implementation(args, error) -> str:
     """transformer_impl: as given, else transformer_engine where TransformerEngine and CUDA are
     there, else local."""
-    # Looked up through the package at call time: tests stand in for
-    # megatron_r1.arguments.transformer_engine_installed (megatron_r1.compat's).
-    from megatron_r1 import arguments
-
-    te_usable = arguments.transformer_engine_installed() and torch.cuda.is_available()
+    te_usable = compat.transformer_engine_installed() and torch.cuda.is_available()
     impl = args.transformer_impl or ("transformer_engine" if te_usable else "local")
     if impl == "transformer_engine" and not te_usable:
         error("--transformer-impl transformer_engine needs CUDA and TransformerEngine (pip install -e .[gpu])")

@@ -11,6 +11,7 @@ import os
 
 from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
 
+from megatron_r1 import compat
 from megatron_r1.layout import decoder_layers_per_stage
 
 
@@ -233,16 +234,12 @@ def _interleaved_chunks(args, error) -> tuple[int | None, int | None]:
 
 def _check_recompute(args, error) -> None:
     """--recompute-modules (moe_act, which depends on the layer implementation, is the model's check)."""
-    # Looked up through the package at call time: tests stand in for
-    # megatron_r1.arguments.transformer_engine_installed (megatron_r1.compat's).
-    from megatron_r1 import arguments
-
     modules = args.recompute_modules or []
     if modules and args.recompute_granularity != "selective":
         error("--recompute-modules needs --recompute-granularity selective")
     if "mla_up_proj" in modules and not args.multi_latent_attention:
         error("--recompute-modules mla_up_proj needs --multi-latent-attention")
-    if "layernorm" in modules and not arguments.transformer_engine_installed():
+    if "layernorm" in modules and not compat.transformer_engine_installed():
         error("--recompute-modules layernorm needs TransformerEngine (megatron-core recomputes TE's norms)")
 
 

@@ -158,10 +158,11 @@ def test_bf16_logits_are_the_fp32_logits_within_bf16_precision(quickstart, one_p
 
 
 def test_lora_adapters_train_on_the_gpu_and_the_base_stays(quickstart, monkeypatch):
+    from sft_task import finetune
+
     from megatron_r1 import platform
     from megatron_r1.distributed import destroy_distributed
     from megatron_r1.finetuning import build_finetuning_data, parse_finetuning_args, setup_finetuning
-    from megatron_r1.training import train
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     args = parse_finetuning_args(
@@ -193,7 +194,7 @@ def test_lora_adapters_train_on_the_gpu_and_the_base_stays(quickstart, monkeypat
         adapters = {name: p for name, p in model.named_parameters() if p.requires_grad}
         assert adapters and all(p.device == platform.compute_device() for p in adapters.values())
         before = {name: p.detach().clone() for name, p in adapters.items()}
-        train(args, state, *build_finetuning_data(args, state))
+        finetune(args, state, *build_finetuning_data(args, state))
         assert all(torch.equal(p, base[name]) for name, p in model.named_parameters() if name in base)
         assert any(not torch.equal(p, before[name]) for name, p in adapters.items())
     finally:

@@ -5,13 +5,12 @@ from pathlib import Path
 
 import torch
 from conftest import run_command
-from sft_task import TINY_DENSE, task_records, train_task_tokenizer, write_jsonl
+from sft_task import TINY_DENSE, finetune, task_records, train_task_tokenizer, write_jsonl
 
 from megatron_r1.data.pretrain import MicroBatches
 from megatron_r1.data.sft import packed_attention_inputs
 from megatron_r1.distributed import destroy_distributed
 from megatron_r1.finetuning import build_finetuning_data, parse_finetuning_args, setup_finetuning
-from megatron_r1.training import train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,7 +24,7 @@ def _finetune(argv, monkeypatch, train_first=True):
     try:
         train_dataset, valid_dataset = build_finetuning_data(args, state)
         if train_first:
-            train(args, state, train_dataset, valid_dataset)
+            finetune(args, state, train_dataset, valid_dataset)
         batch = next(MicroBatches(train_dataset, 4))
         attention_mask, position_ids = packed_attention_inputs(batch["segment_ids"])
         with torch.no_grad():
