@@ -298,7 +298,25 @@ def find_duplicates(
     count = len(sketches.line)
     union_find = UnionFind(count)
     edges: list[Edge] = []
+    exact_duplicates = _merge_exact_duplicates(sketches, union_find, edges)
+    eligible = np.flatnonzero(sketches.indexable & (union_find.roots() == np.arange(count)))
 
+    margin = config.margin()
+    ambiguous: set[tuple[int, int]] = set()  # a pair can collide in several bands
+    checks = 0
+    bands = sketches.keys.shape[1]
+    for band in progress(range(bands), desc="LSH bands", unit="band"):
+        checks += _merge_band(
+            sketches.keys[eligible, band], eligible, sketches.signatures, config, margin, union_find, edges, ambiguous
+        )
+
+    pending = _pending_pairs(ambiguous, union_find, count)
+    exact_checks = _merge_by_exact_jaccard(pending, sketches, config, paths, workers, union_find, edges, progress)
+    return DedupResult(union_find.roots(), edges, exact_duplicates, checks, exact_checks)
+
+
+def _merge_exact_duplicates(sketches: Sketches, union_find: UnionFind, edges: list[Edge]) -> int:
+    """Merge the documents of equal text hashes into the first one; the number of duplicates merged."""
     order = np.lexsort((sketches.exact[:, 1], sketches.exact[:, 0]))
     exact_duplicates = 0
     for start, end in _runs_of_equal(sketches.exact[order]):
@@ -307,36 +325,37 @@ def find_duplicates(
             union_find.union(int(members[0]), int(member))
             edges.append(Edge(int(members[0]), int(member), "exact_text", 1.0))
         exact_duplicates += end - start - 1
-    eligible = np.flatnonzero(sketches.indexable & (union_find.roots() == np.arange(count)))
+    return exact_duplicates
 
-    margin = config.margin()
-    ambiguous: set[tuple[int, int]] = set()  # a pair can collide in several bands
-    checks = 0
-    bands = sketches.keys.shape[1]
-    for band in progress(range(bands), desc="LSH bands", unit="band"):
-        band_keys = sketches.keys[eligible, band]
-        band_order = np.argsort(band_keys, kind="stable")
-        members = eligible[band_order]
-        starts, ends = _run_bounds(band_keys[band_order])
-        # A bucket whose members were all in one cluster when the band started still is: skip it
-        # (most buckets of later bands). Their roots' minimum equals their maximum.
-        roots = np.append(union_find.roots()[members], 0)
-        bounds = np.stack([starts, ends], axis=1).ravel()
-        split = (
-            np.minimum.reduceat(roots, bounds)[0::2] != np.maximum.reduceat(roots, bounds)[0::2]
-            if len(starts)
-            else np.empty(0, bool)
-        )
-        pairs = split & (ends - starts == 2)
-        # Buckets of two (nearly all of them): every estimate of the band in one array operation.
-        first, second = members[starts[pairs]], members[starts[pairs] + 1]
-        checks += _merge_pairs(first, second, sketches.signatures, config, margin, union_find, edges, ambiguous)
-        for start, end in zip(starts[split & ~pairs].tolist(), ends[split & ~pairs].tolist()):
-            checks += _merge_bucket(
-                members[start:end], sketches.signatures, config, margin, union_find, edges, ambiguous
-            )
 
-    exact_checks = 0
+def _merge_band(band_keys, eligible, signatures, config, margin, union_find, edges, ambiguous) -> int:
+    """Judge the buckets of equal keys of one LSH band (keys of the eligible documents); the number of checks."""
+    band_order = np.argsort(band_keys, kind="stable")
+    members = eligible[band_order]
+    starts, ends = _run_bounds(band_keys[band_order])
+    split = _split_buckets(union_find.roots()[members], starts, ends)
+    pairs = split & (ends - starts == 2)
+    # Buckets of two (nearly all of them): every estimate of the band in one array operation.
+    first, second = members[starts[pairs]], members[starts[pairs] + 1]
+    checks = _merge_pairs(first, second, signatures, config, margin, union_find, edges, ambiguous)
+    for start, end in zip(starts[split & ~pairs].tolist(), ends[split & ~pairs].tolist()):
+        checks += _merge_bucket(members[start:end], signatures, config, margin, union_find, edges, ambiguous)
+    return checks
+
+
+def _split_buckets(member_roots: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Which buckets ``member_roots[starts[i]:ends[i]]`` hold more than one cluster."""
+    # A bucket whose members were all in one cluster when the band started still is: skip it
+    # (most buckets of later bands). Their roots' minimum equals their maximum.
+    if not len(starts):
+        return np.empty(0, bool)
+    roots = np.append(member_roots, 0)
+    bounds = np.stack([starts, ends], axis=1).ravel()
+    return np.minimum.reduceat(roots, bounds)[0::2] != np.maximum.reduceat(roots, bounds)[0::2]
+
+
+def _pending_pairs(ambiguous: set[tuple[int, int]], union_find: UnionFind, count: int) -> list[tuple[int, int]]:
+    """The ambiguous pairs not merged since, those of one group of related documents next to each other."""
     pending = [
         (first, second) for first, second in sorted(ambiguous) if union_find.find(first) != union_find.find(second)
     ]
@@ -345,31 +364,44 @@ def find_duplicates(
     for first, second in pending:
         groups.union(first, second)
     pending.sort(key=lambda pair: (groups.find(pair[0]), pair))
-    if pending:
-        # At least 4 tasks per worker (when there are enough pairs), so that the workers share the work evenly.
-        per_task = max(_MIN_PAIRS_PER_TASK, min(_PAIRS_PER_TASK, math.ceil(len(pending) / (4 * workers))))
-        tasks = [
-            [
-                (
-                    paths[sketches.file_index[a]],
-                    int(sketches.offset[a]),
-                    paths[sketches.file_index[b]],
-                    int(sketches.offset[b]),
-                )
-                for a, b in pending[start : start + per_task]
-            ]
-            for start in range(0, len(pending), per_task)
+    return pending
+
+
+def _jaccard_tasks(
+    pending: list[tuple[int, int]], sketches: Sketches, paths: list[str], workers: int
+) -> list[list[tuple[str, int, str, int]]]:
+    """The pending pairs as consecutive batches of (path_a, offset_a, path_b, offset_b) for exact_jaccard_task."""
+    # At least 4 tasks per worker (when there are enough pairs), so that the workers share the work evenly.
+    per_task = max(_MIN_PAIRS_PER_TASK, min(_PAIRS_PER_TASK, math.ceil(len(pending) / (4 * workers))))
+    return [
+        [
+            (
+                paths[sketches.file_index[a]],
+                int(sketches.offset[a]),
+                paths[sketches.file_index[b]],
+                int(sketches.offset[b]),
+            )
+            for a, b in pending[start : start + per_task]
         ]
-        similarities = ordered_map(exact_jaccard_task, tasks, workers, init_worker, (config,))
-        position = 0
-        for task_similarities in progress(similarities, total=len(tasks), desc="exact Jaccard", unit="batch"):
-            for similarity in task_similarities:
-                first, second = pending[position]
-                position += 1
-                if similarity >= config.threshold and union_find.union(first, second):
-                    edges.append(Edge(first, second, "jaccard", similarity))
-        exact_checks = len(pending)
-    return DedupResult(union_find.roots(), edges, exact_duplicates, checks, exact_checks)
+        for start in range(0, len(pending), per_task)
+    ]
+
+
+def _merge_by_exact_jaccard(pending, sketches, config, paths, workers, union_find, edges, progress) -> int:
+    """Merge the pending pairs whose exact Jaccard similarity (in worker processes) reaches the
+    threshold; the number of pairs checked."""
+    if not pending:
+        return 0
+    tasks = _jaccard_tasks(pending, sketches, paths, workers)
+    similarities = ordered_map(exact_jaccard_task, tasks, workers, init_worker, (config,))
+    position = 0
+    for task_similarities in progress(similarities, total=len(tasks), desc="exact Jaccard", unit="batch"):
+        for similarity in task_similarities:
+            first, second = pending[position]
+            position += 1
+            if similarity >= config.threshold and union_find.union(first, second):
+                edges.append(Edge(first, second, "jaccard", similarity))
+    return len(pending)
 
 
 def _judge(config, margin, signature, others) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:

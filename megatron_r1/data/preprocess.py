@@ -239,40 +239,124 @@ def _assign_partitions(ranges: list[ByteRange], partitions: int) -> list[int]:
     return assignment
 
 
-def preprocess(config: PreprocessConfig, show_progress: bool = True) -> PreprocessResult:
-    """Tokenize ``config.input_files`` into indexed datasets; see the module docstring."""
+def _check_config(config: PreprocessConfig) -> None:
     if config.workers < 1 or config.partitions < 1:
         raise ValueError("--workers and --partitions must be >= 1")
     if config.max_document_bytes < 1:
         raise ValueError("--max-document-bytes must be >= 1")
+
+
+def _run_prefix(output_prefix: str) -> str:
+    """A hidden prefix, unique to this run, beside the output for its temporary part files."""
+    return os.path.join(
+        os.path.dirname(os.path.abspath(output_prefix)),
+        f".{os.path.basename(output_prefix)}.{os.getpid()}-{uuid.uuid4().hex[:8]}",
+    )
+
+
+def _partition_prefix(config: PreprocessConfig, key: str, partition: int) -> str:
+    """The dataset a partition writes: the output itself when there is one partition."""
+    return output_prefix_for(config.output_prefix, key, partition if config.partitions > 1 else None)
+
+
+def _no_documents_error(skipped: SkipCounter) -> BadInputError:
+    return BadInputError(
+        "no documents to write: "
+        + ("every line was skipped\n" + "\n".join(skipped.summary_lines()) if skipped.total else "the input is empty")
+    )
+
+
+def _remove_part_files(run_prefix: str) -> None:
+    for path in glob.glob(glob.escape(run_prefix) + ".range*"):
+        remove_if_exists(path)
+
+
+class _Outputs:
+    """The datasets being written: appends the encoded ranges, in input order, to the writer of their
+    partition and key, and counts documents, tokens, input bytes and skipped lines."""
+
+    def __init__(self, config: PreprocessConfig):
+        self.config = config
+        self.writers: dict[tuple[int, str], IndexedDatasetWriter] = {}
+        self.skipped = SkipCounter()
+        self.documents = self.tokens = self.input_bytes = 0
+        self.prefixes = [
+            _partition_prefix(config, key, partition)
+            for partition in range(config.partitions)
+            for key in config.json_keys
+        ]
+        self._lines_before = dict.fromkeys(config.input_files, 0)
+
+    def open(self, dtype: np.dtype) -> None:
+        for partition in range(self.config.partitions):
+            for key in self.config.json_keys:
+                self.writers[(partition, key)] = IndexedDatasetWriter(
+                    _partition_prefix(self.config, key, partition), dtype
+                )
+
+    def append(self, byte_range: ByteRange, partition: int, result: _RangeResult) -> None:
+        """Add a range's documents (their part files are removed); a strict failure raises, numbered in the file."""
+        keys = self.config.json_keys
+        line_offset = self._lines_before[byte_range.path]
+        if result.strict_failure is not None:
+            line, reason = result.strict_failure
+            raise strict_error(byte_range.path, line_offset + line, reason)
+        self._lines_before[byte_range.path] += result.lines
+        self.skipped.merge(result.skipped, line_offset)
+        for key in keys:
+            writer = self.writers[(partition, key)]
+            writer.append_bin_file(result.part_files[key])
+            writer.add_documents(result.lengths[key])
+            remove_if_exists(result.part_files[key])
+        self.documents += len(result.lengths[keys[0]])
+        self.tokens += result.tokens
+        self.input_bytes += result.input_bytes
+
+    def finish(self) -> None:
+        """Complete every dataset and, with partitions, merge them into the output of each key."""
+        if self.documents == 0:
+            raise _no_documents_error(self.skipped)
+        for writer in self.writers.values():
+            writer.finalize()
+        if self.config.partitions > 1:
+            for key in self.config.json_keys:
+                merged = output_prefix_for(self.config.output_prefix, key)
+                merge_indexed_datasets(
+                    [_partition_prefix(self.config, key, partition) for partition in range(self.config.partitions)],
+                    merged,
+                )
+                self.prefixes.append(merged)
+
+    def discard(self) -> None:
+        for writer in self.writers.values():
+            writer.discard()
+
+
+def _stop_pool(pool, finished: bool) -> None:
+    """Let the workers exit when they are done, or stop them at once after an error."""
+    if pool is None:
+        return
+    if finished:
+        pool.close()
+    else:
+        pool.terminate()
+    pool.join()
+
+
+def preprocess(config: PreprocessConfig, show_progress: bool = True) -> PreprocessResult:
+    """Tokenize ``config.input_files`` into indexed datasets; see the module docstring."""
+    _check_config(config)
     started = time.perf_counter()
     main_encoder = _RangeEncoder(config)  # also validates the tokenizer before any worker starts
     total_disk_bytes = sum(os.path.getsize(path) for path in config.input_files)
     ranges = split_into_ranges(config.input_files, _range_bytes(config, total_disk_bytes))
     range_partitions = _assign_partitions(ranges, config.partitions)
-    run_prefix = os.path.join(
-        os.path.dirname(os.path.abspath(config.output_prefix)),
-        f".{os.path.basename(config.output_prefix)}.{os.getpid()}-{uuid.uuid4().hex[:8]}",
-    )
+    run_prefix = _run_prefix(config.output_prefix)
     tasks = [(byte_range, f"{run_prefix}.range{index}") for index, byte_range in enumerate(ranges)]
-    keys = config.json_keys
-    partitioned = config.partitions > 1
-    output_prefixes = [
-        output_prefix_for(config.output_prefix, key, partition if partitioned else None)
-        for partition in range(config.partitions)
-        for key in keys
-    ]
-    writers: dict[tuple[int, str], IndexedDatasetWriter] = {}
-    skipped = SkipCounter()
-    documents = tokens = input_bytes = 0
-    lines_before = dict.fromkeys(config.input_files, 0)
+    outputs = _Outputs(config)
     pool = None
     try:
-        for partition in range(config.partitions):
-            for key in keys:
-                writers[(partition, key)] = IndexedDatasetWriter(
-                    output_prefix_for(config.output_prefix, key, partition if partitioned else None), main_encoder.dtype
-                )
+        outputs.open(main_encoder.dtype)
         if config.workers > 1:
             pool = _process_context().Pool(config.workers, initializer=_start_worker, initargs=(config,))
             results = pool.imap(_encode_in_worker, tasks)
@@ -282,60 +366,23 @@ def preprocess(config: PreprocessConfig, show_progress: bool = True) -> Preproce
             total=total_disk_bytes, unit="B", unit_scale=True, desc="preprocess", disable=not show_progress
         ) as progress:
             for (byte_range, _), partition, result in zip(tasks, range_partitions, results):
-                line_offset = lines_before[byte_range.path]
-                if result.strict_failure is not None:
-                    line, reason = result.strict_failure
-                    raise strict_error(byte_range.path, line_offset + line, reason)
-                lines_before[byte_range.path] += result.lines
-                skipped.merge(result.skipped, line_offset)
-                for key in keys:
-                    writer = writers[(partition, key)]
-                    writer.append_bin_file(result.part_files[key])
-                    writer.add_documents(result.lengths[key])
-                    remove_if_exists(result.part_files[key])
-                documents += len(result.lengths[keys[0]])
-                tokens += result.tokens
-                input_bytes += result.input_bytes
+                outputs.append(byte_range, partition, result)
                 progress.update(byte_range.disk_bytes)
-        if pool is not None:
-            pool.close()
-            pool.join()
-        if documents == 0:
-            raise BadInputError(
-                "no documents to write: "
-                + (
-                    "every line was skipped\n" + "\n".join(skipped.summary_lines())
-                    if skipped.total
-                    else "the input is empty"
-                )
-            )
-        for writer in writers.values():
-            writer.finalize()
-        if partitioned:
-            for key in keys:
-                merged = output_prefix_for(config.output_prefix, key)
-                merge_indexed_datasets(
-                    [output_prefix_for(config.output_prefix, key, partition) for partition in range(config.partitions)],
-                    merged,
-                )
-                output_prefixes.append(merged)
+        _stop_pool(pool, finished=True)
+        outputs.finish()
     except BaseException:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        for writer in writers.values():
-            writer.discard()
+        _stop_pool(pool, finished=False)
+        outputs.discard()
         raise
     finally:
-        for path in glob.glob(glob.escape(run_prefix) + ".range*"):
-            remove_if_exists(path)
+        _remove_part_files(run_prefix)
     return PreprocessResult(
-        documents,
-        tokens,
-        input_bytes,
+        outputs.documents,
+        outputs.tokens,
+        outputs.input_bytes,
         time.perf_counter() - started,
-        skipped,
-        output_prefixes,
+        outputs.skipped,
+        outputs.prefixes,
         main_encoder.tokenizer.vocab_size,
         main_encoder.dtype,
     )

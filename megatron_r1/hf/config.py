@@ -113,85 +113,13 @@ def _refuse_unless(condition: bool, message: str) -> None:
 def deepseek_v3_config(args, vocab_size: int, bos_token_id=None, eos_token_id=None, pad_token_id=None):
     """The ``transformers.DeepseekV3Config`` of the model that `args` describes (UnsupportedModelError
     naming the flag when transformers' model would compute something else)."""
-    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor
     from transformers import DeepseekV3Config
 
-    _refuse_unless(
-        args.multi_latent_attention,
-        "GQA models (no --multi-latent-attention) have no exact Hugging Face "
-        "architecture here: DeepseekV3ForCausalLM needs MLA, and no standard GQA MoE architecture matches our "
-        "flags in every respect (shared experts, dense layers, expert bias, routing)",
-    )
-    _refuse_unless(args.normalization == "RMSNorm", "--normalization LayerNorm: DeepseekV3 uses RMSNorm")
-    _refuse_unless(args.swiglu, "DeepseekV3's MLPs are SwiGLU: the model needs --swiglu")
-    _refuse_unless(
-        args.disable_bias_linear, "DeepseekV3's linear layers have no biases: the model needs --disable-bias-linear"
-    )
-    _refuse_unless(
-        args.qk_layernorm,
-        "DeepseekV3 normalises the compressed q and kv (q_a_layernorm, kv_a_layernorm): the model needs --qk-layernorm",
-    )
-    _refuse_unless(
-        args.position_embedding_type == "rope",
-        f"--position-embedding-type {args.position_embedding_type}: DeepseekV3 uses RoPE",
-    )
-    _refuse_unless(args.window_size is None, "--window-size: DeepseekV3 has no sliding-window attention")
+    _refuse_other_layers(args)
     config = transformer_config_from_args(args)
-    rope_scaling = None
-    if args.rope_type == "yarn":
-        rope_scaling = {
-            "rope_type": "yarn",
-            "factor": args.rotary_scaling_factor,
-            "original_max_position_embeddings": config.original_max_position_embeddings,
-            "beta_fast": args.beta_fast,
-            "beta_slow": args.beta_slow,
-            "mscale": args.mscale,
-            "mscale_all_dim": args.mscale_all_dim,
-            # megatron-core's cos/sin scale, stated so that transformers does not re-derive it differently.
-            "attention_factor": _yarn_get_concentration_factor(
-                args.rotary_scaling_factor, args.mscale, args.mscale_all_dim
-            ),
-        }
-    else:
-        _refuse_unless(
-            args.rotary_scaling_factor <= 1 or not args.mscale_all_dim,
-            "--rope-type rope with --rotary-scaling-factor > 1 and --mscale-all-dim scales the attention "
-            "softmax, which DeepseekV3 does only with yarn RoPE",
-        )
+    rope_scaling = _rope_scaling(args, config)
     n_dense = first_dense_layers(args)
-    moe = {}
-    if args.num_experts:
-        _refuse_unless(
-            args.moe_router_score_function == "sigmoid",
-            "--moe-router-score-function softmax: DeepseekV3 routes with sigmoid scores (topk_method noaux_tc)",
-        )
-        shared = args.moe_shared_expert_intermediate_size
-        expert_size = config.moe_ffn_hidden_size
-        _refuse_unless(
-            bool(shared) and shared % expert_size == 0,
-            f"--moe-shared-expert-intermediate-size {shared}: "
-            f"DeepseekV3 has n_shared_experts >= 1 shared experts of --moe-ffn-hidden-size ({expert_size}) channels",
-        )
-        groups, group_topk = args.moe_router_num_groups or 1, args.moe_router_group_topk or 1
-        if groups > 1:
-            _refuse_unless(
-                args.moe_router_topk == 2 * group_topk,
-                f"--moe-router-topk {args.moe_router_topk} with "
-                f"--moe-router-group-topk {group_topk}: DeepseekV3 scores a group by its top 2 experts, "
-                "megatron-core by its top topk/group_topk; they agree only when topk = 2 x group_topk",
-            )
-        else:
-            _refuse_unless(args.num_experts >= 2, "DeepseekV3 needs at least 2 routed experts")
-        moe = dict(
-            n_routed_experts=args.num_experts,
-            moe_intermediate_size=expert_size,
-            n_shared_experts=shared // expert_size,
-            num_experts_per_tok=args.moe_router_topk,
-            n_group=groups,
-            topk_group=group_topk if groups > 1 else 1,
-            norm_topk_prob=args.moe_router_topk > 1,
-            routed_scaling_factor=args.moe_router_topk_scaling_factor or 1.0,
-        )
+    moe = _moe_fields(args, config) if args.num_experts else {}
     return DeepseekV3Config(
         vocab_size=vocab_size,
         hidden_size=args.hidden_size,
@@ -225,6 +153,98 @@ def deepseek_v3_config(args, vocab_size: int, bos_token_id=None, eos_token_id=No
         torch_dtype="float32",
         **moe,
     )
+
+
+def _refuse_other_layers(args) -> None:
+    """UnsupportedModelError unless attention, norms, MLPs and positions are DeepseekV3's."""
+    _refuse_unless(
+        args.multi_latent_attention,
+        "GQA models (no --multi-latent-attention) have no exact Hugging Face "
+        "architecture here: DeepseekV3ForCausalLM needs MLA, and no standard GQA MoE architecture matches our "
+        "flags in every respect (shared experts, dense layers, expert bias, routing)",
+    )
+    _refuse_unless(args.normalization == "RMSNorm", "--normalization LayerNorm: DeepseekV3 uses RMSNorm")
+    _refuse_unless(args.swiglu, "DeepseekV3's MLPs are SwiGLU: the model needs --swiglu")
+    _refuse_unless(
+        args.disable_bias_linear, "DeepseekV3's linear layers have no biases: the model needs --disable-bias-linear"
+    )
+    _refuse_unless(
+        args.qk_layernorm,
+        "DeepseekV3 normalises the compressed q and kv (q_a_layernorm, kv_a_layernorm): the model needs --qk-layernorm",
+    )
+    _refuse_unless(
+        args.position_embedding_type == "rope",
+        f"--position-embedding-type {args.position_embedding_type}: DeepseekV3 uses RoPE",
+    )
+    _refuse_unless(args.window_size is None, "--window-size: DeepseekV3 has no sliding-window attention")
+
+
+def _rope_scaling(args, config) -> dict | None:
+    """DeepseekV3Config's rope_scaling: the yarn parameters, or None for plain RoPE (refused where
+    plain RoPE would scale the attention softmax)."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor
+
+    if args.rope_type != "yarn":
+        _refuse_unless(
+            args.rotary_scaling_factor <= 1 or not args.mscale_all_dim,
+            "--rope-type rope with --rotary-scaling-factor > 1 and --mscale-all-dim scales the attention "
+            "softmax, which DeepseekV3 does only with yarn RoPE",
+        )
+        return None
+    return {
+        "rope_type": "yarn",
+        "factor": args.rotary_scaling_factor,
+        "original_max_position_embeddings": config.original_max_position_embeddings,
+        "beta_fast": args.beta_fast,
+        "beta_slow": args.beta_slow,
+        "mscale": args.mscale,
+        "mscale_all_dim": args.mscale_all_dim,
+        # megatron-core's cos/sin scale, stated so that transformers does not re-derive it differently.
+        "attention_factor": _yarn_get_concentration_factor(
+            args.rotary_scaling_factor, args.mscale, args.mscale_all_dim
+        ),
+    }
+
+
+def _moe_fields(args, config) -> dict:
+    """DeepseekV3Config's MoE fields; UnsupportedModelError where its routing or shared experts differ."""
+    _refuse_unless(
+        args.moe_router_score_function == "sigmoid",
+        "--moe-router-score-function softmax: DeepseekV3 routes with sigmoid scores (topk_method noaux_tc)",
+    )
+    shared = args.moe_shared_expert_intermediate_size
+    expert_size = config.moe_ffn_hidden_size
+    _refuse_unless(
+        bool(shared) and shared % expert_size == 0,
+        f"--moe-shared-expert-intermediate-size {shared}: "
+        f"DeepseekV3 has n_shared_experts >= 1 shared experts of --moe-ffn-hidden-size ({expert_size}) channels",
+    )
+    groups, group_topk = _router_groups(args)
+    return dict(
+        n_routed_experts=args.num_experts,
+        moe_intermediate_size=expert_size,
+        n_shared_experts=shared // expert_size,
+        num_experts_per_tok=args.moe_router_topk,
+        n_group=groups,
+        topk_group=group_topk if groups > 1 else 1,
+        norm_topk_prob=args.moe_router_topk > 1,
+        routed_scaling_factor=args.moe_router_topk_scaling_factor or 1.0,
+    )
+
+
+def _router_groups(args) -> tuple[int, int]:
+    """(groups, group top-k) of the routing; UnsupportedModelError where DeepseekV3 would route otherwise."""
+    groups, group_topk = args.moe_router_num_groups or 1, args.moe_router_group_topk or 1
+    if groups > 1:
+        _refuse_unless(
+            args.moe_router_topk == 2 * group_topk,
+            f"--moe-router-topk {args.moe_router_topk} with "
+            f"--moe-router-group-topk {group_topk}: DeepseekV3 scores a group by its top 2 experts, "
+            "megatron-core by its top topk/group_topk; they agree only when topk = 2 x group_topk",
+        )
+    else:
+        _refuse_unless(args.num_experts >= 2, "DeepseekV3 needs at least 2 routed experts")
+    return groups, group_topk
 
 
 _REQUIRED = object()
