@@ -20,6 +20,7 @@ Targets (``--lora-target-modules``) name components -- ``attention``, ``mlp`` (d
 ``experts.linear_fc1``.
 """
 
+import contextlib
 import dataclasses
 import math
 
@@ -279,6 +280,21 @@ def add_adapters_to_duplicated_linears(model, lora: LoRAConfig) -> int:
 
 def adapter_layers(model) -> list:
     return [module for module in model.modules() if isinstance(module, _Adapter)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Inside, `model` computes as its base model: every adapter's scale is 0, so the adapter path
+    adds exact zeros (GRPO's reference policy is the base model, without a copy of it)."""
+    layers = adapter_layers(model)
+    configs = [layer.lora for layer in layers]
+    for layer, config in zip(layers, configs):
+        layer.lora = dataclasses.replace(config, alpha=0.0)
+    try:
+        yield
+    finally:
+        for layer, config in zip(layers, configs):
+            layer.lora = config
 
 
 def is_adapter_key(key: str) -> bool:

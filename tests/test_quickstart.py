@@ -23,7 +23,9 @@ def run_and_check_quickstart(tmp_path) -> Path:
         for name, value in os.environ.items()
         if name not in ("DATA_PATH", "TOKENIZER_MODEL", "MASTER_ADDR", "EXTRA_ARGS", "DRY_RUN")
     }
-    environment.update(OUT=str(out), PRETRAIN_ITERS="2", SFT_ITERS="2", NEW_TOKENS="4", OMP_NUM_THREADS="1")
+    environment.update(
+        OUT=str(out), PRETRAIN_ITERS="2", SFT_ITERS="2", GRPO_ITERS="2", NEW_TOKENS="4", OMP_NUM_THREADS="1"
+    )
     result = subprocess.run(
         ["bash", str(REPO_ROOT / "examples" / "quickstart.sh")],
         cwd=tmp_path,
@@ -36,26 +38,31 @@ def run_and_check_quickstart(tmp_path) -> Path:
     assert result.returncode == 0, log[-3000:] + result.stderr[-6000:]
 
     # Every stage ran, in order.
-    stages = re.findall(r"^=== (\d+)/11 ", log, re.M)
-    assert stages == [str(i) for i in range(1, 12)], stages
+    stages = re.findall(r"^=== (\d+)/12 ", log, re.M)
+    assert stages == [str(i) for i in range(1, 13)], stages
 
     # Pre-training stopped at iteration 1 and the second run went on from its checkpoint to 2.
-    first_run, resumed = log.split("=== 6/11 resume", 1)
+    first_run, resumed = log.split("=== 6/12 resume", 1)
     assert re.search(r"^ iteration +1/ +2 \|", first_run, re.M) and not re.search(
         r"^ iteration +2/ +2 \|", first_run, re.M
     )
     assert "resumed from iteration 1 (16 samples consumed)" in resumed
-    resumed_pretraining = resumed.split("=== 7/11", 1)[0]
+    resumed_pretraining = resumed.split("=== 7/12", 1)[0]
     assert re.findall(r"^ iteration +(\d+)/ +2 \|", resumed_pretraining, re.M) == ["2"]
 
     # LoRA fine-tuning trained adapters on the pre-trained weights, and the merge wrote a full checkpoint.
-    sft = log.split("=== 7/11", 1)[1].split("=== 9/11", 1)[0]
+    sft = log.split("=== 7/12", 1)[1].split("=== 9/12", 1)[0]
     assert f"starting weights: {out}/checkpoints/iter_0000002" in sft
     assert re.search(r"LoRA: \d+ trainable parameters", sft)
     assert re.findall(r"^ iteration +(\d+)/ +2 \|", sft, re.M) == ["1", "2"]
     assert re.search(
         r"^merged \d+ adapted linears .* into .*: " + re.escape(f"{out}/sft_merged/iter_0000002"), sft, re.M
     )
+
+    # GRPO from the merged SFT checkpoint, which is also the KL term's reference policy.
+    grpo = log.split("=== 9/12", 1)[1].split("=== 10/12", 1)[0]
+    assert f"starting weights: {out}/sft_merged/iter_0000002" in grpo and f"reference policy: {out}/sft_merged" in grpo
+    assert re.findall(r"^ iteration +(\d+)/ +2 \|.* reward mean: ", grpo, re.M) == ["1", "2"]
 
     # The export's check: the same top-1 token as our model everywhere.
     assert re.search(r"^verify passed: top-1 agreement 1\.000, max \|logit diff\| ", log, re.M)
@@ -73,7 +80,7 @@ def run_and_check_quickstart(tmp_path) -> Path:
     artefacts = ["clean.jsonl", "rejects.jsonl", "dedup.jsonl", "clusters.jsonl", "tokenizer.model",
                  "corpus_text_document.bin", "corpus_text_document.idx", "checkpoints/iter_0000002",
                  "sft_lora/lora.json", "sft_merged/iter_0000002", "hf/config.json", "hf/tokenizer.json",
-                 "hf/model.safetensors.index.json", "hf_export.log", "prompt_ids.txt"]  # fmt: skip
+                 "hf/model.safetensors.index.json", "hf_export.log", "prompt_ids.txt", "grpo/iter_0000002"]  # fmt: skip
     for artefact in artefacts:
         assert (out / artefact).exists(), artefact
     assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
@@ -82,6 +89,6 @@ def run_and_check_quickstart(tmp_path) -> Path:
     assert list((out / "hf").glob("model-*.safetensors"))
     # The closing list names where everything is.
     listing = log.split("=== artefacts", 1)[1]
-    for name in ("checkpoints", "sft_lora", "sft_merged", "hf", "tokenizer.model", "tensorboard"):
+    for name in ("checkpoints", "sft_lora", "sft_merged", "grpo", "hf", "tokenizer.model", "tensorboard"):
         assert f"{out}/{name}" in listing, name
     return out

@@ -256,7 +256,7 @@ def _loss_and_gradients(flags):
     try:
         state.model[0].zero_grad_buffer()
         batches = [MicroBatches(_UnevenlyMaskedSamples(), args.micro_batch_size)]
-        loss = run_schedule(args, state.model, lm_forward_step, batches, False)
+        loss = run_schedule(args, state.model, lm_forward_step, batches, False)["lm loss"]
         return loss, [param.main_grad.clone() for param in state.model[0].parameters()]
     finally:
         destroy_distributed()

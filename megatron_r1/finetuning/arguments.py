@@ -11,15 +11,13 @@ from megatron_r1.finetuning.unfreezing import parse_unfreeze_schedule
 from megatron_r1.megatron_lm_flags import parse_known_flags
 
 
-def add_finetuning_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("fine-tuning")
+def add_model_preparation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The starting weights, per-component dropout and LoRA: what setup_finetuning reads (SFT and GRPO)."""
+    group = parser.add_argument_group("starting weights and dropout")
     group.add_argument(
         "--pretrained-checkpoint",
         default=None,
         help="checkpoint directory to start from (weights only); none: random initialisation",
-    )
-    group.add_argument(
-        "--no-pack-sequences", action="store_true", help="one sample per sequence (padded) instead of packing several"
     )
     group.add_argument(
         "--embedding-dropout", type=float, default=None, help="on the embeddings; default --hidden-dropout"
@@ -29,6 +27,40 @@ def add_finetuning_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         help="on the FFN's inner activations (dense, shared and routed experts)",
+    )
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora", action="store_true", help="train LoRA adapters on a frozen base model")
+    lora.add_argument("--lora-rank", type=int, default=16)
+    lora.add_argument("--lora-alpha", type=float, default=32.0)
+    lora.add_argument("--lora-dropout", type=float, default=0.0)
+    lora.add_argument(
+        "--lora-target-modules",
+        nargs="+",
+        default=["attention", "mlp", "shared_experts", "experts"],
+        help="components (attention, mlp, shared_experts, experts), linear names (linear_qkv, linear_proj, "
+        "linear_fc1, linear_fc2, MLA's linear_q_proj/linear_q_down_proj/linear_q_up_proj/"
+        "linear_kv_down_proj/linear_kv_up_proj) or COMPONENT.LINEAR",
+    )
+
+
+def validate_model_preparation_args(args, error) -> None:
+    if args.lora:
+        if args.transformer_impl != "local":
+            error("--lora needs --transformer-impl local (adapters wrap megatron-core's local linears)")
+        if args.lora_rank < 1:
+            error(f"--lora-rank ({args.lora_rank}) must be >= 1")
+        # The base model is frozen, its routers' load-balancing biases too.
+        args.moe_router_bias_update_rate = 0.0
+    for flag, probability in (("--embedding-dropout", args.embedding_dropout), ("--ffn-dropout", args.ffn_dropout)):
+        if probability is not None and not 0 <= probability < 1:
+            error(f"{flag} ({probability}) must be in [0, 1)")
+
+
+def add_finetuning_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_preparation_arguments(parser)
+    group = parser.add_argument_group("fine-tuning")
+    group.add_argument(
+        "--no-pack-sequences", action="store_true", help="one sample per sequence (padded) instead of packing several"
     )
     group.add_argument(
         "--unfreeze-schedule",
@@ -47,20 +79,6 @@ def add_finetuning_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--early-stop-min-delta", type=float, default=0.0, help="smallest decrease that counts as better"
-    )
-
-    lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--lora", action="store_true", help="train LoRA adapters on a frozen base model")
-    lora.add_argument("--lora-rank", type=int, default=16)
-    lora.add_argument("--lora-alpha", type=float, default=32.0)
-    lora.add_argument("--lora-dropout", type=float, default=0.0)
-    lora.add_argument(
-        "--lora-target-modules",
-        nargs="+",
-        default=["attention", "mlp", "shared_experts", "experts"],
-        help="components (attention, mlp, shared_experts, experts), linear names (linear_qkv, linear_proj, "
-        "linear_fc1, linear_fc2, MLA's linear_q_proj/linear_q_down_proj/linear_q_up_proj/"
-        "linear_kv_down_proj/linear_kv_up_proj) or COMPONENT.LINEAR",
     )
 
     kd = parser.add_argument_group("knowledge distillation")
@@ -122,13 +140,7 @@ def validate_finetuning_args(args, error) -> None:
         args.valid_data_path = _check_data_paths(args.valid_data_path, "--valid-data-path", error)
     if args.seq_length_curriculum:
         error("--seq-length-curriculum is for pre-training (packed samples must not be cut)")
-    if args.lora:
-        if args.transformer_impl != "local":
-            error("--lora needs --transformer-impl local (adapters wrap megatron-core's local linears)")
-        if args.lora_rank < 1:
-            error(f"--lora-rank ({args.lora_rank}) must be >= 1")
-        # The base model is frozen, its routers' load-balancing biases too.
-        args.moe_router_bias_update_rate = 0.0
+    validate_model_preparation_args(args, error)
     if args.unfreeze_schedule:
         if args.lora:
             error("--unfreeze-schedule is for full-parameter fine-tuning, not --lora")
@@ -147,9 +159,6 @@ def validate_finetuning_args(args, error) -> None:
             error(f"--kd-temperature ({args.kd_temperature}) must be > 0")
     if args.early_stop_patience < 0:
         error(f"--early-stop-patience ({args.early_stop_patience}) must be >= 0")
-    for flag, probability in (("--embedding-dropout", args.embedding_dropout), ("--ffn-dropout", args.ffn_dropout)):
-        if probability is not None and not 0 <= probability < 1:
-            error(f"{flag} ({probability}) must be in [0, 1)")
 
 
 def parse_finetuning_args(description: str, argv=None) -> argparse.Namespace:

@@ -88,11 +88,18 @@ def write_lora_config(args) -> None:
     _write_text_atomically(os.path.join(args.save, LORA_CONFIG_FILE), json.dumps(config, indent=1))
 
 
-def setup_finetuning(args):
-    """training.setup with the fine-tuning model changes, then the starting weights: pretrained,
-    then this run's own checkpoint when resuming."""
+def _prepare_then(args, also, chunk) -> None:
+    prepare_model_chunk(args, chunk)
+    if also is not None:
+        also(chunk)
+
+
+def setup_finetuning(args, also_prepare_chunk=None):
+    """training.setup with the fine-tuning model changes (and a recipe's own, `also_prepare_chunk(chunk)`
+    after them), then the starting weights: pretrained, then this run's own checkpoint when resuming."""
     spec_transform = lora_spec_transform(lora_config(args), args.swiglu) if args.lora else None
-    state = setup(args, layer_spec_transform=spec_transform, prepare_model_chunk=partial(prepare_model_chunk, args))
+    prepare = partial(_prepare_then, args, also_prepare_chunk)
+    state = setup(args, layer_spec_transform=spec_transform, prepare_model_chunk=prepare)
     loaded = load_pretrained(args, state)
     print_rank_last(f" starting weights: {loaded}" if loaded else " no --pretrained-checkpoint: random initialisation")
     if load_checkpoint(args, state):

@@ -94,6 +94,41 @@ def aggregate_loss(
     raise ValueError(f"unknown loss aggregation {aggregation!r}; expected one of {', '.join(AGGREGATIONS)}")
 
 
+def aggregation_weights(
+    mask: torch.Tensor,
+    aggregation: str,
+    total_tokens: int,
+    total_responses: int,
+    max_response_length: int | None = None,
+) -> torch.Tensor:
+    """Per-token weights of a part of a batch (a micro-batch, a data-parallel rank's share) such
+    that ``(weights * values).sum()`` summed over the parts equals :func:`aggregate_loss` of the
+    whole batch; ``total_tokens`` and ``total_responses`` are the whole batch's mask tokens and
+    responses."""
+    mask = mask.float()
+    if aggregation == "token-mean":
+        return mask / max(total_tokens, 1)
+    if aggregation == "seq-mean-token-mean":
+        return mask / (mask.sum(dim=-1, keepdim=True).clamp(min=1) * total_responses)
+    if aggregation == "seq-mean-token-sum-norm":
+        if not max_response_length or max_response_length < 1:
+            raise ValueError(f"seq-mean-token-sum-norm needs max_response_length >= 1, got {max_response_length}")
+        return mask / (max_response_length * total_responses)
+    raise ValueError(f"unknown loss aggregation {aggregation!r}; expected one of {', '.join(AGGREGATIONS)}")
+
+
+def clipped_surrogate(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token: the clipped surrogate loss ``max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))``,
+    the ratio r, the clamped log-ratio, and whether the clipped term is the one taken (no gradient)."""
+    log_ratio = (logprobs - old_logprobs).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(unclipped, clipped), ratio, log_ratio, clipped > unclipped
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -111,14 +146,11 @@ def policy_loss(
     no gradient), ``ratio_mean`` and ``approx_kl`` (mean of old_logp - logp), 0-dim tensors that cost
     no host read until the caller logs them."""
     mask = mask.to(logprobs.dtype)
-    log_ratio = (logprobs - old_logprobs).clamp(-_LOG_RATIO_LIMIT, _LOG_RATIO_LIMIT)
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, aggregation, max_response_length)
+    per_token, ratio, log_ratio, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high)
+    loss = aggregate_loss(per_token, mask, aggregation, max_response_length)
     with torch.no_grad():
         stats = {
-            "clip_fraction": _masked_mean((clipped > unclipped).to(mask.dtype), mask),
+            "clip_fraction": _masked_mean(clipped.to(mask.dtype), mask),
             "ratio_mean": _masked_mean(ratio, mask),
             "approx_kl": _masked_mean(-log_ratio, mask),
         }

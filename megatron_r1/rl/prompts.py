@@ -124,6 +124,15 @@ class PromptRenderer:
         self.tokenizer, self.template = tokenizer, template
         self.chat = ChatTemplate(tokenizer) if template == "chat" else None
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end a response: the end of the assistant turn (chat), or the end of the document."""
+        if self.chat is not None:
+            return self.chat.end_ids
+        if self.tokenizer.eod is None:
+            raise ValueError("the r1-zero template ends responses at the end-of-document id; this tokenizer has none")
+        return [self.tokenizer.eod]
+
     def render(self, record: PromptRecord) -> list[int]:
         if self.chat is not None:
             return self.chat.render(record.messages, add_generation_prompt=True)[0]

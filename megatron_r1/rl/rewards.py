@@ -42,6 +42,8 @@ _BRACE_DEPTH = {"{": 1, "}": -1}
 _DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _MAX_NUMBER_CHARS = 100
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
+# The numbers of running text, for final_number_reward: no nested quantifiers, linear time.
+_NUMBER_IN_TEXT = re.compile(r"[+-]?\d+(?:,\d{3})*(?:\.\d+)?")
 _FRACTION = re.compile(r"([+-]?\d+)\s*/\s*([+-]?\d+)")
 _LATEX_FRACTION = re.compile(r"([+-]?)\\[dt]?frac\{\s*([+-]?\d+)\s*\}\{\s*([+-]?\d+)\s*\}")
 # <think> ... </think> then <answer> ... </answer>, each part free of its own tags, then only whitespace.
@@ -128,6 +130,14 @@ def accuracy_reward(prompt: str, response: str, fields: dict) -> float:
     return float(given is not None and answers_match(given, str(expected)))
 
 
+def final_number_reward(prompt: str, response: str, fields: dict) -> float:
+    """1.0 when the last number written in the response equals ``fields["answer"]`` (GSM8K-style
+    grading of answers without tags, e.g. "5 + 12 = 17."), else 0.0."""
+    numbers = _NUMBER_IN_TEXT.findall(response[-10_000:])  # the end of a long response holds its answer
+    last = numbers[-1] if numbers else ""
+    return accuracy_reward(prompt, f"{_ANSWER_OPEN}{last}{_ANSWER_CLOSE}", fields)
+
+
 def format_reward(prompt: str, response: str, fields: dict, think_opened_by_prompt: bool = False) -> float:
     """1.0 when the response is ``<think>`` reasoning ``</think>`` then ``<answer>`` answer ``</answer>``
     with only whitespace around and between them (no second block, no text after), else 0.0.
@@ -153,7 +163,11 @@ def overlong_penalty(response_length: int, max_length: int, cache_length: int) -
     return -1.0
 
 
-BUILTIN_REWARDS: dict[str, RewardFunction] = {"accuracy": accuracy_reward, "format": format_reward}
+BUILTIN_REWARDS: dict[str, RewardFunction] = {
+    "accuracy": accuracy_reward,
+    "final_number": final_number_reward,
+    "format": format_reward,
+}
 
 
 class RewardSpecError(ValueError):

@@ -28,7 +28,7 @@ def evaluate(args, state, valid_data, forward_step=lm_forward_step) -> float | N
             losses.append(run_schedule(args, state.model, forward_step, valid_data, forward_only=True))
     for chunk in state.model:
         chunk.train()
-    return None if losses[0] is None else sum(losses) / len(losses)
+    return None if losses[0] is None else sum(figures["lm loss"] for figures in losses) / len(losses)
 
 
 class Evaluation:

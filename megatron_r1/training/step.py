@@ -43,11 +43,11 @@ def lm_forward_step(data_iterator, model):
     return per_token_loss, loss_func
 
 
-def run_schedule(args, model, forward_step, data_iterators, forward_only, reduce_loss=True):
+def run_schedule(args, model, forward_step, data_iterators, forward_only, reduce_loss=True) -> dict | None:
     """One global batch through megatron-core's schedule (one data iterator per model chunk); the
-    lm loss over the loss tokens of all micro-batches and data-parallel ranks (last pipeline stage;
-    None elsewhere, and without `reduce_loss`: a step that is not logged skips the reduction and
-    its host sync)."""
+    figures the loss functions report (micro_batch_loss' third part: "lm loss", ...) over all
+    micro-batches and data-parallel ranks (last pipeline stage; None elsewhere, and without
+    `reduce_loss`: a step that is not logged skips the reduction and its host sync)."""
     seq_length = getattr(data_iterators[0], "seq_length", None) or args.seq_length
     reduced = get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -62,9 +62,12 @@ def run_schedule(args, model, forward_step, data_iterators, forward_only, reduce
         torch.cuda.empty_cache()
     if not (reduce_loss and parallel_state.is_pipeline_last_stage()):
         return None
-    totals = torch.stack([item["lm loss"] for item in reduced]).sum(dim=0)  # [loss sum, loss tokens]
+    names = list(reduced[0])
+    # [figure, [sum, count]] over the micro-batches, then the data-parallel ranks: one all-reduce.
+    totals = torch.stack([torch.stack([item[name] for name in names]) for item in reduced]).sum(dim=0)
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    return (totals[0] / totals[1].clamp(min=1)).item()
+    means = (totals[:, 0] / totals[:, 1].clamp(min=1e-12)).tolist()
+    return dict(zip(names, means))
 
 
 def grads_are_finite(model_chunks) -> bool:
@@ -98,9 +101,10 @@ class StepResult:
     tokens: int | None = None  # tokens processed, where not --global-batch-size x --seq-length
 
 
-def optimizer_step(args, state) -> StepResult:
+def optimizer_step(args, state, advance_schedule: bool = True) -> StepResult:
     """The update after the gradients are in: skipped when any gradient is NaN/Inf (it would poison
-    the weights and optimizer moments), counted in the state; the LR schedule advances on updates."""
+    the weights and optimizer moments), counted in the state; the LR schedule advances on updates
+    (with `advance_schedule`: a recipe making several updates per iteration advances it once)."""
     if grads_are_finite(state.model):
         update_successful, grad_norm, num_zeros = state.optimizer.step()
     else:
@@ -108,7 +112,7 @@ def optimizer_step(args, state) -> StepResult:
         state.nan_iterations += 1
     if args.empty_unused_memory_level >= 2:
         torch.cuda.empty_cache()
-    if update_successful:
+    if update_successful and advance_schedule:
         state.scheduler.step(increment=schedule_increment(args))
     else:
         state.skipped_iterations += 1
@@ -131,9 +135,9 @@ class ScheduleStep:
             chunk_data.seq_length = current_seq_length(self.args, state.iteration)
         zero_grads(state)
         # Figures that need a host sync are gathered on the iterations that are logged only.
-        loss = run_schedule(self.args, state.model, self.forward_step, self.train_data, False, reduce_loss=logged)
+        figures = run_schedule(self.args, state.model, self.forward_step, self.train_data, False, reduce_loss=logged)
         result = optimizer_step(self.args, state)
         state.consumed_samples += self.args.global_batch_size
-        if loss is not None:
-            result.figures["lm loss"] = loss
+        if figures is not None:
+            result.figures["lm loss"] = figures["lm loss"]
         return result

@@ -6,7 +6,15 @@ import math
 import pytest
 import torch
 
-from megatron_r1.rl.objective import aggregate_loss, dynamic_sampling_keep, group_advantages, kl_k3, policy_loss
+from megatron_r1.rl.objective import (
+    AGGREGATIONS,
+    aggregate_loss,
+    aggregation_weights,
+    dynamic_sampling_keep,
+    group_advantages,
+    kl_k3,
+    policy_loss,
+)
 
 # Two responses of 3 and 1 tokens in a width of 4; the padding holds values that must not count.
 VALUES = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 100.0, 100.0, 100.0]])
@@ -90,3 +98,20 @@ def test_k3_is_zero_for_identical_logprobs_positive_otherwise_and_clamped():
     assert kl[1].item() == pytest.approx(math.exp(1.0) - 1.0 - 1)
     assert kl[0] > 0 and kl[1] > 0 and kl[2] == 0
     assert kl[3].item() == 10.0  # exp(20) - 20 - 1, clamped
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_aggregation_weights_of_the_parts_sum_to_the_whole_batch_aggregate(aggregation):
+    """A batch cut into parts (micro-batches, data-parallel shares), each weighted with the whole
+    batch's counts, sums to aggregate_loss of the whole batch."""
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(6, 5, generator=generator)
+    mask = (torch.rand(6, 5, generator=generator) > 0.3).float()
+    mask[2] = 0  # a response without tokens (e.g. a group dynamic sampling left out)
+    whole = aggregate_loss(values, mask, aggregation, max_response_length=5)
+    tokens, responses = int(mask.sum()), 6
+    parts = sum(
+        (aggregation_weights(mask[i : i + 2], aggregation, tokens, responses, 5) * values[i : i + 2]).sum()
+        for i in range(0, 6, 2)
+    )
+    assert torch.allclose(parts, whole, atol=1e-6), (parts, whole)

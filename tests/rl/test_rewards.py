@@ -16,6 +16,7 @@ from megatron_r1.rl.rewards import (
     accuracy_reward,
     answers_match,
     extract_answer,
+    final_number_reward,
     format_reward,
     load_reward_function,
     overlong_penalty,
@@ -225,3 +226,12 @@ def test_reward_computer_refuses_bad_configurations():
         RewardComputer([("a", accuracy_reward, math.nan)])
     with pytest.raises(ValueError, match="cache_length"):
         RewardComputer([], overlong=(10, 20))
+
+
+@pytest.mark.parametrize(
+    ("response", "reward"),
+    [("5 + 12 = 17.", 1.0), ("17 is it, not 18", 0.0), ("1,234 then 17", 1.0), ("seventeen", 0.0),
+     ("<answer>16</answer> 17.0", 1.0), ("", 0.0)],
+)  # fmt: skip
+def test_final_number_reward_grades_the_last_number(response, reward):
+    assert final_number_reward("q", response, {"answer": "17"}) == reward

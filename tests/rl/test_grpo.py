@@ -1,0 +1,163 @@
+"""grpo_r1.py through its entry point: it raises a learnable reward, its first update has ratio 1
+and KL 0 to the reference, a resumed run continues the uninterrupted one, TP/EP layouts compute
+what one process computes, LoRA's reference is the base model, and a failing reward function is
+named. In process: rollouts decode as tools/generate.py does."""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_command
+from sft_task import train_task_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = REPO / "megatron_r1" / "assets" / "tiny_grpo.jsonl"
+TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--swiglu", "--disable-bias-linear",
+        "--seq-length", "64"]  # fmt: skip
+TINY_MOE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--swiglu",
+            "--disable-bias-linear", "--seq-length", "64", "--multi-latent-attention", "--q-lora-rank", "32",
+            "--kv-lora-rank", "32", "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8", "--v-head-dim", "16",
+            "--num-experts", "4", "--moe-layer-freq", "[0]+[1]", "--moe-router-topk", "2", "--moe-ffn-hidden-size",
+            "64", "--moe-shared-expert-intermediate-size", "64", "--mtp-num-layers", "1"]  # fmt: skip
+ROLLOUTS = ["--grpo-prompts-per-step", "4", "--grpo-group-size", "4", "--max-response-length", "8",
+            "--micro-batch-size", "4", "--log-interval", "1", "--lr", "3e-3"]  # fmt: skip
+REWARDS = """
+def vowels(prompt, response, fields):
+    letters = [c for c in response.lower() if c.isalpha()]
+    return sum(c in "aeiou" for c in letters) / max(len(letters), 1)
+
+
+def broken(prompt, response, fields):
+    return "high"
+"""
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("grpo")
+    (directory / "toy_rewards.py").write_text(REWARDS)
+    return {"dir": directory, "tokenizer": train_task_tokenizer(directory)}
+
+
+def grpo(
+    setting, cwd, *flags, launcher=(sys.executable,), rewards=("--reward-function", "toy_rewards:vowels", "--reward")
+):
+    """grpo_r1.py's iteration lines as {iteration: {figure: value}} (and its whole output)."""
+    env_path = f"PYTHONPATH={setting['dir']}"
+    command = ["env", env_path, *launcher, str(REPO / "grpo_r1.py"), "--tokenizer-model", setting["tokenizer"],
+               "--prompt-data", str(PROMPTS), *ROLLOUTS, *rewards, *flags]  # fmt: skip
+    output = run_command(command, cwd).stdout
+    figures = {}
+    for line in output.splitlines():
+        if match := re.match(r"\s*iteration\s+(\d+)/", line):
+            figures[int(match.group(1))] = {name: float(value) for name, value in re.findall(r"\| ([\w ./()]+?): (\S+)", line)
+                                            if re.fullmatch(r"[-+0-9.Ee]+", value)}  # fmt: skip
+    return figures, output
+
+
+def test_grpo_raises_a_learnable_reward(setting, tmp_path):
+    figures, _ = grpo(setting, tmp_path, *TINY, "--train-iters", "30", "--kl-coef", "0", "--grpo-prompts-per-step", "4",
+                      "--grpo-group-size", "8", "--micro-batch-size", "8")  # fmt: skip
+    first = sum(figures[i]["reward mean"] for i in range(1, 6)) / 5
+    last = sum(figures[i]["reward mean"] for i in range(26, 31)) / 5
+    assert last > 2 * first + 0.02, (first, last)
+    assert figures[30]["entropy"] < figures[1]["entropy"]
+
+
+@pytest.fixture(scope="module")
+def start_checkpoint(setting):
+    """A policy after 3 GRPO iterations (the starting checkpoint of the tests with a reference)."""
+    directory = setting["dir"] / "start"
+    directory.mkdir()
+    grpo(setting, directory, *TINY, "--train-iters", "3", "--kl-coef", "0", "--save", "ckpt")
+    return str(directory / "ckpt")
+
+
+def test_first_update_has_ratio_one_and_kl_zero_then_moves(setting, start_checkpoint, tmp_path):
+    figures, output = grpo(setting, tmp_path, *TINY, "--train-iters", "2", "--pretrained-checkpoint", start_checkpoint,
+                           "--kl-coef", "0.1", "--grpo-iterations", "1")  # fmt: skip
+    assert figures[1]["importance ratio"] == 1.0 and figures[1]["clip fraction"] == 0.0, figures[1]
+    assert figures[1]["kl"] == 0.0 and figures[2]["kl"] > 0, figures
+    assert f"reference policy: {start_checkpoint}" in output
+    several, _ = grpo(setting, tmp_path, *TINY, "--train-iters", "1", "--pretrained-checkpoint", start_checkpoint,
+                      "--kl-coef", "0.1", "--grpo-iterations", "3", "--lr", "1e-2")  # fmt: skip
+    assert several[1]["importance ratio"] != 1.0 and several[1]["kl"] > 0  # the last of 3 updates' figures
+
+
+def test_resumed_run_continues_the_uninterrupted_one(setting, tmp_path):
+    flags = [*TINY, "--train-iters", "4", "--kl-coef", "0"]
+    straight, _ = grpo(setting, tmp_path, *flags)
+    grpo(setting, tmp_path, *flags, "--save", "ckpt", "--exit-interval", "2")
+    resumed, output = grpo(setting, tmp_path, *flags, "--save", "ckpt")
+    assert "resumed from iteration 2 (8 samples consumed)" in output and sorted(resumed) == [3, 4]
+    for iteration in (3, 4):
+        for name in ("reward mean", "policy loss", "entropy", "response length mean"):
+            assert resumed[iteration][name] == straight[iteration][name], (iteration, name)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [["--tensor-model-parallel-size", "2", "--sequence-parallel"], ["--expert-model-parallel-size", "2"]],
+    ids=["tp2", "ep2"],
+)
+def test_layouts_compute_what_one_process_computes(setting, tmp_path, layout):
+    flags = [*TINY_MOE, "--train-iters", "3", "--kl-coef", "0", "--seed", "3"]
+    alone, _ = grpo(setting, tmp_path, *flags)
+    parallel, _ = grpo(setting, tmp_path, *flags, *layout, launcher=("torchrun", "--standalone", "--nproc_per_node=2"))
+    for iteration in (1, 2, 3):
+        assert parallel[iteration]["reward mean"] == alone[iteration]["reward mean"], iteration  # the same samples
+        for name in ("policy loss", "entropy", "grad norm"):
+            assert parallel[iteration][name] == pytest.approx(alone[iteration][name], rel=1e-4, abs=1e-6), (
+                iteration,
+                name,
+            )
+
+
+def test_lora_reference_is_the_base_model(setting, start_checkpoint, tmp_path):
+    figures, output = grpo(setting, tmp_path, *TINY, "--train-iters", "2", "--pretrained-checkpoint", start_checkpoint,
+                           "--lora", "--lora-rank", "4", "--lr", "1e-2", "--kl-coef", "0.1")  # fmt: skip
+    assert "reference policy: base model" in output
+    assert figures[1]["kl"] == 0.0 and figures[2]["kl"] > 0, figures
+
+
+def test_a_reward_function_returning_no_number_is_named(setting, tmp_path):
+    command = ["env", f"PYTHONPATH={setting['dir']}", sys.executable, str(REPO / "grpo_r1.py"), *TINY,
+               "--tokenizer-model", setting["tokenizer"], "--prompt-data", str(PROMPTS), *ROLLOUTS,
+               "--train-iters", "1", "--kl-coef", "0", "--reward", "--reward-function", "toy_rewards:broken"]  # fmt: skip
+    import subprocess
+
+    failed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert failed.returncode != 0 and "reward function 'toy_rewards:broken'" in failed.stderr, failed.stderr[-2000:]
+    counted, _ = grpo(setting, tmp_path, *TINY, "--train-iters", "1", "--kl-coef", "0", "--reward-errors", "zero",
+                      rewards=("--reward", "--reward-function", "toy_rewards:broken"))  # fmt: skip
+    assert counted[1]["reward failures"] == 16 and counted[1]["reward mean"] == 0.0
+
+
+@pytest.mark.parametrize("padding", [0, 3], ids=["alone", "prefill-padded"])
+def test_rollouts_decode_as_generation_does(monkeypatch, padding):
+    """top-k 1 sampling is greedy decoding: each row of a group equals generation.generate's greedy
+    reply, also where the prefill is padded to a longer prompt of another rank."""
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.distributed import destroy_distributed, initialize_distributed
+    from megatron_r1.generation import generate
+    from megatron_r1.model import build_model
+    from megatron_r1.rl import rollout
+    from megatron_r1.rl.rollout import Sampling, generate_rollouts
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = parse_args("test", [*TINY, "--mock-data", "--vocab-size", "96", "--seed", "5"])
+    args.padded_vocab_size = 128
+    initialize_distributed()
+    monkeypatch.setattr(rollout, "largest_anywhere", lambda value: value + padding)
+    try:
+        (model,) = build_model(args)
+        prompts = [[3, 17, 42, 8], [5, 9]]
+        rollouts = generate_rollouts(model, prompts, 0, 3, 6, 96, [95], Sampling(1.0, 1, 1.0), seed=1, iteration=0)
+        for row in range(6):
+            prompt = prompts[row // 3]
+            expected = generate(model.eval(), prompt, 6, 96, stop_ids=(95,))
+            assert rollouts.tokens[row, : len(prompt)].tolist() == prompt
+            assert rollouts.response_ids(row) == expected and rollouts.truncated[row] == (95 not in expected)
+    finally:
+        destroy_distributed()
