@@ -194,6 +194,32 @@ def _publish(args, metadata: dict, temporary: str, final: str) -> None:
     torch.distributed.barrier()
 
 
+def write_weights_checkpoint(args, model, output: str, iteration: int = 0, **metadata) -> str:
+    """Save `model` (one chunk holding every weight, in a one-process world) as a weights-only
+    checkpoint ``output``/iter_XXXXXXX of the model `args` describes, for pretrain_r1.py --load
+    (--no-load-optim to continue, --finetune) and the tools; `metadata`: its megatron_r1.json
+    fields besides the defaults (consumed_samples, scheduler, where it was converted from...).
+    Written under ``output``.tmp and renamed once complete; an existing `output` is replaced.
+    Returns the iteration directory."""
+    temporary = f"{output.rstrip('/')}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    iteration_dir = checkpoint_dir(temporary, iteration)
+    os.makedirs(iteration_dir)
+    dist_checkpointing.save({"model": model_sharded_state_dict(model)}, iteration_dir)
+    metadata = {
+        "iteration": iteration, "consumed_samples": 0, "skipped_iterations": 0, "nan_iterations": 0,
+        "scheduler": None, "layout": _layout(args), "optimizer_parts": 0, "rng_saved": False,
+        "model_args": {name: getattr(args, name) for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS},
+        **metadata,
+    }  # fmt: skip
+    _write_text_atomically(os.path.join(iteration_dir, METADATA_FILE), json.dumps(metadata, indent=1))
+    _write_text_atomically(os.path.join(temporary, TRACKER_FILE), str(iteration))
+    if os.path.exists(output):
+        shutil.rmtree(output)
+    os.rename(temporary, output)
+    return checkpoint_dir(output, iteration)
+
+
 _async_save_queue = None
 
 
@@ -275,15 +301,52 @@ class _MetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _weights_only_load(file) -> None:
+def _weights_only_load(file):
     """torch.load(weights_only=True), its refusal shortened to the reason (torch's message goes on
-    to suggest weights_only=False, the very thing not to do with an untrusted checkpoint)."""
+    to suggest weights_only=False, the very thing not to do with an untrusted checkpoint). Besides
+    tensors and plain values it admits the classes megatron-core registers as safe when imported
+    (megatron.core.safe_globals: argparse.Namespace, its enums, numpy arrays, ...): what Megatron-LM
+    keeps in common.pt and its RNG states; nothing of them runs code when unpickled."""
     try:
-        torch.load(file, weights_only=True)
+        return torch.load(file, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as error:
         reasons = [line for line in str(error).splitlines() if "WeightsUnpickler error:" in line]
         reason = reasons[0].split("WeightsUnpickler error:")[1].strip() if reasons else str(error)
         raise pickle.UnpicklingError(f"not plain data: {reason}") from None
+
+
+def _torch_dist_metadata(path: str):
+    """Checkpoint `path`'s torch_dist ``.metadata``, unpickled under the allow-list of its classes."""
+    metadata_file = os.path.join(path, ".metadata")
+    try:
+        with open(metadata_file, "rb") as f:
+            return _MetadataUnpickler(f).load()
+    except Exception as error:
+        raise CheckpointError(f"{metadata_file}: refused, {error}") from None
+
+
+def saved_tensor_shapes(path: str) -> dict[str, tuple]:
+    """Checkpoint key -> global shape of every tensor checkpoint `path` holds (from its metadata)."""
+    metadata = _torch_dist_metadata(path)
+    return {
+        key: tuple(item.size)
+        for key, item in metadata.state_dict_metadata.items()
+        if not isinstance(item, BytesStorageMetadata)
+    }
+
+
+def read_common_state(path: str) -> dict:
+    """Checkpoint `path`'s ``common.pt`` (its non-sharded state: Megatron-LM keeps its args, iteration
+    and LR-schedule state there), once every pickle of the checkpoint passed
+    :func:`refuse_executable_pickles`."""
+    refuse_executable_pickles(path)
+    common_file = os.path.join(path, "common.pt")
+    if not os.path.exists(common_file):
+        raise CheckpointError(f"{path} has no common.pt")
+    state = _weights_only_load(common_file)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{common_file}: holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 def refuse_executable_pickles(path: str) -> None:
@@ -293,12 +356,7 @@ def refuse_executable_pickles(path: str) -> None:
     could run code. Here ``.metadata`` may reference only torch's checkpoint-metadata classes, and
     the byte objects and ``common.pt`` must pass torch.load(weights_only=True); tensors themselves
     are already read with weights_only=True."""
-    metadata_file = os.path.join(path, ".metadata")
-    try:
-        with open(metadata_file, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-    except Exception as error:
-        raise CheckpointError(f"{metadata_file}: refused, {error}") from None
+    metadata = _torch_dist_metadata(path)
     byte_objects = {key for key, item in metadata.state_dict_metadata.items() if isinstance(item, BytesStorageMetadata)}
     for index, storage in metadata.storage_data.items():
         if index.fqn not in byte_objects:
@@ -334,6 +392,11 @@ def read_metadata(path: str) -> dict:
     """Checkpoint directory `path`'s megatron_r1.json; CheckpointError naming the file (and line)
     unless it is a JSON object with the fields every reader uses."""
     metadata_path = os.path.join(path, METADATA_FILE)
+    if not os.path.exists(metadata_path) and os.path.exists(os.path.join(path, "common.pt")):
+        raise CheckpointError(
+            f"{path} has no {METADATA_FILE} but a common.pt: a Megatron-LM checkpoint? Convert it first: "
+            "python tools/convert_checkpoint.py --direction mlm2mcore --load ... --save ..."
+        )
     if not os.path.exists(metadata_path):
         raise CheckpointError(f"{path} has no {METADATA_FILE}: not a megatron-r1 checkpoint, or an incomplete one")
     metadata = read_json_object(metadata_path, CheckpointError)
@@ -394,6 +457,10 @@ def _load_into(state, path: str, load_optimizer: bool, load_rng: bool, strict: s
 
 
 def _load_scheduler(state, metadata: dict, path: str) -> None:
+    if metadata.get("scheduler") is None:
+        raise CheckpointError(
+            f"{path} holds no learning-rate schedule (converted weights): start from it with --finetune"
+        )
     state.scheduler.num_steps = 0  # load_state_dict steps forward by the saved count from the current one
     try:
         state.scheduler.load_state_dict(metadata["scheduler"])

@@ -1,5 +1,6 @@
 """Convert between our torch_dist checkpoints and Hugging Face transformers directories
-(DeepseekV3ForCausalLM: MLA + MoE with shared experts and expert bias, MTP layers kept).
+(DeepseekV3ForCausalLM: MLA + MoE with shared experts and expert bias, MTP layers kept), and from
+Megatron-LM's torch_dist checkpoints to ours.
 
     # ours (any TP/PP/EP layout it was saved with) -> Hugging Face
     python tools/convert_checkpoint.py --direction mcore2hf --load ckpt [--ckpt-step N] --save hf_dir \\
@@ -10,6 +11,11 @@
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --expert-model-parallel-size 2 [--verify]
     torchrun --nproc_per_node=4 pretrain_r1.py --load ckpt --finetune --tensor-model-parallel-size 2 \\
         --expert-model-parallel-size 2 <the model flags printed by the conversion> ...
+
+    # Megatron-LM (pretrain_gpt.py --ckpt-format torch_dist) -> ours, at its iteration
+    python tools/convert_checkpoint.py --direction mlm2mcore --load mlm_save_dir [--ckpt-step N] --save ckpt
+    python pretrain_r1.py --load ckpt --no-load-optim <the flags printed by the conversion> ...   # continue
+    python pretrain_r1.py --load ckpt --finetune <the flags printed by the conversion> ...        # or start anew
 
 mcore2hf reads one layer at a time (megatron-core's dist_checkpointing reassembles each tensor from
 however many TP/PP/EP shards were saved and reads only the requested bytes) and writes safetensors
@@ -23,6 +29,12 @@ hf2mcore reads bf16/fp16/fp32 weights and DeepSeek's FP8 block format (dequantiz
 tensor). It runs in one process and writes a layout-independent torch_dist checkpoint (no optimizer
 state: load it with --finetune); the chosen TP size fixes the vocabulary padding, and TP/PP/EP are
 checked against the model. It holds the whole model in memory (see megatron_r1/hf/import_.py).
+
+mlm2mcore maps the args Megatron-LM saved in common.pt to our model flags (a setting ours cannot
+represent is refused naming Megatron-LM's flag), reads the weights (Megatron-LM's stacked layers and
+TransformerEngine's layer names included) and writes them with the iteration, the consumed samples and
+the LR schedule; not the optimizer moments (continue with --no-load-optim) nor the RNG states
+(megatron_r1/megatron_lm_checkpoint.py). It holds the whole model in one process, in fp32.
 
 Everything is checked (architecture representable, every tensor present with the configured shape)
 before anything is written; the output appears under its final name only when complete.
@@ -52,14 +64,22 @@ def _size(text: str) -> int:
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--direction", choices=["mcore2hf", "hf2mcore"], required=True)
+    parser.add_argument(
+        "--direction",
+        choices=["mcore2hf", "hf2mcore", "mlm2mcore"],
+        required=True,
+        help="mlm2mcore: a Megatron-LM torch_dist checkpoint to ours",
+    )
     parser.add_argument(
         "--load",
         required=True,
-        help="mcore2hf: our checkpoint (--save root or iter_XXXXXXX); hf2mcore: the Hugging Face directory",
+        help="mcore2hf: our checkpoint (--save root or iter_XXXXXXX); hf2mcore: the Hugging Face directory; "
+        "mlm2mcore: Megatron-LM's (--save root or iter_XXXXXXX)",
     )
     parser.add_argument("--save", required=True, help="output directory (replaced if it exists)")
-    parser.add_argument("--ckpt-step", type=int, default=None, help="mcore2hf: this iteration, not the latest")
+    parser.add_argument(
+        "--ckpt-step", type=int, default=None, help="mcore2hf, mlm2mcore: this iteration, not the latest"
+    )
     parser.add_argument(
         "--tokenizer-model",
         default=None,
@@ -109,6 +129,8 @@ def main(argv=None):
         raise SystemExit("error: --save must differ from --load")
     if args.fp8 and args.direction != "mcore2hf":
         raise SystemExit("error: --fp8 is for mcore2hf (hf2mcore reads FP8 weights by their config.json)")
+    if args.direction == "mlm2mcore" and args.verify:
+        raise SystemExit("error: --verify compares with Hugging Face's model; mlm2mcore copies the weights as they are")
     if args.fp8 and args.verify:
         raise SystemExit(
             "error: --verify with --fp8: transformers runs FP8 weights only on a GPU (with FP8 "
@@ -143,6 +165,12 @@ def main(argv=None):
                 progress=not args.no_progress,
             )
             ours, hf_dir = checkpoint, args.save
+        elif args.direction == "mlm2mcore":
+            from megatron_r1.megatron_lm_checkpoint import convert_megatron_lm_checkpoint
+
+            summary = convert_megatron_lm_checkpoint(
+                args.load, args.save, args.ckpt_step, progress=not args.no_progress
+            )
         else:
             from megatron_r1.hf.import_ import import_from_hf
 
@@ -168,7 +196,14 @@ def main(argv=None):
     flags = summary.pop("flags", None)
     print(f"converted {args.load} -> {args.save} ({args.direction})")
     print(json.dumps(summary, indent=1))
-    if flags:
+    if flags and args.direction == "mlm2mcore":
+        how = (
+            "--no-load-optim (to continue) or --finetune"
+            if summary["lr_schedule"].startswith("carried")
+            else "--finetune"
+        )
+        print(f"model flags for pretrain_r1.py --load {args.save} {how}: " + shlex.join(flags))
+    elif flags:
         print("model flags for pretrain_r1.py --load " + args.save + " --finetune: " + shlex.join(flags))
 
 
