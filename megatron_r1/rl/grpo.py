@@ -99,8 +99,11 @@ def training_batches(args, rollouts, advantages, kept) -> list:
     starts = torch.tensor(rollouts.prompt_lengths)[:, None] - 1  # the label of position P-1 is the first response token
     ends = starts + torch.tensor(rollouts.response_lengths)[:, None]
     mask = ((positions >= starts) & (positions < ends) & kept[:, None]).float()
+    rollout_log_probs = torch.zeros(count, length)
+    for row, (start, values) in enumerate(zip(starts[:, 0].tolist(), rollouts.log_probs)):
+        rollout_log_probs[row, start : start + len(values)] = values
     full = {"tokens": tokens, "position_ids": positions.expand(count, -1), "labels": torch.roll(tokens, -1, dims=1),
-            "mask": mask, "advantages": advantages[:, None].float()}  # fmt: skip
+            "mask": mask, "advantages": advantages[:, None].float(), "rollout_log_probs": rollout_log_probs}  # fmt: skip
     size = args.micro_batch_size
     return [{name: value[i : i + size] for name, value in full.items()} for i in range(0, count, size)]
 
@@ -149,7 +152,7 @@ class GRPOStep:
 
     FORMATS = {"reward mean": ".4f", "reward std": ".4f", "response length mean": ".1f", "response length max": ".0f",
                "truncation rate": ".3f", "groups kept": ".3f", "reward failures": ".0f", "rollout time (s)": ".2f",
-               "update time (s)": ".2f", "rollout tokens/s": ".1f", "overlong": ".4f"}  # fmt: skip
+               "update time (s)": ".2f", "log-prob time (s)": ".2f", "rollout log-prob gap": ".2e", "rollout tokens/s": ".1f", "overlong": ".4f"}  # fmt: skip
 
     def __init__(self, args, state, prompts, renderer, rewards, reference):
         self.args, self.prompts, self.renderer, self.rewards, self.reference = (
@@ -192,17 +195,23 @@ class GRPOStep:
                                   rollouts.response_lengths)  # fmt: skip
 
     @torch.no_grad()
-    def _old_and_reference_log_probs(self, state, batches) -> None:
+    def _old_and_reference_log_probs(self, state, batches) -> list:
+        """Each batch's log-probs under the policy as it rolled out (the old policy of the ratio)
+        and under the reference; returns [sum of |training - rollout log-prob|, tokens] over the
+        response tokens: the training forward's mismatch with the decoding's, logged."""
         model = state.model[0]
         model.eval()
+        gap = torch.zeros(2, device=platform.compute_device())
         with parameters_gathered(state.model):
             for batch in batches:
-                on_device = platform.to_device(batch)
-                batch.update(on_device)
+                batch.update(platform.to_device(batch))
                 batch["old_log_probs"] = token_log_probs(model, batch, self.args)[0]
+                difference = (batch["old_log_probs"] - batch["rollout_log_probs"]).abs()
+                gap += torch.stack([(difference * batch["mask"]).sum(), batch["mask"].sum()])
                 if self.reference is not None:
                     batch["ref_log_probs"] = self.reference.log_probs(batch)
         model.train()
+        return gap
 
     def _weigh(self, batches, kept_responses: int) -> None:
         tokens = sum(float(batch["mask"].sum()) for batch in batches)
@@ -228,7 +237,8 @@ class GRPOStep:
             kept_groups = dynamic_sampling_keep(rewards, args.grpo_group_size)
         kept = kept_groups.repeat_interleave(args.grpo_group_size)
         batches = training_batches(args, rollouts, advantages, kept)
-        self._old_and_reference_log_probs(state, batches)
+        log_probs_start = time.perf_counter()
+        log_prob_gap = self._old_and_reference_log_probs(state, batches)
         self._weigh(batches, int(kept.sum()))
         self.logging, figures = logged, None
         update_start = time.perf_counter()
@@ -242,32 +252,34 @@ class GRPOStep:
         result.tokens = sum(batch["tokens"].numel() for batch in batches) * args.grpo_iterations
         result.tokens *= parallel_state.get_data_parallel_world_size()
         if logged:
-            timing = (rollout_time, time.perf_counter() - update_start)
-            result.figures = {**(figures or {}), **self._rollout_figures(scores, rollouts, kept_groups, timing)}
+            timing = (rollout_time, update_start - log_probs_start, time.perf_counter() - update_start)
+            rollout_figures = self._rollout_figures(scores, rollouts, kept_groups, log_prob_gap.tolist(), timing)
+            result.figures = {**(figures or {}), **rollout_figures}
         return result
 
-    def _rollout_figures(self, scores, rollouts, kept_groups, timing) -> dict:
+    def _rollout_figures(self, scores, rollouts, kept_groups, log_prob_gap, timing) -> dict:
         """Reward and response figures over every data-parallel rank's rollouts (logged iterations)."""
         totals = torch.tensor(scores.totals, dtype=torch.float64)
         lengths = rollouts.response_lengths
         names = list(scores.values)
         local = [float(totals.sum()), float((totals**2).sum()), len(lengths), float(sum(lengths)),
                  float(sum(rollouts.truncated)), float(kept_groups.sum()), len(kept_groups),
-                 float(sum(scores.failures.values())),
+                 float(sum(scores.failures.values())), *log_prob_gap,
                  *(float(sum(scores.values[name])) for name in names)]  # fmt: skip
         summed = _sum_over_data_parallel(local)
         longest = _sum_over_data_parallel([max(lengths)], op=torch.distributed.ReduceOp.MAX)[0]
-        total, squares, count, length_sum, truncated, kept, groups, failures = summed[:8]
+        total, squares, count, length_sum, truncated, kept, groups, failures, gap, gap_tokens = summed[:10]
         mean = total / count
         figures = {"reward mean": mean, "reward std": max(squares / count - mean**2, 0.0) ** 0.5,
-                   **{f"{name}": value / count for name, value in zip(names, summed[8:])},
+                   **{f"{name}": value / count for name, value in zip(names, summed[10:])},
                    "response length mean": length_sum / count, "response length max": longest,
                    "truncation rate": truncated / count}  # fmt: skip
         if self.args.dynamic_sampling:
             figures["groups kept"] = kept / groups
         if self.args.reward_errors == "zero":
             figures["reward failures"] = failures
-        rollout_time, update_time = timing
-        figures.update({"rollout time (s)": rollout_time, "update time (s)": update_time,
+        rollout_time, log_prob_time, update_time = timing
+        figures.update({"rollout log-prob gap": gap / max(gap_tokens, 1), "rollout time (s)": rollout_time,
+                        "log-prob time (s)": log_prob_time, "update time (s)": update_time,
                         "rollout tokens/s": length_sum / rollout_time})  # fmt: skip
         return figures

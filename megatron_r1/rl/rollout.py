@@ -41,6 +41,7 @@ class Rollouts:
     prompt_lengths: list
     response_lengths: list
     truncated: list
+    log_probs: list  # per sequence: each response token's log-probability at the rollout temperature
 
     def response_ids(self, row: int) -> list:
         start = self.prompt_lengths[row]
@@ -76,8 +77,9 @@ def largest_anywhere(value: int) -> int:
 @torch.no_grad()
 def _sample_group(model, prompt, prefill_length, group_size, max_new_tokens, vocab_size, stop_ids, sampling, generator):
     """[group_size, len(prompt) + new tokens] token ids (prompt, responses, then stop-id padding),
-    and the number of new tokens each response has (with its stop id). The prefill runs over
-    `prefill_length` >= len(prompt) positions."""
+    the number of new tokens each response has (with its stop id), and each new token's
+    log-probability under softmax(logits / temperature) [group_size, new tokens]. The prefill runs
+    over `prefill_length` >= len(prompt) positions."""
     device = platform.compute_device()
     context = StaticInferenceContext(group_size, prefill_length + max_new_tokens)
     context.materialize_only_last_token_logits = False  # the prompt's last logits may precede padding
@@ -86,12 +88,14 @@ def _sample_group(model, prompt, prefill_length, group_size, max_new_tokens, voc
     stops = torch.tensor(list(stop_ids), device=device)
     finished = torch.zeros(group_size, dtype=torch.bool, device=device)
     step_input = torch.nn.functional.pad(tokens, (0, prefill_length - len(prompt)))
-    start, last = 0, len(prompt) - 1
+    start, last, log_probs = 0, len(prompt) - 1, []
     for step in range(max_new_tokens):
         positions = torch.arange(start, start + step_input.shape[1], device=device).expand(group_size, -1)
         logits = model(step_input, positions, None, inference_context=context, runtime_gather_output=True)
         new = sample(logits[:, last, :vocab_size], sampling.temperature, sampling.top_k, sampling.top_p, generator)
         new = torch.where(finished, stops[0], new)  # finished rows repeat a stop id (masked out later)
+        distribution = torch.log_softmax(logits[:, last, :vocab_size].float() / sampling.temperature, dim=-1)
+        log_probs.append(distribution.gather(-1, new[:, None]).squeeze(-1))
         ending = ~finished & torch.isin(new, stops)
         lengths = torch.where(ending, step + 1, lengths)
         finished |= ending
@@ -101,7 +105,7 @@ def _sample_group(model, prompt, prefill_length, group_size, max_new_tokens, voc
         context.sequence_len_offset = tokens.shape[1] - 1  # the next token's cache slot (past the padding: overwritten)
         context.enable_decode_mode()
         step_input, start, last = tokens[:, -1:], tokens.shape[1] - 1, -1
-    return tokens, lengths
+    return tokens, lengths, torch.stack(log_probs, dim=1)
 
 
 def generate_rollouts(
@@ -119,19 +123,20 @@ def generate_rollouts(
     """`group_size` responses to each of `prompts` (token id lists), the i-th prompt being the
     step's prompt number `first_prompt_number + i` (which seeds its group's draws)."""
     device = platform.compute_device()
-    rows, prompt_lengths, response_lengths, truncated = [], [], [], []
+    rows, prompt_lengths, response_lengths, truncated, log_probs = [], [], [], [], []
     with decoding(model):
         for offset, prompt in enumerate(prompts):
             generator = torch.Generator(device=device)
             generator.manual_seed(group_seed(seed, iteration, first_prompt_number + offset))
             prefill_length = largest_anywhere(len(prompt))
-            tokens, lengths = _sample_group(
+            tokens, lengths, token_log_probs = _sample_group(
                 model, prompt, prefill_length, group_size, max_new_tokens, vocab_size, stop_ids, sampling, generator
             )
-            for row, length in zip(tokens.cpu(), lengths.tolist()):
+            for row, length, row_log_probs in zip(tokens.cpu(), lengths.tolist(), token_log_probs.cpu()):
                 rows.append(row[: len(prompt) + length])
+                log_probs.append(row_log_probs[:length])
                 prompt_lengths.append(len(prompt))
                 response_lengths.append(length)
                 truncated.append(int(row[len(prompt) + length - 1]) not in stop_ids)
     padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=stop_ids[0])
-    return Rollouts(padded, prompt_lengths, response_lengths, truncated)
+    return Rollouts(padded, prompt_lengths, response_lengths, truncated, log_probs)
