@@ -1,6 +1,6 @@
 """Every entry point on a CUDA GPU (one process, NCCL): the quickstart pipeline (pre-training in
 bf16 with a resume, LoRA fine-tuning, merging, export with --verify, transformers' and our greedy
-generation agreeing), full fine-tuning with early stopping, distillation from a DeepSeek-V3-shaped
+generation agreeing, GRPO), GRPO's bf16 rollouts against its training forward, full fine-tuning with early stopping, distillation from a DeepSeek-V3-shaped
 teacher, progressive unfreezing, fp32 pre-training, a resumed run's training and validation losses,
 sampling, LoRA adapters placed on the GPU, and bf16 against fp32 logits.
 
@@ -122,6 +122,18 @@ def test_sampling_is_seeded_on_the_gpu(quickstart):
                "--ignore-eod"]  # fmt: skip
     ids = [re.search(r"^new token ids: (.+)$", run(command, REPO), re.M)[1] for _ in range(2)]
     assert ids[0] == ids[1] and len(ids[0].split()) == 8
+
+
+def test_grpo_training_forward_matches_its_bf16_rollouts(quickstart, tmp_path):
+    """examples/grpo_tiny.sh (bf16 on a GPU): the training forward's log-probabilities of the sampled
+    tokens stay close to the decoding's (the logged gap), and rewards, KL and entropy are finite."""
+    environment = {"PRETRAINED": str(quickstart / "sft_merged"), "TOKENIZER_MODEL": str(quickstart / "tokenizer.model"),
+                   "SAVE": str(tmp_path / "grpo"), "TRAIN_ITERS": "3", "LR": "1e-4"}  # fmt: skip
+    output = run(["bash", "examples/grpo_tiny.sh"], REPO, environment)
+    gaps = [float(gap) for gap in re.findall(r"\| rollout log-prob gap: (\S+) \|", output)]
+    entropies = [float(value) for value in re.findall(r"\| entropy: (\S+) \|", output)]
+    print(f"GRPO on the GPU: rollout log-prob gaps {gaps}, entropies {entropies}")
+    assert len(gaps) == 3 and max(gaps) < 0.05 and all(0 < value < 20 for value in entropies), output[-3000:]
 
 
 @pytest.fixture()
