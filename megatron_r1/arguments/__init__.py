@@ -18,8 +18,6 @@ import argparse
 from megatron_r1.arguments import checkpointing, data, logging, model, parallelism, training
 from megatron_r1.arguments.config import transformer_config_from_args
 from megatron_r1.arguments.training import current_seq_length
-
-# model and parallelism look it up here when they run, so that a test can stand in for it.
 from megatron_r1.megatron_lm_flags import add_megatron_lm_arguments, parse_known_flags, validate_megatron_lm_arguments
 
 __all__ = ["build_parser", "current_seq_length", "parse_args", "transformer_config_from_args", "validate_args"]
