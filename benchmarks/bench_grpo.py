@@ -12,11 +12,11 @@ In one run, on one device (CUDA in bf16 when available, else the CPU in fp32):
    template, ``--group-size`` responses each, exactly ``--max-new-tokens`` new tokens per response,
    sampled at temperature 1 without top-k/top-p, fixed seeds:
 
-   * megatron_r1: ``megatron_r1.rl.rollout.generate_rollouts`` (what grpo_r1.py runs: one batch of
-     group-size rows per prompt, megatron-core's static KV cache) on the checkpoint's model; its
+   * megatron_r1: ``megatron_r1.rl.rollout.generate_rollouts`` (what grpo_r1.py runs: the prompts of one
+     length decode together, megatron-core's static KV cache) on the checkpoint's model; its
      stop id is one outside the vocabulary, so no response ends early;
    * transformers, per prompt: ``AutoModelForCausalLM.from_pretrained(export).generate`` with
-     ``num_return_sequences=G`` per prompt (the same batches as ours), ``min_new_tokens =
+     ``num_return_sequences=G`` per prompt, ``min_new_tokens =
      max_new_tokens`` (no early stop), its default dynamic KV cache and attention (SDPA);
    * transformers, all prompts: one ``generate`` call over every prompt (left-padded) with
      ``num_return_sequences=G``: N x G rows at once, as a batched trainer would call it.

@@ -29,6 +29,12 @@ def add_grpo_arguments(parser: argparse.ArgumentParser) -> None:
     prompts.add_argument("--grpo-prompts-per-step", type=int, default=8, help="prompts per iteration (all ranks)")
     prompts.add_argument("--grpo-group-size", type=int, default=8, help="sampled responses per prompt")
     prompts.add_argument("--max-response-length", type=int, default=256, help="new tokens per response at most")
+    prompts.add_argument(
+        "--rollout-batch-size",
+        type=int,
+        default=0,
+        help="sequences decoded together at most (prompts of one length share a batch); 0: all of a rank's",
+    )
     prompts.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature (> 0)")
     prompts.add_argument("--top-p", type=float, default=1.0)
     prompts.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
@@ -118,6 +124,8 @@ def _validate_rollouts(args, error) -> None:
         error("prompts are rendered with the tokenizer: give --tokenizer-model")
     if args.grpo_group_size < 2:
         error(f"--grpo-group-size ({args.grpo_group_size}) must be at least 2 (a group's mean is its baseline)")
+    if args.rollout_batch_size < 0:
+        error(f"--rollout-batch-size ({args.rollout_batch_size}) must be >= 0 (0: no limit)")
     if args.grpo_prompts_per_step < 1 or args.max_response_length < 1 or args.grpo_iterations < 1:
         error("--grpo-prompts-per-step, --max-response-length and --grpo-iterations must be at least 1")
     if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:

@@ -178,11 +178,20 @@ class GRPOStep:
         return self.prompts.take(self.args.grpo_prompts_per_step)[first : first + share], first
 
     def _rollouts(self, state, records, first):
-        model = state.model[0].module
-        token_ids = [self.renderer.render(record) for record in records]
-        return generate_rollouts(model, token_ids, first, self.args.grpo_group_size, self.args.max_response_length,
-                                 self.args.vocab_size, self.stop_ids, self.sampling, self.args.seed,
-                                 state.iteration)  # fmt: skip
+        args, token_ids = self.args, [self.renderer.render(record) for record in records]
+        return generate_rollouts(
+            state.model[0].module,
+            token_ids,
+            first,
+            args.grpo_group_size,
+            args.max_response_length,
+            args.vocab_size,
+            self.stop_ids,
+            self.sampling,
+            args.seed,
+            state.iteration,
+            max_batch=args.rollout_batch_size,
+        )
 
     def _score(self, records, rollouts):
         group = self.args.grpo_group_size

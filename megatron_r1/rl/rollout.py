@@ -1,16 +1,19 @@
-"""Rollouts: `group_size` sampled responses per prompt from the current policy, batched per prompt
-with megatron-core's static KV cache, in the training processes and their TP/EP layout.
+"""Rollouts: `group_size` sampled responses per prompt from the current policy, decoded with
+megatron-core's static KV cache in the training processes and their TP/EP layout. Prompts of one
+length decode together (up to `max_batch` sequences at a time).
 
-- Every sequence of a group is drawn from a generator seeded by (seed, iteration, the prompt's
-  number in the step), so a prompt gets the same responses in any parallel layout and on resume.
-- Tensor-parallel ranks decode the same prompts with the same generator and identical (gathered)
+- Every sequence of a group is drawn from the group's own generator, seeded by (seed, iteration,
+  the prompt's number in the step): a prompt gets the same responses whatever else decodes beside
+  it, in any parallel layout and on resume.
+- Tensor-parallel ranks decode the same prompts with the same generators and identical (gathered)
   logits, so they draw the same tokens. Sequence parallelism is switched off while decoding (one
   new token cannot be split over ranks), as megatron-core's own generation does.
-- Every rank decodes the same number of steps (an all-reduce per step asks whether any sequence
-  anywhere is unfinished) and prefills the same number of positions (prompts are padded at the
-  end to the longest prompt of the step's group on any rank; the padding's cache entries are
-  overwritten by the response): expert-parallel ranks exchange tokens in every forward pass, and
-  megatron-core's all-gather dispatcher needs as many tokens on each.
+- Every rank runs the same number of forward passes, as expert-parallel ranks exchange tokens in
+  each (megatron-core's all-gather dispatcher needs as many tokens on each): as many batches of as
+  many sequences (a rank with fewer decodes copies of a prompt and drops them), the same prefill length (prompts are padded at
+  the end to the longest on any rank; the padding's cache entries are overwritten by the response),
+  and the same number of decoding steps (an all-reduce per step asks whether any sequence anywhere
+  is unfinished).
 """
 
 from contextlib import contextmanager
@@ -74,29 +77,46 @@ def largest_anywhere(value: int) -> int:
     return int(largest.item())
 
 
+def _sample(logits, sampling, generators, group_size):
+    """A token per row of `logits` [rows, vocab], each group's rows drawn with its own generator."""
+    return torch.cat(
+        [
+            sample(
+                logits[g * group_size : (g + 1) * group_size],
+                sampling.temperature,
+                sampling.top_k,
+                sampling.top_p,
+                generator,
+            )
+            for g, generator in enumerate(generators)
+        ]
+    )
+
+
 @torch.no_grad()
-def _sample_group(model, prompt, prefill_length, group_size, max_new_tokens, vocab_size, stop_ids, sampling, generator):
-    """[group_size, len(prompt) + new tokens] token ids (prompt, responses, then stop-id padding),
-    the number of new tokens each response has (with its stop id), and each new token's
-    log-probability under softmax(logits / temperature) [group_size, new tokens]. The prefill runs
-    over `prefill_length` >= len(prompt) positions."""
+def _decode(model, prompts, prefill_length, generators, group_size, max_new_tokens, vocab_size, stop_ids, sampling):
+    """Decodes `group_size` responses to each of `prompts` (of one length): [rows, length + new
+    tokens] token ids (prompt, response, then stop ids), each row's number of new tokens (with its
+    stop id), and each new token's log-probability under softmax(logits / temperature) [rows, new
+    tokens]. The prefill runs over `prefill_length` >= the prompts' length positions."""
     device = platform.compute_device()
-    context = StaticInferenceContext(group_size, prefill_length + max_new_tokens)
+    rows, length = len(prompts) * group_size, len(prompts[0])
+    context = StaticInferenceContext(rows, prefill_length + max_new_tokens)
     context.materialize_only_last_token_logits = False  # the prompt's last logits may precede padding
-    tokens = torch.tensor([prompt] * group_size, device=device)
-    lengths = torch.full((group_size,), max_new_tokens, device=device)
+    tokens = torch.tensor([prompt for prompt in prompts for _ in range(group_size)], device=device)
+    lengths = torch.full((rows,), max_new_tokens, device=device)
     stops = torch.tensor(list(stop_ids), device=device)
-    finished = torch.zeros(group_size, dtype=torch.bool, device=device)
-    step_input = torch.nn.functional.pad(tokens, (0, prefill_length - len(prompt)))
-    start, last, log_probs = 0, len(prompt) - 1, []
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    step_input = torch.nn.functional.pad(tokens, (0, prefill_length - length))
+    start, last, log_probs = 0, length - 1, []
     for step in range(max_new_tokens):
-        positions = torch.arange(start, start + step_input.shape[1], device=device).expand(group_size, -1)
+        positions = torch.arange(start, start + step_input.shape[1], device=device).expand(rows, -1)
         logits = model(step_input, positions, None, inference_context=context, runtime_gather_output=True)
-        new = sample(logits[:, last, :vocab_size], sampling.temperature, sampling.top_k, sampling.top_p, generator)
-        new = torch.where(finished, stops[0], new)  # finished rows repeat a stop id (masked out later)
-        distribution = torch.log_softmax(logits[:, last, :vocab_size].float() / sampling.temperature, dim=-1)
+        logits = logits[:, last, :vocab_size]
+        new = torch.where(finished, stops[0], _sample(logits, sampling, generators, group_size))
+        distribution = torch.log_softmax(logits.float() / sampling.temperature, dim=-1)
         log_probs.append(distribution.gather(-1, new[:, None]).squeeze(-1))
-        ending = ~finished & torch.isin(new, stops)
+        ending = ~finished & torch.isin(new, stops)  # finished rows repeat a stop id (masked out later)
         lengths = torch.where(ending, step + 1, lengths)
         finished |= ending
         tokens = torch.cat([tokens, new[:, None]], dim=1)
@@ -106,6 +126,16 @@ def _sample_group(model, prompt, prefill_length, group_size, max_new_tokens, voc
         context.enable_decode_mode()
         step_input, start, last = tokens[:, -1:], tokens.shape[1] - 1, -1
     return tokens, lengths, torch.stack(log_probs, dim=1)
+
+
+def _batches(prompts, group_size: int, max_batch: int) -> list:
+    """The prompts' indices in batches of one prompt length and at most `max_batch` sequences
+    (at least one prompt each; 0: no limit)."""
+    by_length = {}
+    for index, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(index)
+    per_batch = max(max_batch // group_size, 1) if max_batch else len(prompts)
+    return [indices[i : i + per_batch] for indices in by_length.values() for i in range(0, len(indices), per_batch)]
 
 
 def generate_rollouts(
@@ -119,24 +149,50 @@ def generate_rollouts(
     sampling: Sampling,
     seed: int,
     iteration: int,
+    max_batch: int = 0,
 ) -> Rollouts:
     """`group_size` responses to each of `prompts` (token id lists), the i-th prompt being the
-    step's prompt number `first_prompt_number + i` (which seeds its group's draws)."""
+    step's prompt number `first_prompt_number + i` (which seeds its group's draws); sequences in
+    prompt order, a group's next to each other."""
     device = platform.compute_device()
-    rows, prompt_lengths, response_lengths, truncated, log_probs = [], [], [], [], []
+    batches = _batches(prompts, group_size, max_batch)
+    decoded = {}
     with decoding(model):
-        for offset, prompt in enumerate(prompts):
-            generator = torch.Generator(device=device)
-            generator.manual_seed(group_seed(seed, iteration, first_prompt_number + offset))
-            prefill_length = largest_anywhere(len(prompt))
-            tokens, lengths, token_log_probs = _sample_group(
-                model, prompt, prefill_length, group_size, max_new_tokens, vocab_size, stop_ids, sampling, generator
+        for number in range(largest_anywhere(len(batches))):
+            real = batches[number] if number < len(batches) else []
+            # Copies of a prompt fill the batch to the width the other ranks decode (and are dropped).
+            batch = real + [(real or batches[0])[0]] * (largest_anywhere(len(real)) - len(real))
+            generators = [torch.Generator(device=device) for _ in batch]
+            for index, generator in zip(batch, generators):
+                generator.manual_seed(group_seed(seed, iteration, first_prompt_number + index))
+            prefill_length = largest_anywhere(len(prompts[batch[0]]))
+            batch_prompts = [prompts[i] for i in batch]
+            tokens, lengths, log_probs = _decode(
+                model,
+                batch_prompts,
+                prefill_length,
+                generators,
+                group_size,
+                max_new_tokens,
+                vocab_size,
+                stop_ids,
+                sampling,
             )
-            for row, length, row_log_probs in zip(tokens.cpu(), lengths.tolist(), token_log_probs.cpu()):
-                rows.append(row[: len(prompt) + length])
-                log_probs.append(row_log_probs[:length])
-                prompt_lengths.append(len(prompt))
-                response_lengths.append(length)
-                truncated.append(int(row[len(prompt) + length - 1]) not in stop_ids)
+            for position, index in enumerate(real):
+                rows = slice(position * group_size, (position + 1) * group_size)
+                decoded[index] = (tokens[rows].cpu(), lengths[rows].tolist(), log_probs[rows].cpu())
+    return _assemble(prompts, decoded, stop_ids)
+
+
+def _assemble(prompts, decoded: dict, stop_ids) -> Rollouts:
+    rows, prompt_lengths, response_lengths, truncated, log_probs = [], [], [], [], []
+    for index, prompt in enumerate(prompts):
+        tokens, lengths, token_log_probs = decoded[index]
+        for row, length, row_log_probs in zip(tokens, lengths, token_log_probs):
+            rows.append(row[: len(prompt) + length])
+            log_probs.append(row_log_probs[:length])
+            prompt_lengths.append(len(prompt))
+            response_lengths.append(length)
+            truncated.append(int(row[len(prompt) + length - 1]) not in stop_ids)
     padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=stop_ids[0])
     return Rollouts(padded, prompt_lengths, response_lengths, truncated, log_probs)
