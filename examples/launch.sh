@@ -23,7 +23,9 @@
 #                           memory per GPU and tokens per step; exit status 1 if the busiest pipeline stage
 #                           needs more than GPU_MEMORY_GB (default 80) per GPU. Flags after `--` in
 #                           `launch` (fine-tuning's own) are not checked: model_size.py sizes the model on
-#                           mock data with full optimizer states, an upper bound for --lora
+#                           mock data with full optimizer states, an upper bound for --lora. For
+#                           grpo_r1.py they are: model_size.py --grpo takes and checks them, and counts
+#                           the reference policy and the rollouts' KV cache and logits
 
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
@@ -46,7 +48,10 @@ PARALLEL_ARGS=(
 # --- data and tokenizer
 DATA_ARGS=()
 DRY_RUN_ARGS=()
-if [[ "${ENTRY:?the preset sets ENTRY}" != pretrain_r1.py ]]; then
+# GRPO's own flags decide its memory (group size, response length, reference policy): its dry run
+# takes them (the `--` part of `launch`) and checks them as grpo_r1.py does.
+[[ "${ENTRY:?the preset sets ENTRY}" == grpo_r1.py ]] && DRY_RUN_ARGS+=(--grpo)
+if [[ "$ENTRY" != pretrain_r1.py ]]; then
     DRY_RUN_ARGS+=(--mock-data)  # the fine-tuning data comes after `--`; model_size.py sizes on mock data
 elif [[ -n "${DATA_PATH:-}" ]]; then
     if [[ -z "${TOKENIZER_MODEL:-}" ]]; then
@@ -69,7 +74,7 @@ LOGGING_ARGS=(--log-interval "${LOG_INTERVAL:-1}")
 [[ -n "${TENSORBOARD_DIR:-}" ]] && LOGGING_ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR")
 
 # `launch FLAGS... [-- ENTRY_FLAGS...]`: the preset's model/training flags, then the ones above, then
-# ENTRY_FLAGS (flags of $ENTRY alone, which the dry run does not check), then EXTRA_ARGS.
+# ENTRY_FLAGS (flags of $ENTRY alone, which the dry run checks for grpo_r1.py only), then EXTRA_ARGS.
 launch() {
     local common=() entry_only=()
     while (($#)); do
@@ -103,7 +108,9 @@ launch() {
     if [[ -n "${DRY_RUN:-}" ]]; then
         printf '%q ' "${command[@]}"
         echo
-        WORLD_SIZE=$PROCESSES python tools/model_size.py "${flags[@]}" "${extra[@]}" "${DRY_RUN_ARGS[@]}" \
+        local sized=("${flags[@]}")
+        [[ "$ENTRY" == grpo_r1.py ]] && sized+=("${entry_only[@]}")
+        WORLD_SIZE=$PROCESSES python tools/model_size.py "${sized[@]}" "${extra[@]}" "${DRY_RUN_ARGS[@]}" \
             --gpus-per-node "$GPUS_PER_NODE" --gpu-memory-gb "${GPU_MEMORY_GB:-80}"
     else
         exec "${command[@]}"

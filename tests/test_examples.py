@@ -1,5 +1,6 @@
 """The presets in examples/: the tiny one trains on CPU; the DeepSeek ones launch the published
-shapes with flags that pass pretrain_r1.py's validation for their default layouts and fit 80 GB GPUs;
+shapes with flags that pass pretrain_r1.py's validation for their default layouts and fit 80 GB GPUs,
+and so do their GRPO presets, whose dry runs count the reference policy and the KV cache;
 the fine-tuning and conversion scripts run on the tiny model (pre-train -> SFT -> HF -> back).
 The SLURM files run with a stand-in srun (one run per node, in turn) and scontrol on PATH.
 examples/quickstart.sh runs in tests/test_quickstart.py."""
@@ -61,6 +62,11 @@ def run_preset(script, tmp_path, timeout=120, **env):
         "TP",
         "PP",
         "EP",
+        "ETP",
+        "PROMPT_DATA",
+        "GROUP_SIZE",
+        "KL_COEF",
+        "GPU_MEMORY_GB",
     ):
         if name not in env:
             environment.pop(name, None)
@@ -174,6 +180,93 @@ def test_deepseek_v3_preset_in_deepseeks_uneven_pipeline_layout(tmp_path):
         "pipeline stage 15 (ranks 960-1023): layers 59-60 (0 dense, 2 MoE), output layer, 1 MTP layer" in result.stdout
     )
     assert re.search(r"^peak \d+\.\d GB on pipeline stage 15: fits in 80 GB per GPU$", result.stdout, re.M)
+
+
+def launch_flags(script, tmp_path, entry, **env):
+    """The flags `script` launches `entry` with: its dry run's torchrun line (a stand-in `python` on
+    PATH skips model_size.py's report)."""
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    (tmp_path / "bin" / "python").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "bin" / "python").chmod(0o755)
+    result = run_preset(script, tmp_path, DRY_RUN="1", PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", **env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return dry_run_flags(result, entry)[1]
+
+
+def flag_values(flags, first, last):
+    """{flag: value or None} of flags[first:last] (from the first occurrence of each bound)."""
+    flags = flags[flags.index(first) : flags.index(last)]
+    return {flag: None if value.startswith("--") else value for flag, value in zip(flags, flags[1:] + ["--"])
+            if flag.startswith("--")}  # fmt: skip
+
+
+# The MoE flags that RL sets differently from pre-training: no balance loss or expert-bias updates.
+RL_MOE_FLAGS = {"--moe-router-bias-update-rate", "--moe-router-load-balancing-type", "--moe-aux-loss-coeff",
+                "--mtp-loss-scaling-factor"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "script, pretrain_script, env, layout",
+    [("grpo_deepseek_v3.sh", "pretrain_deepseek_v3.sh", {"MASTER_ADDR": "node0"},
+      "--tensor-model-parallel-size 8 --pipeline-model-parallel-size 1 --expert-model-parallel-size 256 "
+      "--expert-tensor-parallel-size 4 --sequence-parallel --use-distributed-optimizer"),
+     ("grpo_deepseek_v2_lite.sh", "pretrain_deepseek_v2_lite.sh", {},
+      "--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --expert-model-parallel-size 8 "
+      "--use-distributed-optimizer")],
+)  # fmt: skip
+def test_grpo_deepseek_presets_dry_run(tmp_path, script, pretrain_script, env, layout):
+    """The pre-training presets' model, PP 1, and a report that counts the reference policy and the KV
+    cache within 80 GB."""
+    result = run_preset(script, tmp_path, DRY_RUN="1", PRETRAINED="runs/sft", **env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    _, flags = dry_run_flags(result, "grpo_r1.py")
+    pretrain_flags = launch_flags(pretrain_script, tmp_path, "pretrain_r1.py", **env)
+    model = ("--num-layers", "--num-experts")
+    assert flag_values(flags, *model) == flag_values(pretrain_flags, *model)  # the model and its MLA
+    moe = ("--num-experts", "--bf16")
+    rl_moe, pretrain_moe = flag_values(flags, *moe), flag_values(pretrain_flags, *moe)
+    assert {flag: value for flag, value in rl_moe.items() if flag not in RL_MOE_FLAGS} == {
+        flag: value for flag, value in pretrain_moe.items() if flag not in RL_MOE_FLAGS
+    }
+    assert rl_moe["--moe-aux-loss-coeff"] == "0.0" and rl_moe.get("--moe-router-bias-update-rate", "0.0") == "0.0"
+    assert layout in " ".join(flags)
+    assert "--pretrained-checkpoint runs/sft --prompt-data megatron_r1/assets/tiny_grpo.jsonl" in " ".join(flags)
+    # model_size.py --grpo took grpo_r1.py's flags and counted what GRPO adds to training.
+    out = result.stdout
+    assert re.search(r"^  reference policy: \d+\.\d\d GB \(bf16 weights sharded as the policy's", out, re.M)
+    # One prompt per data-parallel rank: a rank's rollout batch is one group whatever --rollout-batch-size says.
+    assert re.search(
+        r"^  rollout KV cache: \d+\.\d\d GB \(\d+ sequences \(1 prompt\(s\) x group \d+\) x 4096 tokens", out, re.M
+    )
+    assert "(K 192 + V 128)" in out  # MLA's per-head K and V, as megatron-core's static cache holds them
+    assert re.search(r"^peak \d+\.\d GB on pipeline stage 0: fits in 80 GB per GPU$", out, re.M)
+
+
+def test_grpo_deepseek_v3_with_deepseek_r1s_group_does_not_fit_80gb(tmp_path):
+    """DeepSeek-R1's group of 16 doubles the rollout's KV cache and logits: 87 GB in the default layout."""
+    result = run_preset("grpo_deepseek_v3.sh", tmp_path, DRY_RUN="1", MASTER_ADDR="node0", PRETRAINED="runs/sft",
+                        GROUP_SIZE="16")  # fmt: skip
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "rollout KV cache: 40.94 GB (16 sequences (1 prompt(s) x group 16) x 4096 tokens" in result.stdout
+    assert "peak 87.0 GB on pipeline stage 0: does NOT fit in 80 GB per GPU (raise EP/ETP/TP" in result.stdout
+
+
+def test_grpo_without_kl_sizes_no_reference(tmp_path):
+    result = run_preset("grpo_deepseek_v2_lite.sh", tmp_path, DRY_RUN="1", PRETRAINED="runs/sft", KL_COEF="0")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "  reference policy: none (--kl-coef 0: no KL term)" in result.stdout
+
+
+def test_grpo_tiny_dry_run_checks_grpo_flags(tmp_path):
+    """The tiny preset's dry run takes grpo_r1.py's flags too: they are checked for 2 processes (a
+    group's 4 prompts per step over DP 1) and the MTP layer is counted frozen."""
+    result = run_preset("grpo_tiny.sh", tmp_path, DRY_RUN="1", GPUS_PER_NODE="2", TP="2", PRETRAINED="runs/sft")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "parallel layout: 2 processes (1 node x 2)" in result.stdout
+    assert "  GRPO: MTP layers frozen (no grads or optimizer states)" in result.stdout
+    assert "  rollout KV cache: " in result.stdout and " x group 4) x 128 tokens of prompt + response" in result.stdout
+    result = run_preset("grpo_tiny.sh", tmp_path, DRY_RUN="1", PRETRAINED="runs/sft", EXTRA_ARGS="--grpo-group-size 1")
+    assert result.returncode == 2 and "--grpo-group-size (1) must be at least 2" in result.stderr
 
 
 def test_multi_node_launch_needs_master_addr(tmp_path):

@@ -1,7 +1,8 @@
 """megatron_r1/memory.py and layout.py: per-GPU bytes of weights, gradients and optimizer states
 checked by hand on tiny configs, activation bytes against Korthikanti et al.'s 34 sbh (less the
-dropout masks and attention scores it leaves out), the 1F1B in-flight counts, and the DeepSeek-V3
-preset fitting 80 GB on its documented layout but not with EP 1."""
+dropout masks and attention scores it leaves out), the 1F1B in-flight counts, the DeepSeek-V3
+preset fitting 80 GB on its documented layout but not with EP 1, and GRPO's reference policy, KV
+cache and rollout logits by hand."""
 
 import math
 import os
@@ -15,6 +16,7 @@ from megatron_r1.arguments import build_parser, validate_args
 from megatron_r1.flops import count_model
 from megatron_r1.layout import ParallelSizes, describe_layout, pipeline_stages
 from megatron_r1.memory import GB, estimate_memory, in_flight_microbatches, layer_activation_bytes_per_token
+from megatron_r1.rl.arguments import add_grpo_arguments
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -227,3 +229,105 @@ def test_deepseek_v3_fits_80gb_on_its_documented_layout_but_not_with_ep_1(tmp_pa
     (stage,) = estimate_memory(one_expert_rank)
     assert stage.expert_params == pytest.approx(665.4e9 / 2, rel=1e-3)
     assert stage.total > 1000 * GB
+
+
+def parse_grpo(flags, world_size=1):
+    """Flags parsed with grpo_r1.py's own on top (validated as pretrain_r1.py's: the sizing reads them)."""
+    os.environ["WORLD_SIZE"] = str(world_size)
+    try:
+        parser = build_parser("test")
+        add_grpo_arguments(parser)
+        args = parser.parse_args(flags)
+
+        def error(message):
+            raise ValueError(message)
+
+        validate_args(args, error)
+        return args
+    finally:
+        del os.environ["WORLD_SIZE"]
+
+
+# TINY_MOE with an MTP layer and a vocabulary large enough that the prefill's logits outweigh a
+# layer's prefill activations; one prompt per step, 4 responses to it, 8 of the 16 tokens for the response.
+TINY_GRPO = TINY_MOE + ["--vocab-size", "1024", "--mtp-num-layers", "1", "--grpo-group-size", "4",
+                        "--max-response-length", "8", "--grpo-prompts-per-step", "1"]  # fmt: skip
+
+
+def test_grpo_reference_kv_cache_and_logits_by_hand():
+    args = parse_grpo(TINY_GRPO)
+    count = count_model(args)
+    params, mtp = count.total_params, count.components["mtp"].total
+    (stage,) = estimate_memory(args)
+    rollout = stage.rollout
+    # fp32: weights of everything; MTP frozen: grads (4 bytes) and Adam m, v (8) for the rest only.
+    assert (stage.weights, stage.gradients, stage.optimizer) == (4 * params, 4 * (params - mtp), 8 * (params - mtp))
+    assert rollout.reference == 4 * (params - mtp)  # a model built without MTP layers
+    # MHA: 4 heads x 16 channels for K and for V, per token, layer and sequence, 4 fp32 bytes each.
+    assert rollout.kv_values_per_token == 2 * 4 * 16
+    assert rollout.kv_cache == 4 * 16 * 4 * 128 * 4  # group 4 x (8 prompt + 8 response) x 4 layers
+    assert rollout.activations == 2 * 4 * 8 * 1024 * 4  # the 8 prompt positions' logits, twice
+    assert rollout.activations_are_logits
+    assert stage.total == stage.weights + stage.gradients + stage.optimizer + rollout.reference + max(
+        stage.activations, rollout.kv_cache + rollout.activations
+    )
+
+
+@pytest.mark.parametrize("flags", [["--kl-coef", "0"], ["--lora", "--transformer-impl", "local"]])
+def test_grpo_without_a_reference_model(flags):
+    """--kl-coef 0 builds no reference; --lora's is the policy with its adapters off."""
+    with_reference = estimate_memory(parse_grpo(TINY_GRPO))[0]
+    (stage,) = estimate_memory(parse_grpo(TINY_GRPO + flags))
+    assert with_reference.rollout.reference > 0 and stage.rollout.reference == 0
+    assert stage.rollout.kv_cache == with_reference.rollout.kv_cache
+    assert stage.total == with_reference.total - with_reference.rollout.reference
+
+
+def test_grpo_kv_cache_scales_with_group_size_and_response_length():
+    for group in (2, 4, 8):
+        for response in (8, 24, 56):  # a prompt of up to 8 tokens + the response: --seq-length
+            args = parse_grpo(TINY_GRPO + ["--grpo-group-size", str(group), "--max-response-length", str(response),
+                                           "--seq-length", str(8 + response)])  # fmt: skip
+            (stage,) = estimate_memory(args)
+            assert stage.rollout.kv_cache == group * (8 + response) * 4 * 128 * 4
+            assert stage.rollout.activations == 2 * group * 8 * 1024 * 4  # the prompts' logits only
+    # A longer response within the same --seq-length leaves less room for the prompt, not more cache.
+    longer = estimate_memory(parse_grpo(TINY_GRPO + ["--max-response-length", "12"]))[0].rollout
+    assert longer.kv_cache == 4 * 16 * 4 * 128 * 4 and longer.activations == 2 * 4 * 4 * 1024 * 4
+
+
+@pytest.mark.parametrize(
+    "flags, values",
+    [(["--multi-latent-attention", "--q-lora-rank", "32", "--kv-lora-rank", "16", "--qk-head-dim", "16",
+       "--qk-pos-emb-head-dim", "8", "--v-head-dim", "16"], 2 * (16 + 8 + 16)),  # 2 heads per rank: K 24, V 16
+     ([], 2 * 2 * 16),  # MHA: 2 of the 4 heads per rank, K and V of 16
+     (["--group-query-attention", "--num-query-groups", "2"], 1 * 2 * 16)],  # GQA: 1 of the 2 groups per rank
+)  # fmt: skip
+def test_kv_cache_width_per_tensor_parallel_rank(flags, values):
+    """What megatron-core's static inference cache allocates per token and layer on one of TP 2 ranks:
+    for MLA every head's up-projected K and V (it caches the compressed latent only in its dynamic context)."""
+    args = parse_grpo(TINY_GRPO + flags + ["--tensor-model-parallel-size", "2", "--sequence-parallel"], world_size=2)
+    (stage,) = estimate_memory(args)
+    assert stage.rollout.kv_values_per_token == values
+    assert stage.rollout.kv_cache == 4 * 16 * 4 * values * 4
+
+
+@pytest.mark.parametrize(
+    "world_size, batch_size, prompts",
+    [(1, None, 1),  # rollouts without --rollout-batch-size: one prompt's group at a time
+     (1, 0, 8), (2, 0, 4),  # 0: a rank's whole share of the step's 8 prompts
+     (1, 8, 2), (1, 11, 2), (2, 16, 4),  # whole groups of 4 up to the limit, at most the rank's share
+     (1, 2, 1)],  # at least one group
+)  # fmt: skip
+def test_grpo_rollout_batch_decodes_groups_together(world_size, batch_size, prompts):
+    """megatron_r1.rl.rollout decodes the groups of prompts of one length together, up to
+    --rollout-batch-size sequences: the cache and the logits hold that many, as if all lengths were equal."""
+    args = parse_grpo(TINY_GRPO + ["--grpo-prompts-per-step", "8"], world_size=world_size)
+    if batch_size is None:
+        vars(args).pop("rollout_batch_size", None)
+    else:
+        args.rollout_batch_size = batch_size
+    (stage,) = estimate_memory(args)
+    assert (stage.rollout.prompts, stage.rollout.sequences) == (prompts, 4 * prompts)
+    assert stage.rollout.kv_cache == 4 * prompts * 16 * 4 * 128 * 4
+    assert stage.rollout.activations == 2 * 4 * prompts * 8 * 1024 * 4

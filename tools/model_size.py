@@ -1,32 +1,88 @@
-"""Dry run of a training launch: validates pretrain_r1.py's flags for a world of WORLD_SIZE processes
-(environment variable, default 1) exactly as training would, then prints, without building
-anything (so a 671B launch is checked on a laptop):
+"""Dry run of a training launch: validates pretrain_r1.py's flags (with --grpo, grpo_r1.py's) for a world
+of WORLD_SIZE processes (environment variable, default 1) exactly as training would, then prints,
+without building anything (so a 671B launch is checked on a laptop):
 
 * the parallel layout: TP / PP / DP, the experts' ETP / EP / expert-DP, which ranks form rank 0's
   groups, and what each pipeline stage holds (megatron_r1/layout.py);
 * parameters and training FLOPs per component, total and active per token (megatron_r1/flops.py);
 * the memory per GPU of each pipeline stage: weights, gradients, optimizer states, activations
-  (megatron_r1/memory.py), and with --gpu-memory-gb whether the busiest stage fits (exit status 1
-  if not);
+  (megatron_r1/memory.py), with --grpo also the reference policy, the rollout's KV cache and its
+  activations, and with --gpu-memory-gb whether the busiest stage fits (exit status 1 if not);
 * tokens per step and the summary line.
+
+--grpo takes grpo_r1.py's own flags too (--grpo-group-size, --max-response-length, --kl-coef,
+--lora, --prompt-data, ...; a flag neither tool knows is an error) and runs its checks (PP > 1
+refused, the global batch = prompts x group size, the prompt files exist, ...) but for the tokenizer
+it needs to render prompts: without --tokenizer-model the dry run sizes the vocabulary from
+--vocab-size.
 
 Example:
   WORLD_SIZE=1024 python tools/model_size.py --gpus-per-node 8 --gpu-memory-gb 80 --mock-data ...
   DRY_RUN=1 bash examples/pretrain_deepseek_v3.sh      # runs this tool with the preset's flags
+  DRY_RUN=1 PRETRAINED=ckpt bash examples/grpo_deepseek_v3.sh   # with --grpo and grpo_r1.py's flags
 """
 
+import argparse
 import sys
 
 from megatron_r1.arguments import build_parser, validate_args
 from megatron_r1.flops import breakdown_table, count_model, summary
 from megatron_r1.layout import describe_layout
+from megatron_r1.megatron_lm_flags import parse_known_flags
 from megatron_r1.memory import GB, estimate_memory, memory_table, peak_stage
+from megatron_r1.rl.arguments import add_grpo_arguments, validate_grpo_args
 from megatron_r1.tokenizer import build_tokenizer, vocab_size_with_padding
+
+# The one check of grpo_r1.py's that a dry run leaves out (megatron_r1.rl.arguments._validate_rollouts):
+# rollouts render prompts with the tokenizer, the dry run sizes the vocabulary from --vocab-size.
+_GRPO_NEEDS_TOKENIZER = "prompts are rendered with the tokenizer: give --tokenizer-model"
+
+
+# What lowers the peak when it does not fit.
+_HINTS = {
+    "training": "raise EP/ETP/TP/PP, use the distributed optimizer, recompute, or shrink the micro-batch",
+    "grpo": "raise EP/ETP/TP (GRPO refuses PP), shrink --grpo-group-size or --seq-length (the KV cache), "
+    "or drop the reference policy with --kl-coef 0 or --lora",
+}
+
+
+def _grpo_requested(argv) -> bool:
+    """--grpo among the arguments: it decides which flags the parser knows, so it is read first."""
+    grpo = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    grpo.add_argument("--grpo", action="store_true")
+    return grpo.parse_known_args(argv)[0].grpo
+
+
+def _validate_grpo(args, error) -> None:
+    def dry_run_error(message):
+        if message != _GRPO_NEEDS_TOKENIZER:
+            error(message)
+
+    validate_grpo_args(args, dry_run_error)
+
+
+def _refuse_grpo_flags(parser, argv) -> None:
+    """A flag of grpo_r1.py's without --grpo: say that --grpo takes it (not just 'unknown flag')."""
+    grpo_parser = argparse.ArgumentParser(add_help=False)
+    add_grpo_arguments(grpo_parser)
+    grpo_flags = {option for action in grpo_parser._actions for option in action.option_strings}
+    unknown = [item.split("=", 1)[0] for item in parser.parse_known_args(argv)[1]]
+    if misplaced := [flag for flag in unknown if flag in grpo_flags]:
+        parser.error(f"{', '.join(misplaced)}: grpo_r1.py's, not pretrain_r1.py's: add --grpo to size a GRPO launch")
 
 
 def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(__doc__)
+    grpo = _grpo_requested(argv)
+    if grpo:
+        add_grpo_arguments(parser)
     dry_run = parser.add_argument_group("dry run (this tool only)")
+    dry_run.add_argument(
+        "--grpo",
+        action="store_true",
+        help="size grpo_r1.py's launch: take and check its flags, count its reference policy and rollouts",
+    )
     dry_run.add_argument(
         "--gpus-per-node",
         type=int,
@@ -39,8 +95,13 @@ def parse_args(argv=None):
         default=None,
         help="memory of one GPU in GB (1e9 bytes): check that the busiest pipeline stage fits",
     )
-    args = parser.parse_args(argv)
-    validate_args(args, parser.error)
+    if not grpo:
+        _refuse_grpo_flags(parser, argv)
+    args = parse_known_flags(parser, argv)  # an unknown flag is named, with the closest known one
+    if grpo:
+        _validate_grpo(args, parser.error)
+    else:
+        validate_args(args, parser.error)
     if args.gpus_per_node is not None and args.gpus_per_node < 1:
         parser.error(f"--gpus-per-node ({args.gpus_per_node}) must be at least 1")
     return args
@@ -67,12 +128,7 @@ def main(argv=None) -> int:
         verdict = "fits in" if fits else "does NOT fit in"
         print(
             f"peak {peak.total / GB:.1f} GB on pipeline stage {peak.contents.stage}: {verdict} "
-            f"{args.gpu_memory_gb:g} GB per GPU"
-            + (
-                ""
-                if fits
-                else " (raise EP/ETP/TP/PP, use the distributed optimizer, recompute, or shrink the micro-batch)"
-            )
+            f"{args.gpu_memory_gb:g} GB per GPU" + ("" if fits else f" ({_HINTS['grpo' if args.grpo else 'training']})")
         )
     print()
     print(

@@ -1,9 +1,12 @@
 """tools/model_size.py: the per-component table and summary for training flags, the vocabulary from a
-tokenizer, and launch-flag errors naming the flag."""
+tokenizer, and launch-flag errors naming the flag; with --grpo, the reference policy, KV cache and
+rollout logits against hand computation, and grpo_r1.py's flags checked as it checks them."""
 
 import os
 import subprocess
 import sys
+
+import pytest
 
 from megatron_r1.tokenizer import train_sentencepiece
 
@@ -94,3 +97,85 @@ def test_bad_layout_names_the_flags():
     )
     assert result.returncode == 2
     assert "--num-layers (3) is not divisible by --pipeline-model-parallel-size (2)" in result.stderr
+
+
+# A dense model with a 64K vocabulary, sized as GRPO would run it: 8 heads of 128 channels, fp32.
+GRPO = ["--num-layers", "2", "--hidden-size", "1024", "--num-attention-heads", "8", "--ffn-hidden-size", "4096",
+        "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--vocab-size", "65536",
+        "--micro-batch-size", "1", "--grpo", "--prompt-data", os.path.join(REPO_ROOT, "megatron_r1", "assets",
+        "tiny_grpo.jsonl"), "--pretrained-checkpoint", "ckpt", "--grpo-prompts-per-step", "1"]  # fmt: skip
+
+
+def grpo_line(stdout, start):
+    return next(line.strip() for line in stdout.splitlines() if line.strip().startswith(start))
+
+
+def grpo_report(group, seq_length, response, *flags):
+    result = run_tool(GRPO + ["--grpo-group-size", str(group), "--seq-length", str(seq_length),
+                              "--max-position-embeddings", str(seq_length), "--max-response-length", str(response),
+                              *flags])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_grpo_report_counts_the_reference_kv_cache_and_logits():
+    out = grpo_report(16, 8192, 8064)
+    # One group's cache: 16 sequences x 8192 tokens x 2 layers x (K + V of 8 heads x 128) x 4 bytes.
+    kv = 16 * 8192 * 2 * 2048 * 4
+    assert grpo_line(out, "rollout KV cache:").startswith(
+        f"rollout KV cache: {kv / 1e9:.2f} GB (16 sequences (1 prompt(s) x group 16) x 8192 tokens"
+    )
+    # The prefill's logits: 16 x (8192 - 8064) prompt positions x 65536 entries x 4 bytes, twice.
+    logits = 2 * 16 * 128 * 65536 * 4
+    assert grpo_line(out, "rollout activations:").startswith(
+        f"rollout activations: {logits / 1e9:.2f} GB (the prefill's"
+    )
+    # The table: stage, dense/expert params, weights, grads, optimizer, activations, reference, KV cache,
+    # rollout activations, total.
+    row = next(line.split() for line in out.splitlines() if line.split()[:1] == ["0"])
+    weights, grads, optimizer, activations, reference, kv_column, logits_column, total = map(float, row[3:])
+    assert (kv_column, logits_column) == (round(kv / 1e9, 2), round(logits / 1e9, 2))
+    assert reference == weights  # no MTP layers: a second copy of exactly the policy's weights
+    line = grpo_line(out, "reference policy:")
+    assert line.startswith(f"reference policy: {row[7]} GB (fp32 weights") and "--kl-coef 0.001" in line
+    # Rollouts and updates take turns: the total is the larger phase over the persistent state.
+    assert total == pytest.approx(
+        weights + grads + optimizer + reference + max(activations, (kv + logits) / 1e9), abs=0.02
+    )
+
+
+def test_grpo_kv_cache_line_scales_with_group_and_length():
+    """Twice the group or twice the tokens (prompt + response) of the previous test's 2.15 GB."""
+    for group, seq_length, response in ((32, 8192, 8064), (16, 16384, 16256)):
+        line = grpo_line(grpo_report(group, seq_length, response), "rollout KV cache:")
+        assert float(line.split()[3]) == round(group * seq_length * 2 * 2048 * 4 / 1e9, 2) == 4.29
+
+
+@pytest.mark.parametrize(
+    "flags, line",
+    [(["--kl-coef", "0"], "reference policy: none (--kl-coef 0: no KL term)"),
+     (["--lora", "--transformer-impl", "local"], "reference policy: none (--lora: the policy with its adapters off)")],
+)  # fmt: skip
+def test_grpo_report_without_a_reference(flags, line):
+    out = grpo_report(16, 8192, 8064, *flags)
+    assert line in out
+    row = next(line.split() for line in out.splitlines() if line.split()[:1] == ["0"])
+    assert row[7] == "0.00"  # the reference column
+
+
+@pytest.mark.parametrize(
+    "flags, world_size, message",
+    [(["--grpo-group-sise", "4"], 1, "--grpo-group-sise: unknown flag (did you mean --grpo-group-size?)"),
+     (["--pipeline-model-parallel-size", "2", "--num-layers", "2"], 2, "does not support pipeline parallelism"),
+     (["--prompt-data", "no_such_prompts.jsonl"], 1, "--prompt-data: no_such_prompts.jsonl does not exist"),
+     (["--global-batch-size", "4"], 1, "--global-batch-size (4) is --grpo-prompts-per-step x --grpo-group-size")],
+)  # fmt: skip
+def test_grpo_flags_are_checked_as_grpo_r1_checks_them(flags, world_size, message):
+    result = run_tool(GRPO + ["--seq-length", "64", "--max-response-length", "32"] + flags, world_size=world_size)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_grpo_flags_without_grpo_are_refused_naming_it():
+    result = run_tool(TINY + ["--vocab-size", "100", "--kl-coef", "0", "--grpo-group-size", "4"])
+    assert result.returncode == 2
+    assert "--kl-coef, --grpo-group-size: grpo_r1.py's, not pretrain_r1.py's: add --grpo" in result.stderr

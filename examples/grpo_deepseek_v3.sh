@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# GRPO (DeepSeek-R1's reinforcement-learning stage) on the DeepSeek-V3 shape (671B parameters + the
+# MTP module, 37B active): rollouts from the current policy in the training processes and layout,
+# rule-based rewards, group-relative advantages, the clipped objective with a k3 KL to the starting
+# (reference) policy. The model flags are examples/pretrain_deepseek_v3.sh's (they must be the
+# checkpoint's); the MoE's balancing is switched off for RL and the MTP layer is kept but frozen.
+#
+#   NNODES=128 NODE_RANK=$SLURM_NODEID MASTER_ADDR=node0 PRETRAINED=/ckpt/v3_sft TOKENIZER_MODEL=/models/DeepSeek-V3 \
+#       PROMPT_DATA=data/math_prompts.jsonl bash examples/grpo_deepseek_v3.sh
+#   DRY_RUN=1 MASTER_ADDR=node0 PRETRAINED=/ckpt/v3_sft bash examples/grpo_deepseek_v3.sh   # layout, memory
+#
+# Default layout, 128 nodes x 8 GPUs of 80 GB, per GPU as DRY_RUN=1 reports it (grpo_r1.py refuses
+# pipeline parallelism, so the weights are split by TP and EP alone): TP 8 (one node, with sequence
+# parallelism) splits the 17B non-expert parameters to 3.1B; EP 256 x ETP 4 spreads the 665B expert
+# parameters over all 1024 GPUs, 0.65B each. That is 7.5 GB of bf16 weights, 14.7 GB of fp32
+# gradients (the frozen MTP layer has none), 8 GB of Adam states and master weights sharded over the
+# data-parallel ranks, 7.4 GB for the reference policy's bf16 weights, then the larger of the update's
+# activations (2 GB with full recomputation) and the rollout's: one group's KV cache, 8 sequences x
+# 4096 tokens x 61 layers x 10 KB (megatron-core's static cache keeps MLA's K and V for each of the 16
+# heads on a GPU, not the 1 KB latent: 20.5 GB), plus the prefill's full-vocabulary logits (4.3 GB):
+# ~62 GB. DeepSeek-R1's group of 16 doubles the rollout's share: 87 GB, for GPUs of 141 GB
+# (GPU_MEMORY_GB=141 GROUP_SIZE=16; with the pre-training preset's EP=64 ETP=2, 123 GB); KL_COEF=0
+# (no reference) saves 7.4 GB. The KV cache grows with GROUP_SIZE x SEQ_LENGTH, and with the prompts
+# per data-parallel rank when their groups decode together (PROMPTS_PER_STEP: one per rank by default).
+#
+# Environment: see examples/launch.sh (layout, TOKENIZER_MODEL, TENSORBOARD_DIR, EXTRA_ARGS, DRY_RUN,
+# GPU_MEMORY_GB); here also
+#   PRETRAINED       checkpoint to start from (the fine-tuned model), also the reference policy of the KL term
+#   PROMPT_DATA      prompts JSONL with the fields the rewards read, e.g. {"prompt": ..., "answer": ...}
+#                    (default: the bundled arithmetic prompts; tools/make_grpo_prompts.py makes more)
+#   SAVE             this run's checkpoints (default runs/grpo_v3); a rerun resumes
+#   SEQ_LENGTH       prompt + response tokens (default 4096); MAX_RESPONSE_LENGTH (default 3072)
+#   TRAIN_ITERS PROMPTS_PER_STEP GROUP_SIZE KL_COEF LR
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NNODES=${NNODES:-128}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+TP=${TP:-8}                          # within a node (NVLink); also divides the KV cache's 128 heads by 8
+PP=${PP:-1}                          # grpo_r1.py refuses PP > 1 (rollouts run in the training processes)
+EP=${EP:-256}                        # 256 experts: one per expert-parallel rank
+ETP=${ETP:-4}                        # each expert split over 4 GPUs: EP x ETP = all 1024 GPUs
+SEQ_LENGTH=${SEQ_LENGTH:-4096}
+PRETRAINED=${PRETRAINED:?set PRETRAINED to the checkpoint to reinforce (e.g. a fine-tuned DeepSeek-V3)}
+SAVE=${SAVE:-runs/grpo_v3}
+if [[ -z "${DRY_RUN:-}" && -z "${TOKENIZER_MODEL:-}" ]]; then
+    echo "set TOKENIZER_MODEL: prompts are rendered with the chat template's special tokens" >&2
+    exit 2
+fi
+VOCAB_SIZE=129280                    # the dry run's vocabulary without a tokenizer
+DEFAULT_TOKENIZER_TYPE=HuggingFaceTokenizer
+ENTRY=grpo_r1.py
+
+MODEL_ARGS=(
+    --num-layers 61                     # decoder layers
+    --hidden-size 7168                  # model width
+    --ffn-hidden-size 18432             # the 3 dense layers' MLP
+    --num-attention-heads 128           # attention heads
+    --seq-length "$SEQ_LENGTH"          # longest prompt + response; also the rollout's KV cache length
+    --max-position-embeddings "$SEQ_LENGTH"  # longest position the RoPE tables cover
+    --normalization RMSNorm             # RMSNorm, as DeepSeek
+    --norm-epsilon 1e-6                 # rms_norm_eps
+    --swiglu                            # gated SiLU MLPs and experts
+    --disable-bias-linear               # no linear biases (MoE requires it)
+    --untie-embeddings-and-output-weights  # separate input embedding and output head
+    --position-embedding-type rope      # rotary position embeddings
+    --rotary-base 10000                 # rope_theta
+    --init-method-std 0.006             # the report's initialisation (unused: the weights are loaded)
+    --hidden-dropout 0.0                # no dropout: rollout and training log-probs must agree
+    --attention-dropout 0.0             # no dropout: rollout and training log-probs must agree
+    --make-vocab-size-divisible-by 128  # pad the vocabulary for efficient GEMMs
+)
+MLA_ARGS=(
+    --multi-latent-attention            # MLA: low-rank compressed keys/values
+    --qk-layernorm                      # RMSNorm on the compressed q and kv (q_a_layernorm, kv_a_layernorm)
+    --q-lora-rank 1536                  # query compressed to this rank
+    --kv-lora-rank 512                  # keys/values compressed to this latent width
+    --qk-head-dim 128                   # qk_nope_head_dim
+    --qk-pos-emb-head-dim 64            # qk_rope_head_dim
+    --v-head-dim 128                    # per-head value width
+    --rope-type yarn                    # rope_scaling of the released config
+    --rotary-scaling-factor 40          # YaRN: factor x the original context
+    --original-max-position-embeddings 4096  # the context YaRN stretches
+    --beta-fast 32                      # YaRN's ramp
+    --beta-slow 1                       # YaRN's ramp
+    --mscale 1.0                        # YaRN attention scaling
+    --mscale-all-dim 1.0                # YaRN attention scaling
+)
+MOE_ARGS=(
+    --num-experts 256                   # n_routed_experts
+    --moe-layer-freq "[0]*3+[1]*58"     # first_k_dense_replace = 3
+    --moe-router-topk 8                 # num_experts_per_tok
+    --moe-ffn-hidden-size 2048          # moe_intermediate_size
+    --moe-shared-expert-intermediate-size 2048  # 1 shared expert
+    --moe-router-score-function sigmoid  # expert scores (DeepSeek-V3: sigmoid, V2: softmax)
+    --moe-router-enable-expert-bias     # the checkpoint's expert biases (aux-loss-free balancing) ...
+    --moe-router-bias-update-rate 0.0   #   ... kept fixed: updates would change routing between rollout and update
+    --moe-router-num-groups 8           # node-limited routing: 8 groups (n_group)
+    --moe-router-group-topk 4           #   a token's experts come from 4 of them (topk_group)
+    --moe-router-topk-scaling-factor 2.5  # routed_scaling_factor
+    --moe-router-load-balancing-type none  # no balance loss: it makes rollout and training log-probs drift (NeMo-RL)
+    --moe-aux-loss-coeff 0.0            # RL: no balance loss
+    --moe-router-dtype fp32             # routing in fp32: a stable top-k in rollout and update alike
+    --moe-token-dispatcher-type alltoall  # all-to-all token exchange between expert-parallel ranks
+    --mtp-num-layers 1                  # the checkpoint's MTP module: kept (frozen) in the saved checkpoints
+)
+TRAINING_ARGS=(
+    --bf16                              # bf16 weights, rollouts and compute; fp32 master weights and grads
+    --micro-batch-size 1                # sequences per forward pass per GPU in the update
+    --train-iters "${TRAIN_ITERS:-1000}"  # GRPO iterations (rollout batches)
+    --optimizer adam                    # AdamW
+    --lr "${LR:-1e-6}"                  # RL takes small steps (verl's default)
+    --lr-decay-style constant           # no schedule
+    --weight-decay 0.0                  # no decay
+    --adam-beta1 0.9                    # AdamW betas
+    --adam-beta2 0.95                   # AdamW betas
+    --clip-grad 1.0                     # gradient-norm clipping
+    --seed 1234                         # prompt order and rollout sampling
+    --recompute-granularity full        # keep only each layer's input; recompute in backward
+    --recompute-method uniform          # every layer in its own group
+    --recompute-num-layers 1            # one layer per recompute group
+    --save "$SAVE"                      # policy, optimizer; the prompt position and sampling follow the iteration
+    --save-interval 50                  # every 50 iterations
+)
+# Flags of grpo_r1.py alone (after `--` in launch; the dry run takes them to size the rollouts and reference).
+GRPO_ARGS=(
+    --pretrained-checkpoint "$PRETRAINED"  # the starting weights, and the KL term's reference policy
+    --prompt-data "${PROMPT_DATA:-megatron_r1/assets/tiny_grpo.jsonl}"  # {"prompt": ..., "answer": ...} lines
+    --prompt-template chat              # rendered as the fine-tuning data was (r1-zero: DeepSeek-R1-Zero's template)
+    --grpo-prompts-per-step "${PROMPTS_PER_STEP:-128}"  # prompts per iteration over all ranks: one per DP rank (128)
+    --grpo-group-size "${GROUP_SIZE:-8}"  # responses per prompt (DeepSeek-R1: 16, see above); one group is cached
+    --max-response-length "${MAX_RESPONSE_LENGTH:-3072}"  # new tokens per response at most; prompts: the rest
+    --temperature 1.0                   # rollout sampling (DeepSeek-R1-Zero: 1.0)
+    --reward accuracy format            # <answer> or \boxed{} vs the record's "answer"; <think>/<answer> format
+    --grpo-iterations 1                 # updates per rollout batch (on-policy)
+    --clip-ratio-low 0.2                # PPO clip below 1
+    --clip-ratio-high 0.28              # DAPO's clip-higher above 1
+    --kl-coef "${KL_COEF:-0.001}"       # beta of the k3 KL to the reference (DeepSeek-R1: 0.001); 0: no reference model
+    --loss-agg-mode token-mean          # DAPO's token-level mean
+)
+
+source examples/launch.sh
+launch "${MODEL_ARGS[@]}" "${MLA_ARGS[@]}" "${MOE_ARGS[@]}" "${TRAINING_ARGS[@]}" -- "${GRPO_ARGS[@]}"
