@@ -104,8 +104,8 @@ def aggregation_weights(
     """Per-token weights of a part of a batch (a micro-batch, a data-parallel rank's share) such
     that ``(weights * values).sum()`` summed over the parts equals :func:`aggregate_loss` of the
     whole batch; ``total_tokens`` and ``total_responses`` are the whole batch's mask tokens and
-    responses."""
-    mask = mask.float()
+    responses (a batch without any weighs nothing)."""
+    mask, total_responses = mask.float(), max(total_responses, 1)
     if aggregation == "token-mean":
         return mask / max(total_tokens, 1)
     if aggregation == "seq-mean-token-mean":

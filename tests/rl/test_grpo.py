@@ -157,6 +157,15 @@ def test_a_reward_function_returning_no_number_is_named(setting, tmp_path):
     assert counted[1]["reward failures"] == 16 and counted[1]["reward mean"] == 0.0
 
 
+def test_dynamic_sampling_leaves_out_groups_whose_rewards_are_equal(setting, tmp_path):
+    """A reward no response of a random model earns (format): every group is left out, nothing trains."""
+    figures, _ = grpo(setting, tmp_path, *TINY, "--train-iters", "2", "--kl-coef", "0", "--dynamic-sampling",
+                      "--loss-agg-mode", "seq-mean-token-mean", rewards=("--reward", "format"))  # fmt: skip
+    for iteration in (1, 2):
+        # A step with NaN gradients would print "grad norm: n/a".
+        assert figures[iteration]["groups kept"] == 0.0 and figures[iteration]["grad norm"] == 0.0, figures
+
+
 @pytest.mark.parametrize("padding", [0, 3], ids=["alone", "prefill-padded"])
 def test_rollouts_decode_as_generation_does(monkeypatch, padding):
     """top-k 1 sampling is greedy decoding: each row of a group equals generation.generate's greedy
