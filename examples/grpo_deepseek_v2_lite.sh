@@ -18,9 +18,9 @@
 # which take turns: one group's KV cache (16 sequences x 4096 tokens x 27 layers; megatron-core's
 # static cache keeps MLA's per-head K and V, 10 KB per token and layer, not the 1 KB latent: ~18 GB)
 # plus the prefill's full-vocabulary logits (~7 GB): ~73 GB.
-# A longer SEQ_LENGTH or GROUP_SIZE grows the KV cache in proportion, and so do more prompts per
-# data-parallel rank when their groups decode together (PROMPTS_PER_STEP: one per rank by default);
-# KL_COEF=0 drops the reference.
+# The KV cache and logits grow with the sequences decoded together (ROLLOUT_BATCH_SIZE, default one
+# group: each rank decodes its 4 prompts' groups in turn) and with SEQ_LENGTH; KL_COEF=0 drops the
+# reference.
 #
 # Environment: see examples/launch.sh (layout, TOKENIZER_MODEL, TENSORBOARD_DIR, EXTRA_ARGS, DRY_RUN,
 # GPU_MEMORY_GB); here also
@@ -29,7 +29,7 @@
 #                    (default: the bundled arithmetic prompts; tools/make_grpo_prompts.py makes more)
 #   SAVE             this run's checkpoints (default runs/grpo_v2_lite); a rerun resumes
 #   SEQ_LENGTH       prompt + response tokens (default 4096); MAX_RESPONSE_LENGTH (default 3072)
-#   TRAIN_ITERS PROMPTS_PER_STEP GROUP_SIZE KL_COEF LR
+#   TRAIN_ITERS PROMPTS_PER_STEP GROUP_SIZE ROLLOUT_BATCH_SIZE KL_COEF LR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +38,7 @@ TP=${TP:-1}                          # 16 heads and a 2048 hidden size: no need 
 PP=${PP:-1}                          # grpo_r1.py refuses PP > 1 (rollouts run in the training processes)
 EP=${EP:-8}                          # 64 experts: 8 per GPU
 SEQ_LENGTH=${SEQ_LENGTH:-4096}
+GROUP_SIZE=${GROUP_SIZE:-16}         # responses per prompt (DeepSeek-R1: 16)
 PRETRAINED=${PRETRAINED:?set PRETRAINED to the checkpoint to reinforce (e.g. a fine-tuned DeepSeek-V2-Lite)}
 SAVE=${SAVE:-runs/grpo_v2_lite}
 if [[ -z "${DRY_RUN:-}" && -z "${TOKENIZER_MODEL:-}" ]]; then
@@ -115,8 +116,9 @@ GRPO_ARGS=(
     --pretrained-checkpoint "$PRETRAINED"  # the starting weights, and the KL term's reference policy
     --prompt-data "${PROMPT_DATA:-megatron_r1/assets/tiny_grpo.jsonl}"  # {"prompt": ..., "answer": ...} lines
     --prompt-template chat              # rendered as the fine-tuning data was (r1-zero: DeepSeek-R1-Zero's template)
-    --grpo-prompts-per-step "${PROMPTS_PER_STEP:-8}"  # prompts per iteration over all ranks: one per DP rank (see above)
-    --grpo-group-size "${GROUP_SIZE:-16}"  # responses per prompt (DeepSeek-R1: 16); the KV cache holds one group
+    --grpo-prompts-per-step "${PROMPTS_PER_STEP:-32}"  # prompts per iteration, all ranks (DeepSeek-R1: 32); x DP
+    --grpo-group-size "$GROUP_SIZE"     # advantages are relative to the group
+    --rollout-batch-size "${ROLLOUT_BATCH_SIZE:-$GROUP_SIZE}"  # sequences decoded together: one group (sizes the KV cache)
     --max-response-length "${MAX_RESPONSE_LENGTH:-3072}"  # new tokens per response at most; prompts: the rest
     --temperature 1.0                   # rollout sampling (DeepSeek-R1-Zero: 1.0)
     --reward accuracy format            # <answer> or \boxed{} vs the record's "answer"; <think>/<answer> format

@@ -20,8 +20,8 @@
 # heads on a GPU, not the 1 KB latent: 20.5 GB), plus the prefill's full-vocabulary logits (4.3 GB):
 # ~62 GB. DeepSeek-R1's group of 16 doubles the rollout's share: 87 GB, for GPUs of 141 GB
 # (GPU_MEMORY_GB=141 GROUP_SIZE=16; with the pre-training preset's EP=64 ETP=2, 123 GB); KL_COEF=0
-# (no reference) saves 7.4 GB. The KV cache grows with GROUP_SIZE x SEQ_LENGTH, and with the prompts
-# per data-parallel rank when their groups decode together (PROMPTS_PER_STEP: one per rank by default).
+# (no reference) saves 7.4 GB. The KV cache grows with GROUP_SIZE x SEQ_LENGTH, and with the sequences
+# decoded together (ROLLOUT_BATCH_SIZE, default one group; PROMPTS_PER_STEP: one prompt per rank).
 #
 # Environment: see examples/launch.sh (layout, TOKENIZER_MODEL, TENSORBOARD_DIR, EXTRA_ARGS, DRY_RUN,
 # GPU_MEMORY_GB); here also
@@ -30,7 +30,7 @@
 #                    (default: the bundled arithmetic prompts; tools/make_grpo_prompts.py makes more)
 #   SAVE             this run's checkpoints (default runs/grpo_v3); a rerun resumes
 #   SEQ_LENGTH       prompt + response tokens (default 4096); MAX_RESPONSE_LENGTH (default 3072)
-#   TRAIN_ITERS PROMPTS_PER_STEP GROUP_SIZE KL_COEF LR
+#   TRAIN_ITERS PROMPTS_PER_STEP GROUP_SIZE ROLLOUT_BATCH_SIZE KL_COEF LR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +41,7 @@ PP=${PP:-1}                          # grpo_r1.py refuses PP > 1 (rollouts run i
 EP=${EP:-256}                        # 256 experts: one per expert-parallel rank
 ETP=${ETP:-4}                        # each expert split over 4 GPUs: EP x ETP = all 1024 GPUs
 SEQ_LENGTH=${SEQ_LENGTH:-4096}
+GROUP_SIZE=${GROUP_SIZE:-8}          # responses per prompt (DeepSeek-R1's 16: see above)
 PRETRAINED=${PRETRAINED:?set PRETRAINED to the checkpoint to reinforce (e.g. a fine-tuned DeepSeek-V3)}
 SAVE=${SAVE:-runs/grpo_v3}
 if [[ -z "${DRY_RUN:-}" && -z "${TOKENIZER_MODEL:-}" ]]; then
@@ -128,7 +129,8 @@ GRPO_ARGS=(
     --prompt-data "${PROMPT_DATA:-megatron_r1/assets/tiny_grpo.jsonl}"  # {"prompt": ..., "answer": ...} lines
     --prompt-template chat              # rendered as the fine-tuning data was (r1-zero: DeepSeek-R1-Zero's template)
     --grpo-prompts-per-step "${PROMPTS_PER_STEP:-128}"  # prompts per iteration over all ranks: one per DP rank (128)
-    --grpo-group-size "${GROUP_SIZE:-8}"  # responses per prompt (DeepSeek-R1: 16, see above); one group is cached
+    --grpo-group-size "$GROUP_SIZE"     # advantages are relative to the group
+    --rollout-batch-size "${ROLLOUT_BATCH_SIZE:-$GROUP_SIZE}"  # sequences decoded together: one group (sizes the KV cache)
     --max-response-length "${MAX_RESPONSE_LENGTH:-3072}"  # new tokens per response at most; prompts: the rest
     --temperature 1.0                   # rollout sampling (DeepSeek-R1-Zero: 1.0)
     --reward accuracy format            # <answer> or \boxed{} vs the record's "answer"; <think>/<answer> format

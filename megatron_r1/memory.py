@@ -44,11 +44,11 @@ in the training processes and layout, then updates on them:
   without MTP layers, in the training dtype, with no gradients or optimizer states; none with
   ``--kl-coef 0`` (no KL term) or ``--lora`` (the base model is the policy with its adapters off);
 * the rollout's KV cache: megatron-core's StaticInferenceContext for one rollout batch at a time
-  (megatron_r1.rl.rollout: one prompt's ``--grpo-group-size`` sequences, or with
-  ``--rollout-batch-size`` the groups of prompts of one length, up to that many sequences, all of
-  the rank's share of the step's prompts with 0: counted as if their lengths were equal), each
-  sequence up to ``--seq-length`` tokens (prompt + ``--max-response-length``), for each of the
-  stage's decoder layers, each token keeping the K and V that
+  (megatron_r1.rl.rollout: the ``--grpo-group-size`` groups of a rank's prompts of one length, up to
+  ``--rollout-batch-size`` sequences in whole groups, at least one; with 0 all of the rank's share
+  of the step's prompts; counted as if their lengths were equal), each sequence up to
+  ``--seq-length`` tokens (prompt + ``--max-response-length``), for each of the stage's decoder
+  layers, each token keeping the K and V that
   ``Attention._allocate_memory`` allocates on one TP rank: ``max(1, query groups / TP)`` groups of
   ``kv_channels`` each for GQA/MHA; for MLA each of the ``heads / TP`` heads' up-projected K
   (``qk_head_dim + qk_pos_emb_head_dim``) and V (``v_head_dim``), since megatron-core caches the
@@ -280,10 +280,7 @@ def kv_cache_values_per_token(args, sizes: ParallelSizes) -> int:
 def rollout_batch_prompts(args, sizes: ParallelSizes) -> int:
     """Prompts whose groups a rank decodes together at most (megatron_r1.rl.rollout batches prompts
     of one length; at worst all have the same)."""
-    share = args.grpo_prompts_per_step // sizes.dp
-    limit = getattr(args, "rollout_batch_size", None)
-    if limit is None:  # rollouts without --rollout-batch-size decode one prompt's group at a time
-        return 1
+    share, limit = args.grpo_prompts_per_step // sizes.dp, args.rollout_batch_size
     return share if limit == 0 else min(share, max(limit // args.grpo_group_size, 1))
 
 

@@ -67,6 +67,8 @@ def run_preset(script, tmp_path, timeout=120, **env):
         "GROUP_SIZE",
         "KL_COEF",
         "GPU_MEMORY_GB",
+        "PROMPTS_PER_STEP",
+        "ROLLOUT_BATCH_SIZE",
     ):
         if name not in env:
             environment.pop(name, None)
@@ -196,8 +198,11 @@ def launch_flags(script, tmp_path, entry, **env):
 def flag_values(flags, first, last):
     """{flag: value or None} of flags[first:last] (from the first occurrence of each bound)."""
     flags = flags[flags.index(first) : flags.index(last)]
-    return {flag: None if value.startswith("--") else value for flag, value in zip(flags, flags[1:] + ["--"])
-            if flag.startswith("--")}  # fmt: skip
+    return {
+        flag: None if value.startswith("--") else value
+        for flag, value in zip(flags, flags[1:] + ["--"])
+        if flag.startswith("--")
+    }
 
 
 # The MoE flags that RL sets differently from pre-training: no balance loss or expert-bias updates.
@@ -244,22 +249,29 @@ def test_grpo_deepseek_presets_dry_run(tmp_path, script, pretrain_script, env, l
 
 def test_grpo_deepseek_v3_with_deepseek_r1s_group_does_not_fit_80gb(tmp_path):
     """DeepSeek-R1's group of 16 doubles the rollout's KV cache and logits: 87 GB in the default layout."""
-    result = run_preset("grpo_deepseek_v3.sh", tmp_path, DRY_RUN="1", MASTER_ADDR="node0", PRETRAINED="runs/sft",
-                        GROUP_SIZE="16")  # fmt: skip
+    result = run_preset(
+        "grpo_deepseek_v3.sh", tmp_path, DRY_RUN="1", MASTER_ADDR="node0", PRETRAINED="runs/sft", GROUP_SIZE="16"
+    )
     assert result.returncode == 1, result.stderr[-4000:]
     assert "rollout KV cache: 40.94 GB (16 sequences (1 prompt(s) x group 16) x 4096 tokens" in result.stdout
     assert "peak 87.0 GB on pipeline stage 0: does NOT fit in 80 GB per GPU (raise EP/ETP/TP" in result.stdout
 
 
-def test_grpo_without_kl_sizes_no_reference(tmp_path):
-    result = run_preset("grpo_deepseek_v2_lite.sh", tmp_path, DRY_RUN="1", PRETRAINED="runs/sft", KL_COEF="0")
-    assert result.returncode == 0, result.stderr[-4000:]
+def test_grpo_v2_lite_sizes_the_rollout_batch_and_no_reference(tmp_path):
+    """ROLLOUT_BATCH_SIZE=0 decodes a rank's 4 prompts' groups together: 4 times the KV cache, more than
+    80 GB even without the reference policy (KL_COEF=0)."""
+    result = run_preset(
+        "grpo_deepseek_v2_lite.sh", tmp_path, DRY_RUN="1", PRETRAINED="runs/sft", KL_COEF="0", ROLLOUT_BATCH_SIZE="0"
+    )
+    assert result.returncode == 1, result.stderr[-4000:]
     assert "  reference policy: none (--kl-coef 0: no KL term)" in result.stdout
+    assert "  rollout KV cache: 72.48 GB (64 sequences (4 prompt(s) x group 16) x 4096 tokens" in result.stdout
+    assert "does NOT fit in 80 GB per GPU (raise EP/ETP/TP (GRPO refuses PP), shrink the KV cache" in result.stdout
 
 
 def test_grpo_tiny_dry_run_checks_grpo_flags(tmp_path):
-    """The tiny preset's dry run takes grpo_r1.py's flags too: they are checked for 2 processes (a
-    group's 4 prompts per step over DP 1) and the MTP layer is counted frozen."""
+    """The tiny preset's dry run takes grpo_r1.py's flags too: they are checked for 2 processes (TP 2)
+    and sized (the MTP layer frozen, the rollout's KV cache)."""
     result = run_preset("grpo_tiny.sh", tmp_path, DRY_RUN="1", GPUS_PER_NODE="2", TP="2", PRETRAINED="runs/sft")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "parallel layout: 2 processes (1 node x 2)" in result.stdout

@@ -286,9 +286,8 @@ def test_grpo_without_a_reference_model(flags):
 def test_grpo_kv_cache_scales_with_group_size_and_response_length():
     for group in (2, 4, 8):
         for response in (8, 24, 56):  # a prompt of up to 8 tokens + the response: --seq-length
-            args = parse_grpo(TINY_GRPO + ["--grpo-group-size", str(group), "--max-response-length", str(response),
-                                           "--seq-length", str(8 + response)])  # fmt: skip
-            (stage,) = estimate_memory(args)
+            lengths = ["--max-response-length", str(response), "--seq-length", str(8 + response)]
+            (stage,) = estimate_memory(parse_grpo(TINY_GRPO + ["--grpo-group-size", str(group)] + lengths))
             assert stage.rollout.kv_cache == group * (8 + response) * 4 * 128 * 4
             assert stage.rollout.activations == 2 * group * 8 * 1024 * 4  # the prompts' logits only
     # A longer response within the same --seq-length leaves less room for the prompt, not more cache.
@@ -314,19 +313,16 @@ def test_kv_cache_width_per_tensor_parallel_rank(flags, values):
 
 @pytest.mark.parametrize(
     "world_size, batch_size, prompts",
-    [(1, None, 1),  # rollouts without --rollout-batch-size: one prompt's group at a time
-     (1, 0, 8), (2, 0, 4),  # 0: a rank's whole share of the step's 8 prompts
+    [(1, 0, 8), (2, 0, 4),  # 0: a rank's whole share of the step's 8 prompts
      (1, 8, 2), (1, 11, 2), (2, 16, 4),  # whole groups of 4 up to the limit, at most the rank's share
      (1, 2, 1)],  # at least one group
 )  # fmt: skip
 def test_grpo_rollout_batch_decodes_groups_together(world_size, batch_size, prompts):
     """megatron_r1.rl.rollout decodes the groups of prompts of one length together, up to
     --rollout-batch-size sequences: the cache and the logits hold that many, as if all lengths were equal."""
-    args = parse_grpo(TINY_GRPO + ["--grpo-prompts-per-step", "8"], world_size=world_size)
-    if batch_size is None:
-        vars(args).pop("rollout_batch_size", None)
-    else:
-        args.rollout_batch_size = batch_size
+    args = parse_grpo(
+        TINY_GRPO + ["--grpo-prompts-per-step", "8", "--rollout-batch-size", str(batch_size)], world_size=world_size
+    )
     (stage,) = estimate_memory(args)
     assert (stage.rollout.prompts, stage.rollout.sequences) == (prompts, 4 * prompts)
     assert stage.rollout.kv_cache == 4 * prompts * 16 * 4 * 128 * 4

@@ -41,8 +41,8 @@ _GRPO_NEEDS_TOKENIZER = "prompts are rendered with the tokenizer: give --tokeniz
 # What lowers the peak when it does not fit.
 _HINTS = {
     "training": "raise EP/ETP/TP/PP, use the distributed optimizer, recompute, or shrink the micro-batch",
-    "grpo": "raise EP/ETP/TP (GRPO refuses PP), shrink --grpo-group-size or --seq-length (the KV cache), "
-    "or drop the reference policy with --kl-coef 0 or --lora",
+    "grpo": "raise EP/ETP/TP (GRPO refuses PP), shrink the KV cache (--rollout-batch-size, --grpo-group-size, "
+    "--seq-length), or drop the reference policy with --kl-coef 0 or --lora",
 }
 
 
