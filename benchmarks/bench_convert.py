@@ -1,15 +1,18 @@
-"""Peak memory of tools/convert_checkpoint.py --direction mcore2hf for a model and one 4x larger
-(4x the layers, same layer width): conversion streams a layer at a time and writes a shard at a time,
-so the peak above the baseline should be about one layer plus one shard, whatever the model size.
+"""Peak memory of tools/convert_checkpoint.py in both directions, mcore2hf and hf2mcore, for a model and
+one 4x larger (4x the layers, same layer width): mcore2hf reads a layer at a time and writes a
+safetensors shard at a time, hf2mcore reads a tensor (or one expert's weights) at a time and writes a
+torch_dist part at a time, so the peak above the baseline should be about one layer plus one shard
+(mcore2hf) or one part plus one tensor (hf2mcore), whatever the model size.
 
 Each conversion runs in its own process; its peak RSS is read from resource.getrusage(RUSAGE_CHILDREN).
-"above baseline" subtracts the peak RSS of a process that only imports the converter and starts its
+"above baseline" subtracts the peak RSS of a process that only imports the converters and starts its
 process group (python, torch, megatron-core, transformers). RSS is an honest measure here: the
 checkpoint is read with read() (torch.distributed.checkpoint's FileSystemReader), not mmap, so no page
 cache is counted; the file-backed part of RSS (RssFile in /proc/PID/status) stays at the shared
-libraries' ~110 MiB, and the growth is anonymous memory. Besides a layer and a shard, the converter
-holds ~60 MiB that does not depend on the model's size (transformers' DeepseekV3 code and the
-meta-device model that the shapes are checked against).
+libraries' ~110 MiB, and the growth is anonymous memory. Besides a layer and a shard, mcore2hf holds
+~60 MiB that does not depend on the model's size (transformers' DeepseekV3 code and the meta-device
+model that the shapes are checked against). hf2mcore reads the exported directory of the same model
+back (--max-shard-size is its part size too).
 
     python benchmarks/bench_convert.py [--layers 2] [--hidden-size 256] [--num-experts 16] [--workdir DIR]
 """
@@ -23,7 +26,11 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARD_BYTES = 50 * 10**6  # --max-shard-size of the conversions
+SHARD_BYTES = 50 * 10**6  # --max-shard-size of the conversions (hf2mcore: the torch_dist part size)
+BASELINE = (
+    "from megatron_r1.distributed import initialize_distributed; "
+    "import megatron_r1.hf.export, megatron_r1.hf.import_, transformers; initialize_distributed()"
+)
 
 
 def child_peak_rss_mib(command, cwd) -> tuple[float, float]:
@@ -54,6 +61,57 @@ def largest_layer_mib(hf_dir) -> float:
     return max(per_layer.values()) / 2**20
 
 
+def directory_mib(directory, suffix) -> float:
+    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory) if f.endswith(suffix)) / 2**20
+
+
+def pretrain_checkpoint(workdir, name, layers, args) -> None:
+    """Our checkpoint of the benchmark's model with `layers` layers (untrained), unless there is one."""
+    model = ["--mock-data", "--vocab-size", "1000", "--num-layers", str(layers), "--hidden-size", str(args.hidden_size),
+             "--num-attention-heads", "8", "--swiglu", "--disable-bias-linear", "--multi-latent-attention",
+             "--qk-layernorm", "--q-lora-rank", "128", "--kv-lora-rank", "64", "--qk-head-dim", "32",
+             "--qk-pos-emb-head-dim", "16", "--v-head-dim", "32", "--num-experts", str(args.num_experts),
+             "--moe-ffn-hidden-size", str(2 * args.hidden_size), "--moe-shared-expert-intermediate-size",
+             str(2 * args.hidden_size), "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+             "--untie-embeddings-and-output-weights", "--seq-length", "16", "--micro-batch-size", "1",
+             "--train-iters", "0", "--save", name]  # fmt: skip
+    if not os.path.isdir(os.path.join(workdir, name)):
+        subprocess.run(
+            [sys.executable, os.path.join(REPO, "pretrain_r1.py"), *model],
+            cwd=workdir,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+
+def convert(workdir, direction, load, save) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of one tools/convert_checkpoint.py run."""
+    tool = os.path.join(REPO, "tools", "convert_checkpoint.py")
+    command = [sys.executable, tool, "--direction", direction, "--load", load, "--save", save]
+    return child_peak_rss_mib([*command, "--max-shard-size", str(SHARD_BYTES), "--no-progress"], workdir)
+
+
+def measure(workdir, layers, args, baseline) -> dict:
+    """Both directions for the model with `layers` layers: its sizes and each direction's peak."""
+    shard_mib = SHARD_BYTES / 2**20
+    pretrain_checkpoint(workdir, f"ckpt_{layers}", layers, args)
+    export_peak, export_seconds = convert(workdir, "mcore2hf", f"ckpt_{layers}", f"hf_{layers}")
+    hf_dir = os.path.join(workdir, f"hf_{layers}")
+    size, layer_mib = directory_mib(hf_dir, ".safetensors"), largest_layer_mib(hf_dir)
+    import_peak, import_seconds = convert(workdir, "hf2mcore", f"hf_{layers}", f"back_{layers}")
+    checkpoint_mib = directory_mib(os.path.join(workdir, f"back_{layers}", "iter_0000000"), ".distcp")
+    print(
+        f"{layers:3d} layers: weights {size:8.1f} MiB (fp32) | mcore2hf peak RSS {export_peak:8.1f} MiB "
+        f"({export_peak - baseline:7.1f} above baseline; one layer {layer_mib:.1f} + one shard {shard_mib:.1f} = "
+        f"{layer_mib + shard_mib:.1f}), {export_seconds:6.1f} s | hf2mcore peak RSS {import_peak:8.1f} MiB "
+        f"({import_peak - baseline:7.1f} above baseline; one part {shard_mib:.1f}; {checkpoint_mib:.1f} MiB "
+        f"written), {import_seconds:6.1f} s",
+        flush=True,
+    )
+    return {"size": size, "mcore2hf": export_peak, "hf2mcore": import_peak}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2, help="layers of the smaller model (the larger has 4x)")
@@ -63,67 +121,15 @@ def main():
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_convert_")
     os.makedirs(workdir, exist_ok=True)
-    shard_mib = SHARD_BYTES / 2**20
-    baseline, _ = child_peak_rss_mib(
-        [
-            sys.executable,
-            "-c",
-            "from megatron_r1.distributed import initialize_distributed; "
-            "import megatron_r1.hf.export, transformers; initialize_distributed()",
-        ],
-        REPO,
-    )
-    results = []
-    for layers in (args.layers, 4 * args.layers):
-        name = f"ckpt_{layers}"
-        model = ["--mock-data", "--vocab-size", "1000", "--num-layers", str(layers), "--hidden-size", str(args.hidden_size),
-                 "--num-attention-heads", "8", "--swiglu", "--disable-bias-linear", "--multi-latent-attention",
-                 "--qk-layernorm", "--q-lora-rank", "128", "--kv-lora-rank", "64", "--qk-head-dim", "32",
-                 "--qk-pos-emb-head-dim", "16", "--v-head-dim", "32", "--num-experts", str(args.num_experts),
-                 "--moe-ffn-hidden-size", str(2 * args.hidden_size), "--moe-shared-expert-intermediate-size",
-                 str(2 * args.hidden_size), "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
-                 "--untie-embeddings-and-output-weights", "--seq-length", "16", "--micro-batch-size", "1",
-                 "--train-iters", "0", "--save", name]  # fmt: skip
-        if not os.path.isdir(os.path.join(workdir, name)):
-            subprocess.run(
-                [sys.executable, os.path.join(REPO, "pretrain_r1.py"), *model],
-                cwd=workdir,
-                check=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        peak, seconds = child_peak_rss_mib(
-            [
-                sys.executable,
-                os.path.join(REPO, "tools", "convert_checkpoint.py"),
-                "--direction",
-                "mcore2hf",
-                "--load",
-                name,
-                "--save",
-                f"hf_{layers}",
-                "--max-shard-size",
-                str(SHARD_BYTES),
-                "--no-progress",
-            ],
-            workdir,
-        )
-        hf_dir = os.path.join(workdir, f"hf_{layers}")
-        size = sum(os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
-        layer_mib = largest_layer_mib(hf_dir)
-        results.append((layers, size / 2**20, peak))
-        print(
-            f"{layers:3d} layers: weights {size / 2**20:8.1f} MiB | peak RSS {peak:8.1f} MiB "
-            f"({peak - baseline:7.1f} above baseline; one layer {layer_mib:.1f} + one shard {shard_mib:.1f} = "
-            f"{layer_mib + shard_mib:.1f}) | {seconds:6.1f} s",
-            flush=True,
-        )
-    (_, small_size, small_peak), (_, large_size, large_peak) = results
+    baseline, _ = child_peak_rss_mib([sys.executable, "-c", BASELINE], REPO)
+    small, large = (measure(workdir, layers, args, baseline) for layers in (args.layers, 4 * args.layers))
     print(f"baseline (imports + process group): {baseline:.1f} MiB")
-    print(
-        f"model size ratio {large_size / small_size:.2f}x -> peak RSS ratio {large_peak / small_peak:.3f}x "
-        f"(above baseline: {(large_peak - baseline) / max(small_peak - baseline, 1e-9):.3f}x); target < 1.5x"
-    )
+    for direction in ("mcore2hf", "hf2mcore"):
+        above = (large[direction] - baseline) / max(small[direction] - baseline, 1e-9)
+        print(
+            f"{direction}: model size ratio {large['size'] / small['size']:.2f}x -> peak RSS ratio "
+            f"{large[direction] / small[direction]:.3f}x (above baseline: {above:.3f}x); target < 1.5x"
+        )
     print(f"work directory: {workdir}")
 
 

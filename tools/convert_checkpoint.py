@@ -28,7 +28,10 @@ weight_scale_inv per 128x128 block; the summary gives the dequantized weights' e
 hf2mcore reads bf16/fp16/fp32 weights and DeepSeek's FP8 block format (dequantized to fp32 tensor by
 tensor). It runs in one process and writes a layout-independent torch_dist checkpoint (no optimizer
 state: load it with --finetune); the chosen TP size fixes the vocabulary padding, and TP/PP/EP are
-checked against the model. It holds the whole model in memory (see megatron_r1/hf/import_.py).
+checked against the model. It reads a tensor (or one expert's weights) at a time and writes the
+checkpoint in parts of --max-shard-size: peak memory is about one part plus one tensor in fp32, not the
+model (megatron_r1/hf/import_.py; measured by benchmarks/bench_convert.py). --verify loads both whole
+models, in this process, after the conversion.
 
 mlm2mcore maps the args Megatron-LM saved in common.pt to our model flags (a setting ours cannot
 represent is refused naming Megatron-LM's flag), reads the weights (Megatron-LM's stacked layers and
@@ -92,7 +95,13 @@ def build_parser():
         default=None,
         help="mcore2hf: real vocabulary size (default: the tokenizer's / the checkpoint's)",
     )
-    parser.add_argument("--max-shard-size", type=_size, default=_size("5GB"), help="mcore2hf: safetensors shard size")
+    parser.add_argument(
+        "--max-shard-size",
+        type=_size,
+        default=_size("5GB"),
+        help="mcore2hf: safetensors shard size; hf2mcore: the weights written per torch_dist part, which "
+        "bounds the memory the conversion holds",
+    )
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -119,6 +128,21 @@ def build_parser():
     parser.add_argument("--verify-tokens", type=int, default=32, help="sequence length for --verify")
     parser.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def _hf2mcore(args) -> dict:
+    from megatron_r1.hf.import_ import import_from_hf
+
+    return import_from_hf(
+        args.load,
+        args.save,
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        args.expert_model_parallel_size,
+        args.make_vocab_size_divisible_by,
+        max_part_bytes=args.max_shard_size,
+        progress=not args.no_progress,
+    )
 
 
 def main(argv=None):
@@ -172,17 +196,7 @@ def main(argv=None):
                 args.load, args.save, args.ckpt_step, progress=not args.no_progress
             )
         else:
-            from megatron_r1.hf.import_ import import_from_hf
-
-            summary = import_from_hf(
-                args.load,
-                args.save,
-                args.tensor_model_parallel_size,
-                args.pipeline_model_parallel_size,
-                args.expert_model_parallel_size,
-                args.make_vocab_size_divisible_by,
-                progress=not args.no_progress,
-            )
+            summary = _hf2mcore(args)
             ours, hf_dir = checkpoint_dir(args.save, 0), args.load
         summary["seconds"] = round(time.perf_counter() - start, 2)
         if args.verify:

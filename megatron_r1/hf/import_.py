@@ -8,14 +8,19 @@ load), so the layout is chosen here and validated against the model's shape.
 
 The weights may be bf16/fp16/fp32, or DeepSeek's FP8 block format (config.json's quantization_config:
 float8_e4m3fn weights with a float32 ``weight_scale_inv`` per block, megatron_r1.hf.fp8), which is
-dequantized to float32 as each layer is read: the result equals importing the dequantized weights.
+dequantized to float32 tensor by tensor as it is read: the result equals importing the dequantized weights.
 
-Memory: the tensors are read a layer at a time from the safetensors files, but the model they fill is
-held whole in this one process (dist_checkpointing saves a state dict in one call), so this direction
-needs about the model's size in RAM (in the dtype of --params-dtype float32).
+Memory is bounded, whatever the model's size: the model is built on the meta device (no memory),
+only for megatron-core's sharded state dict, which names each checkpoint tensor, its pieces and their
+layout (the same keys and pieces as the model's own save). The pieces are then filled a unit at a
+time, a tensor or one expert's part of the experts' tensor (only that unit's Hugging Face tensors
+are read), and written in parts of at most `max_part_bytes` (megatron_r1.hf.storage's
+TorchDistPartsWriter: one dist_checkpointing.save per part, the parts' metadata merged into the one
+checkpoint). Peak memory: about one part plus one unit (fp32), above the process' baseline.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -29,11 +34,11 @@ from megatron_r1.hf.config import UnsupportedModelError, args_from_deepseek_v3, 
 from megatron_r1.hf.export import check_mapping
 from megatron_r1.hf.fp8 import DequantizingReader
 from megatron_r1.hf.keys import conversion_groups
-from megatron_r1.hf.storage import SafetensorsReader, WeightsError
+from megatron_r1.hf.storage import SafetensorsReader, TorchDistPartsWriter, WeightsError
 from megatron_r1.jsonfile import read_json_object
 from megatron_r1.megatron_lm_flags import parse_known_flags
 from megatron_r1.model import build_model
-from megatron_r1.sharded_tensors import fill, flat_sharded_tensors, global_shape, model_sharded_state_dict
+from megatron_r1.sharded_tensors import global_shape, local_slices, model_sharded_state_dict
 from megatron_r1.tokenizer import vocab_size_with_padding
 
 
@@ -80,23 +85,107 @@ def _transformer_config(args, config_path: str):
         raise UnsupportedModelError(f"{config_path}: megatron-core refuses the model: {error}") from None
 
 
-def import_from_hf(hf_dir: str, output: str, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                   expert_model_parallel_size: int = 1, make_vocab_size_divisible_by: int = 128,
-                   progress: bool = True) -> dict:  # fmt: skip
-    """Write our checkpoint (``output``/iter_0000000 and the tracker file) for the Hugging Face
-    directory `hf_dir`; needs a one-process megatron-core parallel state. Returns a summary."""
-    args, argv, config_path = read_hf_model_flags(hf_dir, make_vocab_size_divisible_by)
-    tp, pp, ep = tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size
+def _sharded_layout(args, config) -> tuple[dict, list, dict]:
+    """``(checkpoint key -> its pieces, the ShardedObjects, the common state)`` of the model's
+    sharded state dict, from the model built on the meta device (the pieces' data hold no memory):
+    megatron-core's factories applied and its check that the pieces cover each tensor exactly once
+    passed (save_preprocess, the first step of its save)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+
+    with torch.device("meta"):
+        (model,) = build_model(args, config, initialize=False, device=torch.device("meta"))
+    sharded, common = save_preprocess({"model": model_sharded_state_dict(model)})
+    pieces, objects = {}, []
+    for item in nested_values(sharded):
+        if isinstance(item, ShardedTensor):
+            pieces.setdefault(item.key, []).append(item)
+        else:
+            objects.append(item)
+    return pieces, objects, common
+
+
+def _units(maps, pieces: dict):
+    """``(map, its pieces, first expert)`` per unit of work: a tensor, or one expert's part of the
+    experts' tensor (the pieces with that expert's number on the prepended axis; only that expert's
+    Hugging Face tensors are read)."""
+    for m in maps:
+        own = pieces[m.mcore]
+        if m.kind not in ("experts", "experts_glu") or any(piece.prepend_axis_num != 1 for piece in own):
+            yield m, own, 0
+            continue
+        per_expert = len(m.hf) // global_shape(own)[0]  # 1, or 2 (gate and up)
+        by_expert = {}
+        for piece in own:
+            by_expert.setdefault(piece.global_offset[0], []).append(piece)
+        for expert, expert_pieces in sorted(by_expert.items()):
+            names = m.hf[expert * per_expert : (expert + 1) * per_expert]
+            yield dataclasses.replace(m, hf=names), expert_pieces, expert
+
+
+def _write_unit(writer, reader, m, pieces, first_expert: int, padded_vocab_size: int) -> None:
+    """Each piece of the unit with its part of the converted tensor, as data of its own (not a view
+    that would keep the whole tensor alive), to the writer. A function of its own so that nothing
+    of the unit outlives it."""
+    tensor = m.to_mcore(reader.load(m.hf), padded_vocab_size)  # from `first_expert` on, for an expert
+    for piece in pieces:
+        prepended = tuple(piece.global_offset[: piece.prepend_axis_num])
+        if prepended:
+            prepended = (prepended[0] - first_expert, *prepended[1:])
+        data = tensor[prepended + local_slices(piece)]
+        writer.add(
+            dataclasses.replace(piece, data=data.to(piece.dtype, memory_format=torch.contiguous_format, copy=True))
+        )
+
+
+def _target_layout(args, config_path: str, tp: int, pp: int, ep: int) -> None:
+    """Check that the layout divides the model, and pad the vocabulary for its TP size."""
     for count, name, size, flag in ((args.num_attention_heads, "num_attention_heads", tp, "--tensor-model-parallel-size"),
                                     (args.num_layers, "num_hidden_layers", pp, "--pipeline-model-parallel-size"),
                                     (args.num_experts or ep, "n_routed_experts", ep, "--expert-model-parallel-size")):  # fmt: skip
         if size < 1 or count % size:
             raise UnsupportedModelError(f"{flag} {size} does not divide {name} ({count}) of {config_path}")
-    args.padded_vocab_size = vocab_size_with_padding(args.vocab_size, make_vocab_size_divisible_by, tp)
+    args.padded_vocab_size = vocab_size_with_padding(args.vocab_size, args.make_vocab_size_divisible_by, tp)
     args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
     args.expert_model_parallel_size = ep
 
-    # DeepSeek's FP8 weights are dequantized tensor by tensor as the layers stream in.
+
+def _publish(args, hf_dir: str, temporary: str, output: str) -> None:
+    """megatron_r1.json and the tracker file next to the written weights, then ``temporary`` ->
+    ``output`` (replaced)."""
+    args.tokenizer_model = None
+    metadata = {
+        "iteration": 0, "consumed_samples": 0, "skipped_iterations": 0, "nan_iterations": 0, "scheduler": None,
+        "layout": {"world_size": 1, "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+                   "expert_model_parallel_size": 1, "virtual_pipeline_model_parallel_size": None},
+        "optimizer_parts": 0, "rng_saved": False,
+        "model_args": {name: getattr(args, name) for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS},
+        "converted_from": os.path.abspath(hf_dir),
+        "target_layout": {"tensor_model_parallel_size": args.tensor_model_parallel_size,
+                          "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+                          "expert_model_parallel_size": args.expert_model_parallel_size},
+    }  # fmt: skip
+    with open(os.path.join(checkpoint_dir(temporary, 0), METADATA_FILE), "w") as f:
+        json.dump(metadata, f, indent=1)
+    with open(os.path.join(temporary, TRACKER_FILE), "w") as f:
+        f.write("0")
+    if os.path.exists(output):
+        shutil.rmtree(output)
+    os.rename(temporary, output)
+
+
+def import_from_hf(hf_dir: str, output: str, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                   expert_model_parallel_size: int = 1, make_vocab_size_divisible_by: int = 128,
+                   max_part_bytes: int = 5 * 2**30, progress: bool = True) -> dict:  # fmt: skip
+    """Write our checkpoint (``output``/iter_0000000 and the tracker file) for the Hugging Face
+    directory `hf_dir`, holding at most about `max_part_bytes` of weights (plus one tensor, or one
+    expert's) at a time; needs a one-process megatron-core parallel state. Returns a summary."""
+    args, argv, config_path = read_hf_model_flags(hf_dir, make_vocab_size_divisible_by)
+    _target_layout(
+        args, config_path, tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size
+    )
+    # DeepSeek's FP8 weights are dequantized tensor by tensor as they stream in.
     block = fp8_block_size(read_json_object(config_path, WeightsError), config_path)
     reader = DequantizingReader(SafetensorsReader(hf_dir), block)
     groups = conversion_groups(args)
@@ -106,11 +195,9 @@ def import_from_hf(hf_dir: str, output: str, tensor_model_parallel_size: int = 1
     source_shapes = {name: reader.shape(name) for name in reader.keys() if name not in copies}
 
     config = _transformer_config(args, config_path)
-    config.tensor_model_parallel_size = 1  # this process holds the whole model
+    config.tensor_model_parallel_size = 1  # the pieces are those of a one-process layout
     args.transformer_impl = "local"  # the Hugging Face key mapping is the local spec's
-    # Every weight is filled below; the conversion streams through host memory.
-    (model,) = build_model(args, config, initialize=False, device=torch.device("cpu"))
-    pieces = flat_sharded_tensors(model)
+    pieces, objects, common = _sharded_layout(args, config)
     check_mapping(
         imported,
         source_shapes,
@@ -119,40 +206,26 @@ def import_from_hf(hf_dir: str, output: str, tensor_model_parallel_size: int = 1
         hf_dir,
     )
 
-    for _, maps in tqdm(imported, desc="hf -> mcore", unit="layer", disable=not progress):
-        tensors = reader.load([name for m in maps for name in m.hf])
-        for m in maps:
-            fill(pieces[m.mcore], m.to_mcore(tensors, args.padded_vocab_size).to(torch.float32))
-        del tensors
-
-    from megatron.core import dist_checkpointing
-
     temporary = f"{output.rstrip('/')}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
-    iteration_dir = checkpoint_dir(temporary, 0)
-    os.makedirs(iteration_dir)
-    dist_checkpointing.save({"model": model_sharded_state_dict(model)}, iteration_dir)
-    args.tokenizer_model = None
-    metadata = {
-        "iteration": 0, "consumed_samples": 0, "skipped_iterations": 0, "nan_iterations": 0, "scheduler": None,
-        "layout": {"world_size": 1, "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
-                   "expert_model_parallel_size": 1, "virtual_pipeline_model_parallel_size": None},
-        "model_args": {name: getattr(args, name) for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS},
-        "converted_from": os.path.abspath(hf_dir),
-        "target_layout": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-                          "expert_model_parallel_size": ep},
-    }  # fmt: skip
-    with open(os.path.join(iteration_dir, METADATA_FILE), "w") as f:
-        json.dump(metadata, f, indent=1)
-    with open(os.path.join(temporary, TRACKER_FILE), "w") as f:
-        f.write("0")
-    if os.path.exists(output):
-        shutil.rmtree(output)
-    os.rename(temporary, output)
+    os.makedirs(checkpoint_dir(temporary, 0))
+    writer = TorchDistPartsWriter(checkpoint_dir(temporary, 0), max_part_bytes)
+    try:
+        for _, maps in tqdm(imported, desc="hf -> mcore", unit="layer", disable=not progress):
+            for m, unit_pieces, first_expert in _units(maps, pieces):
+                _write_unit(writer, reader, m, unit_pieces, first_expert, args.padded_vocab_size)
+        for item in objects:  # the layers' (empty) extra state
+            writer.add(item)
+        parts = writer.finish(common)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    _publish(args, hf_dir, temporary, output)
     return {
         "tensors": sum(len(maps) for _, maps in imported),
         "layers": args.num_layers,
         "mtp_layers": args.mtp_num_layers or 0,
         "padded_vocab_size": args.padded_vocab_size,
+        "parts": parts,
         "flags": argv,
     }

@@ -1,12 +1,16 @@
 """Reading and writing weights a few tensors at a time: our torch_dist checkpoints (through
 megatron-core's dist_checkpointing, which reads only the requested tensors' bytes and reassembles
-them from however many TP/PP/EP shards were saved) and Hugging Face safetensors directories."""
+them from however many TP/PP/EP shards were saved, and writes a checkpoint in parts) and Hugging
+Face safetensors directories."""
 
 import contextlib
 import copy
 import ctypes
+import dataclasses
 import json
 import os
+import pickle
+import shutil
 
 import torch
 
@@ -202,3 +206,115 @@ class ShardedSafetensorsWriter:
         with open(os.path.join(self.directory, SAFETENSORS_INDEX), "w") as f:
             json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
         return count
+
+
+def _without_prepended_axes(piece):
+    """A ShardedTensor whose prepended axes (such as an expert's number) become leading axes of size
+    1 of its data: the same chunk of the same tensor in the checkpoint. megatron-core saves a piece
+    with prepended axes as a torch ShardedTensor built from every piece of the tensor in the one
+    process' save, which fails when a part holds only some of them (some experts of a layer)."""
+    ones = (1,) * piece.prepend_axis_num
+    return dataclasses.replace(
+        piece, data=piece.data.view(ones + piece.local_shape), local_shape=ones + piece.local_shape, prepend_axis_num=0
+    )
+
+
+class TorchDistPartsWriter:
+    """One torch_dist checkpoint directory, as megatron-core's dist_checkpointing.save writes it (and
+    loads it under any layout), written in parts of at most `max_part_bytes` of tensors (a larger
+    single piece gets a part of its own) so that the writer holds one part at a time.
+
+    Each part is a dist_checkpointing.save of the pieces added since the previous one (ShardedTensors
+    with their data, ShardedObjects) into a directory of its own, whose file then joins `directory`
+    named as if one more rank had written it (``__<part>_0.distcp``). `finish` writes the one
+    ``.metadata`` of the parts' merged, as torch.distributed.checkpoint's coordinator merges its
+    ranks' plans (the pieces of one tensor may lie in several parts), then common.pt and
+    metadata.json. The parts are saved without megatron-core's check that the pieces cover each
+    tensor exactly once: the caller checks the whole sharded state dict beforehand
+    (megatron.core.dist_checkpointing.state_dict_utils.save_preprocess)."""
+
+    def __init__(self, directory: str, max_part_bytes: int):
+        from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+        self.directory, self.max_part_bytes = directory, max_part_bytes
+        # One file per part (megatron-core forks one writer process per file).
+        self._strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+        self._pending, self._pending_bytes = [], 0
+        self._metadata = None  # the parts' merged torch.distributed.checkpoint Metadata
+        self.parts = 0
+
+    def add(self, item) -> None:
+        """Queue a ShardedTensor (its data: a tensor of its own, not a view) or a ShardedObject."""
+        size = item.data.nbytes if isinstance(item.data, torch.Tensor) else 0
+        if size and item.prepend_axis_num:
+            item = _without_prepended_axes(item)
+        if self._pending and self._pending_bytes + size > self.max_part_bytes:
+            self._flush()
+        self._pending.append(item)
+        self._pending_bytes += size
+
+    def _flush(self) -> None:
+        from megatron.core import dist_checkpointing
+        from torch.distributed.checkpoint import FileSystemReader
+
+        part_dir = os.path.join(self.directory, f"part_{self.parts}.tmp")
+        os.makedirs(part_dir)
+        state = {str(i): item for i, item in enumerate(self._pending)}
+        self._pending, self._pending_bytes = [], 0
+        dist_checkpointing.save(state, part_dir, self._strategy, validate_access_integrity=False)
+        del state
+        self._merge(FileSystemReader(part_dir).read_metadata(), part_dir)
+        shutil.rmtree(part_dir)
+        self.parts += 1
+
+    def _merge(self, metadata, part_dir: str) -> None:
+        """Move the part's files into the directory and add its metadata to the merged one."""
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        files = {}
+        for info in metadata.storage_data.values():
+            files.setdefault(info.relative_path, f"__{self.parts}_{len(files)}.distcp")
+        for name, new_name in files.items():
+            os.replace(os.path.join(part_dir, name), os.path.join(self.directory, new_name))
+        if self._metadata is None:
+            self._metadata = copy.copy(metadata)
+            self._metadata.state_dict_metadata, self._metadata.storage_data = {}, {}
+            self._metadata.all_local_plans = []  # one per part, as one per rank
+            if metadata.storage_meta is not None:
+                self._metadata.storage_meta = dataclasses.replace(
+                    metadata.storage_meta, checkpoint_id=self.directory, load_id=None
+                )
+        merged = self._metadata.state_dict_metadata
+        chunks_before = {}  # a tensor's chunks from earlier parts: the index hints shift by as many
+        for key, entry in metadata.state_dict_metadata.items():
+            known = merged.setdefault(key, entry)
+            if known is entry:
+                chunks_before[key] = 0
+            elif (
+                isinstance(entry, TensorStorageMetadata)
+                and isinstance(known, TensorStorageMetadata)
+                and ((entry.size, entry.properties) == (known.size, known.properties))
+            ):
+                chunks_before[key] = len(known.chunks)
+                known.chunks.extend(entry.chunks)
+            else:
+                raise WeightsError(f"{self.directory}: two parts hold {key} as different tensors or objects")
+        for index, info in metadata.storage_data.items():
+            if index.index is not None:
+                index = dataclasses.replace(index, index=index.index + chunks_before[index.fqn])
+            self._metadata.storage_data[index] = dataclasses.replace(info, relative_path=files[info.relative_path])
+        self._metadata.all_local_plans += getattr(metadata, "all_local_plans", None) or []
+
+    def finish(self, common_state_dict: dict) -> int:
+        """Write the last part, the merged ``.metadata``, `common_state_dict` (common.pt: the state
+        dict's non-sharded values) and megatron-core's metadata.json; the number of parts."""
+        from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+        from megatron.core.dist_checkpointing.serialization import get_default_save_common_strategy
+
+        if self._pending or self._metadata is None:
+            self._flush()
+        with open(os.path.join(self.directory, ".metadata"), "wb") as f:
+            pickle.dump(self._metadata, f)  # as torch.distributed.checkpoint's FileSystemWriter
+        get_default_save_common_strategy().save_common(common_state_dict, self.directory)
+        save_config(CheckpointingConfig(self._strategy.backend, self._strategy.version), self.directory)
+        return self.parts

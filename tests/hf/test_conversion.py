@@ -85,13 +85,38 @@ def test_logits_match_transformers(checkpoint, exported):
     assert result["top1_agreement"] == 1.0, result
 
 
+def _chunks(path) -> dict:
+    """Checkpoint key -> (global shape, dtype, the chunks it is stored in) from its torch_dist metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return {
+        key: (
+            tuple(entry.size),
+            entry.properties.dtype,
+            sorted((tuple(c.offsets), tuple(c.sizes)) for c in entry.chunks),
+        )
+        for key, entry in FileSystemReader(str(path)).read_metadata().state_dict_metadata.items()
+        if hasattr(entry, "chunks")
+    }
+
+
 def test_mcore_hf_mcore_round_trip_is_bit_exact(checkpoint, exported, tmp_path):
-    import_from_hf(str(exported), str(tmp_path / "back"), make_vocab_size_divisible_by=64, progress=False)
+    # Written in parts of a few KB (megatron_r1.hf.storage.TorchDistPartsWriter): tensors, the experts'
+    # among them, split across parts, whose metadata is merged into the one checkpoint.
+    summary = import_from_hf(
+        str(exported), str(tmp_path / "back"), make_vocab_size_divisible_by=64, max_part_bytes=4000, progress=False
+    )
+    assert summary["parts"] > 10
     original, back = (
         McoreCheckpointReader(str(checkpoint)),
         McoreCheckpointReader(str(tmp_path / "back" / "iter_0000000")),
     )
     assert sorted(original.keys()) == sorted(back.keys())
+    # The same tensors in the same chunks as the model's own save (pretrain_r1.py's, one process).
+    saved, parts = _chunks(checkpoint), _chunks(tmp_path / "back" / "iter_0000000")
+    assert {key: saved[key] for key in parts} == parts
+    result = compare_logits(str(tmp_path / "back" / "iter_0000000"), str(exported), seq_length=32)
+    assert result["max_abs_logit_diff"] <= 1e-4 and result["top1_agreement"] == 1.0, result
     first, second = original.load(original.keys()), back.load(back.keys())
     for key in first:
         if key in ("embedding.word_embeddings.weight", "output_layer.weight"):

@@ -103,12 +103,16 @@ def test_tp2_ep2_checkpoint_exports_the_same_weights_as_tp1(tmp_path):
             "2",
             "--make-vocab-size-divisible-by",
             "64",
+            "--max-shard-size",
+            "4KB",
             "--no-progress",
         ],
         tmp_path,
     )
     assert "--finetune" in result.stdout
-    # The converted checkpoint loads for fine-tuning under the layout it was padded for.
+    assert json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])["parts"] > 10
+    # The converted checkpoint, written in parts of 4 KB (tensors split across them), loads for
+    # fine-tuning under the layout it was padded for.
     run_command(
         [
             "torchrun",
