@@ -33,11 +33,6 @@ from megatron_r1.memory import GB, estimate_memory, memory_table, peak_stage
 from megatron_r1.rl.arguments import add_grpo_arguments, validate_grpo_args
 from megatron_r1.tokenizer import build_tokenizer, vocab_size_with_padding
 
-# The one check of grpo_r1.py's that a dry run leaves out (megatron_r1.rl.arguments._validate_rollouts):
-# rollouts render prompts with the tokenizer, the dry run sizes the vocabulary from --vocab-size.
-_GRPO_NEEDS_TOKENIZER = "prompts are rendered with the tokenizer: give --tokenizer-model"
-
-
 # What lowers the peak when it does not fit.
 _HINTS = {
     "training": "raise EP/ETP/TP/PP, use the distributed optimizer, recompute, or shrink the micro-batch",
@@ -54,11 +49,8 @@ def _grpo_requested(argv) -> bool:
 
 
 def _validate_grpo(args, error) -> None:
-    def dry_run_error(message):
-        if message != _GRPO_NEEDS_TOKENIZER:
-            error(message)
-
-    validate_grpo_args(args, dry_run_error)
+    # Rollouts render prompts with the tokenizer; the dry run sizes the vocabulary from --vocab-size.
+    validate_grpo_args(args, error, sizing_only=True)
 
 
 def _refuse_grpo_flags(parser, argv) -> None:

@@ -114,13 +114,13 @@ def _parse_rewards(args, error) -> list:
     return rewards
 
 
-def _validate_rollouts(args, error) -> None:
+def _validate_rollouts(args, error, sizing_only: bool) -> None:
     if not args.prompt_data:
         error("give --prompt-data with JSONL prompt files")
     for path in args.prompt_data:
         if not os.path.isfile(path):
             error(f"--prompt-data: {path} does not exist")
-    if not args.tokenizer_model:
+    if not (args.tokenizer_model or sizing_only):
         error("prompts are rendered with the tokenizer: give --tokenizer-model")
     if args.grpo_group_size < 2:
         error(f"--grpo-group-size ({args.grpo_group_size}) must be at least 2 (a group's mean is its baseline)")
@@ -161,7 +161,9 @@ def _validate_layout(args, error) -> None:
         )
 
 
-def validate_grpo_args(args, error) -> None:
+def validate_grpo_args(args, error, sizing_only: bool = False) -> None:
+    """grpo_r1.py's checks; `sizing_only` (tools/model_size.py's dry run, which sizes the vocabulary
+    from --vocab-size) does without the tokenizer that renders prompts."""
     sequences = args.grpo_prompts_per_step * args.grpo_group_size
     if args.global_batch_size is not None and args.global_batch_size != sequences:
         error(
@@ -169,7 +171,7 @@ def validate_grpo_args(args, error) -> None:
             f"({sequences}) in GRPO: leave it out"
         )
     args.global_batch_size = sequences
-    _validate_rollouts(args, error)
+    _validate_rollouts(args, error, sizing_only)
     validate_args(args, error, pretraining_data=False)
     validate_model_preparation_args(args, error)
     _validate_layout(args, error)
