@@ -16,6 +16,7 @@ them in every respect our flags allow, and a near match would load and silently 
 """
 
 import argparse
+import copy
 import math
 import os
 
@@ -110,17 +111,19 @@ def _refuse_unless(condition: bool, message: str) -> None:
         raise UnsupportedModelError(message)
 
 
-def deepseek_v3_config(args, vocab_size: int, bos_token_id=None, eos_token_id=None, pad_token_id=None):
-    """The ``transformers.DeepseekV3Config`` of the model that `args` describes (UnsupportedModelError
-    naming the flag when transformers' model would compute something else)."""
-    from transformers import DeepseekV3Config
-
+def deepseek_v3_fields(args, vocab_size: int, bos_token_id=None, eos_token_id=None, pad_token_id=None) -> dict:
+    """The ``config.json`` of ``DeepseekV3ForCausalLM`` for the model that `args` describes
+    (UnsupportedModelError naming the flag when transformers' model would compute something else), in
+    the fields that transformers 4.57 and 5.x both read alike (rope_theta and rope_scaling, which 5.x
+    folds into its rope_parameters)."""
     _refuse_other_layers(args)
     config = transformer_config_from_args(args)
     rope_scaling = _rope_scaling(args, config)
     n_dense = first_dense_layers(args)
     moe = _moe_fields(args, config) if args.num_experts else {}
-    return DeepseekV3Config(
+    return dict(
+        architectures=["DeepseekV3ForCausalLM"],
+        model_type="deepseek_v3",
         vocab_size=vocab_size,
         hidden_size=args.hidden_size,
         intermediate_size=config.ffn_hidden_size,
@@ -149,10 +152,23 @@ def deepseek_v3_config(args, vocab_size: int, bos_token_id=None, eos_token_id=No
         num_nextn_predict_layers=args.mtp_num_layers or 0,
         topk_method="noaux_tc",
         scoring_func="sigmoid",
-        architectures=["DeepseekV3ForCausalLM"],
-        torch_dtype="float32",
+        dtype="float32",
         **moe,
     )
+
+
+def hf_config(fields: dict):
+    """The installed transformers' configuration object for the ``config.json`` `fields` (a copy: 5.x
+    rewrites the rope_scaling it is given)."""
+    from transformers import AutoConfig
+
+    fields = copy.deepcopy(fields)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def deepseek_v3_config(args, vocab_size: int, bos_token_id=None, eos_token_id=None, pad_token_id=None):
+    """The ``transformers.DeepseekV3Config`` of the model that `args` describes (see deepseek_v3_fields)."""
+    return hf_config(deepseek_v3_fields(args, vocab_size, bos_token_id, eos_token_id, pad_token_id))
 
 
 def _refuse_other_layers(args) -> None:

@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from megatron_r1.data.sft import END_MARKER
-from megatron_r1.hf.config import UnsupportedModelError, checkpoint_args, deepseek_v3_config
+from megatron_r1.hf.config import UnsupportedModelError, checkpoint_args, deepseek_v3_fields
+from megatron_r1.hf.config import hf_config as hf_config_of
 from megatron_r1.hf.fp8 import (
     DEEPSEEK_BLOCK,
     SCALE_SUFFIX,
@@ -36,17 +37,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def expected_hf_shapes(hf_config) -> dict:
-    """Parameter and buffer shapes of transformers' model for `hf_config`, MTP layers included (built
-    on the meta device: no memory)."""
-    from transformers import DeepseekV3ForCausalLM
+    """Parameter and buffer shapes of transformers' model for `hf_config` under the published tensor
+    names, MTP layers included (built on the meta device: no memory)."""
+    import transformers
 
-    mtp = getattr(hf_config, "num_nextn_predict_layers", 0)
+    mtp = getattr(hf_config, "num_nextn_predict_layers", 0) or 0
     config = hf_config.__class__.from_dict(
         {**hf_config.to_dict(), "num_hidden_layers": hf_config.num_hidden_layers + mtp}
     )
     with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(config)
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        model = getattr(transformers, hf_config.architectures[0])(config)
+    shapes = {name: tuple(t.shape) for name, t in published_tensors(model.state_dict()).items()}
     hidden, vocab = hf_config.hidden_size, hf_config.vocab_size
     for i in range(mtp):
         prefix = f"model.layers.{hf_config.num_hidden_layers + i}."
@@ -63,6 +64,30 @@ def expected_hf_shapes(hf_config) -> dict:
     if hf_config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     return shapes
+
+
+def published_tensors(state_dict: dict) -> dict:
+    """A transformers model's `state_dict` with the experts of each MoE layer under their published
+    per-expert names (views, no copies; meta tensors work too).
+
+    transformers 5 holds a layer's experts as two tensors, ``experts.gate_up_proj`` [E, 2 x I, H] (each
+    expert's gate rows, then its up rows) and ``experts.down_proj`` [E, H, I], and converts the
+    published ``experts.{e}.{gate,up,down}_proj.weight`` into them as it loads a directory; 4.57 holds
+    the published tensors themselves. Our directories keep the published names, which both load."""
+    published = {}
+    for name, tensor in state_dict.items():
+        prefix, _, kind = name.rpartition(".experts.")
+        if kind == "gate_up_proj":
+            for e, expert in enumerate(tensor.unbind(0)):
+                gate, up = expert.chunk(2, dim=0)
+                published[f"{prefix}.experts.{e}.gate_proj.weight"] = gate
+                published[f"{prefix}.experts.{e}.up_proj.weight"] = up
+        elif kind == "down_proj":
+            for e, down in enumerate(tensor.unbind(0)):
+                published[f"{prefix}.experts.{e}.down_proj.weight"] = down
+        else:
+            published[name] = tensor
+    return published
 
 
 def check_mapping(groups, source_shapes: dict, target_shapes: dict, convert, source: str) -> None:
@@ -133,6 +158,14 @@ def _generation_stop_ids(tokenizer) -> list[int] | None:
         return [tokenizer.eod]
 
 
+def _write_json(path: str, fields: dict) -> None:
+    """`fields` as the JSON file `path`, written by us rather than by the installed transformers: the
+    directory is the same whichever version exports it (a null stays: it overrides a default)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(fields, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
 def _write_tokenizer(tokenizer, directory: str, max_position_embeddings: int) -> None:
     if isinstance(tokenizer, SentencePieceTokenizer):  # converted (also GPTSentencePiece/Llama2Tokenizer)
         from megatron_r1.hf.tokenizer import save_hf_tokenizer
@@ -166,14 +199,14 @@ def export_to_hf(checkpoint: str, output: str, vocab_size: int | None = None, to
         raise WeightsError(
             f"vocabulary of {vocab_size} tokens, but the checkpoint's embedding has {args.padded_vocab_size} rows"
         )
-    hf_config = deepseek_v3_config(
+    fields = deepseek_v3_fields(
         args,
         vocab_size,
         bos_token_id=tokenizer.bos if tokenizer else None,
         eos_token_id=tokenizer.eod if tokenizer else None,
         pad_token_id=tokenizer.pad if tokenizer else None,
     )
-    hf_config.torch_dtype = dtype
+    hf_config = hf_config_of(fields)
     groups = conversion_groups(args)
     reader = McoreCheckpointReader(checkpoint)
     to_hf = _ToHF(vocab_size)
@@ -181,8 +214,9 @@ def export_to_hf(checkpoint: str, output: str, vocab_size: int | None = None, to
         groups, {key: reader.shape(key) for key in reader.keys()}, expected_hf_shapes(hf_config), to_hf, checkpoint
     )
     fp8_error = RoundTripError() if fp8 else None
+    fields["dtype"] = dtype
     if fp8:
-        hf_config.quantization_config = fp8_quantization_config(DEEPSEEK_BLOCK)
+        fields["quantization_config"] = fp8_quantization_config(DEEPSEEK_BLOCK)
 
     temporary = f"{output.rstrip('/')}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
@@ -191,14 +225,12 @@ def export_to_hf(checkpoint: str, output: str, vocab_size: int | None = None, to
     for _, maps in tqdm(groups, desc="mcore -> hf", unit="layer", disable=not progress):
         _export_group(reader, maps, writer, vocab_size, DTYPES[dtype], fp8_error)
     shards = writer.finish()
-    hf_config.save_pretrained(temporary)
-    from transformers import GenerationConfig
-
-    GenerationConfig(
-        bos_token_id=hf_config.bos_token_id,
-        eos_token_id=_generation_stop_ids(tokenizer),
-        pad_token_id=hf_config.pad_token_id,
-    ).save_pretrained(temporary)
+    _write_json(os.path.join(temporary, "config.json"), fields)
+    generation = {"bos_token_id": fields["bos_token_id"], "eos_token_id": _generation_stop_ids(tokenizer),
+                  "pad_token_id": fields["pad_token_id"]}  # fmt: skip
+    _write_json(
+        os.path.join(temporary, "generation_config.json"), {k: v for k, v in generation.items() if v is not None}
+    )
     _write_tokenizer(tokenizer, temporary, args.max_position_embeddings)
     if os.path.exists(output):
         shutil.rmtree(output)

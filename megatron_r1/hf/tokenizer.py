@@ -1,34 +1,81 @@
-"""Our SentencePiece model as Hugging Face tokenizer files (``tokenizer.json`` and friends) that
-``AutoTokenizer.from_pretrained`` loads as a fast tokenizer.
+"""Our SentencePiece model as Hugging Face tokenizer files (``tokenizer.json``, ``tokenizer_config.json``)
+that ``AutoTokenizer.from_pretrained`` loads as a fast tokenizer, alike under transformers 4.57 and 5.x.
 
-transformers' Llama converter reads the SentencePiece BPE model (byte fallback, dummy-prefix "▁")
-and gives the same ids on ordinary text and the same text back from any ids. One difference stays:
-SentencePiece matches our user-defined symbols (``<think>``, ``<|user|>`` ...) inside its own
-segmentation, transformers splits the text at them first, so the pieces right next to such a symbol
-can differ (e.g. a "▁" before a symbol at the very start).
+The files are built here with the ``tokenizers`` library, not by transformers' converter (which 5.x no
+longer runs from a ``vocab_file``), and name the generic ``PreTrainedTokenizerFast`` class: both
+versions then take ``tokenizer.json`` as it is, where a Llama tokenizer class would rebuild it (4.57
+from the SentencePiece model, 5.x with a Metaspace pre-tokenizer that adds no "▁" before leading spaces).
+
+The BPE model holds the SentencePiece pieces with their ids and, as merges, every split of a piece into
+two pieces, those of higher-scoring pieces first (then of longer left parts): the order in which
+SentencePiece's BPE merges (transformers 4.57's converter made the same merges). Unknown characters
+fall back to bytes. The normalizer writes spaces as "▁" and puts SentencePiece's dummy prefix "▁" at
+the start of the text; our user-defined symbols (``<think>``, ``<|user|>`` ...) are matched in the
+normalized text, as SentencePiece matches them in its own, so that the pieces next to them are
+SentencePiece's too. transformers normalizes a symbol's own text with the same normalizer, which must
+therefore leave it as it is: the dummy prefix is added unless the text is exactly a symbol (or empty).
+Two differences stay: a text that is exactly one symbol gets no "▁" before it, and the text of a control
+piece (``<s>``, ``</s>`` ...) in the input is that piece, where SentencePiece spells it out.
 """
+
+import json
+import os
+import re
 
 from megatron_r1.tokenizer import SentencePieceTokenizer
 
 
-def save_hf_tokenizer(tokenizer: SentencePieceTokenizer, directory: str, model_max_length: int) -> None:
-    from transformers import LlamaTokenizerFast
+def _vocab_and_merges(model_file: str) -> tuple[dict, list]:
+    import sentencepiece
 
+    sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = []
+    for piece, piece_id in vocab.items():
+        splits = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        splits.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        merges += [(left, right, sp.get_score(piece_id)) for left, right in splits]
+    # Stable: ties keep the order above.
+    merges.sort(key=lambda merge: (merge[2], len(merge[0]), len(merge[1])), reverse=True)
+    return vocab, [(left, right) for left, right, _ in merges]
+
+
+def _fast_tokenizer(model_file: str, unk_token: str | None, roles: set, symbols: list):
+    """The ``tokenizers.Tokenizer``: `roles` (bos, eos, pad, unk) special and matched in the raw text,
+    `symbols` matched in the normalized text."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE
+
+    vocab, merges = _vocab_and_merges(model_file)
+    fast = Tokenizer(BPE(vocab, merges, unk_token=unk_token, fuse_unk=True, byte_fallback=True))
+    exactly_a_symbol = "|".join(re.escape(symbol) for symbol in sorted(symbols, key=len, reverse=True))
+    fast.normalizer = normalizers.Sequence(
+        [normalizers.Replace(Regex(rf"\A(?!(?:{exactly_a_symbol}|)\z)"), "▁"), normalizers.Replace(" ", "▁")]
+    )
+    fast.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    # Pre-training documents carry no bos (eod ends them): no post-processor adds one.
+    fast.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in sorted(roles)])
+    fast.add_tokens([AddedToken(name, normalized=True) for name in symbols])
+    return fast
+
+
+def save_hf_tokenizer(tokenizer: SentencePieceTokenizer, directory: str, model_max_length: int) -> None:
     specials = tokenizer.special_tokens
     piece = {token_id: name for name, token_id in specials.items()}
-    fast = LlamaTokenizerFast(
-        vocab_file=tokenizer.model_file,
-        from_slow=True,
-        legacy=True,
-        add_prefix_space=True,
-        add_bos_token=False,  # pre-training documents carry no bos; eod ends them
-        add_eos_token=False,
-        bos_token=piece.get(tokenizer.bos),
-        eos_token=piece.get(tokenizer.eod),
-        pad_token=piece.get(tokenizer.pad),
-        unk_token="<unk>" if "<unk>" in specials else None,
-        model_max_length=model_max_length,
-    )
-    user_defined = [name for name, token_id in specials.items() if name not in fast.all_special_tokens]
-    fast.add_tokens(user_defined, special_tokens=False)
-    fast.save_pretrained(directory)
+    roles = {
+        "bos_token": piece.get(tokenizer.bos),
+        "eos_token": piece.get(tokenizer.eod),
+        "pad_token": piece.get(tokenizer.pad),
+        "unk_token": "<unk>" if "<unk>" in specials else None,
+    }
+    role_names = {name for name in roles.values() if name is not None}
+    symbols = [name for name in specials if name not in role_names]
+    fast = _fast_tokenizer(tokenizer.model_file, roles["unk_token"], role_names, symbols)
+    fast.save(os.path.join(directory, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+              "clean_up_tokenization_spaces": False, **{role: name for role, name in roles.items() if name}}  # fmt: skip
+    with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")

@@ -12,7 +12,7 @@ def compare_logits(checkpoint: str, hf_dir: str, batch_size: int = 2, seq_length
 
     from megatron_r1.generation import load_model
 
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     vocab_size = hf_model.config.vocab_size
     seq_length = min(seq_length, hf_model.config.max_position_embeddings)
     tokens = torch.randint(0, vocab_size, (batch_size, seq_length), generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,170 @@
+"""mcore2hf under transformers 4.57 and 5.x: the exported directory is the same file for file whichever
+version writes it, --verify passes under both, and the other major version than the installed one
+loads the directory with the same logits, tokens and greedy continuation.
+
+The other version runs in subprocesses, from $MEGATRON_R1_OTHER_TRANSFORMERS (a directory put first on
+PYTHONPATH, e.g. ``pip install --target DIR transformers==5.*``) or else from pytest's cache, where pip
+installs it with what it needs beyond this environment (tens of MB, once; the test is skipped, with
+pip's message, when pip cannot install it)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_command
+
+from megatron_r1.tokenizer import train_sentencepiece
+
+REPO = Path(__file__).resolve().parents[2]
+TOOL = REPO / "tools" / "convert_checkpoint.py"
+CORPUS = REPO / "megatron_r1" / "assets" / "tiny_corpus.jsonl"
+OTHER_TRANSFORMERS = "MEGATRON_R1_OTHER_TRANSFORMERS"
+TEXTS = ["The system administrator fixed", "   indented\n\tcode  with  spaces", "ünïcödé ✓ 日本語",
+         "<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n<think>easy</think>4<|end|>"]  # fmt: skip
+# A DeepSeek-V3-style model: MLA with q compression, a dense first layer, MoE with shared experts,
+# sigmoid group-limited routing with a trained expert bias, yarn RoPE, an MTP layer, untied output.
+DEEPSEEK = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--swiglu",
+            "--disable-bias-linear", "--multi-latent-attention", "--qk-layernorm", "--q-lora-rank", "16",
+            "--kv-lora-rank", "16", "--qk-head-dim", "8", "--qk-pos-emb-head-dim", "8", "--v-head-dim", "8",
+            "--rope-type", "yarn", "--rotary-scaling-factor", "4", "--original-max-position-embeddings", "8",
+            "--mscale", "1.0", "--mscale-all-dim", "1.0", "--num-experts", "4", "--moe-ffn-hidden-size", "16",
+            "--moe-shared-expert-intermediate-size", "32", "--moe-layer-freq", "[0]+[1]", "--moe-router-topk", "2",
+            "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+            "--moe-router-bias-update-rate", "0.05", "--moe-router-num-groups", "2", "--moe-router-group-topk", "1",
+            "--moe-router-topk-scaling-factor", "2.5", "--mtp-num-layers", "1", "--untie-embeddings-and-output-weights",
+            "--seq-length", "32", "--micro-batch-size", "2", "--lr", "1e-2"]  # fmt: skip
+
+# Run under either version: logits of fixed tokens, the texts' ids and a greedy continuation.
+PROBE = """
+import json, sys, torch, transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+tokens = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+prompt = torch.tensor([tokenizer.encode(json.loads(sys.argv[3])[0])])
+with torch.no_grad():
+    logits = model(tokens).logits
+    greedy = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1]:]
+torch.save({"version": transformers.__version__, "logits": logits, "greedy": greedy.tolist(),
+            "ids": [tokenizer.encode(text, add_special_tokens=False) for text in json.loads(sys.argv[3])],
+            "decoded": [tokenizer.decode(tokenizer.encode(text)) for text in json.loads(sys.argv[3])]}, sys.argv[2])
+"""
+
+
+def _major(version: str) -> int:
+    return int(version.split(".")[0])
+
+
+def _environment(pythonpath: Path | None) -> dict:
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), str(REPO)])
+    return env
+
+
+def _version_at(directory: Path) -> str | None:
+    """transformers' version where `directory` comes first on the path, None when it does not import."""
+    code = "import transformers; print(transformers.__version__)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=_environment(directory), capture_output=True, text=True, timeout=300
+    )
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _pip(requirement: str, *args: str) -> None:
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--timeout", "30"]
+    result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        pytest.skip(f"pip could not install {requirement} (no network or package index?): {result.stderr[-800:]}")
+
+
+def _pip_install_other(requirement: str, target: Path) -> None:
+    """`requirement` and what it needs beyond this environment (resolved against it: the packages pip
+    would add or change), into `target`; pytest.skip with pip's message when pip cannot."""
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    _pip(requirement, "--dry-run", "--report", str(staging / "report.json"), requirement)
+    report = json.loads((staging / "report.json").read_text())
+    _pip(requirement, "--no-deps", "--target", str(staging),
+         *(f"{item['metadata']['name']}=={item['metadata']['version']}" for item in report["install"]))  # fmt: skip
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+
+
+@pytest.fixture(scope="module")
+def other_transformers(request) -> Path:
+    """A directory whose transformers, first on PYTHONPATH, is the other major version (4.57 <-> 5.x)."""
+    import transformers
+
+    installed = _major(transformers.__version__)
+    requirement = "transformers>=5,<6" if installed == 4 else "transformers>=4.57,<5"
+    given = os.environ.get(OTHER_TRANSFORMERS)
+    target = Path(given) if given else request.config.cache.mkdir(f"transformers-{9 - installed}")
+    version = _version_at(target)
+    if given and (version is None or _major(version) == installed):
+        pytest.fail(f"${OTHER_TRANSFORMERS}={given} has transformers {version}, not {requirement}")
+    if version is None or _major(version) == installed:
+        _pip_install_other(requirement, target)
+        version = _version_at(target)
+    assert version is not None and _major(version) != installed, (target, version)
+    return target
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A trained checkpoint of DEEPSEEK with a SentencePiece tokenizer, and the tokenizer."""
+    workdir = tmp_path_factory.mktemp("versions")
+    lines = [json.loads(record)["text"] for record in CORPUS.read_text(encoding="utf-8").splitlines()[:300]]
+    tokenizer = train_sentencepiece(lines, str(workdir / "spm"), vocab_size=1000, character_coverage=0.98)
+    command = [sys.executable, str(REPO / "pretrain_r1.py"), *DEEPSEEK, "--tokenizer-model", tokenizer.model_file]
+    run_command([*command, "--train-iters", "3", "--save", "ckpt"], workdir, timeout=300)
+    return workdir, tokenizer
+
+
+def _export(workdir: Path, name: str, pythonpath: Path | None = None) -> dict:
+    """mcore2hf --verify into workdir/name under the transformers first on `pythonpath`: its summary."""
+    command = [sys.executable, str(TOOL), "--direction", "mcore2hf", "--load", "ckpt", "--save", name,
+               "--max-shard-size", "200KB", "--verify", "--no-progress"]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=workdir, env=_environment(pythonpath), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+    summary = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
+    assert summary["verify"]["max_abs_logit_diff"] <= 1e-4 and summary["verify"]["top1_agreement"] == 1.0, summary
+    return summary
+
+
+def _probe(directory: Path, out: Path, pythonpath: Path | None = None) -> dict:
+    command = [sys.executable, "-c", PROBE, str(directory), str(out), json.dumps(TEXTS)]
+    result = subprocess.run(command, env=_environment(pythonpath), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return torch.load(out)
+
+
+def test_both_versions_export_the_same_directory_and_verify(trained, other_transformers):
+    workdir, _ = trained
+    ours, theirs = _export(workdir, "hf_installed"), _export(workdir, "hf_other", other_transformers)
+    assert ours["shards"] == theirs["shards"] > 1
+    files = sorted(os.listdir(workdir / "hf_installed"))
+    assert files == sorted(os.listdir(workdir / "hf_other"))
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(files)
+    for name in files:
+        assert (workdir / "hf_installed" / name).read_bytes() == (workdir / "hf_other" / name).read_bytes(), name
+
+
+def test_the_other_version_loads_the_export_with_the_same_logits_and_tokens(trained, other_transformers):
+    workdir, tokenizer = trained
+    _export(workdir, "hf")
+    installed = _probe(workdir / "hf", workdir / "installed.pt")
+    other = _probe(workdir / "hf", workdir / "other.pt", other_transformers)
+    assert _major(installed["version"]) != _major(other["version"])
+    assert (installed["logits"] - other["logits"]).abs().max() <= 1e-5
+    assert installed["greedy"] == other["greedy"] and len(other["greedy"]) > 0
+    assert installed["ids"] == other["ids"] == [tokenizer.tokenize(text) for text in TEXTS]
+    assert installed["decoded"] == other["decoded"] == TEXTS
