@@ -1,7 +1,7 @@
-"""Our model flags <-> a Hugging Face ``DeepseekV3Config``, refusing what one side cannot represent.
+"""Our model flags <-> Hugging Face configurations, refusing what one side cannot represent.
 
-transformers 4.57's ``DeepseekV3ForCausalLM`` fixes a few choices that our flags leave open, so a
-model maps onto it exactly only when it makes the same ones:
+MLA models export as ``DeepseekV3ForCausalLM`` (and import from it). transformers' model fixes a few
+choices that our flags leave open, so a model maps onto it exactly only when it makes the same ones:
 
 - MLA with RMS norms on the compressed q and kv (``--qk-layernorm``), SwiGLU MLPs without biases, RoPE;
 - routing ``sigmoid(logits) + e_score_correction_bias`` for the choice, weights renormalised over the
@@ -11,8 +11,14 @@ model maps onto it exactly only when it makes the same ones:
   ``n_shared_experts * moe_intermediate_size`` channels;
 - RoPE applied to de-interleaved channels (``rope_interleave``), as megatron-core's MLA always does.
 
-GQA models (no ``--multi-latent-attention``) are refused: none of the standard architectures matches
-them in every respect our flags allow, and a near match would load and silently compute something else.
+GQA/MHA models (no ``--multi-latent-attention``) export as the standard architecture their flags
+choose (GQA_ARCHITECTURES): ``Qwen3MoeForCausalLM`` for MoE with ``--qk-layernorm`` (any layers dense:
+``mlp_only_layers``), ``MixtralForCausalLM`` for MoE without (every layer MoE), ``Qwen3ForCausalLM`` /
+``LlamaForCausalLM`` for dense models with / without. Each needs RMSNorm, SwiGLU without biases, RoPE
+and no sliding window and has no MTP layers; the MoE ones need softmax routing (megatron-core has expert
+bias only with sigmoid routing) without shared experts, expert groups or scaling, and Mixtral also the
+top-k weights renormalised (no --moe-router-pre-softmax). A near match would load and silently compute
+something else, so anything else is refused, naming the flag.
 """
 
 import argparse
@@ -124,11 +130,8 @@ def deepseek_v3_fields(args, vocab_size: int, bos_token_id=None, eos_token_id=No
     return dict(
         architectures=["DeepseekV3ForCausalLM"],
         model_type="deepseek_v3",
-        vocab_size=vocab_size,
-        hidden_size=args.hidden_size,
+        **_common_fields(args, vocab_size, bos_token_id, eos_token_id, pad_token_id),
         intermediate_size=config.ffn_hidden_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_attention_heads,
         num_key_value_heads=args.num_attention_heads,
         kv_lora_rank=args.kv_lora_rank,
         q_lora_rank=args.q_lora_rank,
@@ -136,24 +139,34 @@ def deepseek_v3_fields(args, vocab_size: int, bos_token_id=None, eos_token_id=No
         qk_nope_head_dim=args.qk_head_dim,
         v_head_dim=args.v_head_dim,
         first_k_dense_replace=n_dense,
+        rope_scaling=rope_scaling,
+        rope_interleave=True,
+        # Read by DeepSeek's own modelling code and by vLLM; transformers keeps them as attributes.
+        num_nextn_predict_layers=args.mtp_num_layers or 0,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        **moe,
+    )
+
+
+def _common_fields(args, vocab_size: int, bos_token_id, eos_token_id, pad_token_id) -> dict:
+    """The ``config.json`` fields that every architecture here has and fills alike."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_attention_heads,
         hidden_act="silu",
         max_position_embeddings=args.max_position_embeddings,
         initializer_range=args.init_method_std,
         rms_norm_eps=args.norm_epsilon,
         tie_word_embeddings=not args.untie_embeddings_and_output_weights,
         rope_theta=float(args.rotary_base),
-        rope_scaling=rope_scaling,
-        rope_interleave=True,
         attention_bias=False,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
-        # Read by DeepSeek's own modelling code and by vLLM; transformers keeps them as attributes.
-        num_nextn_predict_layers=args.mtp_num_layers or 0,
-        topk_method="noaux_tc",
-        scoring_func="sigmoid",
         dtype="float32",
-        **moe,
     )
 
 
@@ -175,24 +188,117 @@ def _refuse_other_layers(args) -> None:
     """UnsupportedModelError unless attention, norms, MLPs and positions are DeepseekV3's."""
     _refuse_unless(
         args.multi_latent_attention,
-        "GQA models (no --multi-latent-attention) have no exact Hugging Face "
-        "architecture here: DeepseekV3ForCausalLM needs MLA, and no standard GQA MoE architecture matches our "
-        "flags in every respect (shared experts, dense layers, expert bias, routing)",
+        "GQA models (no --multi-latent-attention) are not DeepseekV3's: they export as Qwen3-MoE, Mixtral, "
+        "Qwen3 or Llama (export_fields)",
     )
-    _refuse_unless(args.normalization == "RMSNorm", "--normalization LayerNorm: DeepseekV3 uses RMSNorm")
-    _refuse_unless(args.swiglu, "DeepseekV3's MLPs are SwiGLU: the model needs --swiglu")
-    _refuse_unless(
-        args.disable_bias_linear, "DeepseekV3's linear layers have no biases: the model needs --disable-bias-linear"
-    )
+    _refuse_unlike_standard_layers(args, "DeepseekV3")
     _refuse_unless(
         args.qk_layernorm,
         "DeepseekV3 normalises the compressed q and kv (q_a_layernorm, kv_a_layernorm): the model needs --qk-layernorm",
     )
+
+
+def _refuse_unlike_standard_layers(args, name: str) -> None:
+    """UnsupportedModelError unless norms, MLPs and positions are those every architecture here has."""
+    _refuse_unless(args.normalization == "RMSNorm", f"--normalization LayerNorm: {name} uses RMSNorm")
+    _refuse_unless(args.swiglu, f"{name}'s MLPs are SwiGLU: the model needs --swiglu")
+    _refuse_unless(
+        args.disable_bias_linear, f"{name}'s linear layers have no biases: the model needs --disable-bias-linear"
+    )
     _refuse_unless(
         args.position_embedding_type == "rope",
-        f"--position-embedding-type {args.position_embedding_type}: DeepseekV3 uses RoPE",
+        f"--position-embedding-type {args.position_embedding_type}: {name} uses RoPE",
     )
-    _refuse_unless(args.window_size is None, "--window-size: DeepseekV3 has no sliding-window attention")
+    _refuse_unless(args.window_size is None, f"--window-size: {name} is exported without sliding-window attention")
+
+
+# The standard architecture of a GQA/MHA model (no MLA), by (MoE, --qk-layernorm): Qwen3's q_norm and
+# k_norm are megatron-core's q/k layernorms (RMS over each head's channels, before RoPE).
+GQA_ARCHITECTURES = {
+    (True, True): ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    (True, False): ("MixtralForCausalLM", "mixtral"),
+    (False, True): ("Qwen3ForCausalLM", "qwen3"),
+    (False, False): ("LlamaForCausalLM", "llama"),
+}
+
+
+def gqa_architecture(args) -> tuple[str, str]:
+    """(class name, model_type) of the standard architecture for GQA/MHA model flags `args`."""
+    return GQA_ARCHITECTURES[bool(args.num_experts), bool(args.qk_layernorm)]
+
+
+def export_fields(args, vocab_size: int, bos_token_id=None, eos_token_id=None, pad_token_id=None) -> dict:
+    """The ``config.json`` of the standard architecture that computes the model `args` describes
+    exactly: DeepseekV3 for MLA, else by the flags (GQA_ARCHITECTURES); UnsupportedModelError naming
+    the flag that none of them represents."""
+    if args.multi_latent_attention:
+        return deepseek_v3_fields(args, vocab_size, bos_token_id, eos_token_id, pad_token_id)
+    return gqa_fields(args, vocab_size, bos_token_id, eos_token_id, pad_token_id)
+
+
+def gqa_fields(args, vocab_size: int, bos_token_id=None, eos_token_id=None, pad_token_id=None) -> dict:
+    """The ``config.json`` of the GQA/MHA model `args` describes: Qwen3-MoE, Mixtral, Qwen3 or Llama
+    (megatron-core's RoPE rotates de-interleaved halves over every channel of a head, as they do)."""
+    name, model_type = gqa_architecture(args)
+    _refuse_unlike_standard_layers(args, name)
+    _refuse_unless(not args.mtp_num_layers, f"--mtp-num-layers {args.mtp_num_layers}: {name} has no MTP layers")
+    config = transformer_config_from_args(args)
+    fields = dict(
+        architectures=[name],
+        model_type=model_type,
+        **_common_fields(args, vocab_size, bos_token_id, eos_token_id, pad_token_id),
+        num_key_value_heads=config.num_query_groups,
+        head_dim=config.kv_channels,
+        rope_scaling=None,
+        attention_dropout=0.0,
+    )
+    if model_type == "llama":
+        return {**fields, "intermediate_size": config.ffn_hidden_size, "mlp_bias": False}
+    if model_type == "qwen3":
+        return {**fields, "intermediate_size": config.ffn_hidden_size, "use_sliding_window": False}
+    return {**fields, **_gqa_moe_fields(args, config, name)}
+
+
+def _gqa_moe_fields(args, config, name: str) -> dict:
+    """Qwen3-MoE's or Mixtral's MoE fields: softmax over the experts, top-k, the top-k weights
+    renormalised (megatron-core: softmax over the top-k logits) unless --moe-router-pre-softmax."""
+    _refuse_unless(
+        args.moe_router_score_function == "softmax",
+        f"--moe-router-score-function {args.moe_router_score_function}: {name} routes with softmax scores "
+        "(sigmoid routing, with or without expert bias, exports as DeepseekV3: --multi-latent-attention)",
+    )
+    _refuse_unless(
+        not args.moe_shared_expert_intermediate_size,
+        f"--moe-shared-expert-intermediate-size {args.moe_shared_expert_intermediate_size}: {name} has no shared "
+        "experts (Qwen2-MoE's shared expert has a gate that megatron-core's lacks; DeepseekV3 needs MLA)",
+    )
+    _refuse_unless(
+        (args.moe_router_num_groups or 1) == 1, f"--moe-router-num-groups {args.moe_router_num_groups}: {name} routes "
+        "without expert groups"
+    )  # fmt: skip
+    _refuse_unless(
+        args.moe_router_topk_scaling_factor in (None, 1.0),
+        f"--moe-router-topk-scaling-factor {args.moe_router_topk_scaling_factor}: {name} does not scale the "
+        "routing weights",
+    )
+    pattern = moe_layer_pattern(args)
+    if name == "MixtralForCausalLM":
+        _refuse_unless(
+            all(pattern),
+            f"--moe-layer-freq {pattern}: MixtralForCausalLM has MoE in every layer (Qwen3MoeForCausalLM, "
+            "which takes dense layers, has q/k norms: --qk-layernorm)",
+        )
+        _refuse_unless(
+            not args.moe_router_pre_softmax,
+            "--moe-router-pre-softmax: MixtralForCausalLM renormalises the top-k routing weights",
+        )
+        return dict(num_local_experts=args.num_experts, num_experts_per_tok=args.moe_router_topk,
+                    intermediate_size=config.moe_ffn_hidden_size, sliding_window=None, output_router_logits=False)  # fmt: skip
+    return dict(num_experts=args.num_experts, num_experts_per_tok=args.moe_router_topk,
+                moe_intermediate_size=config.moe_ffn_hidden_size, intermediate_size=config.ffn_hidden_size,
+                norm_topk_prob=not args.moe_router_pre_softmax, decoder_sparse_step=1,
+                mlp_only_layers=[i for i, moe in enumerate(pattern) if not moe], use_sliding_window=False,
+                output_router_logits=False)  # fmt: skip
 
 
 def _rope_scaling(args, config) -> dict | None:

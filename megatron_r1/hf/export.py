@@ -1,4 +1,5 @@
-"""Our checkpoint -> a Hugging Face ``DeepseekV3ForCausalLM`` directory, one layer at a time.
+"""Our checkpoint -> a Hugging Face directory, one layer at a time: ``DeepseekV3ForCausalLM`` for MLA
+models, the standard architecture the flags choose for GQA/MHA ones (megatron_r1.hf.config).
 
 Every check (model representable, every tensor present with the shape the configuration implies, no
 unmapped tensor) runs on the checkpoint's metadata before a byte is written; the directory is
@@ -18,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_r1.data.sft import END_MARKER
-from megatron_r1.hf.config import UnsupportedModelError, checkpoint_args, deepseek_v3_fields
+from megatron_r1.hf.config import UnsupportedModelError, checkpoint_args, export_fields
 from megatron_r1.hf.config import hf_config as hf_config_of
 from megatron_r1.hf.fp8 import (
     DEEPSEEK_BLOCK,
@@ -29,7 +30,7 @@ from megatron_r1.hf.fp8 import (
     fp8_quantization_config,
     quantize,
 )
-from megatron_r1.hf.keys import conversion_groups
+from megatron_r1.hf.keys import DEFAULT_MOE, PUBLISHED_MOE, conversion_groups
 from megatron_r1.hf.storage import McoreCheckpointReader, ShardedSafetensorsWriter, WeightsError
 from megatron_r1.tokenizer import SentencePieceTokenizer, build_tokenizer, tokenizer_type_for_model
 
@@ -47,7 +48,7 @@ def expected_hf_shapes(hf_config) -> dict:
     )
     with torch.device("meta"):
         model = getattr(transformers, hf_config.architectures[0])(config)
-    shapes = {name: tuple(t.shape) for name, t in published_tensors(model.state_dict()).items()}
+    shapes = {name: tuple(t.shape) for name, t in published_tensors(model.state_dict(), config.model_type).items()}
     hidden, vocab = hf_config.hidden_size, hf_config.vocab_size
     for i in range(mtp):
         prefix = f"model.layers.{hf_config.num_hidden_layers + i}."
@@ -66,27 +67,32 @@ def expected_hf_shapes(hf_config) -> dict:
     return shapes
 
 
-def published_tensors(state_dict: dict) -> dict:
+def published_tensors(state_dict: dict, model_type: str = "deepseek_v3") -> dict:
     """A transformers model's `state_dict` with the experts of each MoE layer under their published
     per-expert names (views, no copies; meta tensors work too).
 
-    transformers 5 holds a layer's experts as two tensors, ``experts.gate_up_proj`` [E, 2 x I, H] (each
-    expert's gate rows, then its up rows) and ``experts.down_proj`` [E, H, I], and converts the
-    published ``experts.{e}.{gate,up,down}_proj.weight`` into them as it loads a directory; 4.57 holds
-    the published tensors themselves. Our directories keep the published names, which both load."""
+    transformers 5 holds a layer's experts as two tensors, ``mlp.experts.gate_up_proj`` [E, 2 x I, H]
+    (each expert's gate rows, then its up rows) and ``mlp.experts.down_proj`` [E, H, I], and converts the
+    published ``experts.{e}.{gate,up,down}_proj.weight`` (Mixtral: ``block_sparse_moe.experts.{e}.{w1,
+    w3,w2}.weight`` and ``block_sparse_moe.gate``) into them as it loads a directory; 4.57 holds the
+    published tensors themselves. Our directories keep the published names, which both load."""
+    block, (gate, up, down) = PUBLISHED_MOE.get(model_type, DEFAULT_MOE)
+    fused = {name[: -len(".experts.gate_up_proj")] for name in state_dict if name.endswith(".experts.gate_up_proj")}
     published = {}
     for name, tensor in state_dict.items():
-        prefix, _, kind = name.rpartition(".experts.")
-        if kind == "gate_up_proj":
-            for e, expert in enumerate(tensor.unbind(0)):
-                gate, up = expert.chunk(2, dim=0)
-                published[f"{prefix}.experts.{e}.gate_proj.weight"] = gate
-                published[f"{prefix}.experts.{e}.up_proj.weight"] = up
-        elif kind == "down_proj":
-            for e, down in enumerate(tensor.unbind(0)):
-                published[f"{prefix}.experts.{e}.down_proj.weight"] = down
-        else:
+        layer, _, rest = name.rpartition(".mlp.")
+        experts = f"{layer}.{block}.experts"
+        if f"{layer}.mlp" not in fused:
             published[name] = tensor
+        elif rest == "experts.gate_up_proj":
+            for e, expert in enumerate(tensor.unbind(0)):
+                gate_rows, up_rows = expert.chunk(2, dim=0)
+                published[f"{experts}.{e}.{gate}.weight"], published[f"{experts}.{e}.{up}.weight"] = gate_rows, up_rows
+        elif rest == "experts.down_proj":
+            for e, expert in enumerate(tensor.unbind(0)):
+                published[f"{experts}.{e}.{down}.weight"] = expert
+        else:  # the router, shared experts
+            published[f"{layer}.{block}.{rest}"] = tensor
     return published
 
 
@@ -199,13 +205,17 @@ def export_to_hf(checkpoint: str, output: str, vocab_size: int | None = None, to
         raise WeightsError(
             f"vocabulary of {vocab_size} tokens, but the checkpoint's embedding has {args.padded_vocab_size} rows"
         )
-    fields = deepseek_v3_fields(
+    fields = export_fields(
         args,
         vocab_size,
         bos_token_id=tokenizer.bos if tokenizer else None,
         eos_token_id=tokenizer.eod if tokenizer else None,
         pad_token_id=tokenizer.pad if tokenizer else None,
     )
+    if fp8 and fields["model_type"] != "deepseek_v3":
+        raise UnsupportedModelError(
+            f"--fp8 writes DeepSeek's FP8 block format; {fields['architectures'][0]} is exported in --dtype"
+        )
     hf_config = hf_config_of(fields)
     groups = conversion_groups(args)
     reader = McoreCheckpointReader(checkpoint)

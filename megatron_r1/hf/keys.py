@@ -1,5 +1,6 @@
 """Tensor-by-tensor mapping between our torch_dist checkpoint keys (megatron-core's sharded keys,
-the same for every TP/PP/EP layout) and the keys of the published DeepSeek-V3 checkpoints.
+the same for every TP/PP/EP layout) and the keys of the published DeepSeek-V3 checkpoints (MLA models), or of Qwen3-MoE, Mixtral, Qwen3 and
+Llama checkpoints (GQA/MHA models: megatron_r1.hf.config.GQA_ARCHITECTURES).
 
 The mapping is a list of groups, one per transformer layer plus the embedding and the head, so that
 either direction holds one layer's tensors at a time. Every :class:`TensorMap` converts one of our
@@ -12,6 +13,7 @@ tensors to one or more Hugging Face tensors and back:
 ``experts``    our experts are one tensor [E, out, in]; DeepSeek-V3 has ``mlp.experts.{e}.*_proj`` each
 ``experts_glu``  both of the above
 ``zeros``      e_score_correction_bias of a model trained without expert bias (export only)
+``qkv``        GQA's ``linear_qkv``, per query group its heads' q rows, then k, then v; ``q/k/v_proj``
 =============  =====================================================================================
 
 MTP layer i is published as ``model.layers.{num_layers + i}``: the transformer layer's keys plus
@@ -23,7 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_r1.hf.config import first_dense_layers
+from megatron_r1.arguments import transformer_config_from_args
+from megatron_r1.flops import moe_layer_pattern
+from megatron_r1.hf.config import first_dense_layers, gqa_architecture
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,17 @@ class TensorMap:
     hf: tuple
     kind: str = "copy"
     export_only: bool = False  # a copy of a tensor that another map imports
+    heads: tuple = ()  # qkv: (attention heads, query groups)
 
     def to_hf(self, tensor: torch.Tensor, vocab_size: int) -> dict:
         if self.kind == "copy":
             return {self.hf[0]: tensor}
+        if self.kind == "qkv":
+            heads, groups = self.heads
+            per_group = tensor.view(groups, -1, tensor.shape[-1])
+            head_dim = per_group.shape[1] // (heads // groups + 2)
+            parts = per_group.split([heads // groups * head_dim, head_dim, head_dim], dim=1)
+            return {name: part.reshape(-1, tensor.shape[-1]) for name, part in zip(self.hf, parts, strict=True)}
         if self.kind == "vocab":
             return {self.hf[0]: tensor[:vocab_size]}
         if self.kind == "glu":
@@ -56,6 +67,10 @@ class TensorMap:
     def to_mcore(self, tensors: dict, padded_vocab_size: int) -> torch.Tensor:
         if self.kind == "copy":
             return tensors[self.hf[0]]
+        if self.kind == "qkv":
+            groups, hidden = self.heads[1], tensors[self.hf[0]].shape[-1]
+            parts = [tensors[name].reshape(groups, -1, hidden) for name in self.hf]
+            return torch.cat(parts, dim=1).reshape(-1, hidden)
         if self.kind == "vocab":
             rows = tensors[self.hf[0]]
             padding = rows.new_zeros(padded_vocab_size - rows.shape[0], *rows.shape[1:])
@@ -121,11 +136,21 @@ def _transformer_layer(ours: str, theirs: str, args, moe: bool, expert_bias: boo
 
 def conversion_groups(args) -> list[tuple[str, list[TensorMap]]]:
     """(name, maps) per unit of work, in file order: embedding, each layer, each MTP layer, head."""
-    n_dense = first_dense_layers(args)
     tied = not args.untie_embeddings_and_output_weights
     embedding = "embedding.word_embeddings.weight"
     output = embedding if tied else "output_layer.weight"
     groups = [("embedding", [TensorMap(embedding, ("model.embed_tokens.weight",), "vocab")])]
+    groups += _deepseek_layers(args, embedding, output) if args.multi_latent_attention else _gqa_layers(args)
+    head = [TensorMap("decoder.final_layernorm.weight", ("model.norm.weight",))]
+    if not tied:
+        head.append(TensorMap(output, ("lm_head.weight",), "vocab"))
+    groups.append(("head", head))
+    return groups
+
+
+def _deepseek_layers(args, embedding: str, output: str) -> list[tuple[str, list[TensorMap]]]:
+    n_dense = first_dense_layers(args)
+    groups = []
     for layer in range(args.num_layers):
         maps = _transformer_layer(
             f"decoder.layers.{layer}.",
@@ -150,8 +175,60 @@ def conversion_groups(args) -> list[tuple[str, list[TensorMap]]]:
             TensorMap(output, (f"{theirs}shared_head.head.weight",), "vocab", export_only=True),
         ]
         groups.append((f"mtp layer {i}", maps))
-    head = [TensorMap("decoder.final_layernorm.weight", ("model.norm.weight",))]
-    if not tied:
-        head.append(TensorMap(output, ("lm_head.weight",), "vocab"))
-    groups.append(("head", head))
+    return groups
+
+
+# Where a GQA architecture publishes a MoE layer: its block's name and each expert's gate, up and down.
+PUBLISHED_MOE = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2"))}
+DEFAULT_MOE = ("mlp", ("gate_proj", "up_proj", "down_proj"))
+
+
+def _gqa_layers(args) -> list[tuple[str, list[TensorMap]]]:
+    """A GQA/MHA model's layers under their keys in its standard architecture. megatron-core's local
+    spec keeps the input and pre-MLP norms as TransformerEngine names them (fused into the next linear)."""
+    config = transformer_config_from_args(args)
+    heads = (config.num_attention_heads, config.num_query_groups)
+    block, (gate, up, down) = PUBLISHED_MOE.get(gqa_architecture(args)[1], DEFAULT_MOE)
+    groups = []
+    for layer, moe in enumerate(moe_layer_pattern(args)):
+        ours, theirs = f"decoder.layers.{layer}.", f"model.layers.{layer}."
+        attention = f"{theirs}self_attn."
+        maps = [
+            TensorMap(f"{ours}self_attention.linear_qkv.layer_norm_weight", (f"{theirs}input_layernorm.weight",)),
+            TensorMap(
+                f"{ours}self_attention.linear_qkv.weight",
+                tuple(f"{attention}{proj}.weight" for proj in ("q_proj", "k_proj", "v_proj")),
+                "qkv",
+                heads=heads,
+            ),
+            TensorMap(f"{ours}self_attention.linear_proj.weight", (f"{attention}o_proj.weight",)),
+            TensorMap(f"{ours}mlp.linear_fc1.layer_norm_weight", (f"{theirs}post_attention_layernorm.weight",)),
+        ]
+        if args.qk_layernorm:
+            maps += [
+                TensorMap(f"{ours}self_attention.q_layernorm.weight", (f"{attention}q_norm.weight",)),
+                TensorMap(f"{ours}self_attention.k_layernorm.weight", (f"{attention}k_norm.weight",)),
+            ]
+        if moe:
+            experts = f"{theirs}{block}.experts."
+            gate_up = tuple(f"{experts}{e}.{proj}.weight" for e in range(args.num_experts) for proj in (gate, up))
+            maps += [
+                TensorMap(f"{ours}mlp.router.weight", (f"{theirs}{block}.gate.weight",)),
+                TensorMap(f"{ours}mlp.experts.experts.linear_fc1.weight", gate_up, "experts_glu"),
+                TensorMap(
+                    f"{ours}mlp.experts.experts.linear_fc2.weight",
+                    tuple(f"{experts}{e}.{down}.weight" for e in range(args.num_experts)),
+                    "experts",
+                ),
+            ]
+        else:
+            maps += [
+                TensorMap(
+                    f"{ours}mlp.linear_fc1.weight",
+                    (f"{theirs}mlp.gate_proj.weight", f"{theirs}mlp.up_proj.weight"),
+                    "glu",
+                ),
+                TensorMap(f"{ours}mlp.linear_fc2.weight", (f"{theirs}mlp.down_proj.weight",)),
+            ]
+        groups.append((f"layer {layer}", maps))
     return groups

@@ -1,6 +1,7 @@
-"""mcore2hf under transformers 4.57 and 5.x: the exported directory is the same file for file whichever
-version writes it, --verify passes under both, and the other major version than the installed one
-loads the directory with the same logits, tokens and greedy continuation.
+"""mcore2hf under transformers 4.57 and 5.x, for each MoE architecture it writes (DeepSeek-V3, Qwen3-MoE,
+Mixtral: 5.x fuses their experts as it loads them): the exported directory is the same file for file
+whichever version writes it, --verify passes under both, and the other major version than the installed
+one loads the directory with the same logits, tokens and greedy continuation.
 
 The other version runs in subprocesses, from $MEGATRON_R1_OTHER_TRANSFORMERS (a directory put first on
 PYTHONPATH, e.g. ``pip install --target DIR transformers==5.*``) or else from pytest's cache, where pip
@@ -38,6 +39,20 @@ DEEPSEEK = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-at
             "--moe-router-bias-update-rate", "0.05", "--moe-router-num-groups", "2", "--moe-router-group-topk", "1",
             "--moe-router-topk-scaling-factor", "2.5", "--mtp-num-layers", "1", "--untie-embeddings-and-output-weights",
             "--seq-length", "32", "--micro-batch-size", "2", "--lr", "1e-2"]  # fmt: skip
+GQA = ["--mock-data", "--hidden-size", "32", "--num-attention-heads", "4", "--group-query-attention",
+       "--num-query-groups", "2", "--swiglu", "--disable-bias-linear", "--num-experts", "4", "--moe-ffn-hidden-size",
+       "16", "--moe-router-topk", "2", "--seq-length", "32", "--micro-batch-size", "2", "--lr", "1e-2"]  # fmt: skip
+MODELS = {
+    "DeepseekV3ForCausalLM": DEEPSEEK,
+    # q/k norms, a dense first layer, heads of 16 channels (not hidden / heads), untied output.
+    "Qwen3MoeForCausalLM": [*GQA, "--num-layers", "3", "--qk-layernorm", "--kv-channels", "16", "--moe-layer-freq",
+                            "[0]+[1]*2", "--untie-embeddings-and-output-weights"],
+    "MixtralForCausalLM": [*GQA, "--num-layers", "2", "--rotary-base", "1000000"],
+}  # fmt: skip
+# A tensor each architecture publishes under its own name (the experts 5.x fuses when it loads them).
+PUBLISHED = {"DeepseekV3ForCausalLM": "model.layers.1.mlp.experts.3.up_proj.weight",
+             "Qwen3MoeForCausalLM": "model.layers.2.mlp.experts.3.up_proj.weight",
+             "MixtralForCausalLM": "model.layers.1.block_sparse_moe.experts.3.w3.weight"}  # fmt: skip
 
 # Run under either version: logits of fixed tokens, the texts' ids and a greedy continuation.
 PROBE = """
@@ -117,14 +132,23 @@ def other_transformers(request) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A trained checkpoint of DEEPSEEK with a SentencePiece tokenizer, and the tokenizer."""
-    workdir = tmp_path_factory.mktemp("versions")
+def tokenizer(tmp_path_factory):
     lines = [json.loads(record)["text"] for record in CORPUS.read_text(encoding="utf-8").splitlines()[:300]]
-    tokenizer = train_sentencepiece(lines, str(workdir / "spm"), vocab_size=1000, character_coverage=0.98)
-    command = [sys.executable, str(REPO / "pretrain_r1.py"), *DEEPSEEK, "--tokenizer-model", tokenizer.model_file]
-    run_command([*command, "--train-iters", "3", "--save", "ckpt"], workdir, timeout=300)
-    return workdir, tokenizer
+    prefix = tmp_path_factory.mktemp("tokenizer") / "spm"
+    return train_sentencepiece(lines, str(prefix), vocab_size=1000, character_coverage=0.98)
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def exported(request, tokenizer, other_transformers, tmp_path_factory):
+    """(working directory, architecture): a trained checkpoint of MODELS[architecture] with the
+    SentencePiece tokenizer in ckpt/, exported with --verify under the installed transformers into
+    hf_installed/ and under the other version into hf_other/."""
+    workdir = tmp_path_factory.mktemp(request.param)
+    command = [sys.executable, str(REPO / "pretrain_r1.py"), *MODELS[request.param]]
+    run_command([*command, "--tokenizer-model", tokenizer.model_file, "--train-iters", "3", "--save", "ckpt"], workdir)
+    installed, other = _export(workdir, "hf_installed"), _export(workdir, "hf_other", other_transformers)
+    assert installed["shards"] == other["shards"] > 1
+    return workdir, request.param
 
 
 def _export(workdir: Path, name: str, pythonpath: Path | None = None) -> dict:
@@ -147,22 +171,24 @@ def _probe(directory: Path, out: Path, pythonpath: Path | None = None) -> dict:
     return torch.load(out)
 
 
-def test_both_versions_export_the_same_directory_and_verify(trained, other_transformers):
-    workdir, _ = trained
-    ours, theirs = _export(workdir, "hf_installed"), _export(workdir, "hf_other", other_transformers)
-    assert ours["shards"] == theirs["shards"] > 1
+def test_both_versions_export_the_same_directory_and_verify(exported):
+    workdir, architecture = exported
     files = sorted(os.listdir(workdir / "hf_installed"))
     assert files == sorted(os.listdir(workdir / "hf_other"))
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(files)
     for name in files:
         assert (workdir / "hf_installed" / name).read_bytes() == (workdir / "hf_other" / name).read_bytes(), name
+    assert json.loads((workdir / "hf_installed" / "config.json").read_text())["architectures"] == [architecture]
+    assert (
+        PUBLISHED[architecture]
+        in json.loads((workdir / "hf_installed" / "model.safetensors.index.json").read_text())["weight_map"]
+    )
 
 
-def test_the_other_version_loads_the_export_with_the_same_logits_and_tokens(trained, other_transformers):
-    workdir, tokenizer = trained
-    _export(workdir, "hf")
-    installed = _probe(workdir / "hf", workdir / "installed.pt")
-    other = _probe(workdir / "hf", workdir / "other.pt", other_transformers)
+def test_the_other_version_loads_the_export_with_the_same_logits_and_tokens(exported, tokenizer, other_transformers):
+    workdir, _ = exported
+    installed = _probe(workdir / "hf_installed", workdir / "installed.pt")
+    other = _probe(workdir / "hf_installed", workdir / "other.pt", other_transformers)
     assert _major(installed["version"]) != _major(other["version"])
     assert (installed["logits"] - other["logits"]).abs().max() <= 1e-5
     assert installed["greedy"] == other["greedy"] and len(other["greedy"]) > 0
