@@ -23,6 +23,7 @@ setup(
         # Only what pip can really install: PyPI's "apex" is an unrelated package (NVIDIA Apex builds
         # from its repository, see README), and flash-attn compiles against the installed torch.
         "gpu": ["transformer-engine[pytorch]"],
-        "dev": ["pytest", "datasketch", "hypothesis", "ruff==0.17.6"],
+        # The suite runs on transformers 4.57.6; tests/hf/test_transformers_versions.py checks 5.x.
+        "dev": ["pytest", "datasketch", "hypothesis", "ruff==0.17.6", "transformers==4.57.6"],
     },
 )

@@ -9,18 +9,18 @@ from the SentencePiece model, 5.x with a Metaspace pre-tokenizer that adds no "�
 The BPE model holds the SentencePiece pieces with their ids and, as merges, every split of a piece into
 two pieces, those of higher-scoring pieces first (then of longer left parts): the order in which
 SentencePiece's BPE merges (transformers 4.57's converter made the same merges). Unknown characters
-fall back to bytes. The normalizer writes spaces as "▁" and puts SentencePiece's dummy prefix "▁" at
-the start of the text; our user-defined symbols (``<think>``, ``<|user|>`` ...) are matched in the
-normalized text, as SentencePiece matches them in its own, so that the pieces next to them are
-SentencePiece's too. transformers normalizes a symbol's own text with the same normalizer, which must
-therefore leave it as it is: the dummy prefix is added unless the text is exactly a symbol (or empty).
-Two differences stay: a text that is exactly one symbol gets no "▁" before it, and the text of a control
-piece (``<s>``, ``</s>`` ...) in the input is that piece, where SentencePiece spells it out.
+fall back to bytes. Our symbols (``<think>``, ``<|user|>`` ...) and the control pieces are matched in
+the raw text first; each text between them is encoded as SentencePiece encodes a text alone (spaces as
+"▁", the dummy prefix "▁" at its start). That is how the fine-tuning chat template
+(megatron_r1/data/sft.py) renders a conversation, symbol ids around each turn's encoded text, so a
+served model gets the ids it was trained on from the rendered string. Plain text encodes exactly as
+SentencePiece encodes it; a text with a symbol inside differs from SentencePiece's encoding of the whole
+text next to the symbol (a "▁" after it, none before it at the start), and decodes with a space after a
+symbol.
 """
 
 import json
 import os
-import re
 
 from megatron_r1.tokenizer import SentencePieceTokenizer
 
@@ -41,23 +41,20 @@ def _vocab_and_merges(model_file: str) -> tuple[dict, list]:
 
 
 def _fast_tokenizer(model_file: str, unk_token: str | None, roles: set, symbols: list):
-    """The ``tokenizers.Tokenizer``: `roles` (bos, eos, pad, unk) special and matched in the raw text,
-    `symbols` matched in the normalized text."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
+    """The ``tokenizers.Tokenizer``: `roles` (bos, eos, pad, unk) special, `symbols` plain; both are
+    matched in the raw text first, and each text between them gets SentencePiece's dummy prefix."""
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers
     from tokenizers.models import BPE
 
     vocab, merges = _vocab_and_merges(model_file)
     fast = Tokenizer(BPE(vocab, merges, unk_token=unk_token, fuse_unk=True, byte_fallback=True))
-    exactly_a_symbol = "|".join(re.escape(symbol) for symbol in sorted(symbols, key=len, reverse=True))
-    fast.normalizer = normalizers.Sequence(
-        [normalizers.Replace(Regex(rf"\A(?!(?:{exactly_a_symbol}|)\z)"), "▁"), normalizers.Replace(" ", "▁")]
-    )
+    fast.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     fast.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     # Pre-training documents carry no bos (eod ends them): no post-processor adds one.
     fast.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in sorted(roles)])
-    fast.add_tokens([AddedToken(name, normalized=True) for name in symbols])
+    fast.add_tokens([AddedToken(name, normalized=False) for name in symbols])
     return fast
 
 

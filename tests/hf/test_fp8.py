@@ -84,9 +84,12 @@ def hf_weights():
     """transformers' randomly initialised DeepseekV3 weights: ``{name: fp32 tensor}``."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
+    from megatron_r1.hf.export import published_tensors
+
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(DeepseekV3Config(**{k: v for k, v in CONFIG.items() if k != "model_type"}))
-    weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    # Under the published names (transformers 5 fuses each layer's experts in its state dict).
+    weights = {name: tensor.detach().clone() for name, tensor in published_tensors(model.state_dict()).items()}
     weights["model.layers.1.mlp.gate.e_score_correction_bias"] = torch.rand(CONFIG["n_routed_experts"])
     return weights
 
