@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Convert between our checkpoints and Hugging Face transformers directories (DeepseekV3ForCausalLM),
+# Convert between our checkpoints and Hugging Face transformers directories (export: DeepseekV3, or
+# Qwen3-MoE / Mixtral / Qwen3 / Llama for GQA/MHA models; import: DeepseekV3),
 # one process on CPU: no GPU and no launch layout needed to read any saved TP/PP/EP layout.
 #
 #   LOAD=runs/sft_lora-merged bash examples/export_hf.sh                 # ours -> HF in runs/sft_lora-merged-hf

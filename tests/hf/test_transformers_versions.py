@@ -114,14 +114,16 @@ def _pip_install_other(requirement: str, target: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def other_transformers(request) -> Path:
+def other_transformers(request, tmp_path_factory) -> Path:
     """A directory whose transformers, first on PYTHONPATH, is the other major version (4.57 <-> 5.x)."""
     import transformers
 
     installed = _major(transformers.__version__)
     requirement = "transformers>=5,<6" if installed == 4 else "transformers>=4.57,<5"
     given = os.environ.get(OTHER_TRANSFORMERS)
-    target = Path(given) if given else request.config.cache.mkdir(f"transformers-{9 - installed}")
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider: this run's tmp then
+    name = f"transformers-{9 - installed}"
+    target = Path(given) if given else cache.mkdir(name) if cache else tmp_path_factory.mktemp(name)
     version = _version_at(target)
     if given and (version is None or _major(version) == installed):
         pytest.fail(f"${OTHER_TRANSFORMERS}={given} has transformers {version}, not {requirement}")
