@@ -37,7 +37,7 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 TP=${TP:-1}                          # 16 heads and a 2048 hidden size: no need to split layers
 PP=${PP:-1}                          # grpo_r1.py refuses PP > 1 (rollouts run in the training processes)
 EP=${EP:-8}                          # 64 experts: 8 per GPU
-SEQ_LENGTH=${SEQ_LENGTH:-4096}
+SEQ_LENGTH=${SEQ_LENGTH:-4096}         # longest prompt + response; also the rollout's KV cache length
 GROUP_SIZE=${GROUP_SIZE:-16}         # responses per prompt (DeepSeek-R1: 16)
 PRETRAINED=${PRETRAINED:?set PRETRAINED to the checkpoint to reinforce (e.g. a fine-tuned DeepSeek-V2-Lite)}
 SAVE=${SAVE:-runs/grpo_v2_lite}
@@ -45,56 +45,12 @@ if [[ -z "${DRY_RUN:-}" && -z "${TOKENIZER_MODEL:-}" ]]; then
     echo "set TOKENIZER_MODEL: prompts are rendered with the chat template's special tokens" >&2
     exit 2
 fi
-VOCAB_SIZE=102400                    # the dry run's vocabulary without a tokenizer
-DEFAULT_TOKENIZER_TYPE=HuggingFaceTokenizer
 ENTRY=grpo_r1.py
 
-MODEL_ARGS=(
-    --num-layers 27                     # decoder layers
-    --hidden-size 2048                  # model width
-    --ffn-hidden-size 10944             # the dense first layer's MLP
-    --num-attention-heads 16            # attention heads
-    --seq-length "$SEQ_LENGTH"          # longest prompt + response; also the rollout's KV cache length
-    --max-position-embeddings "$SEQ_LENGTH"  # longest position the RoPE tables cover
-    --normalization RMSNorm             # RMSNorm, as DeepSeek
-    --norm-epsilon 1e-6                 # rms_norm_eps
-    --swiglu                            # gated SiLU MLPs and experts
-    --disable-bias-linear               # no linear biases (MoE requires it)
-    --untie-embeddings-and-output-weights  # separate input embedding and output head
-    --position-embedding-type rope      # rotary position embeddings
-    --rotary-base 10000                 # rope_theta
-    --init-method-std 0.006             # the paper's initialisation (unused: the weights are loaded)
-    --hidden-dropout 0.0                # no dropout: rollout and training log-probs must agree
-    --attention-dropout 0.0             # no dropout: rollout and training log-probs must agree
-    --make-vocab-size-divisible-by 128  # pad the vocabulary for efficient GEMMs
-)
-MLA_ARGS=(
-    --multi-latent-attention            # no --q-lora-rank: V2-Lite does not compress queries
-    --qk-layernorm                      # RMSNorm on the compressed kv (kv_a_layernorm)
-    --kv-lora-rank 512                  # keys/values compressed to this latent width
-    --qk-head-dim 128                   # qk_nope_head_dim
-    --qk-pos-emb-head-dim 64            # qk_rope_head_dim
-    --v-head-dim 128                    # per-head value width
-    --rope-type yarn                    # rope_scaling of the released config
-    --rotary-scaling-factor 40          # YaRN: factor x the original context
-    --original-max-position-embeddings 4096  # the context YaRN stretches
-    --beta-fast 32                      # YaRN's ramp
-    --beta-slow 1                       # YaRN's ramp
-    --mscale 0.707                      # YaRN attention scaling
-    --mscale-all-dim 0.707              # YaRN attention scaling
-)
-MOE_ARGS=(
-    --num-experts 64                    # n_routed_experts
-    --moe-layer-freq "[0]*1+[1]*26"     # first_k_dense_replace = 1
-    --moe-router-topk 6                 # num_experts_per_tok
-    --moe-ffn-hidden-size 1408          # moe_intermediate_size
-    --moe-shared-expert-intermediate-size 2816  # 2 shared experts x 1408
-    --moe-router-score-function softmax  # expert scores (DeepSeek-V3: sigmoid, V2: softmax)
-    --moe-router-pre-softmax            # softmax over all experts, then the top 6 unrenormalised (norm_topk_prob false)
+source examples/model_deepseek_v2_lite.sh  # VOCAB_SIZE, DEFAULT_TOKENIZER_TYPE, MODEL_ARGS, MLA_ARGS, MOE_ARGS
+MOE_ARGS+=(
     --moe-router-load-balancing-type none  # no balance loss: it makes rollout and training log-probs drift (NeMo-RL)
     --moe-aux-loss-coeff 0.0            # RL: no balance loss
-    --moe-router-dtype fp32             # routing in fp32: a stable top-k in rollout and update alike
-    --moe-token-dispatcher-type alltoall  # all-to-all token exchange between expert-parallel ranks
 )
 TRAINING_ARGS=(
     --bf16                              # bf16 weights, rollouts and compute; fp32 master weights and grads

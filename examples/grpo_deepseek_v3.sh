@@ -40,7 +40,7 @@ TP=${TP:-8}                          # within a node (NVLink); also divides the 
 PP=${PP:-1}                          # grpo_r1.py refuses PP > 1 (rollouts run in the training processes)
 EP=${EP:-256}                        # 256 experts: one per expert-parallel rank
 ETP=${ETP:-4}                        # each expert split over 4 GPUs: EP x ETP = all 1024 GPUs
-SEQ_LENGTH=${SEQ_LENGTH:-4096}
+SEQ_LENGTH=${SEQ_LENGTH:-4096}         # longest prompt + response; also the rollout's KV cache length
 GROUP_SIZE=${GROUP_SIZE:-8}          # responses per prompt (DeepSeek-R1's 16: see above)
 PRETRAINED=${PRETRAINED:?set PRETRAINED to the checkpoint to reinforce (e.g. a fine-tuned DeepSeek-V3)}
 SAVE=${SAVE:-runs/grpo_v3}
@@ -48,62 +48,13 @@ if [[ -z "${DRY_RUN:-}" && -z "${TOKENIZER_MODEL:-}" ]]; then
     echo "set TOKENIZER_MODEL: prompts are rendered with the chat template's special tokens" >&2
     exit 2
 fi
-VOCAB_SIZE=129280                    # the dry run's vocabulary without a tokenizer
-DEFAULT_TOKENIZER_TYPE=HuggingFaceTokenizer
 ENTRY=grpo_r1.py
 
-MODEL_ARGS=(
-    --num-layers 61                     # decoder layers
-    --hidden-size 7168                  # model width
-    --ffn-hidden-size 18432             # the 3 dense layers' MLP
-    --num-attention-heads 128           # attention heads
-    --seq-length "$SEQ_LENGTH"          # longest prompt + response; also the rollout's KV cache length
-    --max-position-embeddings "$SEQ_LENGTH"  # longest position the RoPE tables cover
-    --normalization RMSNorm             # RMSNorm, as DeepSeek
-    --norm-epsilon 1e-6                 # rms_norm_eps
-    --swiglu                            # gated SiLU MLPs and experts
-    --disable-bias-linear               # no linear biases (MoE requires it)
-    --untie-embeddings-and-output-weights  # separate input embedding and output head
-    --position-embedding-type rope      # rotary position embeddings
-    --rotary-base 10000                 # rope_theta
-    --init-method-std 0.006             # the report's initialisation (unused: the weights are loaded)
-    --hidden-dropout 0.0                # no dropout: rollout and training log-probs must agree
-    --attention-dropout 0.0             # no dropout: rollout and training log-probs must agree
-    --make-vocab-size-divisible-by 128  # pad the vocabulary for efficient GEMMs
-)
-MLA_ARGS=(
-    --multi-latent-attention            # MLA: low-rank compressed keys/values
-    --qk-layernorm                      # RMSNorm on the compressed q and kv (q_a_layernorm, kv_a_layernorm)
-    --q-lora-rank 1536                  # query compressed to this rank
-    --kv-lora-rank 512                  # keys/values compressed to this latent width
-    --qk-head-dim 128                   # qk_nope_head_dim
-    --qk-pos-emb-head-dim 64            # qk_rope_head_dim
-    --v-head-dim 128                    # per-head value width
-    --rope-type yarn                    # rope_scaling of the released config
-    --rotary-scaling-factor 40          # YaRN: factor x the original context
-    --original-max-position-embeddings 4096  # the context YaRN stretches
-    --beta-fast 32                      # YaRN's ramp
-    --beta-slow 1                       # YaRN's ramp
-    --mscale 1.0                        # YaRN attention scaling
-    --mscale-all-dim 1.0                # YaRN attention scaling
-)
-MOE_ARGS=(
-    --num-experts 256                   # n_routed_experts
-    --moe-layer-freq "[0]*3+[1]*58"     # first_k_dense_replace = 3
-    --moe-router-topk 8                 # num_experts_per_tok
-    --moe-ffn-hidden-size 2048          # moe_intermediate_size
-    --moe-shared-expert-intermediate-size 2048  # 1 shared expert
-    --moe-router-score-function sigmoid  # expert scores (DeepSeek-V3: sigmoid, V2: softmax)
-    --moe-router-enable-expert-bias     # the checkpoint's expert biases (aux-loss-free balancing) ...
-    --moe-router-bias-update-rate 0.0   #   ... kept fixed: updates would change routing between rollout and update
-    --moe-router-num-groups 8           # node-limited routing: 8 groups (n_group)
-    --moe-router-group-topk 4           #   a token's experts come from 4 of them (topk_group)
-    --moe-router-topk-scaling-factor 2.5  # routed_scaling_factor
+source examples/model_deepseek_v3.sh  # VOCAB_SIZE, DEFAULT_TOKENIZER_TYPE, MODEL_ARGS, MLA_ARGS, MOE_ARGS
+MOE_ARGS+=(
+    --moe-router-bias-update-rate 0.0   # the checkpoint's expert biases kept fixed: updates would change routing between rollout and update
     --moe-router-load-balancing-type none  # no balance loss: it makes rollout and training log-probs drift (NeMo-RL)
     --moe-aux-loss-coeff 0.0            # RL: no balance loss
-    --moe-router-dtype fp32             # routing in fp32: a stable top-k in rollout and update alike
-    --moe-token-dispatcher-type alltoall  # all-to-all token exchange between expert-parallel ranks
-    --mtp-num-layers 1                  # the checkpoint's MTP module: kept (frozen) in the saved checkpoints
 )
 TRAINING_ARGS=(
     --bf16                              # bf16 weights, rollouts and compute; fp32 master weights and grads

@@ -29,62 +29,13 @@ PP=${PP:-1}                          # divides 61 layers, or see the uneven spli
 EP=${EP:-64}                         # 256 experts: 4 per expert-parallel rank
 ETP=${ETP:-2}                        # each expert split over 2 GPUs
 SEQ_LENGTH=${SEQ_LENGTH:-4096}
-VOCAB_SIZE=129280                    # with mock data and no tokenizer
-DEFAULT_TOKENIZER_TYPE=HuggingFaceTokenizer
 ENTRY=pretrain_r1.py
 
-MODEL_ARGS=(
-    --num-layers 61                     # decoder layers
-    --hidden-size 7168                  # model width
-    --ffn-hidden-size 18432             # the 3 dense layers' MLP
-    --num-attention-heads 128           # attention heads
-    --seq-length "$SEQ_LENGTH"          # tokens per sample
-    --max-position-embeddings "$SEQ_LENGTH"  # longest position the RoPE tables cover
-    --normalization RMSNorm             # RMSNorm, as DeepSeek
-    --norm-epsilon 1e-6                 # rms_norm_eps
-    --swiglu                            # gated SiLU MLPs and experts
-    --disable-bias-linear               # no linear biases (MoE requires it)
-    --untie-embeddings-and-output-weights  # separate input embedding and output head
-    --position-embedding-type rope      # rotary position embeddings
-    --rotary-base 10000                 # rope_theta
-    --init-method-std 0.006             # the report's initialisation
-    --hidden-dropout 0.0                # no dropout in pre-training
-    --attention-dropout 0.0             # no dropout in pre-training
-    --make-vocab-size-divisible-by 128  # pad the vocabulary for efficient GEMMs
-)
-MLA_ARGS=(
-    --multi-latent-attention            # MLA: low-rank compressed keys/values
-    --qk-layernorm                      # RMSNorm on the compressed q and kv (q_a_layernorm, kv_a_layernorm)
-    --q-lora-rank 1536                  # query compressed to this rank
-    --kv-lora-rank 512                  # keys/values compressed to this latent width
-    --qk-head-dim 128                   # qk_nope_head_dim
-    --qk-pos-emb-head-dim 64            # qk_rope_head_dim
-    --v-head-dim 128                    # per-head value width
-    --rope-type yarn                    # rope_scaling of the released config
-    --rotary-scaling-factor 40          # YaRN: factor x the original context
-    --original-max-position-embeddings 4096  # the context YaRN stretches
-    --beta-fast 32                      # YaRN's ramp
-    --beta-slow 1                       # YaRN's ramp
-    --mscale 1.0                        # YaRN attention scaling
-    --mscale-all-dim 1.0                # YaRN attention scaling
-)
-MOE_ARGS=(
-    --num-experts 256                   # n_routed_experts
-    --moe-layer-freq "[0]*3+[1]*58"     # first_k_dense_replace = 3
-    --moe-router-topk 8                 # num_experts_per_tok
-    --moe-ffn-hidden-size 2048          # moe_intermediate_size
-    --moe-shared-expert-intermediate-size 2048  # 1 shared expert
-    --moe-router-score-function sigmoid  # expert scores (DeepSeek-V3: sigmoid, V2: softmax)
-    --moe-router-enable-expert-bias     # aux-loss-free balancing
+source examples/model_deepseek_v3.sh  # VOCAB_SIZE, DEFAULT_TOKENIZER_TYPE, MODEL_ARGS, MLA_ARGS, MOE_ARGS
+MOE_ARGS+=(
     --moe-router-bias-update-rate 1e-3  # the report's bias update speed
-    --moe-router-num-groups 8           # node-limited routing: 8 groups (n_group)
-    --moe-router-group-topk 4           #   a token's experts come from 4 of them (topk_group)
-    --moe-router-topk-scaling-factor 2.5  # routed_scaling_factor
     --moe-router-load-balancing-type seq_aux_loss  # a sequence-wise balance loss
     --moe-aux-loss-coeff 1e-4           # the report's sequence-wise balance factor
-    --moe-router-dtype fp32             # routing in fp32 for stable top-k
-    --moe-token-dispatcher-type alltoall  # all-to-all token exchange between expert-parallel ranks
-    --mtp-num-layers 1                  # num_nextn_predict_layers
     --mtp-loss-scaling-factor 0.3       # the report: 0.3 for the first 10T tokens, then 0.1
 )
 TRAINING_ARGS=(
