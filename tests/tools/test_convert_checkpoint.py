@@ -22,6 +22,11 @@ MODEL = ["--mock-data", "--vocab-size", "100", "--make-vocab-size-divisible-by",
          "sigmoid", "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.05", "--mtp-num-layers", "1",
          "--untie-embeddings-and-output-weights", "--seq-length", "16", "--micro-batch-size", "2"]  # fmt: skip
 
+# pretrain_r1.py in two processes, TP=2 with sequence parallelism and EP=2.
+PRETRAIN_UNDER_TP2_EP2 = ["torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "pretrain_r1.py"), *MODEL,
+                          "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2",
+                          "--expert-tensor-parallel-size", "1", "--sequence-parallel"]  # fmt: skip
+
 
 def hf_tensors(directory: Path) -> dict:
     tensors = {}
@@ -36,18 +41,7 @@ def test_tp2_ep2_checkpoint_exports_the_same_weights_as_tp1(tmp_path):
     # grouped-GEMM experts (megatron_r1.experts), whose checkpoints are SequentialMLP's.
     run_command(
         [
-            "torchrun",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(REPO / "pretrain_r1.py"),
-            *MODEL,
-            "--tensor-model-parallel-size",
-            "2",
-            "--expert-model-parallel-size",
-            "2",
-            "--expert-tensor-parallel-size",
-            "1",
-            "--sequence-parallel",
+            *PRETRAIN_UNDER_TP2_EP2,
             "--moe-grouped-gemm",
             "--load",
             "tp1",
@@ -113,28 +107,7 @@ def test_tp2_ep2_checkpoint_exports_the_same_weights_as_tp1(tmp_path):
     assert json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])["parts"] > 10
     # The converted checkpoint, written in parts of 4 KB (tensors split across them), loads for
     # fine-tuning under the layout it was padded for.
-    run_command(
-        [
-            "torchrun",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(REPO / "pretrain_r1.py"),
-            *MODEL,
-            "--tensor-model-parallel-size",
-            "2",
-            "--expert-model-parallel-size",
-            "2",
-            "--expert-tensor-parallel-size",
-            "1",
-            "--sequence-parallel",
-            "--load",
-            "back",
-            "--finetune",
-            "--train-iters",
-            "1",
-        ],
-        tmp_path,
-    )
+    run_command([*PRETRAIN_UNDER_TP2_EP2, "--load", "back", "--finetune", "--train-iters", "1"], tmp_path)
 
 
 def test_bad_input_fails_with_a_message_and_writes_nothing(tmp_path):
