@@ -199,3 +199,32 @@ def test_rollouts_decode_as_generation_does(monkeypatch, padding):
         assert len({tuple(sampled[0].response_ids(row)) for row in range(9)}) > 3  # sampling, not greedy
     finally:
         destroy_distributed()
+
+
+def test_rl_freezes_the_mtp_layers_and_with_the_flag_the_routers(monkeypatch):
+    """setup_grpo's chunk preparation: MTP layers never train in GRPO; --moe-router-freeze also stops
+    the routers; everything else trains."""
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.distributed import destroy_distributed, initialize_distributed
+    from megatron_r1.model import build_model
+    from megatron_r1.rl.setup import _freeze_for_rl
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = parse_args("test", [*TINY_MOE, "--mock-data", "--vocab-size", "96"])
+    args.padded_vocab_size = 128
+    initialize_distributed()
+    try:
+        (model,) = build_model(args)
+        for freeze_routers in (False, True):
+            for param in model.parameters():
+                param.requires_grad = True
+            args.moe_router_freeze = freeze_routers
+            _freeze_for_rl(args, model)
+            frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+            routers = {
+                name for name, _ in model.named_parameters() if ".router." in name and not name.startswith("mtp.")
+            }
+            mtp = {name for name, _ in model.named_parameters() if name.startswith("mtp.")}
+            assert mtp and routers and frozen == mtp | (routers if freeze_routers else set()), frozen
+    finally:
+        destroy_distributed()
