@@ -37,8 +37,7 @@ from megatron_r1.hf.keys import conversion_groups
 from megatron_r1.hf.storage import SafetensorsReader, TorchDistPartsWriter, WeightsError
 from megatron_r1.jsonfile import read_json_object
 from megatron_r1.megatron_lm_flags import parse_known_flags
-from megatron_r1.model import build_model
-from megatron_r1.sharded_tensors import global_shape, local_slices, model_sharded_state_dict
+from megatron_r1.sharded_tensors import global_shape, local_slices, meta_model_layout
 from megatron_r1.tokenizer import vocab_size_with_padding
 
 
@@ -83,27 +82,6 @@ def _transformer_config(args, config_path: str):
         return transformer_config_from_args(args)
     except (ValueError, AssertionError) as error:  # megatron-core's own checks of the shapes
         raise UnsupportedModelError(f"{config_path}: megatron-core refuses the model: {error}") from None
-
-
-def _sharded_layout(args, config) -> tuple[dict, list, dict]:
-    """``(checkpoint key -> its pieces, the ShardedObjects, the common state)`` of the model's
-    sharded state dict, from the model built on the meta device (the pieces' data hold no memory):
-    megatron-core's factories applied and its check that the pieces cover each tensor exactly once
-    passed (save_preprocess, the first step of its save)."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
-
-    with torch.device("meta"):
-        (model,) = build_model(args, config, initialize=False, device=torch.device("meta"))
-    sharded, common = save_preprocess({"model": model_sharded_state_dict(model)})
-    pieces, objects = {}, []
-    for item in nested_values(sharded):
-        if isinstance(item, ShardedTensor):
-            pieces.setdefault(item.key, []).append(item)
-        else:
-            objects.append(item)
-    return pieces, objects, common
 
 
 def _units(maps, pieces: dict):
@@ -197,7 +175,7 @@ def import_from_hf(hf_dir: str, output: str, tensor_model_parallel_size: int = 1
     config = _transformer_config(args, config_path)
     config.tensor_model_parallel_size = 1  # the pieces are those of a one-process layout
     args.transformer_impl = "local"  # the Hugging Face key mapping is the local spec's
-    pieces, objects, common = _sharded_layout(args, config)
+    pieces, objects, common = meta_model_layout(args, config)
     check_mapping(
         imported,
         source_shapes,
