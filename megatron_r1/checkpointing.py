@@ -15,6 +15,7 @@ first read under an allow-list (:func:`refuse_executable_pickles`); the RNG stat
 tensors and plain Python values so that they pass ``torch.load(weights_only=True)``.
 """
 
+import contextlib
 import functools
 import io
 import json
@@ -194,6 +195,41 @@ def _publish(args, metadata: dict, temporary: str, final: str) -> None:
     torch.distributed.barrier()
 
 
+@contextlib.contextmanager
+def temporary_checkpoint(output: str, iteration: int):
+    """``output``.tmp, made anew with an empty iter_XXXXXXX, for the block to write a checkpoint into
+    and then publish as `output` (:func:`publish_weights_checkpoint`); removed if the block raises,
+    so that a failed write leaves nothing behind."""
+    temporary = f"{output.rstrip('/')}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    os.makedirs(checkpoint_dir(temporary, iteration))
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def publish_weights_checkpoint(args, temporary: str, output: str, iteration: int, **metadata) -> str:
+    """Complete the weights-only checkpoint of the model `args` describe whose weights
+    ``temporary``/iter_XXXXXXX holds: its megatron_r1.json (`metadata`: the fields besides the
+    defaults) and the tracker file, then rename ``temporary`` -> `output` (an existing `output` is
+    replaced). Returns the iteration directory."""
+    metadata = {
+        "iteration": iteration, "consumed_samples": 0, "skipped_iterations": 0, "nan_iterations": 0,
+        "scheduler": None, "layout": _layout(args), "optimizer_parts": 0, "rng_saved": False,
+        "model_args": {name: getattr(args, name) for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS},
+        **metadata,
+    }  # fmt: skip
+    iteration_dir = checkpoint_dir(temporary, iteration)
+    _write_text_atomically(os.path.join(iteration_dir, METADATA_FILE), json.dumps(metadata, indent=1))
+    _write_text_atomically(os.path.join(temporary, TRACKER_FILE), str(iteration))
+    if os.path.exists(output):
+        shutil.rmtree(output)
+    os.rename(temporary, output)
+    return checkpoint_dir(output, iteration)
+
+
 def write_weights_checkpoint(args, model, output: str, iteration: int = 0, **metadata) -> str:
     """Save `model` (one chunk holding every weight, in a one-process world) as a weights-only
     checkpoint ``output``/iter_XXXXXXX of the model `args` describes, for pretrain_r1.py --load
@@ -201,23 +237,9 @@ def write_weights_checkpoint(args, model, output: str, iteration: int = 0, **met
     fields besides the defaults (consumed_samples, scheduler, where it was converted from...).
     Written under ``output``.tmp and renamed once complete; an existing `output` is replaced.
     Returns the iteration directory."""
-    temporary = f"{output.rstrip('/')}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    iteration_dir = checkpoint_dir(temporary, iteration)
-    os.makedirs(iteration_dir)
-    dist_checkpointing.save({"model": model_sharded_state_dict(model)}, iteration_dir)
-    metadata = {
-        "iteration": iteration, "consumed_samples": 0, "skipped_iterations": 0, "nan_iterations": 0,
-        "scheduler": None, "layout": _layout(args), "optimizer_parts": 0, "rng_saved": False,
-        "model_args": {name: getattr(args, name) for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS},
-        **metadata,
-    }  # fmt: skip
-    _write_text_atomically(os.path.join(iteration_dir, METADATA_FILE), json.dumps(metadata, indent=1))
-    _write_text_atomically(os.path.join(temporary, TRACKER_FILE), str(iteration))
-    if os.path.exists(output):
-        shutil.rmtree(output)
-    os.rename(temporary, output)
-    return checkpoint_dir(output, iteration)
+    with temporary_checkpoint(output, iteration) as temporary:
+        dist_checkpointing.save({"model": model_sharded_state_dict(model)}, checkpoint_dir(temporary, iteration))
+        return publish_weights_checkpoint(args, temporary, output, iteration, **metadata)
 
 
 _async_save_queue = None

@@ -29,7 +29,16 @@ hold the Namespace and megatron-core's enums, nothing that runs code).
 Carried over: the weights (as saved, upcast to fp32), the iteration, the consumed samples and the LR
 schedule (converted from samples to iterations unless the run counted samples); not the optimizer
 moments (Megatron-LM's distributed-optimizer state is laid out by its own DP layout) nor the RNG states.
-The whole model is held in this one process.
+
+Memory is bounded, whatever the model's size, as in the Hugging Face import (megatron_r1.hf.import_):
+the model is built on the meta device (no memory) only for its sharded state dicts, under our
+per-layer keys (what is written) and under Megatron-LM's key style (where each piece is read from).
+The weights (a tensor of one layer, a slice of Megatron-LM's stacked tensor; or one expert's) are
+read a part at a time, consecutive ones of at most `max_part_bytes` together in fp32, only the saved
+chunks their slices overlap (Megatron-LM saves a stacked tensor in chunks of one layer, and of one
+expert), and each part is written before the next is read (megatron_r1.hf.storage's
+TorchDistPartsWriter). Peak memory: about one part (one weight, where one is larger), above the
+process' baseline.
 """
 
 import argparse
@@ -37,9 +46,8 @@ import dataclasses
 import os
 import re
 
-import torch
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 from tqdm import tqdm
 
@@ -48,13 +56,14 @@ from megatron_r1.checkpointing import (
     TRACKER_FILE,
     CheckpointError,
     checkpoint_dir,
-    read_checkpoint,
+    publish_weights_checkpoint,
     read_common_state,
     saved_tensor_shapes,
-    write_weights_checkpoint,
+    temporary_checkpoint,
 )
+from megatron_r1.hf.storage import McoreCheckpointReader, TorchDistPartsWriter
 from megatron_r1.megatron_lm_flags import DEFAULT_ONLY, UNSUPPORTED, parse_known_flags
-from megatron_r1.model import build_model
+from megatron_r1.sharded_tensors import meta_model, model_layout, model_sharded_state_dict
 from megatron_r1.tokenizer import MODEL_TOKENIZER_TYPES
 
 _off = lambda value: not value
@@ -262,22 +271,66 @@ def _transformer_engine_name(key: str, saved: dict) -> str | None:
     return None
 
 
+def _sharded_tensors(name: str, item) -> list:
+    """The ShardedTensors of a state-dict entry's sharded form, megatron-core's factory applied if it
+    has one (e.g. SwiGLU's fc1 -> its gate and up halves)."""
+    sharded = {name: item}
+    apply_factories(sharded)
+    return [value for value in nested_values(sharded) if isinstance(value, ShardedTensor)]
+
+
 def _requested_weights(model, saved: dict) -> tuple[str, dict, int, list[str]]:
-    """(key style, sharded state dict, TransformerEngine names used, missing keys) of the key style under
-    which `saved` (checkpoint key -> shape) holds every weight of `model`, else of the closest one."""
+    """(key style, weights, TransformerEngine names used, missing keys) of the key style under which
+    `saved` (checkpoint key -> shape) holds every weight of `model`, else of the closest one. `weights`:
+    state-dict name -> its pieces as pairs (ours, under our per-layer keys; the ShardedTensor without
+    data that reads it from the Megatron-LM checkpoint), paired in order: a state-dict entry has the
+    same pieces under either key style."""
+    ours = {
+        name: _sharded_tensors(name, item)
+        for name, item in model_sharded_state_dict(model).items()
+        if not isinstance(item, ShardedObject)
+    }
     best = None
     for style, metadata in _KEY_STYLES:
-        sharded = model.sharded_state_dict(metadata=metadata)
-        sharded = {name: item for name, item in sharded.items() if not isinstance(item, ShardedObject)}
-        renamed, missing = 0, []
-        for item in (item for item in nested_values(sharded) if hasattr(item, "key")):
-            if item.key not in saved and (alias := _transformer_engine_name(item.key, saved)):
-                item.key, renamed = alias, renamed + 1
-            elif item.key not in saved:
-                missing.append(item.key)
+        theirs = model.sharded_state_dict(metadata=metadata)
+        weights, renamed, missing = {}, 0, set()
+        for name, pieces in ours.items():
+            requests = [request.without_data() for request in _sharded_tensors(name, theirs[name])]
+            for request in requests:
+                if request.key not in saved and (alias := _transformer_engine_name(request.key, saved)):
+                    request.key, renamed = alias, renamed + 1
+                elif request.key not in saved:
+                    missing.add(request.key)
+            weights[name] = list(zip(pieces, requests, strict=True))
         if best is None or len(missing) < len(best[3]):
-            best = (style, sharded, renamed, sorted(set(missing)))
+            best = (style, weights, renamed, sorted(missing))
     return best
+
+
+def _parts(weights: dict, max_part_bytes: int):
+    """``(pieces with their requests, their bytes in fp32)`` of consecutive whole weights (a tensor of
+    one layer, or one expert's) of at most `max_part_bytes` together (a larger weight alone): what one
+    read fetches and one part holds. One read per part, not per weight: each read unpickles the
+    checkpoint's metadata anew (megatron-core's load), which grows with the checkpoint."""
+    part, part_bytes = [], 0
+    for pairs in weights.values():
+        weight_bytes = sum(piece.data.nbytes for piece, _ in pairs)  # of the meta device's (fp32) data
+        if part and part_bytes + weight_bytes > max_part_bytes:
+            yield part, part_bytes
+            part, part_bytes = [], 0
+        part += pairs
+        part_bytes += weight_bytes
+    if part:
+        yield part, part_bytes
+
+
+def _write_part(writer, reader, part: list) -> None:
+    """Read the part's pieces from the Megatron-LM checkpoint (only their slices, in our pieces' fp32)
+    and write them as one part. A function of its own so that nothing read outlives it."""
+    read = reader.read_slices({str(i): request for i, (_, request) in enumerate(part)})
+    for i, (piece, _) in enumerate(part):
+        writer.add(dataclasses.replace(piece, data=read[str(i)]))
+    writer.flush()
 
 
 def megatron_lm_checkpoint_dir(path: str, iteration: int | None = None) -> str:
@@ -320,47 +373,49 @@ def _schedule_in_iterations(ckpt_args, state) -> tuple[dict | None, str]:
     return converted, "carried (samples -> iterations)"
 
 
-def convert_megatron_lm_checkpoint(load: str, output: str, iteration: int | None = None, progress: bool = True) -> dict:
+def convert_megatron_lm_checkpoint(load: str, output: str, iteration: int | None = None,
+                                   max_part_bytes: int = 5 * 2**30, progress: bool = True) -> dict:  # fmt: skip
     """Write our checkpoint ``output`` (iter_XXXXXXX at Megatron-LM's iteration, the tracker file) of the
-    Megatron-LM checkpoint `load` (--save root or checkpoint directory); needs a one-process
-    megatron-core parallel state. Checks everything before writing. Returns a summary."""
+    Megatron-LM checkpoint `load` (--save root or checkpoint directory), holding about `max_part_bytes`
+    of weights at a time (one weight, where one is larger); needs a one-process megatron-core parallel
+    state. Checks everything before writing. Returns a summary."""
     path = megatron_lm_checkpoint_dir(load, iteration)
-    with tqdm(total=3, desc="megatron-lm -> mcore", unit="step", disable=not progress) as bar:
-        common = read_common_state(path)
-        ckpt_args, saved = common.get("args"), saved_tensor_shapes(path)
-        if "embedding.word_embeddings.weight" not in saved:
-            raise CheckpointError(f"{path}: no embedding.word_embeddings.weight, not a GPT model's checkpoint")
-        padded_vocab_size = saved["embedding.word_embeddings.weight"][0]
-        args, flags = model_args_from_megatron_lm(ckpt_args, padded_vocab_size, os.path.join(path, "common.pt"))
-        (model,) = build_model(args, initialize=False, device=torch.device("cpu"))
-        style, sharded, renamed, missing = _requested_weights(model, saved)
-        if missing:
-            impl = _value(ckpt_args, "transformer_impl")
-            hint = f" (saved with --transformer-impl {impl}, whose names are mapped to the local ones)" if impl else ""
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise CheckpointError(
-                f"{path} lacks weights of the model its args describe{hint}: {', '.join(missing[:5])}{more}"
-            )
-        bar.update()
-        loaded = read_checkpoint(path, {"model": sharded})["model"]
-        unfilled = [
-            key for key in model.load_state_dict(loaded, strict=False).missing_keys if "_extra_state" not in key
-        ]
-        if unfilled:
-            raise CheckpointError(f"{path}: no weights read for {', '.join(unfilled[:5])}")
-        bar.update()
-        schedule, schedule_note = _schedule_in_iterations(ckpt_args, common.get("opt_param_scheduler"))
-        it = int(common.get("iteration") or 0)
-        consumed = int(
-            _value(ckpt_args, "consumed_train_samples") or it * (_value(ckpt_args, "global_batch_size") or 0)
+    common = read_common_state(path)
+    ckpt_args, saved = common.get("args"), saved_tensor_shapes(path)
+    if "embedding.word_embeddings.weight" not in saved:
+        raise CheckpointError(f"{path}: no embedding.word_embeddings.weight, not a GPT model's checkpoint")
+    padded_vocab_size = saved["embedding.word_embeddings.weight"][0]
+    args, flags = model_args_from_megatron_lm(ckpt_args, padded_vocab_size, os.path.join(path, "common.pt"))
+    model = meta_model(args, transformer_config_from_args(args))
+    style, weights, renamed, missing = _requested_weights(model, saved)
+    if missing:
+        impl = _value(ckpt_args, "transformer_impl")
+        hint = f" (saved with --transformer-impl {impl}, whose names are mapped to the local ones)" if impl else ""
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(
+            f"{path} lacks weights of the model its args describe{hint}: {', '.join(missing[:5])}{more}"
         )
-        write_weights_checkpoint(
-            args, model, output, it, consumed_samples=consumed, scheduler=schedule,
+    _, objects, common_state = model_layout(model)  # once megatron-core's check of our pieces passed
+    schedule, schedule_note = _schedule_in_iterations(ckpt_args, common.get("opt_param_scheduler"))
+    it = int(common.get("iteration") or 0)
+    consumed = int(_value(ckpt_args, "consumed_train_samples") or it * (_value(ckpt_args, "global_batch_size") or 0))
+    reader = McoreCheckpointReader(path)
+    with temporary_checkpoint(output, it) as temporary:
+        writer = TorchDistPartsWriter(checkpoint_dir(temporary, it), max_part_bytes)
+        for item in objects:  # the layers' (empty) extra state, in the first part
+            writer.add(item)
+        total = sum(piece.data.nbytes for pairs in weights.values() for piece, _ in pairs)
+        with tqdm(total=total, desc="megatron-lm -> mcore", unit="B", unit_scale=True, disable=not progress) as bar:
+            for part, part_bytes in _parts(weights, max_part_bytes):
+                _write_part(writer, reader, part)
+                bar.update(part_bytes)
+        parts = writer.finish(common_state)
+        publish_weights_checkpoint(
+            args, temporary, output, it, consumed_samples=consumed, scheduler=schedule,
             converted_from=os.path.abspath(path), megatron_lm_checkpoint_version=common.get("checkpoint_version"),
         )  # fmt: skip
-        bar.update()
     return {
-        "iteration": it, "consumed_samples": consumed, "weights": len(loaded), "key_style": style,
+        "iteration": it, "consumed_samples": consumed, "weights": len(weights), "parts": parts, "key_style": style,
         "transformer_engine_names": renamed, "lr_schedule": schedule_note,
         "tokenizer": args.tokenizer_type or f"{_value(ckpt_args, 'tokenizer_type')} (tokenizes otherwise here: give yours)",
         "flags": flags + _tokenizer_flags(args),

@@ -56,19 +56,24 @@ def fill(pieces, tensor: torch.Tensor) -> None:
             piece.data.copy_(tensor[tuple(piece.global_offset[: piece.prepend_axis_num]) + local_slices(piece)])
 
 
-def meta_model_layout(args, config) -> tuple[dict, list, dict]:
-    """``(checkpoint key -> its pieces, the ShardedObjects, the common state)`` of the model's
-    sharded state dict, from the model built on the meta device (the pieces' data hold no memory):
-    megatron-core's factories applied and its check that the pieces cover each tensor exactly once
-    passed (save_preprocess, the first step of its save)."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
-
+def meta_model(args, config):
+    """The model built on the meta device: its parameters hold no memory, its sharded state dicts
+    say where each checkpoint tensor's pieces lie."""
     from megatron_r1.model import build_model  # which imports this module (through initialization)
 
     with torch.device("meta"):
         (model,) = build_model(args, config, initialize=False, device=torch.device("meta"))
+    return model
+
+
+def model_layout(model) -> tuple[dict, list, dict]:
+    """``(checkpoint key -> its pieces, the ShardedObjects, the common state)`` of `model`'s sharded
+    state dict: megatron-core's factories applied and its check that the pieces cover each tensor
+    exactly once passed (save_preprocess, the first step of its save)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+
     sharded, common = save_preprocess({"model": model_sharded_state_dict(model)})
     pieces, objects = {}, []
     for item in nested_values(sharded):
@@ -77,3 +82,8 @@ def meta_model_layout(args, config) -> tuple[dict, list, dict]:
         else:
             objects.append(item)
     return pieces, objects, common
+
+
+def meta_model_layout(args, config) -> tuple[dict, list, dict]:
+    """:func:`model_layout` of the :func:`meta_model` (the pieces' data hold no memory)."""
+    return model_layout(meta_model(args, config))

@@ -21,6 +21,7 @@ import pytest
 import torch
 from conftest import run_command
 from malicious import CreatesAFile, poison_checkpoint_metadata
+from peak_memory import needs_clear_refs, peak_rises_mib
 
 REPO = Path(__file__).resolve().parents[1]
 # One model in our flags and in Megatron-LM's args (names and values as its validate_args leaves them).
@@ -66,6 +67,12 @@ TRANSFORMER_ENGINE_NAMES = {
     "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
     "decoder.layers.0.pre_mlp_layernorm.": "decoder.layers.0.mlp.linear_fc1.layer_norm_",
 }
+# A dense model (without --num-layers) whose layers hold 16 MiB in fp32 each: the weights, not
+# Python's objects, make the memory that grows.
+WIDE_DENSE = ["--hidden-size", "512", "--ffn-hidden-size", "2048", "--num-attention-heads", "8", "--swiglu",
+              "--disable-bias-linear", "--position-embedding-type", "rope", "--seq-length", "16"]  # fmt: skip
+MLM_WIDE_DENSE = dict(hidden_size=512, ffn_hidden_size=2048, num_attention_heads=8, kv_channels=64, swiglu=True,
+                      add_bias_linear=False, position_embedding_type="rope", seq_length=16, max_position_embeddings=16)  # fmt: skip
 VOCAB = 99  # Megatron-LM's NullTokenizer: --vocab-size 99 and its end-of-document id, 100 ids
 GLOBAL_BATCH, ITERATION, TRAIN_ITERS = 4, 3, 5
 
@@ -323,6 +330,23 @@ def test_a_poisoned_checkpoint_is_refused_before_any_of_it_runs(tmp_path, one_pr
     with pytest.raises(CheckpointError, match=rf"{re.escape(poisoned)}: refused"):
         convert_megatron_lm_checkpoint(str(tmp_path / "mlm"), str(tmp_path / "ours"), progress=False)
     assert not witness.exists() and not (tmp_path / "ours").exists()
+
+
+@needs_clear_refs
+def test_four_times_the_layers_raise_the_peak_memory_less_than_one_and_a_half_times(tmp_path, one_process):
+    """Bounded memory: converting Megatron-LM's stacked checkpoint of a model with 4x the layers raises
+    the process' peak memory by less than 1.5x what converting the model does (parts of half a layer),
+    where holding the model raised it 4x."""
+    for layers in (2, 8):
+        flags = ["--num-layers", str(layers), *WIDE_DENSE]
+        ckpt_args = megatron_lm_args(**MLM_WIDE_DENSE, num_layers=layers)
+        # Saved from our model itself (a dense model's keys are the local spec's), which is quicker.
+        write_megatron_lm_checkpoint(flags, ckpt_args, tmp_path / f"mlm_{layers}", stock_local=False)
+    converter = "megatron_r1.megatron_lm_checkpoint:convert_megatron_lm_checkpoint"
+    small, large = peak_rises_mib(tmp_path, converter, 8 * 2**20, tmp_path / "mlm_2", tmp_path / "mlm_8")
+    # Holding the model raised the peak by its fp32 size or more: 4x (64 -> 257 MiB; now ~12 -> 13 MiB).
+    assert large < 1.5 * small, (small, large)
+    assert large < 8 * 16 / 4, large  # a quarter of the large model's fp32 MiB
 
 
 @pytest.mark.parametrize("layout", ["empty", "torch_format"])

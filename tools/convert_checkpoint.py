@@ -39,7 +39,10 @@ mlm2mcore maps the args Megatron-LM saved in common.pt to our model flags (a set
 represent is refused naming Megatron-LM's flag), reads the weights (Megatron-LM's stacked layers and
 TransformerEngine's layer names included) and writes them with the iteration, the consumed samples and
 the LR schedule; not the optimizer moments (continue with --no-load-optim) nor the RNG states
-(megatron_r1/megatron_lm_checkpoint.py). It holds the whole model in one process, in fp32.
+(megatron_r1/megatron_lm_checkpoint.py). It reads a part's worth of tensors at a time (each one
+layer's slice of Megatron-LM's stacked tensor, or one expert's weights; only those slices) and writes
+them as a torch_dist part of --max-shard-size before reading on: peak memory is about one part in
+fp32 (or one tensor, where one is larger), not the model (measured by benchmarks/bench_convert.py).
 
 Everything is checked (architecture representable, every tensor present with the configured shape)
 before anything is written; the output appears under its final name only when complete.
@@ -101,8 +104,8 @@ def build_parser():
         "--max-shard-size",
         type=_size,
         default=_size("5GB"),
-        help="mcore2hf: safetensors shard size; hf2mcore: the weights written per torch_dist part, which "
-        "bounds the memory the conversion holds",
+        help="mcore2hf: safetensors shard size; hf2mcore, mlm2mcore: the weights written per torch_dist part, "
+        "which bounds the memory the conversion holds",
     )
     parser.add_argument(
         "--dtype",
@@ -195,7 +198,7 @@ def main(argv=None):
             from megatron_r1.megatron_lm_checkpoint import convert_megatron_lm_checkpoint
 
             summary = convert_megatron_lm_checkpoint(
-                args.load, args.save, args.ckpt_step, progress=not args.no_progress
+                args.load, args.save, args.ckpt_step, max_part_bytes=args.max_shard_size, progress=not args.no_progress
             )
         else:
             summary = _hf2mcore(args)

@@ -29,7 +29,14 @@ import torch
 from tqdm import tqdm
 
 from megatron_r1.arguments import build_parser, transformer_config_from_args, validate_args
-from megatron_r1.checkpointing import METADATA_FILE, MODEL_FUNCTION_ARGS, MODEL_SHAPE_ARGS, TRACKER_FILE, checkpoint_dir
+from megatron_r1.checkpointing import (
+    METADATA_FILE,
+    MODEL_FUNCTION_ARGS,
+    MODEL_SHAPE_ARGS,
+    TRACKER_FILE,
+    checkpoint_dir,
+    temporary_checkpoint,
+)
 from megatron_r1.hf.config import UnsupportedModelError, args_from_deepseek_v3, fp8_block_size
 from megatron_r1.hf.export import check_mapping
 from megatron_r1.hf.fp8 import DequantizingReader
@@ -184,21 +191,15 @@ def import_from_hf(hf_dir: str, output: str, tensor_model_parallel_size: int = 1
         hf_dir,
     )
 
-    temporary = f"{output.rstrip('/')}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    os.makedirs(checkpoint_dir(temporary, 0))
-    writer = TorchDistPartsWriter(checkpoint_dir(temporary, 0), max_part_bytes)
-    try:
+    with temporary_checkpoint(output, 0) as temporary:
+        writer = TorchDistPartsWriter(checkpoint_dir(temporary, 0), max_part_bytes)
         for _, maps in tqdm(imported, desc="hf -> mcore", unit="layer", disable=not progress):
             for m, unit_pieces, first_expert in _units(maps, pieces):
                 _write_unit(writer, reader, m, unit_pieces, first_expert, args.padded_vocab_size)
         for item in objects:  # the layers' (empty) extra state
             writer.add(item)
         parts = writer.finish(common)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    _publish(args, hf_dir, temporary, output)
+        _publish(args, hf_dir, temporary, output)
     return {
         "tensors": sum(len(maps) for _, maps in imported),
         "layers": args.num_layers,

@@ -37,8 +37,8 @@ def unmap_freed_tensors() -> bool:
 
 
 class McoreCheckpointReader:
-    """The model tensors of a torch_dist checkpoint, as full (unsharded) tensors on request.
-    Needs a (one-process) torch.distributed group."""
+    """The model tensors of a torch_dist checkpoint (ours, or Megatron-LM's), as full (unsharded)
+    tensors or slices of them on request. Needs a (one-process) torch.distributed group."""
 
     def __init__(self, path: str):
         from megatron.core import dist_checkpointing
@@ -60,14 +60,24 @@ class McoreCheckpointReader:
         return tuple(self._metadata[key].global_shape)
 
     def load(self, keys) -> dict:
-        from megatron.core import dist_checkpointing
-
         missing = sorted(set(keys) - set(self._metadata))
         if missing:
             raise WeightsError(f"{self.path}: no tensor {', '.join(missing)}")
-        request = {key: copy.copy(self._metadata[key]) for key in set(keys)}
+        return self.read_slices({key: self._metadata[key] for key in set(keys)})
+
+    def read_slices(self, slices: dict) -> dict:
+        """name -> the part of a checkpoint tensor that `slices`' ShardedTensor (without data) of that
+        name selects by its key, global offset and local shape (prepended axes included, such as the
+        layer axis of a stack of layers), read as the ShardedTensor's dtype. Each saved chunk that a
+        slice overlaps is read whole (torch.distributed.checkpoint's reader), none other."""
+        from megatron.core import dist_checkpointing
+
+        # Copies (the load fills in their data), without prepended axes (megatron-core loads a piece with
+        # them only as one of every piece of its tensor).
+        request = {name: _without_prepended_axes(piece) for name, piece in slices.items()}
         loaded = dist_checkpointing.load(request, self.path, validate_access_integrity=False)
-        return {key: loaded[key] for key in request}  # without the common (non-tensor) state merged in
+        # Without the common (non-tensor) state merged in, nor the leading axes of size 1.
+        return {name: loaded[name].view(slices[name].local_shape) for name in request}
 
 
 @contextlib.contextmanager
@@ -210,13 +220,13 @@ class ShardedSafetensorsWriter:
 
 def _without_prepended_axes(piece):
     """A ShardedTensor whose prepended axes (such as an expert's number) become leading axes of size
-    1 of its data: the same chunk of the same tensor in the checkpoint. megatron-core saves a piece
-    with prepended axes as a torch ShardedTensor built from every piece of the tensor in the one
-    process' save, which fails when a part holds only some of them (some experts of a layer)."""
+    1 of its data (if it has any yet): the same chunk of the same tensor in the checkpoint.
+    megatron-core saves and loads a piece with prepended axes as a torch ShardedTensor built from
+    every piece of the tensor in the one process, which fails when a save (a part) or a load holds
+    only some of them (some experts of a layer, one layer of a stack of layers)."""
     ones = (1,) * piece.prepend_axis_num
-    return dataclasses.replace(
-        piece, data=piece.data.view(ones + piece.local_shape), local_shape=ones + piece.local_shape, prepend_axis_num=0
-    )
+    data = None if piece.data is None else piece.data.view(ones + piece.local_shape)
+    return dataclasses.replace(piece, data=data, local_shape=ones + piece.local_shape, prepend_axis_num=0)
 
 
 class TorchDistPartsWriter:
@@ -252,6 +262,12 @@ class TorchDistPartsWriter:
             self._flush()
         self._pending.append(item)
         self._pending_bytes += size
+
+    def flush(self) -> None:
+        """Write the queued pieces as a part now (the next piece added starts a new one): a caller that
+        reads a part's worth of pieces at a time then holds one part, not two."""
+        if self._pending:
+            self._flush()
 
     def _flush(self) -> None:
         from megatron.core import dist_checkpointing

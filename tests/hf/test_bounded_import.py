@@ -4,13 +4,10 @@ where holding the model raised it 4x. (That the checkpoint written in parts hold
 in the same chunks as the model's own save: tests/hf/test_conversion.py's round trip.)"""
 
 import json
-import re
-import sys
 from pathlib import Path
 
-import pytest
 import torch
-from conftest import run_command
+from peak_memory import needs_clear_refs, peak_rises_mib
 
 from megatron_r1.hf.storage import ShardedSafetensorsWriter
 
@@ -23,32 +20,6 @@ CONFIG = {"model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"
           "moe_intermediate_size": 512, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
           "tie_word_embeddings": False, "num_nextn_predict_layers": 0}  # fmt: skip
 PART_BYTES = 16 * 2**20
-# In a fresh process: import the first model once (imports done, allocator warmed up), then for each
-# model: reset the peak RSS (VmHWM) to the current RSS, import the model, print how far the peak rose.
-MEASURE = r"""
-import re, sys
-
-def status(field):
-    return int(re.search(field + r":\s+(\d+)", open("/proc/self/status").read()).group(1))
-
-def main():
-    from megatron_r1.hf.storage import unmap_freed_tensors
-    unmap_freed_tensors()  # as tools/convert_checkpoint.py
-    from megatron_r1.distributed import initialize_distributed
-    from megatron_r1.hf.import_ import import_from_hf
-    initialize_distributed()
-    output, part_bytes, *models = sys.argv[1:]
-    import_from_hf(models[0], output, max_part_bytes=int(part_bytes), progress=False)
-    for model in models:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        start = status("VmRSS")
-        import_from_hf(model, output, max_part_bytes=int(part_bytes), progress=False)
-        print("peak rise KiB", status("VmHWM") - start)
-
-if __name__ == "__main__":
-    main()
-"""
 
 
 def _hf_dir(directory: Path, layers: int) -> int:
@@ -68,20 +39,14 @@ def _hf_dir(directory: Path, layers: int) -> int:
     return 2 * writer.total_bytes
 
 
-def _peak_rises_mib(tmp_path: Path, *models: Path) -> list[float]:
-    script = tmp_path / "measure.py"
-    script.write_text(MEASURE)
-    command = [sys.executable, str(script), str(tmp_path / "out"), str(PART_BYTES), *map(str, models)]
-    result = run_command(command, tmp_path, timeout=300)
-    return [int(kib) / 1024 for kib in re.findall(r"peak rise KiB (\d+)", result.stdout)]
-
-
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+@needs_clear_refs
 def test_four_times_the_layers_raise_the_peak_memory_less_than_one_and_a_half_times(tmp_path):
     small_bytes = _hf_dir(tmp_path / "small", 2)
     large_bytes = _hf_dir(tmp_path / "large", 8)
     assert large_bytes > 3.5 * small_bytes > 3.5 * 50 * 2**20  # the weights dominate the small one's too
-    small, large = _peak_rises_mib(tmp_path, tmp_path / "small", tmp_path / "large")
+    small, large = peak_rises_mib(
+        tmp_path, "megatron_r1.hf.import_:import_from_hf", PART_BYTES, tmp_path / "small", tmp_path / "large"
+    )
     # Holding the model raises the peak by its fp32 size or more: ~4x (95 -> 378 MiB before parts).
     assert large < 1.5 * small, (small, large)
     assert large < large_bytes / 2**20 / 4, (large, large_bytes)
