@@ -13,7 +13,7 @@ router, routed + shared experts, untied output layer) is trained in one process,
 Both use fp32 on CPU (bf16 autocast with fp32 weights for transformers, --bf16 for megatron_r1 on a
 GPU) and the same number of threads. transformers' DeepSeek-V3 has no multi-token prediction, so MTP
 is off on both sides. transformers' side is configured by the Hugging Face exporter's mapping
-(megatron_r1.hf.config.deepseek_v3_config), so each config is one both libraries compute alike.
+(megatron_r1.hf.config.deepseek_config), so each config is one both libraries compute alike.
 
 Timing: after warm-up steps, the median step time over rounds of a few steps. On CPU the two
 implementations alternate round by round, so that load from other processes on a shared machine
@@ -61,7 +61,7 @@ from tqdm import tqdm
 from megatron_r1.arguments import parse_args
 from megatron_r1.distributed import destroy_distributed
 from megatron_r1.flops import count_model, human_count, padded_vocab_size
-from megatron_r1.hf.config import deepseek_v3_config
+from megatron_r1.hf.config import deepseek_config
 from megatron_r1.training import build_data, setup, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +184,7 @@ class MegatronRun:
 def transformers_config(args):
     """The DeepseekV3Config of the model the megatron_r1 flags describe: the HF exporter's own mapping,
     so both sides compute the same function (no KV cache while training)."""
-    config = deepseek_v3_config(args, args.padded_vocab_size)
+    config = deepseek_config(args, args.padded_vocab_size)
     config.use_cache = False
     return config
 

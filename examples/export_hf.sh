@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Convert between our checkpoints and Hugging Face transformers directories (export: DeepseekV3, or
-# Qwen3-MoE / Mixtral / Qwen3 / Llama for GQA/MHA models; import: DeepseekV3),
+# Convert between our checkpoints and Hugging Face transformers directories (both ways: DeepseekV3 or
+# DeepseekV2 for MLA models, Qwen3-MoE / Mixtral / Qwen3 / Llama for GQA/MHA models),
 # one process on CPU: no GPU and no launch layout needed to read any saved TP/PP/EP layout.
 #
 #   LOAD=runs/sft_lora-merged bash examples/export_hf.sh                 # ours -> HF in runs/sft_lora-merged-hf
 #   DIRECTION=hf2mcore LOAD=/models/DeepSeek-V3 SAVE=ckpt/dsv3 TP=8 EP=64 bash examples/export_hf.sh
 #
-# mcore2hf needs a model transformers can compute exactly: MLA with --qk-layernorm, SwiGLU, no biases,
-# sigmoid routing with shared experts, dense layers first (megatron_r1/hf/config.py names any flag it
-# refuses). The exported directory loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained.
+# mcore2hf needs a model transformers can compute exactly: for MLA --qk-layernorm, SwiGLU, no biases,
+# shared experts, dense layers first, sigmoid routing (DeepseekV3) or softmax with --moe-router-pre-softmax
+# (DeepseekV2) (megatron_r1/hf/config.py names any flag it refuses; hf2mcore any config.json field). The exported directory loads with AutoModelForCausalLM / AutoTokenizer.from_pretrained.
 #
 # Environment:
 #   DIRECTION        mcore2hf (default) or hf2mcore

@@ -1,8 +1,9 @@
 """Convert between our torch_dist checkpoints and Hugging Face transformers directories, and from
 Megatron-LM's torch_dist checkpoints to ours. Export picks the architecture that represents the model
-exactly: DeepseekV3ForCausalLM (MLA + MoE with shared experts and expert bias, MTP layers kept), else
-for GQA/MHA models Qwen3MoeForCausalLM, MixtralForCausalLM, Qwen3ForCausalLM or LlamaForCausalLM;
-import reads DeepseekV3 directories.
+exactly: DeepseekV3ForCausalLM (MLA + MoE with shared experts and sigmoid routing, MTP layers kept) or
+DeepseekV2ForCausalLM (MLA + softmax routing), else for GQA/MHA models Qwen3MoeForCausalLM,
+MixtralForCausalLM, Qwen3ForCausalLM or LlamaForCausalLM; import reads each of them (the published
+DeepSeek-V3 / R1 / V2 / V2-Lite, Qwen3 and Mixtral directories among them) and prints the model flags.
 
     # ours (any TP/PP/EP layout it was saved with) -> Hugging Face
     python tools/convert_checkpoint.py --direction mcore2hf --load ckpt [--ckpt-step N] --save hf_dir \\

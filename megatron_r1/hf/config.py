@@ -1,7 +1,11 @@
-"""Our model flags <-> Hugging Face configurations, refusing what one side cannot represent.
+"""Our model flags -> Hugging Face configurations, refusing what the other side cannot represent (the
+other direction: megatron_r1.hf.model_flags).
 
-MLA models export as ``DeepseekV3ForCausalLM`` (and import from it). transformers' model fixes a few
-choices that our flags leave open, so a model maps onto it exactly only when it makes the same ones:
+MLA models export as ``DeepseekV3ForCausalLM`` (sigmoid routing, or no MoE) or ``DeepseekV2ForCausalLM``
+(softmax routing). transformers' models fix a few choices that our flags leave open, so a model maps
+onto one exactly only when it makes the same ones (DeepseekV3's below; DeepseekV2 differs in its
+routing: softmax over all experts, the top-k not renormalised (--moe-router-pre-softmax) times
+``routed_scaling_factor``, groups scored by their best expert, and has no MTP layers):
 
 - MLA with RMS norms on the compressed q and kv (``--qk-layernorm``), SwiGLU MLPs without biases, RoPE;
 - routing ``sigmoid(logits) + e_score_correction_bias`` for the choice, weights renormalised over the
@@ -23,7 +27,6 @@ something else, so anything else is refused, naming the flag.
 
 import argparse
 import copy
-import math
 import os
 
 from megatron_r1.arguments import build_parser, transformer_config_from_args
@@ -117,19 +120,14 @@ def _refuse_unless(condition: bool, message: str) -> None:
         raise UnsupportedModelError(message)
 
 
-def deepseek_v3_fields(args, vocab_size: int, bos_token_id=None, eos_token_id=None, pad_token_id=None) -> dict:
-    """The ``config.json`` of ``DeepseekV3ForCausalLM`` for the model that `args` describes
-    (UnsupportedModelError naming the flag when transformers' model would compute something else), in
-    the fields that transformers 4.57 and 5.x both read alike (rope_theta and rope_scaling, which 5.x
-    folds into its rope_parameters)."""
+def deepseek_fields(args, vocab_size: int, bos_token_id=None, eos_token_id=None, pad_token_id=None) -> dict:
+    """The ``config.json`` of ``DeepseekV3ForCausalLM`` or, for softmax routing, ``DeepseekV2ForCausalLM``
+    for the model that `args` describes (UnsupportedModelError naming the flag when transformers' model
+    would compute something else), in the fields that transformers 4.57 and 5.x both read alike
+    (rope_theta and rope_scaling, which 5.x folds into its rope_parameters)."""
     _refuse_other_layers(args)
     config = transformer_config_from_args(args)
-    rope_scaling = _rope_scaling(args, config)
-    n_dense = first_dense_layers(args)
-    moe = _moe_fields(args, config) if args.num_experts else {}
-    return dict(
-        architectures=["DeepseekV3ForCausalLM"],
-        model_type="deepseek_v3",
+    fields = dict(
         **_common_fields(args, vocab_size, bos_token_id, eos_token_id, pad_token_id),
         intermediate_size=config.ffn_hidden_size,
         num_key_value_heads=args.num_attention_heads,
@@ -138,14 +136,22 @@ def deepseek_v3_fields(args, vocab_size: int, bos_token_id=None, eos_token_id=No
         qk_rope_head_dim=args.qk_pos_emb_head_dim,
         qk_nope_head_dim=args.qk_head_dim,
         v_head_dim=args.v_head_dim,
-        first_k_dense_replace=n_dense,
-        rope_scaling=rope_scaling,
+        first_k_dense_replace=first_dense_layers(args),
+        rope_scaling=_rope_scaling(args, config),
+    )
+    if args.num_experts and args.moe_router_score_function == "softmax":
+        return dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", **fields,
+                    mlp_bias=False, **_deepseek_v2_moe_fields(args, config))  # fmt: skip
+    return dict(
+        architectures=["DeepseekV3ForCausalLM"],
+        model_type="deepseek_v3",
+        **fields,
         rope_interleave=True,
         # Read by DeepSeek's own modelling code and by vLLM; transformers keeps them as attributes.
         num_nextn_predict_layers=args.mtp_num_layers or 0,
         topk_method="noaux_tc",
         scoring_func="sigmoid",
-        **moe,
+        **(_moe_fields(args, config) if args.num_experts else {}),
     )
 
 
@@ -179,22 +185,22 @@ def hf_config(fields: dict):
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
-def deepseek_v3_config(args, vocab_size: int, bos_token_id=None, eos_token_id=None, pad_token_id=None):
-    """The ``transformers.DeepseekV3Config`` of the model that `args` describes (see deepseek_v3_fields)."""
-    return hf_config(deepseek_v3_fields(args, vocab_size, bos_token_id, eos_token_id, pad_token_id))
+def deepseek_config(args, vocab_size: int, bos_token_id=None, eos_token_id=None, pad_token_id=None):
+    """The ``transformers.DeepseekV3Config`` (or V2's) of the model that `args` describes (deepseek_fields)."""
+    return hf_config(deepseek_fields(args, vocab_size, bos_token_id, eos_token_id, pad_token_id))
 
 
 def _refuse_other_layers(args) -> None:
-    """UnsupportedModelError unless attention, norms, MLPs and positions are DeepseekV3's."""
+    """UnsupportedModelError unless attention, norms, MLPs and positions are DeepSeek's."""
     _refuse_unless(
         args.multi_latent_attention,
-        "GQA models (no --multi-latent-attention) are not DeepseekV3's: they export as Qwen3-MoE, Mixtral, "
+        "GQA models (no --multi-latent-attention) are not DeepSeek's: they export as Qwen3-MoE, Mixtral, "
         "Qwen3 or Llama (export_fields)",
     )
-    _refuse_unlike_standard_layers(args, "DeepseekV3")
+    _refuse_unlike_standard_layers(args, "DeepSeek")
     _refuse_unless(
         args.qk_layernorm,
-        "DeepseekV3 normalises the compressed q and kv (q_a_layernorm, kv_a_layernorm): the model needs --qk-layernorm",
+        "DeepSeek normalises the compressed q and kv (q_a_layernorm, kv_a_layernorm): the model needs --qk-layernorm",
     )
 
 
@@ -229,10 +235,10 @@ def gqa_architecture(args) -> tuple[str, str]:
 
 def export_fields(args, vocab_size: int, bos_token_id=None, eos_token_id=None, pad_token_id=None) -> dict:
     """The ``config.json`` of the standard architecture that computes the model `args` describes
-    exactly: DeepseekV3 for MLA, else by the flags (GQA_ARCHITECTURES); UnsupportedModelError naming
-    the flag that none of them represents."""
+    exactly: DeepseekV3 or V2 for MLA, else by the flags (GQA_ARCHITECTURES); UnsupportedModelError
+    naming the flag that none of them represents."""
     if args.multi_latent_attention:
-        return deepseek_v3_fields(args, vocab_size, bos_token_id, eos_token_id, pad_token_id)
+        return deepseek_fields(args, vocab_size, bos_token_id, eos_token_id, pad_token_id)
     return gqa_fields(args, vocab_size, bos_token_id, eos_token_id, pad_token_id)
 
 
@@ -328,25 +334,54 @@ def _rope_scaling(args, config) -> dict | None:
     }
 
 
-def _moe_fields(args, config) -> dict:
-    """DeepseekV3Config's MoE fields; UnsupportedModelError where its routing or shared experts differ."""
-    _refuse_unless(
-        args.moe_router_score_function == "sigmoid",
-        "--moe-router-score-function softmax: DeepseekV3 routes with sigmoid scores (topk_method noaux_tc)",
-    )
+def _experts_fields(args, config) -> dict:
+    """DeepSeek's expert fields: routed experts and >= 1 shared expert of the same size."""
     shared = args.moe_shared_expert_intermediate_size
     expert_size = config.moe_ffn_hidden_size
     _refuse_unless(
         bool(shared) and shared % expert_size == 0,
         f"--moe-shared-expert-intermediate-size {shared}: "
-        f"DeepseekV3 has n_shared_experts >= 1 shared experts of --moe-ffn-hidden-size ({expert_size}) channels",
+        f"DeepSeek has n_shared_experts >= 1 shared experts of --moe-ffn-hidden-size ({expert_size}) channels",
     )
+    return dict(n_routed_experts=args.num_experts, moe_intermediate_size=expert_size,
+                n_shared_experts=shared // expert_size, num_experts_per_tok=args.moe_router_topk)  # fmt: skip
+
+
+def _deepseek_v2_moe_fields(args, config) -> dict:
+    """DeepseekV2Config's MoE fields: softmax over all experts, the top-k unrenormalised, greedy or
+    group-limited by each group's best expert; UnsupportedModelError where ours would route otherwise."""
+    _refuse_unless(
+        not args.mtp_num_layers,
+        f"--mtp-num-layers {args.mtp_num_layers}: DeepseekV2 (softmax routing) has no MTP layers",
+    )
+    _refuse_unless(
+        args.moe_router_pre_softmax,
+        "--moe-router-score-function softmax without --moe-router-pre-softmax renormalises the top-k weights; "
+        "DeepseekV2 (softmax routing) does not",
+    )
+    groups, group_topk = args.moe_router_num_groups or 1, args.moe_router_group_topk or 1
+    if groups > 1:
+        _refuse_unless(
+            args.moe_router_topk // group_topk == 1,
+            f"--moe-router-topk {args.moe_router_topk} with --moe-router-group-topk {group_topk}: DeepseekV2 "
+            "scores a group by its best expert, megatron-core by its top topk/group_topk",
+        )
+    return dict(
+        **_experts_fields(args, config),
+        topk_method="group_limited_greedy" if groups > 1 else "greedy",
+        n_group=groups,
+        topk_group=group_topk if groups > 1 else 1,
+        norm_topk_prob=False,
+        routed_scaling_factor=args.moe_router_topk_scaling_factor or 1.0,
+        scoring_func="softmax",
+    )
+
+
+def _moe_fields(args, config) -> dict:
+    """DeepseekV3Config's MoE fields; UnsupportedModelError where its routing or shared experts differ."""
     groups, group_topk = _router_groups(args)
     return dict(
-        n_routed_experts=args.num_experts,
-        moe_intermediate_size=expert_size,
-        n_shared_experts=shared // expert_size,
-        num_experts_per_tok=args.moe_router_topk,
+        **_experts_fields(args, config),
         n_group=groups,
         topk_group=group_topk if groups > 1 else 1,
         norm_topk_prob=args.moe_router_topk > 1,
@@ -367,163 +402,3 @@ def _router_groups(args) -> tuple[int, int]:
     else:
         _refuse_unless(args.num_experts >= 2, "DeepseekV3 needs at least 2 routed experts")
     return groups, group_topk
-
-
-_REQUIRED = object()
-
-
-class _ConfigFields:
-    """Typed reads of a ``config.json`` object: a missing or ill-typed field is an
-    UnsupportedModelError naming the file and the field. A null counts as absent where there is a
-    default (transformers writes null for unset fields)."""
-
-    def __init__(self, config: dict, source: str, prefix: str = ""):
-        self.config, self.source, self.prefix = config, source, prefix
-
-    def get(self, name: str, default=None):
-        return self.config.get(name, default)
-
-    def _read(self, name: str, default, accepts, kind: str):
-        value = self.config.get(name)
-        if value is None and default is not _REQUIRED:
-            return default
-        if name not in self.config:
-            raise UnsupportedModelError(f"{self.source}: no {self.prefix}{name!r}")
-        if isinstance(value, bool) or not accepts(value):
-            raise UnsupportedModelError(f"{self.source}: {self.prefix}{name} must be {kind}, got {value!r}")
-        return value
-
-    def integer(self, name: str, default=_REQUIRED, minimum: int = 1) -> int:
-        return self._read(name, default, lambda v: isinstance(v, int) and v >= minimum, f"an integer >= {minimum}")
-
-    def number(self, name: str, default=_REQUIRED) -> float:
-        return self._read(name, default, lambda v: isinstance(v, (int, float)) and math.isfinite(v), "a finite number")
-
-
-def args_from_deepseek_v3(config: dict, source: str) -> list[str]:
-    """Our model flags for a Hugging Face ``config.json`` (dict) read from `source`."""
-    fields = _ConfigFields(config, source)
-    model_type = config.get("model_type")
-    _refuse_unless(
-        model_type == "deepseek_v3",
-        f"{source}: model_type {model_type!r}; only 'deepseek_v3' (DeepseekV3ForCausalLM) converts",
-    )
-    _refuse_unless(
-        config.get("hidden_act", "silu") == "silu", f"{source}: hidden_act {config.get('hidden_act')!r} (only silu)"
-    )
-    _refuse_unless(not config.get("attention_bias", False), f"{source}: attention_bias true (our MLA has no biases)")
-    _refuse_unless(
-        config.get("rope_interleave", True),
-        f"{source}: rope_interleave false (megatron-core's MLA always de-interleaves the rotary channels)",
-    )
-    _refuse_unless(
-        config.get("scoring_func", "sigmoid") == "sigmoid", f"{source}: scoring_func {config.get('scoring_func')!r}"
-    )
-    layers, heads = fields.integer("num_hidden_layers"), fields.integer("num_attention_heads")
-    _refuse_unless(
-        config.get("num_key_value_heads", heads) == heads, f"{source}: num_key_value_heads != num_attention_heads"
-    )
-    rope_theta = fields.number("rope_theta", 10000)
-    if float(rope_theta) != int(rope_theta):
-        raise UnsupportedModelError(f"{source}: rope_theta {rope_theta} is not an integer (--rotary-base)")
-    max_positions = fields.integer("max_position_embeddings")
-    argv = [
-        "--num-layers", layers, "--hidden-size", fields.integer("hidden_size"), "--ffn-hidden-size", fields.integer("intermediate_size"),
-        "--num-attention-heads", heads, "--multi-latent-attention", "--qk-layernorm",
-        "--kv-lora-rank", fields.integer("kv_lora_rank"), "--qk-head-dim", fields.integer("qk_nope_head_dim"),
-        "--qk-pos-emb-head-dim", fields.integer("qk_rope_head_dim"), "--v-head-dim", fields.integer("v_head_dim"),
-        "--swiglu", "--disable-bias-linear", "--normalization", "RMSNorm", "--norm-epsilon", fields.number("rms_norm_eps", 1e-6),
-        "--position-embedding-type", "rope", "--rotary-base", int(rope_theta),
-        "--max-position-embeddings", max_positions, "--seq-length", max_positions,
-        "--init-method-std", fields.number("initializer_range", 0.02), "--vocab-size", fields.integer("vocab_size"),
-    ]  # fmt: skip
-    if fields.integer("q_lora_rank", None) is not None:
-        argv += ["--q-lora-rank", config["q_lora_rank"]]
-    if not config.get("tie_word_embeddings", False):
-        argv.append("--untie-embeddings-and-output-weights")
-    if config.get("rope_scaling"):
-        argv += _yarn_flags(config["rope_scaling"], max_positions, source)
-    n_dense = fields.integer("first_k_dense_replace", minimum=0)
-    if n_dense < layers:
-        argv += _moe_flags(fields, layers, n_dense)
-    if fields.integer("num_nextn_predict_layers", 0, minimum=0):
-        argv += ["--mtp-num-layers", config["num_nextn_predict_layers"]]
-    return [str(item) for item in argv]
-
-
-def _yarn_flags(rope_scaling, max_positions: int, source: str) -> list:
-    if not isinstance(rope_scaling, dict):
-        raise UnsupportedModelError(f"{source}: rope_scaling must be an object, got {rope_scaling!r}")
-    fields = _ConfigFields(rope_scaling, source, "rope_scaling.")
-    kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
-    _refuse_unless(kind == "yarn", f"{source}: rope_scaling type {kind!r} (only yarn)")
-    factor, mscale, mscale_all_dim = (
-        fields.number("factor"),
-        fields.number("mscale", 1.0),
-        fields.number("mscale_all_dim", 0.0),
-    )
-    flags = ["--rope-type", "yarn", "--rotary-scaling-factor", factor,
-             "--original-max-position-embeddings", fields.integer("original_max_position_embeddings", max_positions),
-             "--beta-fast", fields.number("beta_fast", 32), "--beta-slow", fields.number("beta_slow", 1),
-             "--mscale", mscale, "--mscale-all-dim", mscale_all_dim]  # fmt: skip
-    if "attention_factor" in rope_scaling:
-        from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor
-
-        given = fields.number("attention_factor")
-        _refuse_unless(factor > 0, f"{source}: rope_scaling.factor {factor} must be positive")
-        ours = _yarn_get_concentration_factor(factor, mscale, mscale_all_dim)
-        _refuse_unless(
-            abs(ours - given) < 1e-6,
-            f"{source}: rope_scaling.attention_factor {given} differs from megatron-core's yarn factor {ours}",
-        )
-    return flags
-
-
-def _moe_flags(fields: _ConfigFields, layers: int, n_dense: int) -> list:
-    source = fields.source
-    experts, topk = fields.integer("n_routed_experts"), fields.integer("num_experts_per_tok")
-    n_shared, expert_size = fields.integer("n_shared_experts", minimum=0), fields.integer("moe_intermediate_size")
-    _refuse_unless(n_shared >= 1, f"{source}: n_shared_experts {n_shared} (our MoE layers take >= 1 shared expert)")
-    _refuse_unless(
-        bool(fields.get("norm_topk_prob", True)) == (topk > 1),
-        f"{source}: norm_topk_prob "
-        f"{fields.get('norm_topk_prob')} with num_experts_per_tok {topk}: megatron-core renormalises "
-        "sigmoid routing weights exactly when top-k > 1",
-    )
-    groups, group_topk = fields.integer("n_group", 1), fields.integer("topk_group", 1)
-    flags = ["--num-experts", experts, "--moe-ffn-hidden-size", expert_size,
-             "--moe-shared-expert-intermediate-size", n_shared * expert_size,
-             "--moe-layer-freq", f"[0]*{n_dense}+[1]*{layers - n_dense}", "--moe-router-topk", topk,
-             "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
-             "--moe-router-topk-scaling-factor", fields.number("routed_scaling_factor", 1.0)]  # fmt: skip
-    if groups > 1:
-        _refuse_unless(
-            topk == 2 * group_topk,
-            f"{source}: num_experts_per_tok {topk} with topk_group {group_topk}: "
-            "megatron-core scores a group by its top topk/topk_group experts, DeepseekV3 by its top 2",
-        )
-        flags += ["--moe-router-num-groups", groups, "--moe-router-group-topk", group_topk]
-    return flags
-
-
-def fp8_block_size(config: dict, source: str) -> tuple[int, int] | None:
-    """The weight block size of DeepSeek's FP8 format when `config` (config.json read from `source`)
-    has a ``quantization_config``; None without one; UnsupportedModelError for another quantization."""
-    quantization = config.get("quantization_config")
-    if quantization is None:
-        return None
-    _refuse_unless(
-        isinstance(quantization, dict), f"{source}: quantization_config must be an object, got {quantization!r}"
-    )
-    method, fmt = quantization.get("quant_method"), quantization.get("fmt")
-    _refuse_unless(
-        method == "fp8",
-        f"{source}: quantization_config.quant_method {method!r}; only DeepSeek's 'fp8' block format is read",
-    )
-    _refuse_unless(fmt == "e4m3", f"{source}: quantization_config.fmt {fmt!r}; only 'e4m3' (float8_e4m3fn) is read")
-    block = quantization.get("weight_block_size")
-    _refuse_unless(
-        isinstance(block, list) and len(block) == 2 and all(type(n) is int and n > 0 for n in block),
-        f"{source}: quantization_config.weight_block_size must be two positive integers, got {block!r}",
-    )
-    return block[0], block[1]

@@ -1,4 +1,5 @@
-"""A Hugging Face DeepSeek-V3 directory -> our torch_dist checkpoint, for a chosen TP/PP/EP layout.
+"""A Hugging Face directory -> our torch_dist checkpoint, for a chosen TP/PP/EP layout: DeepSeek-V3 /
+R1 / V2 / V2-Lite, Qwen3-MoE, Mixtral, Qwen3 or Llama (megatron_r1.hf.model_flags reads its config.json).
 
 The checkpoint is written by one process with megatron-core's dist_checkpointing, whose torch_dist
 format is layout-independent: ``pretrain_r1.py --load DIR --finetune`` reads it under any
@@ -37,10 +38,11 @@ from megatron_r1.checkpointing import (
     checkpoint_dir,
     temporary_checkpoint,
 )
-from megatron_r1.hf.config import UnsupportedModelError, args_from_deepseek_v3, fp8_block_size
+from megatron_r1.hf.config import UnsupportedModelError
 from megatron_r1.hf.export import check_mapping
 from megatron_r1.hf.fp8 import DequantizingReader
 from megatron_r1.hf.keys import conversion_groups
+from megatron_r1.hf.model_flags import args_from_hf_config, fp8_block_size
 from megatron_r1.hf.storage import SafetensorsReader, TorchDistPartsWriter, WeightsError
 from megatron_r1.jsonfile import read_json_object
 from megatron_r1.megatron_lm_flags import parse_known_flags
@@ -69,7 +71,7 @@ def read_hf_model_flags(
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(config_path):
         raise WeightsError(f"{hf_dir}: no config.json")
-    argv = args_from_deepseek_v3(read_json_object(config_path, WeightsError), config_path)
+    argv = args_from_hf_config(read_json_object(config_path, WeightsError), config_path)
 
     def refuse(message):  # argparse's and validate_args' errors, which would exit
         raise UnsupportedModelError(f"{config_path}: its model flags are refused: {message}")
@@ -127,8 +129,9 @@ def _write_unit(writer, reader, m, pieces, first_expert: int, padded_vocab_size:
 def _target_layout(args, config_path: str, tp: int, pp: int, ep: int) -> None:
     """Check that the layout divides the model, and pad the vocabulary for its TP size."""
     for count, name, size, flag in ((args.num_attention_heads, "num_attention_heads", tp, "--tensor-model-parallel-size"),
+                                    (args.num_query_groups or tp, "num_key_value_heads", tp, "--tensor-model-parallel-size"),
                                     (args.num_layers, "num_hidden_layers", pp, "--pipeline-model-parallel-size"),
-                                    (args.num_experts or ep, "n_routed_experts", ep, "--expert-model-parallel-size")):  # fmt: skip
+                                    (args.num_experts or ep, "the routed experts", ep, "--expert-model-parallel-size")):  # fmt: skip
         if size < 1 or count % size:
             raise UnsupportedModelError(f"{flag} {size} does not divide {name} ({count}) of {config_path}")
     args.padded_vocab_size = vocab_size_with_padding(args.vocab_size, args.make_vocab_size_divisible_by, tp)

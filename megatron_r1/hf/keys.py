@@ -1,6 +1,7 @@
 """Tensor-by-tensor mapping between our torch_dist checkpoint keys (megatron-core's sharded keys,
-the same for every TP/PP/EP layout) and the keys of the published DeepSeek-V3 checkpoints (MLA models), or of Qwen3-MoE, Mixtral, Qwen3 and
-Llama checkpoints (GQA/MHA models: megatron_r1.hf.config.GQA_ARCHITECTURES).
+the same for every TP/PP/EP layout) and the keys of the published DeepSeek-V3 / V2 checkpoints (MLA
+models), or of Qwen3-MoE, Mixtral, Qwen3 and Llama checkpoints (GQA/MHA models:
+megatron_r1.hf.config.GQA_ARCHITECTURES).
 
 The mapping is a list of groups, one per transformer layer plus the embedding and the head, so that
 either direction holds one layer's tensors at a time. Every :class:`TensorMap` converts one of our
@@ -85,7 +86,7 @@ class TensorMap:
         raise AssertionError(self.kind)
 
 
-def _transformer_layer(ours: str, theirs: str, args, moe: bool, expert_bias: bool) -> list[TensorMap]:
+def _transformer_layer(ours: str, theirs: str, args, moe: bool) -> list[TensorMap]:
     attention = [
         TensorMap(f"{ours}input_layernorm.weight", (f"{theirs}input_layernorm.weight",)),
         TensorMap(
@@ -113,25 +114,32 @@ def _transformer_layer(ours: str, theirs: str, args, moe: bool, expert_bias: boo
         ]
     experts = range(args.num_experts)
     gate_up = tuple(f"{theirs}mlp.experts.{e}.{proj}.weight" for e in experts for proj in ("gate_proj", "up_proj"))
-    bias_key = f"{theirs}mlp.gate.e_score_correction_bias"
-    return attention + [
-        TensorMap(f"{ours}mlp.router.weight", (f"{theirs}mlp.gate.weight",)),
-        TensorMap(f"{ours}mlp.router.expert_bias", (bias_key,))
-        if expert_bias
-        else TensorMap(f"{ours}mlp.router.weight", (bias_key,), "zeros", export_only=True),
-        TensorMap(f"{ours}mlp.experts.experts.linear_fc1.weight", gate_up, "experts_glu"),
-        TensorMap(
-            f"{ours}mlp.experts.experts.linear_fc2.weight",
-            tuple(f"{theirs}mlp.experts.{e}.down_proj.weight" for e in experts),
-            "experts",
-        ),  # fmt: skip
-        TensorMap(
-            f"{ours}mlp.shared_experts.linear_fc1.weight",
-            (f"{theirs}mlp.shared_experts.gate_proj.weight", f"{theirs}mlp.shared_experts.up_proj.weight"),
-            "glu",
-        ),  # fmt: skip
-        TensorMap(f"{ours}mlp.shared_experts.linear_fc2.weight", (f"{theirs}mlp.shared_experts.down_proj.weight",)),
-    ]
+    routing = [TensorMap(f"{ours}mlp.router.weight", (f"{theirs}mlp.gate.weight",))]
+    if args.moe_router_score_function == "sigmoid":  # DeepseekV3's gate has an expert bias, V2's none
+        bias_key = f"{theirs}mlp.gate.e_score_correction_bias"
+        routing.append(
+            TensorMap(f"{ours}mlp.router.expert_bias", (bias_key,))
+            if args.moe_router_enable_expert_bias
+            else TensorMap(f"{ours}mlp.router.weight", (bias_key,), "zeros", export_only=True)
+        )
+    return (
+        attention
+        + routing
+        + [
+            TensorMap(f"{ours}mlp.experts.experts.linear_fc1.weight", gate_up, "experts_glu"),
+            TensorMap(
+                f"{ours}mlp.experts.experts.linear_fc2.weight",
+                tuple(f"{theirs}mlp.experts.{e}.down_proj.weight" for e in experts),
+                "experts",
+            ),  # fmt: skip
+            TensorMap(
+                f"{ours}mlp.shared_experts.linear_fc1.weight",
+                (f"{theirs}mlp.shared_experts.gate_proj.weight", f"{theirs}mlp.shared_experts.up_proj.weight"),
+                "glu",
+            ),  # fmt: skip
+            TensorMap(f"{ours}mlp.shared_experts.linear_fc2.weight", (f"{theirs}mlp.shared_experts.down_proj.weight",)),
+        ]
+    )
 
 
 def conversion_groups(args) -> list[tuple[str, list[TensorMap]]]:
@@ -152,20 +160,12 @@ def _deepseek_layers(args, embedding: str, output: str) -> list[tuple[str, list[
     n_dense = first_dense_layers(args)
     groups = []
     for layer in range(args.num_layers):
-        maps = _transformer_layer(
-            f"decoder.layers.{layer}.",
-            f"model.layers.{layer}.",
-            args,
-            layer >= n_dense,
-            args.moe_router_enable_expert_bias,
-        )
+        maps = _transformer_layer(f"decoder.layers.{layer}.", f"model.layers.{layer}.", args, layer >= n_dense)
         groups.append((f"layer {layer}", maps))
     for i in range(args.mtp_num_layers or 0):
         ours, theirs = f"mtp.layers.{i}.", f"model.layers.{args.num_layers + i}."
         # megatron-core builds MTP layers with the last decoder layer's spec.
-        maps = _transformer_layer(
-            f"{ours}transformer_layer.", theirs, args, args.num_layers > n_dense, args.moe_router_enable_expert_bias
-        )
+        maps = _transformer_layer(f"{ours}transformer_layer.", theirs, args, args.num_layers > n_dense)
         maps += [
             TensorMap(f"{ours}enorm.weight", (f"{theirs}enorm.weight",)),
             TensorMap(f"{ours}hnorm.weight", (f"{theirs}hnorm.weight",)),

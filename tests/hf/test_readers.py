@@ -5,6 +5,7 @@ naming the file, never an exception from a library below."""
 import json
 import struct
 
+import pytest
 import torch
 from bad_input import json_values, texts
 from hypothesis import example, given, settings
@@ -15,6 +16,7 @@ from megatron_r1.arguments import build_parser
 from megatron_r1.checkpointing import METADATA_FILE, MODEL_FUNCTION_ARGS, MODEL_SHAPE_ARGS, CheckpointError
 from megatron_r1.hf.config import UnsupportedModelError, checkpoint_args
 from megatron_r1.hf.import_ import read_hf_model_flags
+from megatron_r1.hf.model_flags import transformers_defaults
 from megatron_r1.hf.storage import SAFETENSORS_INDEX, SINGLE_SAFETENSORS, SafetensorsReader, WeightsError
 
 FUZZ = settings(max_examples=40, derandomize=True, deadline=None)
@@ -27,6 +29,14 @@ CONFIG = {"model_type": "deepseek_v3", "num_hidden_layers": 2, "num_attention_he
           "mscale": 1.0, "mscale_all_dim": 1.0}, "first_k_dense_replace": 1, "n_routed_experts": 4, "num_experts_per_tok": 2,
           "n_shared_experts": 2, "moe_intermediate_size": 16, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5,
           "norm_topk_prob": True, "num_nextn_predict_layers": 1}  # fmt: skip
+# DeepSeek-V2-Lite's kind (softmax routing, no q compression) and Qwen3-MoE's (GQA, q/k norms, a dense layer).
+V2_CONFIG = {**{name: value for name, value in CONFIG.items() if name not in ("q_lora_rank", "num_nextn_predict_layers")},
+             "model_type": "deepseek_v2", "q_lora_rank": None, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+             "routed_scaling_factor": 1.0, "norm_topk_prob": False, "scoring_func": "softmax"}  # fmt: skip
+QWEN3_MOE_CONFIG = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "head_dim": 16, "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16,
+                    "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True, "mlp_only_layers": [0],
+                    "max_position_embeddings": 32, "vocab_size": 100, "rope_theta": 1000000}  # fmt: skip
 numbers = st.integers(-3, 10**12) | st.floats(allow_nan=True, allow_infinity=True)
 
 
@@ -99,14 +109,16 @@ def test_any_shard_index_is_read_or_refused_naming_it(tmp_path_factory, index):
         assert str(directory / SAFETENSORS_INDEX) in str(error) or str(directory / SINGLE_SAFETENSORS) in str(error)
 
 
+@pytest.mark.parametrize("base", [CONFIG, V2_CONFIG, QWEN3_MOE_CONFIG], ids=lambda config: config["model_type"])
 @FUZZ
-@given(changes=st.dictionaries(st.sampled_from(sorted(CONFIG)), json_values | numbers | st.just("delete"), max_size=3))
+@given(changes=st.dictionaries(st.sampled_from(sorted({*CONFIG, *QWEN3_MOE_CONFIG, "rope_parameters"})),
+                               json_values | numbers | st.just("delete"), max_size=3))  # fmt: skip
 @example(changes={"hidden_size": "32"})
 @example(changes={"rope_scaling": [4]})
 @example(changes={"num_hidden_layers": 2.5})
-def test_any_config_json_gives_model_flags_or_one_error_naming_it(tmp_path_factory, changes):
+def test_any_config_json_gives_model_flags_or_one_error_naming_it(tmp_path_factory, base, changes):
     directory = tmp_path_factory.mktemp("hf")
-    config = {**CONFIG, **changes}
+    config = {**base, **changes}
     config = {key: value for key, value in config.items() if value != "delete"}
     (directory / "config.json").write_text(json.dumps(config))
     try:
@@ -114,7 +126,8 @@ def test_any_config_json_gives_model_flags_or_one_error_naming_it(tmp_path_facto
     except (UnsupportedModelError, WeightsError) as error:
         assert str(error).startswith(str(directory / "config.json"))
         return
-    assert args.num_layers == config["num_hidden_layers"] and "--num-layers" in argv
+    layers = config.get("num_hidden_layers") or transformers_defaults(config["model_type"])["num_hidden_layers"]
+    assert args.num_layers == layers and "--num-layers" in argv
 
 
 @settings(max_examples=10, derandomize=True, deadline=None)

@@ -40,6 +40,15 @@ DEEPSEEK = ["--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-at
             "--moe-router-bias-update-rate", "0.05", "--moe-router-num-groups", "2", "--moe-router-group-topk", "1",
             "--moe-router-topk-scaling-factor", "2.5", "--mtp-num-layers", "1", "--untie-embeddings-and-output-weights",
             "--seq-length", "32", "--micro-batch-size", "2", "--lr", "1e-2"]  # fmt: skip
+# DeepSeek-V2-Lite's kind: softmax routing, no q compression, yarn with mscale_all_dim (a softmax factor).
+DEEPSEEK_V2 = ["--mock-data", "--vocab-size", "100", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads",
+               "4", "--swiglu", "--disable-bias-linear", "--multi-latent-attention", "--qk-layernorm", "--kv-lora-rank",
+               "16", "--qk-head-dim", "8", "--qk-pos-emb-head-dim", "8", "--v-head-dim", "8", "--rope-type", "yarn",
+               "--rotary-scaling-factor", "4", "--original-max-position-embeddings", "8", "--mscale", "0.707",
+               "--mscale-all-dim", "0.707", "--num-experts", "4", "--moe-ffn-hidden-size", "16",
+               "--moe-shared-expert-intermediate-size", "32", "--moe-layer-freq", "[0]+[1]", "--moe-router-topk", "2",
+               "--moe-router-score-function", "softmax", "--moe-router-pre-softmax", "--seq-length", "32",
+               "--micro-batch-size", "2", "--lr", "1e-2"]  # fmt: skip
 GQA = ["--mock-data", "--hidden-size", "32", "--num-attention-heads", "4", "--group-query-attention",
        "--num-query-groups", "2", "--swiglu", "--disable-bias-linear", "--num-experts", "4", "--moe-ffn-hidden-size",
        "16", "--moe-router-topk", "2", "--seq-length", "32", "--micro-batch-size", "2", "--lr", "1e-2"]  # fmt: skip
@@ -213,3 +222,28 @@ def _ids_around_symbols(tokenizer, text: str) -> list[int]:
     pattern = "(" + "|".join(re.escape(name) for name in sorted(specials, key=len, reverse=True)) + ")"
     return [i for part in re.split(pattern, text) if part
             for i in ([specials[part]] if part in specials else tokenizer.tokenize(part))]  # fmt: skip
+
+
+def test_deepseek_v2_yarn_verifies_under_5_and_is_refused_naming_why_under_4(other_transformers, tmp_path):
+    """transformers 4.x's DeepseekV2 leaves yarn's mscale_all_dim factor out of the softmax scale (5.x
+    applies it, as DeepSeek's code and megatron-core do): --verify passes under 5.x and, under 4.x,
+    stops naming the reason after writing the directory."""
+    run_command([sys.executable, str(REPO / "pretrain_r1.py"), *DEEPSEEK_V2, "--train-iters", "2", "--save", "ckpt"],
+                tmp_path)  # fmt: skip
+    for name, pythonpath in (("hf_installed", None), ("hf_other", other_transformers)):
+        command = [sys.executable, str(TOOL), "--direction", "mcore2hf", "--load", "ckpt", "--save", name, "--verify",
+                   "--no-progress"]  # fmt: skip
+        result = subprocess.run(
+            command, cwd=tmp_path, env=_environment(pythonpath), capture_output=True, text=True, timeout=600
+        )
+        version = _version_at(pythonpath) if pythonpath else __import__("transformers").__version__
+        if _major(version) >= 5:
+            assert result.returncode == 0, result.stderr[-3000:]
+            verify = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])["verify"]
+            assert verify["max_abs_logit_diff"] <= 1e-4 and verify["top1_agreement"] == 1.0, verify
+        else:
+            assert result.returncode != 0 and "verify under transformers >= 5" in result.stderr, result.stderr[-3000:]
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        assert (
+            config["architectures"] == ["DeepseekV2ForCausalLM"] and config["rope_scaling"]["mscale_all_dim"] == 0.707
+        )

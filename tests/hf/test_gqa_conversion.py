@@ -1,7 +1,8 @@
-"""mcore2hf of GQA/MHA models (no MLA): the checkpoint's flags choose the standard architecture that
+"""GQA/MHA models (no MLA) both ways: the checkpoint's flags choose the standard architecture that
 computes the model exactly (Qwen3-MoE, Mixtral, Qwen3, Llama), tools/convert_checkpoint.py --verify
-gives transformers' logits, and flags that none of them represents are refused by name. Qwen3-MoE and
-Mixtral are also exported under both transformers versions in test_transformers_versions.py."""
+gives transformers' logits, the directory imports back (hf2mcore) to the same flags and weights, and
+flags or config.json fields that none of them represents are refused by name. Qwen3-MoE and Mixtral are
+also exported under both transformers versions in test_transformers_versions.py."""
 
 import json
 import sys
@@ -9,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_command
+from conftest import assert_round_trip_weights, run_command
 
 from megatron_r1.arguments import build_parser
+from megatron_r1.checkpointing import MODEL_FUNCTION_ARGS, MODEL_SHAPE_ARGS
 from megatron_r1.distributed import destroy_distributed, initialize_distributed
-from megatron_r1.hf.config import UnsupportedModelError, export_fields
+from megatron_r1.flops import moe_layer_pattern
+from megatron_r1.hf.config import UnsupportedModelError, checkpoint_args, export_fields
 from megatron_r1.hf.export import export_to_hf
 from megatron_r1.hf.keys import TensorMap
 
@@ -26,15 +29,20 @@ MODELS = {
     "Qwen3ForCausalLM": ["--qk-layernorm", "--group-query-attention", "--num-query-groups", "1", "--kv-channels", "12"],
     # Dense MHA, untied output, another RoPE base.
     "LlamaForCausalLM": ["--rotary-base", "500000", "--untie-embeddings-and-output-weights"],
-    # MoE in every layer, top-1 of the softmax over all experts, not renormalised (norm_topk_prob false).
+    # A dense first layer (mlp_only_layers), top-1 of the softmax over all experts, not renormalised
+    # (norm_topk_prob false).
     "Qwen3MoeForCausalLM": ["--qk-layernorm", "--num-experts", "4", "--moe-ffn-hidden-size", "16",
-                            "--moe-router-topk", "1", "--moe-router-pre-softmax"],
+                            "--moe-router-topk", "1", "--moe-router-pre-softmax", "--moe-layer-freq", "[0,1]"],
+    # MoE in every layer, the top 2 renormalised, GQA, another RoPE base.
+    "MixtralForCausalLM": ["--num-experts", "4", "--moe-ffn-hidden-size", "16", "--moe-router-topk", "2",
+                           "--group-query-attention", "--num-query-groups", "2", "--rotary-base", "1000000"],
 }  # fmt: skip
 PUBLISHED = {
     "Qwen3ForCausalLM": ["model.layers.1.self_attn.k_norm.weight", "model.layers.1.mlp.up_proj.weight"],
     "LlamaForCausalLM": ["model.layers.1.self_attn.v_proj.weight", "lm_head.weight"],
-    "Qwen3MoeForCausalLM": ["model.layers.0.mlp.gate.weight", "model.layers.1.mlp.experts.3.down_proj.weight"],
-}
+    "Qwen3MoeForCausalLM": ["model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.experts.3.down_proj.weight"],
+    "MixtralForCausalLM": ["model.layers.0.block_sparse_moe.gate.weight", "model.layers.1.block_sparse_moe.experts.3.w2.weight"],
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -44,12 +52,16 @@ def exported(request, tmp_path_factory):
     workdir = tmp_path_factory.mktemp(request.param)
     command = [sys.executable, str(REPO / "pretrain_r1.py"), *COMMON, *MODELS[request.param]]
     run_command([*command, "--train-iters", "3", "--save", "ckpt"], workdir, timeout=300)
-    output = run_command(
-        [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "--direction", "mcore2hf", "--load", "ckpt",
-         "--save", "hf", "--verify", "--no-progress"],
-        workdir,
-    ).stdout  # fmt: skip
-    return workdir, request.param, json.loads(output[output.index("{") : output.rindex("}") + 1])
+    return workdir, request.param, _convert(workdir, "--direction", "mcore2hf", "--load", "ckpt", "--save", "hf")
+
+
+def _convert(workdir: Path, *flags: str) -> dict:
+    """tools/convert_checkpoint.py `flags` --verify: its summary and the model flags it prints."""
+    command = [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *flags, "--verify", "--no-progress"]
+    output = run_command(command, workdir).stdout
+    summary = json.loads(output[output.index("{") : output.rindex("}") + 1])
+    assert summary["verify"]["max_abs_logit_diff"] <= 1e-4 and summary["verify"]["top1_agreement"] == 1.0, summary
+    return {**summary, "printed": output[output.rindex("}") + 1 :]}
 
 
 def test_the_flags_choose_the_architecture_and_verify_gives_its_logits(exported):
@@ -62,10 +74,24 @@ def test_the_flags_choose_the_architecture_and_verify_gives_its_logits(exported)
     if architecture == "Qwen3ForCausalLM":
         assert (config["num_key_value_heads"], config["head_dim"]) == (1, 12)
     if architecture == "Qwen3MoeForCausalLM":
-        assert (config["norm_topk_prob"], config["mlp_only_layers"]) == (False, [])
+        assert (config["norm_topk_prob"], config["mlp_only_layers"]) == (False, [0])
 
 
-@pytest.fixture(scope="module")
+def test_the_export_imports_back_to_the_same_flags_and_weights(exported, process_group):
+    workdir, architecture, _ = exported
+    imported = _convert(workdir, "--direction", "hf2mcore", "--load", "hf", "--save", "back",
+                        "--make-vocab-size-divisible-by", "64")  # fmt: skip
+    trained = checkpoint_args(str(workdir / "ckpt" / "iter_0000003"))
+    back = checkpoint_args(str(workdir / "back" / "iter_0000000"))
+    different = {
+        name for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS if getattr(back, name) != getattr(trained, name)
+    }
+    assert different <= {"moe_layer_freq", "seq_length", "max_position_embeddings"}, imported["printed"]
+    assert moe_layer_pattern(back) == moe_layer_pattern(trained)
+    assert_round_trip_weights(workdir / "ckpt" / "iter_0000003", workdir / "back" / "iter_0000000", 100)
+
+
+@pytest.fixture
 def process_group():
     initialize_distributed()
     yield
