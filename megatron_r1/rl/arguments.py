@@ -82,7 +82,17 @@ def add_grpo_arguments(parser: argparse.ArgumentParser) -> None:
         help="advantages are reward minus the group mean, not divided by its std (Dr. GRPO)",
     )
     objective.add_argument(
-        "--dynamic-sampling", action="store_true", help="leave out groups whose rewards are all equal (DAPO; no refill)"
+        "--dynamic-sampling",
+        action="store_true",
+        help="train only on groups whose rewards differ (DAPO): further prompts are rolled out until every "
+        "data-parallel rank has its share of them, at most --max-num-gen-batches rounds a step",
+    )
+    objective.add_argument(
+        "--max-num-gen-batches",
+        type=int,
+        default=10,
+        help="--dynamic-sampling: most rollout rounds of --grpo-prompts-per-step prompts in one step (verl's "
+        "filter_groups.max_num_gen_batches); the step trains on what it kept by then, the rest masked",
     )
     objective.add_argument("--moe-router-freeze", action="store_true", help="the routers' weights do not train")
 
@@ -135,6 +145,8 @@ def _validate_rollouts(args, error, sizing_only: bool) -> None:
             f"--max-response-length ({args.max_response_length}) leaves no room for a prompt in --seq-length "
             f"({args.seq_length})"
         )
+    if args.max_num_gen_batches < 1:
+        error(f"--max-num-gen-batches ({args.max_num_gen_batches}) must be at least 1")
     if not 0 <= args.overlong_buffer_length < args.max_response_length:
         error(f"--overlong-buffer-length ({args.overlong_buffer_length}) must be in [0, --max-response-length)")
 

@@ -8,11 +8,17 @@ Data-parallel ranks each take their share of the step's prompts; the loss weight
 `--loss-agg-mode` says over the whole step's batch (objective.aggregation_weights), so a layout
 changes nothing but the speed. `state.consumed_samples` counts prompts: the prompt stream's
 position, and the iteration seeds each group's sampling, so a resumed run draws what the
-uninterrupted one would have."""
+uninterrupted one would have.
+
+With --dynamic-sampling (DAPO) a step trains on groups whose rewards differ only: it rolls out
+further rounds of --grpo-prompts-per-step prompts until every data-parallel rank has its share of
+them (at most --max-num-gen-batches rounds) and trains on the first ones, filled with left-out groups
+(masked: no gradient) where the rounds ran out."""
 
 import argparse
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -30,7 +36,8 @@ from megatron_r1.rl.objective import (
     group_advantages,
     kl_k3,
 )
-from megatron_r1.rl.rollout import Sampling, generate_rollouts, largest_anywhere
+from megatron_r1.rl.rewards import RewardBatch
+from megatron_r1.rl.rollout import Rollouts, Sampling, generate_rollouts, largest_anywhere
 from megatron_r1.training import StepResult, optimizer_step, run_schedule, zero_grads
 
 
@@ -108,6 +115,51 @@ def training_batches(args, rollouts, advantages, kept) -> list:
     return [{name: value[i : i + size] for name, value in full.items()} for i in range(0, count, size)]
 
 
+@dataclass
+class RolloutRound:
+    """One round's rollouts on this rank, their scores, each sequence's advantage and, per group,
+    whether it is kept (its rewards differ, under --dynamic-sampling)."""
+
+    rollouts: Rollouts
+    scores: RewardBatch
+    advantages: torch.Tensor
+    kept: torch.Tensor
+
+
+def chosen_groups(rounds: list[RolloutRound], share: int) -> list[tuple[int, int]]:
+    """(round, group) of the `share` groups a step trains on: the first kept ones, filled with left-out
+    ones where too few were kept; in rollout order (one round: all its groups, as they came)."""
+    every = [(r, g) for r, rollout_round in enumerate(rounds) for g in range(len(rollout_round.kept))]
+    kept = [(r, g) for r, g in every if rounds[r].kept[g]][:share]
+    left_out = [(r, g) for r, g in every if not rounds[r].kept[g]][: share - len(kept)]
+    return sorted(kept + left_out)
+
+
+def gathered_round(rounds: list[RolloutRound], chosen: list[tuple[int, int]], group_size: int) -> RolloutRound:
+    """The chosen groups of the rounds as one round (the scores' failures: all rounds')."""
+    rows = {r: [g * group_size + i for g in groups for i in range(group_size)]
+            for r, groups in _by_round(chosen).items()}  # fmt: skip
+    scores = RewardBatch(
+        [rounds[r].scores.totals[row] for r, picked in rows.items() for row in picked],
+        {name: [rounds[r].scores.values[name][row] for r, picked in rows.items() for row in picked]
+         for name in rounds[0].scores.values},
+        {name: sum(rr.scores.failures.get(name, 0) for rr in rounds) for name in rounds[0].scores.values},
+    )  # fmt: skip
+    return RolloutRound(
+        Rollouts.gathered([(rounds[r].rollouts, picked) for r, picked in rows.items()]),
+        scores,
+        torch.cat([rounds[r].advantages[picked] for r, picked in rows.items()]),
+        torch.stack([rounds[r].kept[g] for r, g in chosen]),
+    )
+
+
+def _by_round(chosen: list[tuple[int, int]]) -> dict[int, list[int]]:
+    groups = {}
+    for r, g in chosen:
+        groups.setdefault(r, []).append(g)
+    return groups
+
+
 def _sum_over_data_parallel(values: list, op=torch.distributed.ReduceOp.SUM) -> list:
     totals = torch.tensor(values, dtype=torch.float64, device=platform.compute_device())
     torch.distributed.all_reduce(totals, op=op, group=parallel_state.get_data_parallel_group())
@@ -152,7 +204,8 @@ class GRPOStep:
 
     FORMATS = {"reward mean": ".4f", "reward std": ".4f", "response length mean": ".1f", "response length max": ".0f",
                "truncation rate": ".3f", "groups kept": ".3f", "reward failures": ".0f", "rollout time (s)": ".2f",
-               "update time (s)": ".2f", "log-prob time (s)": ".2f", "rollout log-prob gap": ".2e", "rollout tokens/s": ".1f", "overlong": ".4f"}  # fmt: skip
+               "update time (s)": ".2f", "log-prob time (s)": ".2f", "rollout log-prob gap": ".2e", "rollout tokens/s": ".1f", "overlong": ".4f",
+               "rollout rounds": ".0f", "batch filled": ".3f"}  # fmt: skip
 
     def __init__(self, args, state, prompts, renderer, rewards, reference):
         self.args, self.prompts, self.renderer, self.rewards, self.reference = (
@@ -177,7 +230,7 @@ class GRPOStep:
         first = parallel_state.get_data_parallel_rank() * share
         return self.prompts.take(self.args.grpo_prompts_per_step)[first : first + share], first
 
-    def _rollouts(self, state, records, first):
+    def _rollouts(self, state, records, first) -> Rollouts:
         args, token_ids = self.args, [self.renderer.render(record) for record in records]
         return generate_rollouts(
             state.model[0].module,
@@ -233,19 +286,38 @@ class GRPOStep:
         with mtp_layers_skipped(state.model[0].module):
             return self._step(state, logged)
 
-    def _step(self, state, logged: bool) -> StepResult:
-        args, start = self.args, time.perf_counter()
+    def _round(self, state, number: int) -> RolloutRound:
+        """Round `number` of the step: rollouts of this rank's share of the next prompts, scored."""
+        args = self.args
         records, first = self._my_prompts()
-        rollouts = self._rollouts(state, records, first)
-        rollout_time = time.perf_counter() - start
+        rollouts = self._rollouts(state, records, first + number * args.grpo_prompts_per_step)
         scores = self._score(records, rollouts)
         rewards = torch.tensor(scores.totals, dtype=torch.float32)
         advantages = group_advantages(rewards, args.grpo_group_size, normalize_std=not args.no_std_normalization)
-        kept_groups = torch.ones(len(records), dtype=torch.bool)
+        kept = torch.ones(len(records), dtype=torch.bool)
         if args.dynamic_sampling:
-            kept_groups = dynamic_sampling_keep(rewards, args.grpo_group_size)
-        kept = kept_groups.repeat_interleave(args.grpo_group_size)
-        batches = training_batches(args, rollouts, advantages, kept)
+            kept = dynamic_sampling_keep(rewards, args.grpo_group_size)
+        return RolloutRound(rollouts, scores, advantages, kept)
+
+    def _rounds(self, state) -> list[RolloutRound]:
+        """One round, or with --dynamic-sampling rounds until every data-parallel rank kept its share of
+        groups (the decision is the same on every rank: they roll out in lockstep)."""
+        rounds = [self._round(state, 0)]
+        share = len(rounds[0].kept)
+        while self.args.dynamic_sampling and len(rounds) < self.args.max_num_gen_batches:
+            kept = sum(int(rollout_round.kept.sum()) for rollout_round in rounds)
+            if _sum_over_data_parallel([kept], op=torch.distributed.ReduceOp.MIN)[0] >= share:
+                break
+            rounds.append(self._round(state, len(rounds)))
+        return rounds
+
+    def _step(self, state, logged: bool) -> StepResult:
+        args, start = self.args, time.perf_counter()
+        rounds = self._rounds(state)
+        rollout_time = time.perf_counter() - start
+        trained = gathered_round(rounds, chosen_groups(rounds, len(rounds[0].kept)), args.grpo_group_size)
+        kept = trained.kept.repeat_interleave(args.grpo_group_size)
+        batches = training_batches(args, trained.rollouts, trained.advantages, kept)
         log_probs_start = time.perf_counter()
         log_prob_gap = self._old_and_reference_log_probs(state, batches)
         self._weigh(batches, int(kept.sum()))
@@ -257,38 +329,45 @@ class GRPOStep:
             figures = run_schedule(args, state.model, partial(grpo_forward_step, self), [iter(batches)], False,
                                    reduce_loss=logged and last)  # fmt: skip
             result = optimizer_step(args, state, advance_schedule=last)
-        state.consumed_samples += args.grpo_prompts_per_step
+        state.consumed_samples += len(rounds) * args.grpo_prompts_per_step
         result.tokens = sum(batch["tokens"].numel() for batch in batches) * args.grpo_iterations
         result.tokens *= parallel_state.get_data_parallel_world_size()
         if logged:
             timing = (rollout_time, update_start - log_probs_start, time.perf_counter() - update_start)
-            rollout_figures = self._rollout_figures(scores, rollouts, kept_groups, log_prob_gap.tolist(), timing)
+            rollout_figures = self._rollout_figures(rounds, trained, log_prob_gap.tolist(), timing)
             result.figures = {**(figures or {}), **rollout_figures}
         return result
 
-    def _rollout_figures(self, scores, rollouts, kept_groups, log_prob_gap, timing) -> dict:
-        """Reward and response figures over every data-parallel rank's rollouts (logged iterations)."""
+    def _rollout_figures(self, rounds, trained, log_prob_gap, timing) -> dict:
+        """Reward and response figures over every data-parallel rank's trained rollouts (logged
+        iterations); with --dynamic-sampling the share of all rolled-out groups kept, the rounds and
+        the share of the trained groups that were kept."""
+        scores, rollouts = trained.scores, trained.rollouts
         totals = torch.tensor(scores.totals, dtype=torch.float64)
         lengths = rollouts.response_lengths
         names = list(scores.values)
         local = [float(totals.sum()), float((totals**2).sum()), len(lengths), float(sum(lengths)),
-                 float(sum(rollouts.truncated)), float(kept_groups.sum()), len(kept_groups),
+                 float(sum(rollouts.truncated)), float(sum(r.kept.sum() for r in rounds)),
+                 sum(len(r.kept) for r in rounds), float(trained.kept.sum()), len(trained.kept),
                  float(sum(scores.failures.values())), *log_prob_gap,
+                 float(sum(sum(r.rollouts.response_lengths) for r in rounds)),
                  *(float(sum(scores.values[name])) for name in names)]  # fmt: skip
         summed = _sum_over_data_parallel(local)
         longest = _sum_over_data_parallel([max(lengths)], op=torch.distributed.ReduceOp.MAX)[0]
-        total, squares, count, length_sum, truncated, kept, groups, failures, gap, gap_tokens = summed[:10]
+        total, squares, count, length_sum, truncated, kept, groups, filled, trained_groups = summed[:9]
+        failures, gap, gap_tokens, generated = summed[9:13]
         mean = total / count
         figures = {"reward mean": mean, "reward std": max(squares / count - mean**2, 0.0) ** 0.5,
-                   **{f"{name}": value / count for name, value in zip(names, summed[10:])},
+                   **{f"{name}": value / count for name, value in zip(names, summed[13:])},
                    "response length mean": length_sum / count, "response length max": longest,
                    "truncation rate": truncated / count}  # fmt: skip
         if self.args.dynamic_sampling:
-            figures["groups kept"] = kept / groups
+            figures.update({"groups kept": kept / groups, "rollout rounds": len(rounds),
+                            "batch filled": filled / trained_groups})  # fmt: skip
         if self.args.reward_errors == "zero":
             figures["reward failures"] = failures
         rollout_time, log_prob_time, update_time = timing
         figures.update({"rollout log-prob gap": gap / max(gap_tokens, 1), "rollout time (s)": rollout_time,
                         "log-prob time (s)": log_prob_time, "update time (s)": update_time,
-                        "rollout tokens/s": length_sum / rollout_time})  # fmt: skip
+                        "rollout tokens/s": generated / rollout_time})  # fmt: skip
         return figures

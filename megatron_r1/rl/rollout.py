@@ -50,6 +50,21 @@ class Rollouts:
         start = self.prompt_lengths[row]
         return self.tokens[row, start : start + self.response_lengths[row]].tolist()
 
+    @staticmethod
+    def gathered(parts: list[tuple["Rollouts", list[int]]]) -> "Rollouts":
+        """The chosen rows of several Rollouts as one, in the order given, padded to the longest
+        (nothing past a sequence's end is read)."""
+        length = max(rollouts.tokens.shape[1] for rollouts, _ in parts)
+        tokens = [torch.nn.functional.pad(rollouts.tokens[rows], (0, length - rollouts.tokens.shape[1]))
+                  for rollouts, rows in parts]  # fmt: skip
+
+        def rows_of(name: str) -> list:
+            return [getattr(rollouts, name)[row] for rollouts, rows in parts for row in rows]
+
+        return Rollouts(
+            torch.cat(tokens), *map(rows_of, ("prompt_lengths", "response_lengths", "truncated", "log_probs"))
+        )
+
 
 def group_seed(seed: int, iteration: int, prompt_number: int) -> int:
     return int(np.random.SeedSequence([seed, iteration, prompt_number]).generate_state(1)[0])

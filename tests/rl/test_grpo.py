@@ -35,6 +35,10 @@ def vowels(prompt, response, fields):
 
 def broken(prompt, response, fields):
     return "high"
+
+
+def vowels_if_odd(prompt, response, fields):
+    return vowels(prompt, response, fields) if len(prompt) % 2 else 0.0
 """
 
 
@@ -157,13 +161,43 @@ def test_a_reward_function_returning_no_number_is_named(setting, tmp_path):
     assert counted[1]["reward failures"] == 16 and counted[1]["reward mean"] == 0.0
 
 
-def test_dynamic_sampling_leaves_out_groups_whose_rewards_are_equal(setting, tmp_path):
-    """A reward no response of a random model earns (format): every group is left out, nothing trains."""
-    figures, _ = grpo(setting, tmp_path, *TINY, "--train-iters", "2", "--kl-coef", "0", "--dynamic-sampling",
-                      "--loss-agg-mode", "seq-mean-token-mean", rewards=("--reward", "format"))  # fmt: skip
-    for iteration in (1, 2):
-        # A step with NaN gradients would print "grad norm: n/a".
-        assert figures[iteration]["groups kept"] == 0.0 and figures[iteration]["grad norm"] == 0.0, figures
+def test_dynamic_sampling_refills_the_batch_with_groups_whose_rewards_differ(setting, tmp_path):
+    """Groups of prompts of even length all score 0 (no signal): further rounds of prompts are rolled out
+    until the step's 4 groups all have signal. A reward no response earns (format) leaves every group
+    out after --max-num-gen-batches rounds, and nothing trains."""
+    figures, _ = grpo(setting, tmp_path, *TINY, "--train-iters", "3", "--kl-coef", "0", "--dynamic-sampling",
+                      rewards=("--reward-function", "toy_rewards:vowels_if_odd"))  # fmt: skip
+    assert all(figures[i]["batch filled"] == 1.0 for i in figures), figures
+    assert any(figures[i]["rollout rounds"] > 1 and figures[i]["groups kept"] < 1 for i in figures), figures
+    figures, _ = grpo(setting, tmp_path, *TINY, "--train-iters", "1", "--kl-coef", "0", "--dynamic-sampling",
+                      "--max-num-gen-batches", "2", "--loss-agg-mode", "seq-mean-token-mean",
+                      rewards=("--reward", "format"))  # fmt: skip
+    # A step with NaN gradients would print "grad norm: n/a".
+    assert figures[1]["rollout rounds"] == 2 and figures[1]["batch filled"] == 0.0, figures
+    assert figures[1]["groups kept"] == 0.0 and figures[1]["grad norm"] == 0.0, figures
+
+
+def test_the_trained_groups_are_the_first_kept_ones_filled_with_left_out_ones():
+    from megatron_r1.rl.grpo import RolloutRound, chosen_groups, gathered_round
+    from megatron_r1.rl.rewards import RewardBatch
+    from megatron_r1.rl.rollout import Rollouts
+
+    def rollout_round(kept, length, first_token):  # groups of 2 sequences, token ids count from first_token
+        count = 2 * len(kept)
+        tokens = torch.arange(first_token, first_token + count * length).view(count, length)
+        rollouts = Rollouts(tokens, [1] * count, [length - 1] * count, [False] * count, [[0.0]] * count)
+        rewards = RewardBatch([float(first_token + i) for i in range(count)], {"r": [1.0] * count}, {"r": 1})
+        return RolloutRound(rollouts, rewards, torch.arange(count, dtype=torch.float32), torch.tensor(kept))
+
+    rounds = [rollout_round([False, True, False], 3, 0), rollout_round([True, True, True], 5, 100)]
+    assert chosen_groups(rounds[:1], 3) == [(0, 0), (0, 1), (0, 2)]  # one round: as it came
+    assert chosen_groups(rounds, 3) == [(0, 1), (1, 0), (1, 1)]
+    assert chosen_groups([rounds[0], rollout_round([False, False, False], 3, 50)], 3) == [(0, 0), (0, 1), (0, 2)]
+    trained = gathered_round(rounds, [(0, 1), (1, 0), (1, 1)], 2)
+    assert trained.kept.tolist() == [True, True, True] and trained.advantages.tolist() == [2, 3, 0, 1, 2, 3]
+    assert trained.rollouts.tokens.shape == (6, 5) and trained.rollouts.tokens[2, 0] == 100
+    assert trained.rollouts.tokens[0].tolist() == [6, 7, 8, 0, 0] and trained.scores.totals[:3] == [2.0, 3.0, 100.0]
+    assert trained.scores.failures == {"r": 2} and trained.rollouts.response_lengths == [2, 2, 4, 4, 4, 4]
 
 
 @pytest.mark.parametrize("padding", [0, 3], ids=["alone", "prefill-padded"])
