@@ -33,7 +33,7 @@ def add_grpo_arguments(parser: argparse.ArgumentParser) -> None:
         "--rollout-batch-size",
         type=int,
         default=0,
-        help="sequences decoded together at most (prompts of one length share a batch); 0: all of a rank's",
+        help="sequences decoded together at most (prompts of any lengths, similar ones together); 0: all of a rank's",
     )
     prompts.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature (> 0)")
     prompts.add_argument("--top-p", type=float, default=1.0)

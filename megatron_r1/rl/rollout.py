@@ -1,6 +1,8 @@
 """Rollouts: `group_size` sampled responses per prompt from the current policy, decoded with
-megatron-core's static KV cache in the training processes and their TP/EP layout. Prompts of one
-length decode together (up to `max_batch` sequences at a time).
+megatron-core's static KV cache in the training processes and their TP/EP layout. Prompts of any
+lengths decode together (up to `max_batch` sequences at a time, similar lengths side by side): the
+prefill covers the shortest prompt, and each decoding step feeds a longer prompt's own next token
+where it has one (as Megatron-LM's static generation does), so a batch is not cut by prompt length.
 
 - Every sequence of a group is drawn from the group's own generator, seeded by (seed, iteration,
   the prompt's number in the step): a prompt gets the same responses whatever else decodes beside
@@ -8,12 +10,13 @@ length decode together (up to `max_batch` sequences at a time).
 - Tensor-parallel ranks decode the same prompts with the same generators and identical (gathered)
   logits, so they draw the same tokens. Sequence parallelism is switched off while decoding (one
   new token cannot be split over ranks), as megatron-core's own generation does.
+- A group draws only at its response's positions, so its tokens do not depend on how many steps
+  fed the prompts of longer ones beside it.
 - Every rank runs the same number of forward passes, as expert-parallel ranks exchange tokens in
   each (megatron-core's all-gather dispatcher needs as many tokens on each): as many batches of as
-  many sequences (a rank with fewer decodes copies of a prompt and drops them), the same prefill length (prompts are padded at
-  the end to the longest on any rank; the padding's cache entries are overwritten by the response),
-  and the same number of decoding steps (an all-reduce per step asks whether any sequence anywhere
-  is unfinished).
+  many sequences (a rank with fewer decodes copies of a prompt and drops them), the same prefill
+  length (the shortest prompt on any rank) and the same number of decoding steps (an all-reduce per
+  step asks whether any sequence anywhere is unfinished).
 """
 
 from contextlib import contextmanager
@@ -92,65 +95,73 @@ def largest_anywhere(value: int) -> int:
     return int(largest.item())
 
 
-def _sample(logits, sampling, generators, group_size):
-    """A token per row of `logits` [rows, vocab], each group's rows drawn with its own generator."""
-    return torch.cat(
-        [
-            sample(
-                logits[g * group_size : (g + 1) * group_size],
-                sampling.temperature,
-                sampling.top_k,
-                sampling.top_p,
-                generator,
-            )
-            for g, generator in enumerate(generators)
-        ]
-    )
+def smallest_anywhere(value: int) -> int:
+    """The smallest of `value` over every rank."""
+    return -largest_anywhere(-value)
+
+
+def _sample(logits, sampling, generators, group_size, drawing: list[bool]):
+    """A token per row of `logits` [rows, vocab]: each group's rows drawn with its own generator
+    where `drawing` says so, zeros (replaced by the caller) where not."""
+    tokens = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    for g, generator in enumerate(generators):
+        if drawing[g]:
+            rows = slice(g * group_size, (g + 1) * group_size)
+            tokens[rows] = sample(logits[rows], sampling.temperature, sampling.top_k, sampling.top_p, generator)
+    return tokens
 
 
 @torch.no_grad()
 def _decode(model, prompts, prefill_length, generators, group_size, max_new_tokens, vocab_size, stop_ids, sampling):
-    """Decodes `group_size` responses to each of `prompts` (of one length): [rows, length + new
-    tokens] token ids (prompt, response, then stop ids), each row's number of new tokens (with its
-    stop id), and each new token's log-probability under softmax(logits / temperature) [rows, new
-    tokens]. The prefill runs over `prefill_length` >= the prompts' length positions."""
+    """Decodes `group_size` responses to each of `prompts` (any lengths >= `prefill_length`, the
+    prefill's): [rows, longest + new tokens] token ids (prompt, response, then stop ids), each row's
+    number of new tokens (with its stop id), and each new token's log-probability under
+    softmax(logits / temperature) [rows, max_new_tokens], from each row's first response token on."""
     device = platform.compute_device()
-    rows, length = len(prompts) * group_size, len(prompts[0])
-    context = StaticInferenceContext(rows, prefill_length + max_new_tokens)
-    context.materialize_only_last_token_logits = False  # the prompt's last logits may precede padding
-    tokens = torch.tensor([prompt for prompt in prompts for _ in range(group_size)], device=device)
+    rows = len(prompts) * group_size
+    total = largest_anywhere(max(map(len, prompts))) + max_new_tokens  # every rank runs as many steps
+    context = StaticInferenceContext(rows, total)
+    tokens = torch.full((rows, total), stop_ids[0], device=device)
+    for g, prompt in enumerate(prompts):
+        tokens[g * group_size : (g + 1) * group_size, : len(prompt)] = torch.tensor(prompt, device=device)
+    prompt_lengths = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(group_size)
     lengths = torch.full((rows,), max_new_tokens, device=device)
+    log_probs = torch.zeros(rows, max_new_tokens, device=device)
     stops = torch.tensor(list(stop_ids), device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    step_input = torch.nn.functional.pad(tokens, (0, prefill_length - length))
-    start, last, log_probs = 0, length - 1, []
-    for step in range(max_new_tokens):
-        positions = torch.arange(start, start + step_input.shape[1], device=device).expand(rows, -1)
+    step_input = tokens[:, :prefill_length]
+    for position in range(prefill_length, total):
+        first = position - step_input.shape[1]  # of the positions this forward pass feeds
+        positions = torch.arange(first, position, device=device).expand(rows, -1)
         logits = model(step_input, positions, None, inference_context=context, runtime_gather_output=True)
-        logits = logits[:, last, :vocab_size]
-        new = torch.where(finished, stops[0], _sample(logits, sampling, generators, group_size))
+        logits = logits[:, -1, :vocab_size]
+        answering = position >= prompt_lengths  # a prompt with tokens left is fed them
+        drawn = _sample(logits, sampling, generators, group_size, [position >= len(p) for p in prompts])
+        new = torch.where(answering, torch.where(finished, stops[0], drawn), tokens[:, position])
+        # The new token's log-probability in its row's column; other rows rewrite a column unchanged.
+        writing, column = answering & ~finished, (position - prompt_lengths).clamp(0, max_new_tokens - 1)[:, None]
         distribution = torch.log_softmax(logits.float() / sampling.temperature, dim=-1)
-        log_probs.append(distribution.gather(-1, new[:, None]).squeeze(-1))
-        ending = ~finished & torch.isin(new, stops)  # finished rows repeat a stop id (masked out later)
-        lengths = torch.where(ending, step + 1, lengths)
-        finished |= ending
-        tokens = torch.cat([tokens, new[:, None]], dim=1)
+        kept = log_probs.gather(1, column)
+        log_probs.scatter_(1, column, torch.where(writing[:, None], distribution.gather(-1, new[:, None]), kept))
+        responded = position - prompt_lengths + 1
+        ending = answering & ~finished & torch.isin(new, stops)
+        lengths = torch.where(ending, responded, lengths)
+        finished |= ending | (responded >= max_new_tokens)
+        tokens[:, position] = new
         if not largest_anywhere(int(not finished.all())):
             break
-        context.sequence_len_offset = tokens.shape[1] - 1  # the next token's cache slot (past the padding: overwritten)
+        context.sequence_len_offset = position  # the next token's cache slot
         context.enable_decode_mode()
-        step_input, start, last = tokens[:, -1:], tokens.shape[1] - 1, -1
-    return tokens, lengths, torch.stack(log_probs, dim=1)
+        step_input = tokens[:, position : position + 1]
+    return tokens, lengths, log_probs
 
 
 def _batches(prompts, group_size: int, max_batch: int) -> list:
-    """The prompts' indices in batches of one prompt length and at most `max_batch` sequences
-    (at least one prompt each; 0: no limit)."""
-    by_length = {}
-    for index, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt), []).append(index)
+    """The prompts' indices in batches of at most `max_batch` sequences (at least one prompt each; 0:
+    no limit), by length: a batch's prompts are fed token by token from its shortest one's end on."""
     per_batch = max(max_batch // group_size, 1) if max_batch else len(prompts)
-    return [indices[i : i + per_batch] for indices in by_length.values() for i in range(0, len(indices), per_batch)]
+    by_length = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
+    return [by_length[i : i + per_batch] for i in range(0, len(prompts), per_batch)]
 
 
 def generate_rollouts(
@@ -180,7 +191,7 @@ def generate_rollouts(
             generators = [torch.Generator(device=device) for _ in batch]
             for index, generator in zip(batch, generators):
                 generator.manual_seed(group_seed(seed, iteration, first_prompt_number + index))
-            prefill_length = largest_anywhere(len(prompts[batch[0]]))
+            prefill_length = smallest_anywhere(min(len(prompts[i]) for i in batch))
             batch_prompts = [prompts[i] for i in batch]
             tokens, lengths, log_probs = _decode(
                 model,

@@ -203,9 +203,10 @@ def test_the_trained_groups_are_the_first_kept_ones_filled_with_left_out_ones():
 @pytest.mark.parametrize("padding", [0, 3], ids=["alone", "prefill-padded"])
 def test_rollouts_decode_as_generation_does(monkeypatch, padding):
     """top-k 1 sampling is greedy decoding: each row of a group equals generation.generate's greedy
-    reply, with prompts of one length decoding together, also where the prefill is padded to a
-    longer prompt of another rank and more batches run on others (copies decoded and dropped here).
-    Sampled responses do not depend on what decodes beside them."""
+    reply, with prompts of different lengths decoding together (the longer fed token by token after
+    the shorter's prefill), also where another rank's shorter prompt shortens the prefill to one token
+    and more batches and steps run on others (copies decoded and dropped here). Sampled responses and
+    their log-probabilities do not depend on what decodes beside them."""
     from megatron_r1.arguments import parse_args
     from megatron_r1.distributed import destroy_distributed, initialize_distributed
     from megatron_r1.generation import generate
@@ -218,6 +219,7 @@ def test_rollouts_decode_as_generation_does(monkeypatch, padding):
     args.padded_vocab_size = 128
     initialize_distributed()
     monkeypatch.setattr(rollout, "largest_anywhere", lambda value: value + padding)
+    monkeypatch.setattr(rollout, "smallest_anywhere", lambda value: max(value - padding, 1))
     try:
         (model,) = build_model(args)
         prompts = [[3, 17, 42, 8], [5, 9], [7, 7, 7, 1]]
@@ -230,6 +232,7 @@ def test_rollouts_decode_as_generation_does(monkeypatch, padding):
         sampled = [generate_rollouts(model, prompts, 0, 3, 6, 96, [95], Sampling(), seed=1, iteration=0, max_batch=size)
                    for size in (0, 3)]  # fmt: skip
         assert all(sampled[0].response_ids(row) == sampled[1].response_ids(row) for row in range(9))
+        assert all(torch.allclose(sampled[0].log_probs[row], sampled[1].log_probs[row], atol=1e-6) for row in range(9))
         assert len({tuple(sampled[0].response_ids(row)) for row in range(9)}) > 3  # sampling, not greedy
     finally:
         destroy_distributed()
