@@ -72,10 +72,16 @@ def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def _optimizer_parts(optimizer) -> int:
+def optimizer_parts(optimizer) -> int:
     """How many optimizers megatron-core chained (dense and expert parameters get their own when
     the expert layout differs): the optimizer state's keys depend on it."""
     return len(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def optimizer_sharded_state_dict(optimizer, model_sharded: dict, is_loading: bool) -> dict:
+    """The optimizer's state as our checkpoints hold it: in model space (each parameter's moments
+    under its model key, "optimizer.state.exp_avg.<key>"), whatever the TP/PP/EP/DP layout."""
+    return optimizer.sharded_state_dict(dict(model_sharded), is_loading=is_loading, metadata=dict(_OPTIMIZER_METADATA))
 
 
 def _layout(args) -> dict:
@@ -124,9 +130,7 @@ def _model_state_dict(model_chunks) -> dict:
 def _sharded_state_dict(state, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
     sharded = _model_state_dict(state.model)
     if with_optimizer:
-        sharded["optimizer"] = state.optimizer.sharded_state_dict(
-            dict(sharded), is_loading=is_loading, metadata=dict(_OPTIMIZER_METADATA)
-        )
+        sharded["optimizer"] = optimizer_sharded_state_dict(state.optimizer, sharded, is_loading)
     if with_rng:
         sharded["rng_state"] = _rng_state()
     return sharded
@@ -163,7 +167,7 @@ def save_checkpoint(args, state) -> str:
         "nan_iterations": state.nan_iterations,
         "scheduler": state.scheduler.state_dict(),
         "layout": _layout(args),
-        "optimizer_parts": 0 if args.no_save_optim else _optimizer_parts(state.optimizer),
+        "optimizer_parts": 0 if args.no_save_optim else optimizer_parts(state.optimizer),
         "rng_saved": not args.no_save_rng,
         "model_args": {name: getattr(args, name) for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS},
     }
@@ -512,10 +516,10 @@ def load_checkpoint(args, state) -> bool:
             f"{path}: saved without its optimizer state (--no-save-optim); resume from it with "
             "--no-load-optim (fresh optimizer moments) or --finetune"
         )
-    if load_optimizer and saved_parts != _optimizer_parts(state.optimizer):
+    if load_optimizer and saved_parts != optimizer_parts(state.optimizer):
         raise CheckpointError(
             f"{path}: its optimizer state was saved in {saved_parts} part(s) (layout {metadata['layout']}), this layout "
-            f"has {_optimizer_parts(state.optimizer)} (dense and expert parameters); load it with --no-load-optim (fresh optimizer moments), or "
+            f"has {optimizer_parts(state.optimizer)} (dense and expert parameters); load it with --no-load-optim (fresh optimizer moments), or "
             "resume on an expert layout like the saved one"
         )
     _load_into(state, path, load_optimizer, load_rng, args.dist_ckpt_strictness)

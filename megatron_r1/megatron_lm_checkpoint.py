@@ -1,5 +1,6 @@
 """A Megatron-LM torch_dist checkpoint of a GPT / MoE model -> ours (tools/convert_checkpoint.py
---direction mlm2mcore), from which pretrain_r1.py continues (--no-load-optim) or fine-tunes (--finetune).
+--direction mlm2mcore), from which pretrain_r1.py continues (with Megatron-LM's Adam moments where they
+convert, else --no-load-optim) or fine-tunes (--finetune).
 
 Megatron-LM (megatron/training/checkpointing.py, --ckpt-format torch_dist) saves with megatron-core's
 dist_checkpointing, in the layout ours has:
@@ -26,15 +27,28 @@ cannot represent is refused naming Megatron-LM's flag. Nothing in the checkpoint
 every pickle in it passed :func:`~megatron_r1.checkpointing.refuse_executable_pickles` (common.pt may
 hold the Namespace and megatron-core's enums, nothing that runs code).
 
-Carried over: the weights (as saved, upcast to fp32), the iteration, the consumed samples and the LR
-schedule (converted from samples to iterations unless the run counted samples); not the optimizer
-moments (Megatron-LM's distributed-optimizer state is laid out by its own DP layout) nor the RNG states.
+Carried over: the weights (as saved, upcast to fp32), the iteration, the consumed samples, the LR
+schedule (converted from samples to iterations unless the run counted samples) and Adam's state where
+Megatron-LM saved it per parameter (megatron-core's model space: each parameter's
+``optimizer.state.exp_avg.<key>``, ``exp_avg_sq`` and, of a distributed or mixed-precision optimizer,
+its fp32 main weight ``param`` / ``fp32_param``; the step and param groups in common.pt). That is its
+plain optimizer's state (without --use-distributed-optimizer) and its distributed optimizer's saved
+with --dist-ckpt-optim-fully-reshardable. Its distributed optimizer's default format, dp_reshardable
+(each DP rank's part of its buffers, bound to its layout), is not converted: the weights are, and the
+summary says why the moments are not and which flag makes them convertible. Not the RNG states.
+
+The moments are written as pretrain_r1.py's optimizer for the printed flags (megatron-core's, built on
+the meta device: its param groups, chained parts and keys; Adam's settings and step Megatron-LM's)
+saves them, in model space, which our loader reads under any TP/PP/EP/DP layout with the same optimizer
+parts (not with --use-distributed-optimizer or --bf16, whose optimizers keep other state). With the
+moments, the weights are read from Megatron-LM's fp32 main weights where it kept them (a bf16 run's):
+ours, in fp32, are the main weights, and the run continues exactly.
 
 Memory is bounded, whatever the model's size, as in the Hugging Face import (megatron_r1.hf.import_):
 the model is built on the meta device (no memory) only for its sharded state dicts, under our
 per-layer keys (what is written) and under Megatron-LM's key style (where each piece is read from).
-The weights (a tensor of one layer, a slice of Megatron-LM's stacked tensor; or one expert's) are
-read a part at a time, consecutive ones of at most `max_part_bytes` together in fp32, only the saved
+The weights and moments (a tensor of one layer, a slice of Megatron-LM's stacked tensor; or one
+expert's) are read a part at a time, consecutive ones of at most `max_part_bytes` together in fp32, only the saved
 chunks their slices overlap (Megatron-LM saves a stacked tensor in chunks of one layer, and of one
 expert), and each part is written before the next is read (megatron_r1.hf.storage's
 TorchDistPartsWriter). Peak memory: about one part (one weight, where one is larger), above the
@@ -46,8 +60,11 @@ import dataclasses
 import os
 import re
 
+import torch
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factories
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.optimizer.optimizer import param_group_identifier_keys
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 from tqdm import tqdm
 
@@ -56,6 +73,8 @@ from megatron_r1.checkpointing import (
     TRACKER_FILE,
     CheckpointError,
     checkpoint_dir,
+    optimizer_parts,
+    optimizer_sharded_state_dict,
     publish_weights_checkpoint,
     read_common_state,
     saved_tensor_shapes,
@@ -63,6 +82,7 @@ from megatron_r1.checkpointing import (
 )
 from megatron_r1.hf.storage import McoreCheckpointReader, TorchDistPartsWriter
 from megatron_r1.megatron_lm_flags import DEFAULT_ONLY, UNSUPPORTED, parse_known_flags
+from megatron_r1.optim import build_optimizer
 from megatron_r1.sharded_tensors import meta_model, model_layout, model_sharded_state_dict
 from megatron_r1.tokenizer import MODEL_TOKENIZER_TYPES
 
@@ -373,12 +393,139 @@ def _schedule_in_iterations(ckpt_args, state) -> tuple[dict | None, str]:
     return converted, "carried (samples -> iterations)"
 
 
+# Megatron-LM's optimizer state in model space, each parameter's whole under its model key: its plain
+# optimizer's, and its distributed optimizer's with --dist-ckpt-optim-fully-reshardable
+# ("fully_reshardable"; the default "dp_reshardable" keeps each DP rank's part of its buffers, and the
+# older "fully_sharded_model_space", which megatron-core 0.16 no longer saves, each rank's flattened
+# ranges). A chained optimizer's parts are prefixed "chained_<i>." unless saved with
+# chained_optim_avoid_prefix (Megatron-LM 0.14 on). "param" and "fp32_param": the fp32 main weights
+# of its distributed and its mixed-precision optimizer.
+_OPTIMIZER_KEY = re.compile(r"(?:chained_\d+\.)?optimizer\.state\.(exp_avg_sq|exp_avg|fp32_param|param)\.(.+)")
+_MAIN_WEIGHTS = ("param", "fp32_param")
+_MODEL_SPACE_FORMATS = ("fully_reshardable",)
+# Our Adam settings <- Megatron-LM's args, where its saved param groups lack them: the param groups our
+# checkpoint saves are what a resumed optimizer uses (torch's load_state_dict takes the saved groups'
+# hyperparameters; the LR schedule then sets lr and weight_decay anew).
+_ADAM_ARGS = ("adam_beta1", "adam_beta2", "adam_eps", "weight_decay", "lr", "min_lr")
+_GROUP_SETTINGS = ("lr", "weight_decay", "betas", "eps", "max_lr", "min_lr")
+
+
+def _their_key(their_keys: dict, kinds: tuple, model_key: str) -> str | None:
+    """The checkpoint key of the first of `kinds` of Megatron-LM's optimizer state it holds for `model_key`."""
+    return next((their_keys[kind, model_key] for kind in kinds if (kind, model_key) in their_keys), None)
+
+
+def _param_group_identity(group: dict) -> tuple:
+    """What megatron-core tells its param groups apart by (the parameters' weight-decay and LR settings)."""
+    return tuple(group.get(key) for key in param_group_identifier_keys)
+
+
+def _values_under(state, key: str):
+    """Every value under `key` in the nested dicts and lists of `state`."""
+    if isinstance(state, dict):
+        for name, value in state.items():
+            yield from [value] if name == key else _values_under(value, key)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _values_under(value, key)
+
+
+def _megatron_lm_adam_state(ckpt_args, common: dict, saved: dict) -> tuple[dict | None, int | None, str]:
+    """``(checkpoint key of each (kind, model key) of its optimizer state, Adam's step, its format)`` of
+    the Megatron-LM checkpoint; ``(None, None, why not)`` where its moments cannot be carried exactly."""
+    state = common.get("optimizer")
+    if state is None:
+        return None, None, "not carried: saved without its optimizer state (Megatron-LM's --no-save-optim)"
+    if (optimizer := _value(ckpt_args, "optimizer") or "adam") != "adam":
+        return None, None, f"not carried: --optimizer {optimizer} keeps no Adam moments"
+    formats = set(_values_under(state, "param_state_sharding_type"))
+    if unconvertible := sorted(formats - set(_MODEL_SPACE_FORMATS)):
+        why = (
+            f"not carried: Megatron-LM's distributed optimizer saved them as {', '.join(unconvertible)}, each "
+            "data-parallel rank's part of its buffers, not each parameter's whole; have Megatron-LM load the "
+            "checkpoint on its layout and save it again with --dist-ckpt-optim-fully-reshardable, and convert that"
+        )
+        return None, None, why
+    steps = {float(step) for name in ("common_step", "step") for step in _values_under(state, name) if step is not None}
+    if len(steps) != 1:
+        return None, None, f"not carried: its optimizer state holds no single Adam step ({sorted(steps)})"
+    keys = {match.groups(): key for key in saved if (match := _OPTIMIZER_KEY.fullmatch(key))}
+    return keys, int(steps.pop()), formats.pop() if formats else "plain optimizer"
+
+
+def _our_optimizer_state(args, ckpt_args, their_state: dict, model, step: int) -> tuple[dict, int]:
+    """``(sharded state dict, chained parts)`` of the optimizer pretrain_r1.py builds for `args` (one
+    process; the meta `model`'s), as our checkpoints save it after `step` Adam steps with Megatron-LM's
+    settings (`their_state`: its optimizer's common state): the moments on the meta device, the param
+    groups (each with the settings of Megatron-LM's group of the same parameters) and step in its
+    common state."""
+    for name in _ADAM_ARGS:
+        if (value := _value(ckpt_args, name)) is not None:
+            setattr(args, name, value)
+    model.ddp_config = DistributedDataParallelConfig()  # what megatron-core reads of a DDP-wrapped chunk
+    optimizer = build_optimizer(args, [model])
+    their_groups = {
+        _param_group_identity(group): group for groups in _values_under(their_state, "param_groups") for group in groups
+    }
+    for wrapper in optimizer.chained_optimizers:
+        wrapper.init_state_fn(wrapper.optimizer, wrapper.config)  # (torch's optimizers start theirs lazily)
+        for state in wrapper.optimizer.state.values():
+            state["step"] = torch.tensor(float(step))  # as torch's Adam counts it
+        for group in wrapper.optimizer.param_groups:
+            theirs = their_groups.get(_param_group_identity(group), {})
+            group.update({name: theirs[name] for name in _GROUP_SETTINGS if name in theirs})
+    return optimizer_sharded_state_dict(optimizer, model_sharded_state_dict(model), False), optimizer_parts(optimizer)
+
+
+def _requested_moments(pieces: dict, weights: dict, their_keys: dict) -> tuple[dict, list[str]]:
+    """``(our optimizer state's checkpoint key -> its pieces paired with the requests that read them from
+    the Megatron-LM checkpoint, what it lacks)``: each piece is read as its weight's piece is (the same
+    slice of the same tensor, under the optimizer's key), a main weight from Megatron-LM's or the weight."""
+    weight_requests = {
+        (piece.key, piece.global_offset): request for pairs in weights.values() for piece, request in pairs
+    }
+    moments, missing = {}, []
+    for key, key_pieces in pieces.items():
+        if not (match := _OPTIMIZER_KEY.fullmatch(key)):
+            continue
+        kind, model_key = match.groups()
+        pairs = moments[key] = []
+        for piece in key_pieces:
+            request = weight_requests[model_key, piece.global_offset]
+            source = _their_key(their_keys, _MAIN_WEIGHTS if kind in _MAIN_WEIGHTS else (kind,), request.key)
+            if source is None and kind not in _MAIN_WEIGHTS:
+                missing.append(f"optimizer.state.{kind}.{request.key}")
+            pairs.append((piece, dataclasses.replace(request, key=source or request.key)))
+    return moments, missing
+
+
+def _carried_moments(args, ckpt_args, common, saved, model, weights) -> tuple[dict, dict | None, int, str]:
+    """``(moments' pieces with their requests, our optimizer's sharded state dict or None, its parts, what
+    was done)``. Where the moments are carried, the weights are read from Megatron-LM's fp32 main weights
+    if it kept them (a bf16 run's): ours are the main weights, which continue the run exactly."""
+    their_keys, step, found = _megatron_lm_adam_state(ckpt_args, common, saved)
+    if their_keys is None:
+        return {}, None, 0, found
+    optimizer_state, parts = _our_optimizer_state(args, ckpt_args, common["optimizer"], model, step)
+    moments, missing = _requested_moments(model_layout(model, optimizer_state)[0], weights, their_keys)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        return {}, None, 0, f"not carried: its {found} state lacks {', '.join(missing[:3])}{more}"
+    main_weights = 0
+    for pairs in weights.values():
+        for _, request in pairs:
+            if key := _their_key(their_keys, _MAIN_WEIGHTS, request.key):
+                request.key, main_weights = key, main_weights + 1
+    source = ", the weights from its fp32 main weights" if main_weights else ""
+    return moments, optimizer_state, parts, f"carried ({found}: Adam's moments and step {step}{source})"
+
+
 def convert_megatron_lm_checkpoint(load: str, output: str, iteration: int | None = None,
                                    max_part_bytes: int = 5 * 2**30, progress: bool = True) -> dict:  # fmt: skip
     """Write our checkpoint ``output`` (iter_XXXXXXX at Megatron-LM's iteration, the tracker file) of the
     Megatron-LM checkpoint `load` (--save root or checkpoint directory), holding about `max_part_bytes`
-    of weights at a time (one weight, where one is larger); needs a one-process megatron-core parallel
-    state. Checks everything before writing. Returns a summary."""
+    of weights (and optimizer moments) at a time (one tensor, where one is larger); needs a one-process
+    megatron-core parallel state. Checks everything before writing. Returns a summary."""
     path = megatron_lm_checkpoint_dir(load, iteration)
     common = read_common_state(path)
     ckpt_args, saved = common.get("args"), saved_tensor_shapes(path)
@@ -395,7 +542,11 @@ def convert_megatron_lm_checkpoint(load: str, output: str, iteration: int | None
         raise CheckpointError(
             f"{path} lacks weights of the model its args describe{hint}: {', '.join(missing[:5])}{more}"
         )
-    _, objects, common_state = model_layout(model)  # once megatron-core's check of our pieces passed
+    moments, optimizer_state, chained_parts, moments_note = _carried_moments(
+        args, ckpt_args, common, saved, model, weights
+    )
+    # Once megatron-core's check of our pieces passed.
+    _, objects, common_state = model_layout(model, optimizer_state)
     schedule, schedule_note = _schedule_in_iterations(ckpt_args, common.get("opt_param_scheduler"))
     it = int(common.get("iteration") or 0)
     consumed = int(_value(ckpt_args, "consumed_train_samples") or it * (_value(ckpt_args, "global_batch_size") or 0))
@@ -404,19 +555,20 @@ def convert_megatron_lm_checkpoint(load: str, output: str, iteration: int | None
         writer = TorchDistPartsWriter(checkpoint_dir(temporary, it), max_part_bytes)
         for item in objects:  # the layers' (empty) extra state, in the first part
             writer.add(item)
-        total = sum(piece.data.nbytes for pairs in weights.values() for piece, _ in pairs)
+        tensors = {**weights, **moments}
+        total = sum(piece.data.nbytes for pairs in tensors.values() for piece, _ in pairs)
         with tqdm(total=total, desc="megatron-lm -> mcore", unit="B", unit_scale=True, disable=not progress) as bar:
-            for part, part_bytes in _parts(weights, max_part_bytes):
+            for part, part_bytes in _parts(tensors, max_part_bytes):
                 _write_part(writer, reader, part)
                 bar.update(part_bytes)
         parts = writer.finish(common_state)
         publish_weights_checkpoint(
-            args, temporary, output, it, consumed_samples=consumed, scheduler=schedule,
+            args, temporary, output, it, consumed_samples=consumed, scheduler=schedule, optimizer_parts=chained_parts,
             converted_from=os.path.abspath(path), megatron_lm_checkpoint_version=common.get("checkpoint_version"),
         )  # fmt: skip
     return {
         "iteration": it, "consumed_samples": consumed, "weights": len(weights), "parts": parts, "key_style": style,
-        "transformer_engine_names": renamed, "lr_schedule": schedule_note,
+        "transformer_engine_names": renamed, "lr_schedule": schedule_note, "optimizer": moments_note,
         "tokenizer": args.tokenizer_type or f"{_value(ckpt_args, 'tokenizer_type')} (tokenizes otherwise here: give yours)",
         "flags": flags + _tokenizer_flags(args),
     }  # fmt: skip

@@ -66,15 +66,19 @@ def meta_model(args, config):
     return model
 
 
-def model_layout(model) -> tuple[dict, list, dict]:
+def model_layout(model, optimizer_state: dict | None = None) -> tuple[dict, list, dict]:
     """``(checkpoint key -> its pieces, the ShardedObjects, the common state)`` of `model`'s sharded
-    state dict: megatron-core's factories applied and its check that the pieces cover each tensor
-    exactly once passed (save_preprocess, the first step of its save)."""
+    state dict (and `optimizer_state`, the optimizer's, where given): megatron-core's factories applied
+    and its check that the pieces cover each tensor exactly once passed (save_preprocess, the first
+    step of its save)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
 
-    sharded, common = save_preprocess({"model": model_sharded_state_dict(model)})
+    state = {"model": model_sharded_state_dict(model)}
+    if optimizer_state is not None:
+        state["optimizer"] = optimizer_state
+    sharded, common = save_preprocess(state)
     pieces, objects = {}, []
     for item in nested_values(sharded):
         if isinstance(item, ShardedTensor):

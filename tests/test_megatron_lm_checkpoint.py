@@ -75,6 +75,9 @@ MLM_WIDE_DENSE = dict(hidden_size=512, ffn_hidden_size=2048, num_attention_heads
                       add_bias_linear=False, position_embedding_type="rope", seq_length=16, max_position_embeddings=16)  # fmt: skip
 VOCAB = 99  # Megatron-LM's NullTokenizer: --vocab-size 99 and its end-of-document id, 100 ids
 GLOBAL_BATCH, ITERATION, TRAIN_ITERS = 4, 3, 5
+# pretrain_r1.py's training flags for the schedule of megatron_lm_args (besides the model's).
+TRAINING = ["--mock-data", "--micro-batch-size", "2", "--global-batch-size", str(GLOBAL_BATCH), "--lr", "1e-3",
+            "--lr-warmup-iters", "2", "--train-iters", str(TRAIN_ITERS)]  # fmt: skip
 
 
 def megatron_lm_args(**model) -> argparse.Namespace:
@@ -156,14 +159,19 @@ def megatron_lm_scheduler(steps: int):
     return scheduler
 
 
-def save_like_megatron_lm(model, ckpt_args, root: Path, rename: dict | None = None) -> Path:
-    """Megatron-LM's save_checkpoint of `model` at ITERATION under --save `root` (one rank)."""
+def save_like_megatron_lm(model, ckpt_args, root: Path, rename=None, optimizer=None, sharding_type=None) -> Path:
+    """Megatron-LM's save_checkpoint of `model` (and `optimizer`'s state: with --use-distributed-optimizer
+    in its `sharding_type`) at ITERATION under --save `root` (one rank)."""
     from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    sharded = model.sharded_state_dict(metadata={"singleton_local_shards": False, "dp_cp_group": group})
+    # Its _build_sharded_state_dict_metadata; content_metadata: the same without the process group.
+    content = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if sharding_type is not None:
+        content["distrib_optim_sharding_type"] = sharding_type
+    metadata = {**content, "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    sharded = model.sharded_state_dict(metadata=metadata)
     for item in nested_values(sharded):
         for local, fused in (rename or {}).items():
             item.key = item.key.replace(local, fused)
@@ -179,9 +187,10 @@ def save_like_megatron_lm(model, ckpt_args, root: Path, rename: dict | None = No
         "opt_param_scheduler": megatron_lm_scheduler(ITERATION).state_dict(), "num_floating_point_operations_so_far": 1.5e9,
         "rng_state": ShardedObject("rng_state", [rng], (1, 1), (0, 0), replica_id=0),
     }  # fmt: skip
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
     directory = root / f"iter_{ITERATION:07d}"
     directory.mkdir(parents=True)
-    content = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
     dist_checkpointing.save(state, str(directory), content_metadata=content)
     (root / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
     return directory
@@ -261,15 +270,170 @@ def test_gqa_moe_checkpoint_converts_with_its_weights_and_schedule_and_training_
         "num_steps": ITERATION, "lr_warmup_steps": 2, "lr_decay_steps": TRAIN_ITERS}  # fmt: skip
     flags = shlex.split(re.search(r"--no-load-optim \(to continue\) or --finetune: (.*)", output)[1])
     assert "--moe-router-load-balancing-type seq_aux_loss --moe-aux-loss-coeff 0.01" in shlex.join(flags)
-    training = ["--mock-data", "--micro-batch-size", "2", "--global-batch-size", str(GLOBAL_BATCH), "--lr", "1e-3",
-                "--lr-warmup-iters", "2", "--train-iters", str(TRAIN_ITERS), "--save", "continued"]  # fmt: skip
-    command = [sys.executable, str(REPO / "pretrain_r1.py"), *flags, *training, "--load", "ours", "--no-load-optim"]
+    command = [sys.executable, str(REPO / "pretrain_r1.py"), *flags, *TRAINING, "--save", "continued", "--load", "ours",
+               "--no-load-optim"]  # fmt: skip
     continued = run_command(command, tmp_path).stdout
     assert f"resumed from iteration {ITERATION} ({ITERATION * GLOBAL_BATCH} samples consumed)" in continued
     # The learning rate of the next iteration is the one Megatron-LM would have used.
     next_lr = megatron_lm_scheduler(ITERATION + 1).optimizer.param_groups[0]["lr"]
     assert re.search(rf"iteration +{ITERATION + 1}/ .* learning rate: {next_lr:E} ", continued), continued
     assert read_metadata(str(tmp_path / "continued" / f"iter_{TRAIN_ITERS:07d}"))["iteration"] == TRAIN_ITERS
+
+
+# Megatron-LM's args of a run with Adam (ours' defaults, which the straight run below trains with).
+MLM_ADAM = dict(optimizer="adam", adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.01)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """``(directory, model flags)``: pretrain_r1.py's run of TRAIN_ITERS iterations of the GQA-MoE model
+    with the flags the conversion prints for it, saved at ITERATION (the state Megatron-LM's checkpoints
+    below hold) and at the end (what continuing from that state gives)."""
+    from megatron_r1.megatron_lm_checkpoint import model_flags
+
+    flags = [*model_flags(megatron_lm_args(**MLM_GQA_MOE), 128), "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB + 1)]  # fmt: skip
+    directory = tmp_path_factory.mktemp("straight_run")
+    command = [sys.executable, str(REPO / "pretrain_r1.py"), *flags, *TRAINING, "--save", "straight"]
+    output = run_command([*command, "--save-interval", str(ITERATION)], directory).stdout
+    (directory / "straight.log").write_text(output)
+    return directory, flags
+
+
+def megatron_lm_optimizer(model, distributed: bool):
+    """megatron-core's optimizer as Megatron-LM's get_megatron_optimizer builds it for MLM_ADAM's args
+    (--use-distributed-optimizer: `distributed`), on `model` wrapped in its DDP; (optimizer, wrapped model)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed)
+    wrapped = DistributedDataParallel(model.config, ddp_config, model)
+    config = OptimizerConfig(optimizer="adam", lr=1e-3, min_lr=0.0, weight_decay=0.01, adam_beta1=0.9,
+                             adam_beta2=0.95, adam_eps=1e-8, use_distributed_optimizer=distributed)  # fmt: skip
+    return get_megatron_optimizer(config, [wrapped]), wrapped
+
+
+def write_megatron_lm_checkpoints_with_optimizer(run: Path, roots: dict) -> None:
+    """The straight run's state at ITERATION (weights, Adam moments and step) in megatron-core's optimizers
+    on the model built as Megatron-LM builds it, saved as Megatron-LM saves it under each of `roots`
+    (optimizer format -> --save root): "plain" without --use-distributed-optimizer, else the distributed
+    optimizer's sharding type. The plain optimizer loads the state as our loader does; the distributed
+    one gets each parameter's moments from it."""
+    from megatron_r1.arguments import transformer_config_from_args
+    from megatron_r1.checkpointing import optimizer_sharded_state_dict, read_checkpoint
+    from megatron_r1.sharded_tensors import model_sharded_state_dict
+
+    args = our_args(GQA_MOE)
+    plain = stock_local_gpt_model(args, transformer_config_from_args(args))
+    optimizer, _ = megatron_lm_optimizer(plain, distributed=False)
+    request = {"model": model_sharded_state_dict(plain)}
+    request["optimizer"] = optimizer_sharded_state_dict(optimizer, request, is_loading=True)
+    loaded = read_checkpoint(str(run / "straight" / f"iter_{ITERATION:07d}"), request)
+    plain.load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    (adam,) = [wrapper.optimizer for wrapper in optimizer.chained_optimizers]
+    for sharding_type in {form for form in roots if form != "plain"}:
+        distributed = stock_local_gpt_model(args, transformer_config_from_args(args))
+        distributed.load_state_dict(plain.state_dict())
+        dist_optimizer, _ = megatron_lm_optimizer(distributed, distributed=True)
+        (wrapper,) = dist_optimizer.chained_optimizers
+        wrapper.init_state_fn(wrapper.optimizer, wrapper.config)
+        for group, loaded_group in zip(wrapper.optimizer.param_groups, adam.param_groups, strict=True):
+            group.update({key: value for key, value in loaded_group.items() if key != "params"})
+        plain_params = dict(plain.named_parameters())
+        for name, param in distributed.named_parameters():
+            source = plain_params[name]
+            tensors = {"param": source.detach(), **{k: adam.state[source][k] for k in ("exp_avg", "exp_avg_sq")}}
+            # (One process: each shard is the whole parameter.)
+            with torch.no_grad():
+                wrapper._set_main_param_and_optimizer_states(param, {k: v.view(-1) for k, v in tensors.items()})
+        for state in wrapper.optimizer.state.values():
+            state["step"] = torch.tensor(float(ITERATION))
+        ckpt_args = megatron_lm_args(**MLM_GQA_MOE, **MLM_ADAM, use_distributed_optimizer=True)
+        save_like_megatron_lm(distributed, ckpt_args, roots[sharding_type], None, dist_optimizer, sharding_type)
+    if "plain" in roots:
+        save_like_megatron_lm(plain, megatron_lm_args(**MLM_GQA_MOE, **MLM_ADAM), roots["plain"], None, optimizer)
+
+
+def checkpoint_tensors(path: Path) -> dict:
+    """Every tensor (weights, optimizer state) of checkpoint `path`, read in this (one-process) world."""
+    from megatron.core import dist_checkpointing
+
+    return {
+        key: value for key, value in dist_checkpointing.load_plain_tensors(str(path)).items() if torch.is_tensor(value)
+    }
+
+
+def assert_same_tensors(expected: dict, actual: dict) -> None:
+    assert expected.keys() == actual.keys()
+    assert [key for key in expected if not torch.equal(expected[key], actual[key])] == []
+
+
+def test_adam_moments_convert_bit_for_bit_and_the_run_continues_as_with_megatron_lms_optimizer(
+    tmp_path, one_process, straight_run
+):
+    """Megatron-LM's plain optimizer and its --dist-ckpt-optim-fully-reshardable distributed one: the
+    conversion holds the state of the run that saved it (weights, moments: every tensor bit for bit, and
+    the same param groups and step), pretrain_r1.py continues from it with the printed flags (no
+    --no-load-optim) to the very checkpoint the run itself reached, where fresh moments lead elsewhere."""
+    from megatron_r1.checkpointing import read_common_state, read_metadata
+    from megatron_r1.megatron_lm_checkpoint import convert_megatron_lm_checkpoint
+
+    run, flags = straight_run
+    roots = {"plain": tmp_path / "mlm_plain", "fully_reshardable": tmp_path / "mlm_fully_reshardable"}
+    write_megatron_lm_checkpoints_with_optimizer(run, roots)
+    summary = convert_megatron_lm_checkpoint(str(roots["fully_reshardable"]), str(tmp_path / "ours_fr"), progress=False)
+    assert summary["optimizer"] == (
+        "carried (fully_reshardable: Adam's moments and step 3, the weights from its fp32 main weights)"
+    )
+    tool = [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "--direction", "mlm2mcore", "--no-progress"]
+    output = run_command([*tool, "--load", str(roots["plain"]), "--save", "ours"], tmp_path).stdout
+    assert '"optimizer": "carried (plain optimizer: Adam\'s moments and step 3)"' in output, output
+    printed = shlex.split(
+        re.search(r"\(to continue, with Megatron-LM's optimizer state\) or --finetune: (.*)", output)[1]
+    )
+    assert printed == flags
+    state = run / "straight" / f"iter_{ITERATION:07d}"
+    expected = checkpoint_tensors(state)
+    assert any(key.startswith("optimizer.state.exp_avg_sq.") for key in expected)
+    # The param groups (Megatron-LM's Adam settings) and step the resumed optimizer takes.
+    param_groups_and_step = repr(read_common_state(str(state))["optimizer"])
+    for converted in (tmp_path / "ours" / state.name, tmp_path / "ours_fr" / state.name):
+        assert_same_tensors(expected, checkpoint_tensors(converted))
+        assert repr(read_common_state(str(converted))["optimizer"]) == param_groups_and_step
+        assert read_metadata(str(converted))["optimizer_parts"] == 1
+    pretrain = [sys.executable, str(REPO / "pretrain_r1.py"), *printed, *TRAINING, "--load", "ours"]
+    continued = run_command([*pretrain, "--save", "continued"], tmp_path).stdout
+    assert f"resumed from iteration {ITERATION} " in continued
+    final = f"iter_{TRAIN_ITERS:07d}"
+    assert_same_tensors(
+        checkpoint_tensors(run / "straight" / final), checkpoint_tensors(tmp_path / "continued" / final)
+    )
+    # Fresh moments take another step: the next iteration's loss differs from the run's.
+    fresh = run_command([*pretrain, "--save", "fresh_moments", "--no-load-optim"], tmp_path).stdout
+    last_loss = rf"iteration +{TRAIN_ITERS}/ .*?\| lm loss: (\S+)"
+    assert re.search(last_loss, continued)[1] == re.search(last_loss, run.joinpath("straight.log").read_text())[1]
+    assert re.search(last_loss, fresh)[1] != re.search(last_loss, continued)[1]
+
+
+def test_dp_reshardable_moments_are_not_carried_and_the_summary_says_why(tmp_path, one_process, straight_run):
+    """Megatron-LM's default distributed-optimizer format (dp_reshardable: its DP ranks' buffers): the
+    weights are converted, the summary says the moments are not and names the flag that makes them
+    convertible, and the checkpoint holds no optimizer state (pretrain_r1.py asks for --no-load-optim)."""
+    from megatron_r1.checkpointing import read_metadata
+    from megatron_r1.megatron_lm_checkpoint import convert_megatron_lm_checkpoint
+
+    run, _ = straight_run
+    write_megatron_lm_checkpoints_with_optimizer(run, {"dp_reshardable": tmp_path / "mlm"})
+    summary = convert_megatron_lm_checkpoint(str(tmp_path / "mlm"), str(tmp_path / "ours"), progress=False)
+    assert summary["optimizer"].startswith(
+        "not carried: Megatron-LM's distributed optimizer saved them as dp_reshardable"
+    )
+    assert "--dist-ckpt-optim-fully-reshardable" in summary["optimizer"]
+    converted = tmp_path / "ours" / f"iter_{ITERATION:07d}"
+    assert read_metadata(str(converted))["optimizer_parts"] == 0
+    straight = checkpoint_tensors(run / "straight" / f"iter_{ITERATION:07d}")
+    assert_same_tensors({key: value for key, value in straight.items() if not key.startswith("optimizer.")},
+                        checkpoint_tensors(converted))  # fmt: skip
 
 
 @pytest.mark.parametrize("model", ["mla_moe_transformer_engine_bf16", "dense_layernorm_local"])

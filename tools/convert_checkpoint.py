@@ -17,8 +17,9 @@ DeepSeek-V3 / R1 / V2 / V2-Lite, Qwen3 and Mixtral directories among them) and p
 
     # Megatron-LM (pretrain_gpt.py --ckpt-format torch_dist) -> ours, at its iteration
     python tools/convert_checkpoint.py --direction mlm2mcore --load mlm_save_dir [--ckpt-step N] --save ckpt
-    python pretrain_r1.py --load ckpt --no-load-optim <the flags printed by the conversion> ...   # continue
-    python pretrain_r1.py --load ckpt --finetune <the flags printed by the conversion> ...        # or start anew
+    python pretrain_r1.py --load ckpt <the flags printed by the conversion> ...   # continue (the Adam moments
+                                                  # carried; else the printed command adds --no-load-optim)
+    python pretrain_r1.py --load ckpt --finetune <the flags printed by the conversion> ...   # or start anew
 
 mcore2hf reads one layer at a time (megatron-core's dist_checkpointing reassembles each tensor from
 however many TP/PP/EP shards were saved and reads only the requested bytes) and writes safetensors
@@ -38,12 +39,15 @@ models, in this process, after the conversion.
 
 mlm2mcore maps the args Megatron-LM saved in common.pt to our model flags (a setting ours cannot
 represent is refused naming Megatron-LM's flag), reads the weights (Megatron-LM's stacked layers and
-TransformerEngine's layer names included) and writes them with the iteration, the consumed samples and
-the LR schedule; not the optimizer moments (continue with --no-load-optim) nor the RNG states
+TransformerEngine's layer names included) and writes them with the iteration, the consumed samples,
+the LR schedule and Adam's moments and step where Megatron-LM saved them per parameter: its plain
+optimizer's, or its distributed optimizer's with --dist-ckpt-optim-fully-reshardable. Its distributed
+optimizer's default format (dp_reshardable, bound to its DP layout) is not converted: the summary says
+so, and the printed command continues with --no-load-optim (fresh moments). Not the RNG states
 (megatron_r1/megatron_lm_checkpoint.py). It reads a part's worth of tensors at a time (each one
-layer's slice of Megatron-LM's stacked tensor, or one expert's weights; only those slices) and writes
-them as a torch_dist part of --max-shard-size before reading on: peak memory is about one part in
-fp32 (or one tensor, where one is larger), not the model (measured by benchmarks/bench_convert.py).
+layer's slice of Megatron-LM's stacked tensor, or one expert's weights or moments; only those slices)
+and writes them as a torch_dist part of --max-shard-size before reading on: peak memory is about one
+part in fp32 (or one tensor, where one is larger), not the model (measured by benchmarks/bench_convert.py).
 
 Everything is checked (architecture representable, every tensor present with the configured shape)
 before anything is written; the output appears under its final name only when complete.
@@ -77,7 +81,8 @@ def build_parser():
         "--direction",
         choices=["mcore2hf", "hf2mcore", "mlm2mcore"],
         required=True,
-        help="mlm2mcore: a Megatron-LM torch_dist checkpoint to ours",
+        help="mlm2mcore: a Megatron-LM torch_dist checkpoint to ours (with its Adam moments where saved per "
+        "parameter: its plain optimizer, or --dist-ckpt-optim-fully-reshardable)",
     )
     parser.add_argument(
         "--load",
@@ -105,7 +110,7 @@ def build_parser():
         "--max-shard-size",
         type=_size,
         default=_size("5GB"),
-        help="mcore2hf: safetensors shard size; hf2mcore, mlm2mcore: the weights written per torch_dist part, "
+        help="mcore2hf: safetensors shard size; hf2mcore, mlm2mcore: the tensors written per torch_dist part, "
         "which bounds the memory the conversion holds",
     )
     parser.add_argument(
@@ -217,11 +222,12 @@ def main(argv=None):
     print(f"converted {args.load} -> {args.save} ({args.direction})")
     print(json.dumps(summary, indent=1))
     if flags and args.direction == "mlm2mcore":
-        how = (
-            "--no-load-optim (to continue) or --finetune"
-            if summary["lr_schedule"].startswith("carried")
-            else "--finetune"
-        )
+        if not summary["lr_schedule"].startswith("carried"):
+            how = "--finetune"
+        elif summary["optimizer"].startswith("carried"):
+            how = "(to continue, with Megatron-LM's optimizer state) or --finetune"
+        else:  # its moments were not carried: continue with fresh ones
+            how = "--no-load-optim (to continue) or --finetune"
         print(f"model flags for pretrain_r1.py --load {args.save} {how}: " + shlex.join(flags))
     elif flags:
         print("model flags for pretrain_r1.py --load " + args.save + " --finetune: " + shlex.join(flags))
