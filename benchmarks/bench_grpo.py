@@ -9,11 +9,12 @@ In one run, on one device (CUDA in bf16 when available, else the CPU in fp32):
    exported to Hugging Face in process (``megatron_r1.hf.export.export_to_hf``, what
    ``tools/convert_checkpoint.py --direction mcore2hf`` runs);
 2. rollouts: the first ``--prompts`` prompts of ``megatron_r1/assets/tiny_grpo.jsonl`` in the chat
-   template, ``--group-size`` responses each, exactly ``--max-new-tokens`` new tokens per response,
+   template (all of one length; ``--varied-lengths N`` gives prompt i i x N more tokens), ``--group-size``
+   responses each, exactly ``--max-new-tokens`` new tokens per response,
    sampled at temperature 1 without top-k/top-p, fixed seeds:
 
-   * megatron_r1: ``megatron_r1.rl.rollout.generate_rollouts`` (what grpo_r1.py runs: the prompts of one
-     length decode together, megatron-core's static KV cache) on the checkpoint's model; its
+   * megatron_r1: ``megatron_r1.rl.rollout.generate_rollouts`` (what grpo_r1.py runs: all prompts decode
+     together, whatever their lengths, megatron-core's static KV cache) on the checkpoint's model; its
      stop id is one outside the vocabulary, so no response ends early;
    * transformers, per prompt: ``AutoModelForCausalLM.from_pretrained(export).generate`` with
      ``num_return_sequences=G`` per prompt, ``min_new_tokens =
@@ -112,6 +113,14 @@ def train_tokenizer(workdir: Path) -> str:
 def prompt_records() -> list[dict]:
     with open(PROMPTS) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def varied_lengths(prompts: list[list[int]], step: int) -> list[list[int]]:
+    """Prompt i with i x `step` more tokens after its first (the prompts' own tokens, repeated): a
+    round of as many prompt lengths as prompts, as a real prompt set has."""
+    filler = [token for prompt in prompts for token in prompt[1:]] or [prompts[0][0]]
+    filler = filler * (1 + len(prompts) * step // len(filler))
+    return [prompt[:1] + filler[: i * step] + prompt[1:] for i, prompt in enumerate(prompts)]
 
 
 def rendered_prompts(tokenizer_model: str) -> list[list[int]]:
@@ -321,12 +330,18 @@ def parse_options(argv=None):
     parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds")
     parser.add_argument("--grpo-iterations", type=int, default=3, help="grpo_r1.py iterations (0: no step split)")
     parser.add_argument("--no-batched", action="store_true", help="leave out transformers over all prompts at once")
+    parser.add_argument(
+        "--varied-lengths",
+        type=int,
+        default=0,
+        help="the rollout comparison's prompt i gets i x N more tokens (0: the bundled prompts, all of one length)",
+    )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--workdir", default=None, help="keep tokenizer, checkpoint and export here (reused)")
     options = parser.parse_args(argv)
     for flag, minimum in (("prompts", 1), ("group_size", 2), ("max_new_tokens", 1), ("warmup", 0), ("rounds", 1),
-                          ("grpo_iterations", 0), ("threads", 1)):  # fmt: skip
+                          ("grpo_iterations", 0), ("threads", 1), ("varied_lengths", 0)):  # fmt: skip
         value = getattr(options, flag)
         if value is not None and value < minimum:
             parser.error(f"--{flag.replace('_', '-')} must be at least {minimum}, got {value}")
@@ -390,14 +405,15 @@ def main(argv=None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer_model = train_tokenizer(workdir)
     every_prompt = rendered_prompts(tokenizer_model)
-    seq_length = max(128, -(-(max(map(len, every_prompt)) + options.max_new_tokens) // 64) * 64)
+    prompts = varied_lengths(every_prompt[: options.prompts], options.varied_lengths)
+    seq_length = max(128, -(-(max(map(len, every_prompt + prompts)) + options.max_new_tokens) // 64) * 64)
     flags = model_flags(options.preset, seq_length)
     initialize_distributed(seed=options.seed)
     try:
         checkpoint = make_checkpoint(
             workdir, flags, tokenizer_model, f"ckpt_{options.preset}_{seq_length}_seed{options.seed}", options.seed
         )
-        compare_rollouts(workdir, checkpoint, every_prompt[: options.prompts], options, device, dtype)
+        compare_rollouts(workdir, checkpoint, prompts, options, device, dtype)
     finally:
         destroy_distributed()
     if options.grpo_iterations:

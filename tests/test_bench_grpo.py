@@ -10,8 +10,9 @@ from conftest import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks" / "bench_grpo.py"
-SMALLEST = ["--prompts", "1", "--group-size", "2", "--max-new-tokens", "4", "--warmup", "0", "--rounds", "1",
-            "--grpo-iterations", "1"]  # fmt: skip
+# Two prompts of different lengths: rows finish while the longer prompt's are still fed.
+SMALLEST = ["--prompts", "2", "--varied-lengths", "3", "--group-size", "2", "--max-new-tokens", "4", "--warmup", "0",
+            "--rounds", "1", "--grpo-iterations", "1"]  # fmt: skip
 NUMBER = r"([0-9.]+(?:e[-+]\d+)?)"
 
 
@@ -22,13 +23,16 @@ def test_bench_grpo_prints_rollout_rates_and_the_step_split(tmp_path):
     same = re.search(rf"^same model: prefill logits .*: largest {NUMBER}, median position {NUMBER}$", output, re.M)
     # fp32: the same function; bf16: rounding, and at a few positions another expert on a near tie.
     assert float(same.group(1)) < 1e-4 if device.group(1) == "float32" else float(same.group(2)) < 3e-2, output
-    assert "1 prompts (" in output and "x 2 responses x 4 new tokens = 8 tokens per round" in output
+    lengths = re.search(
+        r"^rollouts: 2 prompts \((\d+)-(\d+) tokens\) x 2 responses x 4 new tokens = 16 tokens", output, re.M
+    )
+    assert lengths and int(lengths.group(2)) == int(lengths.group(1)) + 3, output
     for name in ("megatron_r1", r"transformers \(per prompt\)", r"transformers \(all prompts\)"):
         row = re.search(rf"^{name} +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER}$", output, re.M)
         assert row and float(row.group(3)) > 0, (name, output)
     for peer in ("per prompt", "all prompts"):
         assert re.search(rf"^ratio megatron_r1 / transformers \({peer}\) tokens/s: {NUMBER} \(best", output, re.M)
-    assert "GRPO step split (grpo_r1.py, iteration 1; 1 prompts x 2 responses" in output, output
+    assert "GRPO step split (grpo_r1.py, iteration 1; 2 prompts x 2 responses" in output, output
     shares = re.findall(r"^  (.+?) +(-?[0-9.]+) s +(-?[0-9.]+)%$", output, re.M)
     names = [name for name, _, _ in shares]
     assert names[0] == "rollout time (s)" and "update time (s)" in names and names[-1].startswith("other"), shares

@@ -142,7 +142,10 @@ def _decode(model, prompts, prefill_length, generators, group_size, max_new_toke
         writing, column = answering & ~finished, (position - prompt_lengths).clamp(0, max_new_tokens - 1)[:, None]
         distribution = torch.log_softmax(logits.float() / sampling.temperature, dim=-1)
         kept = log_probs.gather(1, column)
-        log_probs.scatter_(1, column, torch.where(writing[:, None], distribution.gather(-1, new[:, None]), kept))
+        written = distribution.gather(
+            -1, torch.where(writing, new, 0)[:, None]
+        )  # a stop id may lie past the vocabulary
+        log_probs.scatter_(1, column, torch.where(writing[:, None], written, kept))
         responded = position - prompt_lengths + 1
         ending = answering & ~finished & torch.isin(new, stops)
         lengths = torch.where(ending, responded, lengths)
@@ -152,7 +155,8 @@ def _decode(model, prompts, prefill_length, generators, group_size, max_new_toke
             break
         context.sequence_len_offset = position  # the next token's cache slot
         context.enable_decode_mode()
-        step_input = tokens[:, position : position + 1]
+        # A finished row's stop id (which may lie past the vocabulary) is fed but never read.
+        step_input = tokens[:, position : position + 1].clamp(max=vocab_size - 1)
     return tokens, lengths, log_probs
 
 
