@@ -78,6 +78,12 @@ def optimizer_parts(optimizer) -> int:
     return len(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+def optimizer_kind(args) -> str:
+    """Which of megatron-core's optimizers the flags build: each keeps other state (the distributed
+    optimizer and mixed precision keep fp32 main weights, under other keys)."""
+    return f"{'distributed' if args.use_distributed_optimizer else 'plain'} {'bf16' if args.bf16 else 'fp32'}"
+
+
 def optimizer_sharded_state_dict(optimizer, model_sharded: dict, is_loading: bool) -> dict:
     """The optimizer's state as our checkpoints hold it: in model space (each parameter's moments
     under its model key, "optimizer.state.exp_avg.<key>"), whatever the TP/PP/EP/DP layout."""
@@ -168,6 +174,7 @@ def save_checkpoint(args, state) -> str:
         "scheduler": state.scheduler.state_dict(),
         "layout": _layout(args),
         "optimizer_parts": 0 if args.no_save_optim else optimizer_parts(state.optimizer),
+        "optimizer_kind": optimizer_kind(args),
         "rng_saved": not args.no_save_rng,
         "model_args": {name: getattr(args, name) for name in MODEL_SHAPE_ARGS + MODEL_FUNCTION_ARGS},
     }
@@ -515,6 +522,13 @@ def load_checkpoint(args, state) -> bool:
         raise CheckpointError(
             f"{path}: saved without its optimizer state (--no-save-optim); resume from it with "
             "--no-load-optim (fresh optimizer moments) or --finetune"
+        )
+    saved_kind = metadata.get("optimizer_kind", optimizer_kind(args))  # older checkpoints: not recorded
+    if load_optimizer and saved_kind != optimizer_kind(args):
+        raise CheckpointError(
+            f"{path}: its optimizer state is a {saved_kind} optimizer's, these flags build a {optimizer_kind(args)} one "
+            "(--use-distributed-optimizer, --bf16), which keeps other state: resume with the saved run's "
+            "flags, or with --no-load-optim (fresh optimizer moments)"
         )
     if load_optimizer and saved_parts != optimizer_parts(state.optimizer):
         raise CheckpointError(

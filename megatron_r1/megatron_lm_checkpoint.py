@@ -73,6 +73,7 @@ from megatron_r1.checkpointing import (
     TRACKER_FILE,
     CheckpointError,
     checkpoint_dir,
+    optimizer_kind,
     optimizer_parts,
     optimizer_sharded_state_dict,
     publish_weights_checkpoint,
@@ -564,6 +565,7 @@ def convert_megatron_lm_checkpoint(load: str, output: str, iteration: int | None
         parts = writer.finish(common_state)
         publish_weights_checkpoint(
             args, temporary, output, it, consumed_samples=consumed, scheduler=schedule, optimizer_parts=chained_parts,
+            optimizer_kind=optimizer_kind(args),
             converted_from=os.path.abspath(path), megatron_lm_checkpoint_version=common.get("checkpoint_version"),
         )  # fmt: skip
     return {

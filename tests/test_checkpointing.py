@@ -236,6 +236,26 @@ def test_a_checkpoint_without_optimizer_state_resumes_only_with_no_load_optim(tm
     assert "resumed from iteration 3 " in output and " iteration        4/       4 |" in output
 
 
+def test_an_optimizer_of_another_kind_resumes_only_with_no_load_optim(tmp_path, time_limited_run):
+    """The distributed optimizer keeps other state than the plain one the run saved: one clear error
+    naming the flags, not megatron-core's missing-key dump."""
+    shutil.copytree(time_limited_run[1], tmp_path / "ckpt")
+    command = [
+        sys.executable,
+        str(PRETRAIN),
+        *TINY,
+        "--train-iters",
+        "100",
+        "--load",
+        "ckpt",
+        "--use-distributed-optimizer",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    message = "its optimizer state is a plain fp32 optimizer's, these flags build a distributed fp32 one"
+    assert message in result.stderr and "KeyError" not in result.stderr, result.stderr[-2000:]
+
+
 def test_code_in_a_checkpoint_pickle_is_refused_before_it_runs(tmp_path, time_limited_run):
     from megatron_r1.checkpointing import CheckpointError, refuse_executable_pickles
 
