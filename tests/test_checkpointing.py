@@ -152,40 +152,27 @@ def test_exit_duration_in_mins_saves_and_exits(time_limited_run):
     assert (checkpoints / "latest_checkpointed_iteration.txt").read_text() == "1"
 
 
+def failed_resume(run, cwd, *argv) -> str:
+    """The error output of pretrain_r1.py `argv` on a copy of `run`'s checkpoint (in cwd/ckpt), which
+    must fail."""
+    shutil.copytree(run[1], cwd / "ckpt")
+    command = [sys.executable, str(PRETRAIN), *TINY, "--load", "ckpt", *argv]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, result.stdout[-2000:]
+    return result.stderr
+
+
 def test_dist_ckpt_strictness_reaches_the_loader(tmp_path, time_limited_run):
     """raise_all: the optimizer state that --no-load-optim leaves in the checkpoint stops the load."""
-    shutil.copytree(time_limited_run[1], tmp_path / "ckpt")
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(PRETRAIN),
-            *TINY,
-            "--train-iters",
-            "100",
-            "--load",
-            "ckpt",
-            "--no-load-optim",
-            "--dist-ckpt-strictness",
-            "raise_all",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
+    stderr = failed_resume(
+        time_limited_run, tmp_path, "--train-iters", "100", "--no-load-optim", "--dist-ckpt-strictness", "raise_all"
     )
-    assert result.returncode != 0
-    assert "Some keys found in the checkpoint are missing" in result.stderr, result.stderr[-2000:]
+    assert "Some keys found in the checkpoint are missing" in stderr, stderr[-2000:]
 
 
 def test_a_checkpoint_of_another_shape_is_refused_naming_the_flag(tmp_path, time_limited_run):
-    shutil.copytree(time_limited_run[1], tmp_path / "ckpt")
-    result = subprocess.run(
-        [sys.executable, str(PRETRAIN), *TINY, "--hidden-size", "64", "--train-iters", "3", "--load", "ckpt"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode != 0
-    assert "--hidden-size 32 (checkpoint) vs 64 (now)" in result.stderr, result.stderr[-2000:]
+    stderr = failed_resume(time_limited_run, tmp_path, "--hidden-size", "64", "--train-iters", "3")
+    assert "--hidden-size 32 (checkpoint) vs 64 (now)" in stderr, stderr[-2000:]
 
 
 def test_a_checkpoint_of_another_transformer_impl_is_refused_naming_the_flag(tmp_path, time_limited_run):
@@ -239,21 +226,9 @@ def test_a_checkpoint_without_optimizer_state_resumes_only_with_no_load_optim(tm
 def test_an_optimizer_of_another_kind_resumes_only_with_no_load_optim(tmp_path, time_limited_run):
     """The distributed optimizer keeps other state than the plain one the run saved: one clear error
     naming the flags, not megatron-core's missing-key dump."""
-    shutil.copytree(time_limited_run[1], tmp_path / "ckpt")
-    command = [
-        sys.executable,
-        str(PRETRAIN),
-        *TINY,
-        "--train-iters",
-        "100",
-        "--load",
-        "ckpt",
-        "--use-distributed-optimizer",
-    ]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
+    stderr = failed_resume(time_limited_run, tmp_path, "--train-iters", "100", "--use-distributed-optimizer")
     message = "its optimizer state is a plain fp32 optimizer's, these flags build a distributed fp32 one"
-    assert message in result.stderr and "KeyError" not in result.stderr, result.stderr[-2000:]
+    assert message in stderr and "KeyError" not in stderr, stderr[-2000:]
 
 
 def test_code_in_a_checkpoint_pickle_is_refused_before_it_runs(tmp_path, time_limited_run):
