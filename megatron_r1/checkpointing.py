@@ -289,10 +289,15 @@ def find_checkpoint(args) -> str | None:
 
 
 def _latest_checkpoint(root: str) -> str | None:
-    """The directory `root`'s tracker file names (None without a tracker file)."""
+    """The directory `root`'s tracker file names. Without a tracker file, the newest published
+    checkpoint (a run killed between a first checkpoint's rename and the tracker's write: a directory
+    under its final name is complete) or None (no checkpoint yet)."""
     tracker = os.path.join(root, TRACKER_FILE)
     if not os.path.exists(tracker):
-        return None
+        published = [
+            i for i in _saved_iterations(root) if os.path.isfile(os.path.join(checkpoint_dir(root, i), METADATA_FILE))
+        ]
+        return checkpoint_dir(root, max(published)) if published else None
     with open(tracker, "rb") as f:
         text = f.read(64).decode("utf-8", errors="replace").strip()
     if not re.fullmatch(r"[0-9]+", text):

@@ -97,6 +97,22 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_the_latest(tmp_path)
     ]
 
 
+def test_a_run_killed_before_its_first_tracker_write_resumes_from_the_published_checkpoint(tmp_path):
+    """The first checkpoint renamed into place, the tracker file not yet written: that checkpoint is
+    the latest (a directory under its final name is complete; one being written is not)."""
+    import argparse
+
+    from megatron_r1.checkpointing import find_checkpoint
+
+    root = argparse.Namespace(load=str(tmp_path), ckpt_step=None)
+    (tmp_path / "iter_0000004.tmp").mkdir()
+    assert find_checkpoint(root) is None
+    for iteration in (2, 3):
+        (tmp_path / f"iter_000000{iteration}").mkdir()
+    (tmp_path / "iter_0000002" / "megatron_r1.json").write_text("{}")
+    assert find_checkpoint(root) == str(tmp_path / "iter_0000002")  # iter_0000003 has no metadata: not published
+
+
 def test_distributed_optimizer_state_survives_save_and_load(tmp_path):
     """DP=2, 2 micro-batches per rank, 4 steps straight (saving at 2 and 4), against
     - 2 steps, an (asynchronous) save, a resume and 2 more steps with --overlap-grad-reduce
