@@ -16,8 +16,14 @@ refused, the global batch = prompts x group size, the prompt files exist, ...) b
 it needs to render prompts: without --tokenizer-model the dry run sizes the vocabulary from
 --vocab-size.
 
+--hf-config takes the model from a Hugging Face config.json (the published DeepSeek-V3/R1/V2-Lite,
+Qwen3, Mixtral, Llama ones: the flags tools/convert_checkpoint.py --direction hf2mcore would print);
+flags given after it override its (e.g. --seq-length: config.json's is the longest context).
+
 Example:
   WORLD_SIZE=1024 python tools/model_size.py --gpus-per-node 8 --gpu-memory-gb 80 --mock-data ...
+  WORLD_SIZE=64 python tools/model_size.py --hf-config DeepSeek-V3/config.json --seq-length 4096 \
+      --expert-model-parallel-size 64 --micro-batch-size 1 --use-distributed-optimizer --bf16 --mock-data
   DRY_RUN=1 bash examples/pretrain_deepseek_v3.sh      # runs this tool with the preset's flags
   DRY_RUN=1 PRETRAINED=ckpt bash examples/grpo_deepseek_v3.sh   # with --grpo and grpo_r1.py's flags
 """
@@ -41,11 +47,25 @@ _HINTS = {
 }
 
 
-def _grpo_requested(argv) -> bool:
-    """--grpo among the arguments: it decides which flags the parser knows, so it is read first."""
-    grpo = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    grpo.add_argument("--grpo", action="store_true")
-    return grpo.parse_known_args(argv)[0].grpo
+def _read_first(argv) -> argparse.Namespace:
+    """--grpo (it decides which flags the parser knows) and --hf-config (its flags come first), read
+    before the rest."""
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--grpo", action="store_true")
+    first.add_argument("--hf-config", default=None)
+    return first.parse_known_args(argv)[0]
+
+
+def _hf_model_flags(path: str, error) -> list[str]:
+    """The model flags of Hugging Face config.json `path` (hf2mcore's), or `error` naming the file."""
+    from megatron_r1.hf.config import UnsupportedModelError
+    from megatron_r1.hf.model_flags import args_from_hf_config
+    from megatron_r1.jsonfile import read_json_object
+
+    try:
+        return args_from_hf_config(read_json_object(path, UnsupportedModelError), path)
+    except (UnsupportedModelError, OSError) as problem:
+        error(f"--hf-config: {problem}")
 
 
 def _validate_grpo(args, error) -> None:
@@ -66,7 +86,8 @@ def _refuse_grpo_flags(parser, argv) -> None:
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(__doc__)
-    grpo = _grpo_requested(argv)
+    first = _read_first(argv)
+    grpo = first.grpo
     if grpo:
         add_grpo_arguments(parser)
     dry_run = parser.add_argument_group("dry run (this tool only)")
@@ -74,6 +95,11 @@ def parse_args(argv=None):
         "--grpo",
         action="store_true",
         help="size grpo_r1.py's launch: take and check its flags, count its reference policy and rollouts",
+    )
+    dry_run.add_argument(
+        "--hf-config",
+        default=None,
+        help="the model of this Hugging Face config.json (the flags hf2mcore prints); later flags override its",
     )
     dry_run.add_argument(
         "--gpus-per-node",
@@ -87,6 +113,8 @@ def parse_args(argv=None):
         default=None,
         help="memory of one GPU in GB (1e9 bytes): check that the busiest pipeline stage fits",
     )
+    if first.hf_config:
+        argv = [*_hf_model_flags(first.hf_config, parser.error), *argv]
     if not grpo:
         _refuse_grpo_flags(parser, argv)
     args = parse_known_flags(parser, argv)  # an unknown flag is named, with the closest known one

@@ -179,3 +179,24 @@ def test_grpo_flags_without_grpo_are_refused_naming_it():
     result = run_tool(TINY + ["--vocab-size", "100", "--kl-coef", "0", "--grpo-group-size", "4"])
     assert result.returncode == 2
     assert "--kl-coef, --grpo-group-size: grpo_r1.py's, not pretrain_r1.py's: add --grpo" in result.stderr
+
+
+def test_hf_config_gives_the_model_that_hf2mcore_would_and_later_flags_override_it(tmp_path):
+    """The tiny model's config.json (as export writes it) sizes as the tiny model's own flags do; a
+    config.json no model represents is one error naming it."""
+    import json
+
+    from megatron_r1.arguments import build_parser
+    from megatron_r1.hf.config import export_fields
+
+    flags = [*TINY, "--qk-layernorm", "--vocab-size", "100"]
+    args = build_parser("").parse_args(flags)
+    args.max_position_embeddings, args.virtual_pipeline_model_parallel_size = args.seq_length, None
+    (tmp_path / "config.json").write_text(json.dumps(export_fields(args, 100)))
+    run = ["--mock-data", "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4"]
+    from_config, from_flags = run_tool(["--hf-config", str(tmp_path / "config.json"), *run]), run_tool(flags)
+    assert from_config.returncode == 0, from_config.stderr
+    assert from_config.stdout == from_flags.stdout
+    (tmp_path / "config.json").write_text(json.dumps({**export_fields(args, 100), "hidden_act": "gelu"}))
+    refused = run_tool(["--hf-config", str(tmp_path / "config.json"), *run])
+    assert refused.returncode != 0 and f"--hf-config: {tmp_path / 'config.json'}: hidden_act 'gelu'" in refused.stderr
