@@ -15,7 +15,12 @@ from megatron_r1.rl.rewards import BUILTIN_REWARDS
 
 def add_grpo_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_preparation_arguments(parser)
-    prompts = parser.add_argument_group("GRPO prompts and rollouts")
+    _add_rollout_arguments(parser.add_argument_group("GRPO prompts and rollouts"))
+    _add_reward_arguments(parser.add_argument_group("GRPO rewards"))
+    _add_objective_arguments(parser.add_argument_group("GRPO objective"))
+
+
+def _add_rollout_arguments(prompts) -> None:
     prompts.add_argument(
         "--prompt-data", nargs="+", default=None, help="JSONL prompt files (prompt or messages, + fields)"
     )
@@ -39,7 +44,8 @@ def add_grpo_arguments(parser: argparse.ArgumentParser) -> None:
     prompts.add_argument("--top-p", type=float, default=1.0)
     prompts.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
 
-    rewards = parser.add_argument_group("GRPO rewards")
+
+def _add_reward_arguments(rewards) -> None:
     rewards.add_argument(
         "--reward",
         nargs="*",
@@ -68,7 +74,8 @@ def add_grpo_arguments(parser: argparse.ArgumentParser) -> None:
         help="DAPO's soft overlong punishment over the last N tokens of --max-response-length (0: off)",
     )
 
-    objective = parser.add_argument_group("GRPO objective")
+
+def _add_objective_arguments(objective) -> None:
     objective.add_argument("--grpo-iterations", type=int, default=1, help="updates per rollout batch (mu)")
     objective.add_argument("--clip-ratio-low", type=float, default=0.2)
     objective.add_argument("--clip-ratio-high", type=float, default=0.2, help="DAPO's clip-higher: e.g. 0.28")
