@@ -156,9 +156,9 @@ def _count_sources(args, paths: dict[str, list[str]], input_bytes: int, bad: Ski
     return counts
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _checked_sources(parser, args) -> tuple[dict, dict, dict, list]:
+    """``(normalised weights, input paths by source, --prefix by source, every input path)``;
+    parser.error on bad flags or inputs."""
     if args.workers < 1:
         parser.error("--workers must be >= 1")
     sources = dict(args.source)
@@ -183,7 +183,13 @@ def main(argv: list[str] | None = None) -> int:
                 check_output_not_input(output, every_path, flag)
     except (InputError, MixtureError) as error:
         parser.error(str(error))
+    return weights, paths, prefixes, every_path
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    weights, paths, prefixes, every_path = _checked_sources(parser, args)
     started = time.perf_counter()
     bad = SkipCounter(strict=args.strict)
     try:

@@ -110,9 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _checked_inputs(parser, args):
+    """``(config, its bands and rows, input paths, clusters path)``; parser.error on bad flags or inputs."""
     if not 0.0 < args.threshold < 1.0:
         parser.error(f"--threshold must be in (0, 1), got {args.threshold}")
     if args.num_perm < 1 or args.ngram < 1 or args.workers < 1:
@@ -145,7 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     if len(paths) > 65535:
         parser.error(f"--input: at most 65535 files per run, got {len(paths)}")
+    return config, (bands, rows), paths, clusters_path
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config, (bands, rows), paths, clusters_path = _checked_inputs(parser, args)
     started = time.perf_counter()
     input_bytes = total_bytes(paths)
     temporary_directory = args.tmp_dir or os.path.dirname(os.path.abspath(args.output))

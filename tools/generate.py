@@ -47,6 +47,23 @@ def build_parser():
     return parser
 
 
+def _prompt_and_stop_ids(args, tokenizer) -> tuple[list[int], list[int]]:
+    """The prompt's token ids (given, tokenized, or the chat template's rendering up to the assistant
+    turn) and the ids generation stops after (the end of the document, or of the assistant turn)."""
+    from megatron_r1.data.sft import ChatTemplate
+
+    stop_ids = [tokenizer.eod] if tokenizer and tokenizer.eod is not None else []
+    if args.prompt_ids:
+        return args.prompt_ids, stop_ids
+    text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
+    if not args.chat:
+        return tokenizer.tokenize(text), stop_ids
+    template = ChatTemplate(tokenizer)
+    turns = [{"role": "system", "content": args.system}] if args.system is not None else []
+    prompt = template.render([*turns, {"role": "user", "content": text}], add_generation_prompt=True)[0]
+    return prompt, template.end_ids
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -61,7 +78,6 @@ def main(argv=None):
     from tqdm import tqdm
 
     from megatron_r1.checkpointing import CheckpointError, checkpoint_dir
-    from megatron_r1.data.sft import ChatTemplate
     from megatron_r1.distributed import destroy_distributed, initialize_distributed
     from megatron_r1.generation import generate, load_model
     from megatron_r1.hf.config import resolve_checkpoint
@@ -85,20 +101,7 @@ def main(argv=None):
         parser.error(
             "text prompts need a tokenizer: --tokenizer-model (none was saved with the checkpoint), or use --prompt-ids"
         )
-    stop_ids = [tokenizer.eod] if tokenizer and tokenizer.eod is not None else []
-    if args.prompt_ids:
-        prompt = args.prompt_ids
-    else:
-        text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
-        if args.chat:
-            template = ChatTemplate(tokenizer)
-            turns = ([{"role": "system", "content": args.system}] if args.system is not None else []) + [
-                {"role": "user", "content": text}
-            ]
-            prompt = template.render(turns, add_generation_prompt=True)[0]
-            stop_ids = template.end_ids
-        else:
-            prompt = tokenizer.tokenize(text)
+    prompt, stop_ids = _prompt_and_stop_ids(args, tokenizer)
     vocab_size = model_args.vocab_size or model_args.padded_vocab_size
     if not prompt or max(prompt) >= vocab_size or min(prompt) < 0:
         parser.error(f"the prompt must be 1+ token ids in [0, {vocab_size})")
