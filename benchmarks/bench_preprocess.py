@@ -126,7 +126,7 @@ def report(name: str, run: Run, all_seconds: list[float], documents: int, tokens
     )
 
 
-def main(argv=None) -> int:
+def _parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--input", help="JSONL with a 'text' key (default: generate --size-mb from the bundled corpus)."
@@ -157,31 +157,46 @@ def main(argv=None) -> int:
         parser.error("--repeats, --workers and --size-mb must be positive")
     if args.megatron_lm and not os.path.isfile(os.path.join(args.megatron_lm, "tools", "preprocess_data.py")):
         parser.error(f"--megatron-lm {args.megatron_lm}: no tools/preprocess_data.py there")
+    return args
 
+
+def _input_and_model(args, workdir: str) -> tuple[str, str]:
+    """The input JSONL (--input, or --size-mb generated from the bundled corpus) and the SentencePiece
+    model (--tokenizer-model, or one trained on the bundled corpus)."""
+    input_path = args.input
+    if input_path is None:
+        input_path = os.path.join(workdir, "input.jsonl")
+        make_corpus(input_path, int(args.size_mb * 1e6))
+    if args.tokenizer_model is not None:
+        return input_path, args.tokenizer_model
+    subprocess.run(
+        [sys.executable, "tools/train_tokenizer.py", "--input", BUNDLED_CORPUS, "--vocab-size", str(args.vocab_size),
+         "--output-prefix", os.path.join(workdir, "tokenizer")],
+        cwd=REPO_ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    return input_path, os.path.join(workdir, "tokenizer.model")
+
+
+def _report_memory_growth(args, workdir: str, input_path: str, model: str, ours) -> None:
+    """Ours on the input's first tenth: the peak RSS should barely grow with 10x the input."""
+    input_bytes = os.path.getsize(input_path)
+    small_input = os.path.join(workdir, "tenth.jsonl")
+    prefix_of_lines(input_path, small_input, input_bytes // 10)
+    small = run_measured(
+        [sys.executable, "tools/preprocess_data.py", "--input", small_input, "--output-prefix",
+         os.path.join(workdir, "tenth"), "--tokenizer-model", model, "--workers", str(args.workers), "--append-eod"]
+    )  # fmt: skip
+    print(
+        f"memory: peak RSS {small.peak_rss_bytes / 2**20:.0f} MiB on {os.path.getsize(small_input) / 1e6:.1f} MB, "
+        f"{ours.peak_rss_bytes / 2**20:.0f} MiB on {input_bytes / 1e6:.1f} MB: {ours.peak_rss_bytes / small.peak_rss_bytes:.2f}x for 10x input"
+    )
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as workdir:
-        input_path = args.input
-        if input_path is None:
-            input_path = os.path.join(workdir, "input.jsonl")
-            make_corpus(input_path, int(args.size_mb * 1e6))
+        input_path, model = _input_and_model(args, workdir)
         input_bytes = os.path.getsize(input_path)
-        model = args.tokenizer_model
-        if model is None:
-            subprocess.run(
-                [
-                    sys.executable,
-                    "tools/train_tokenizer.py",
-                    "--input",
-                    BUNDLED_CORPUS,
-                    "--vocab-size",
-                    str(args.vocab_size),
-                    "--output-prefix",
-                    os.path.join(workdir, "tokenizer"),
-                ],
-                cwd=REPO_ROOT,
-                check=True,
-                capture_output=True,
-            )
-            model = os.path.join(workdir, "tokenizer.model")
         print(
             f"input: {input_path} ({input_bytes / 1e6:.1f} MB)  model: {model}  workers: {args.workers}  cpus: {os.cpu_count()}"
         )
@@ -232,27 +247,7 @@ def main(argv=None) -> int:
             print("megatron-lm: skipped (pass --megatron-lm PATH to a Megatron-LM checkout to compare)")
 
         if not args.skip_memory_check:
-            small_input = os.path.join(workdir, "tenth.jsonl")
-            prefix_of_lines(input_path, small_input, input_bytes // 10)
-            small = run_measured(
-                [
-                    sys.executable,
-                    "tools/preprocess_data.py",
-                    "--input",
-                    small_input,
-                    "--output-prefix",
-                    os.path.join(workdir, "tenth"),
-                    "--tokenizer-model",
-                    model,
-                    "--workers",
-                    str(args.workers),
-                    "--append-eod",
-                ]
-            )
-            print(
-                f"memory: peak RSS {small.peak_rss_bytes / 2**20:.0f} MiB on {os.path.getsize(small_input) / 1e6:.1f} MB, "
-                f"{ours.peak_rss_bytes / 2**20:.0f} MiB on {input_bytes / 1e6:.1f} MB: {ours.peak_rss_bytes / small.peak_rss_bytes:.2f}x for 10x input"
-            )
+            _report_memory_growth(args, workdir, input_path, model, ours)
         print(f"load average at end: {' '.join(f'{load:.2f}' for load in os.getloadavg())}")
     return 0
 

@@ -361,7 +361,7 @@ def benchmark(name: str, options, device) -> dict:
     return result
 
 
-def main(argv=None) -> None:
+def _parse_options(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--config",
@@ -393,9 +393,53 @@ def main(argv=None) -> None:
         if value is not None and value < minimum:
             parser.error(f"--{flag} must be at least {minimum}, got {value}")
     try:
-        import transformers
+        import transformers  # noqa: F401
     except ImportError:
         parser.error("needs Hugging Face transformers: pip install transformers (keep torch as installed)")
+    return options
+
+
+def _print_result(result: dict) -> None:
+    """One config's implementations: step times, tokens/s, MFU, host syncs, and the ratios."""
+    count = result["count"]
+    print(
+        f"\n{result['config']}: {human_count(count.total_params)} params, "
+        f"{human_count(count.active_params)} active, {count.tokens_per_iteration} tokens/step, "
+        f"{count.flops_per_iteration:.3e} FLOPs/step"
+    )
+    for impl, description in result["implementations"].items():
+        print(f"  {impl}: {description}")
+    print(
+        f"{'config':<14} {'implementation':<15} {'step ms':>9} {'best ms':>9} {'spread':>7} {'tokens/s':>10} "
+        f"{'MFU':>7}  host syncs per step"
+    )
+    for impl, figures in result["impls"].items():
+        syncs = ", ".join(f"{what} {n}" for what, n in figures["host_syncs"].items() if n or what != "cuda sync debug")
+        print(
+            f"{result['config']:<14} {impl:<15} {figures['step_ms']:>9.1f} {figures['best_ms']:>9.1f} "
+            f"{100 * figures['spread']:>6.0f}% {figures['tokens_per_s']:>10.1f} {100 * figures['mfu']:>6.2f}%  "
+            f"{syncs}"
+        )
+    if GROUPED in result["impls"]:
+        sequential, grouped = result["impls"]["megatron_r1"], result["impls"][GROUPED]
+        ratio = grouped["tokens_per_s"] / sequential["tokens_per_s"]
+        print(
+            f"ratio --moe-grouped-gemm / SequentialMLP tokens/s: {ratio:.2f} (target: at least 1.00); "
+            f"best rounds: {sequential['best_ms'] / grouped['best_ms']:.2f}"
+        )
+    ours, peer = result["impls"]["megatron_r1"], result["impls"]["transformers"]
+    ratio = ours["tokens_per_s"] / peer["tokens_per_s"]
+    verdict = "meets" if ratio >= 1.3 else "misses"
+    print(
+        f"ratio megatron_r1 / transformers tokens/s: {ratio:.2f} ({verdict} the 1.3x target); "
+        f"best rounds: {peer['best_ms'] / ours['best_ms']:.2f}"
+    )
+
+
+def main(argv=None) -> None:
+    options = _parse_options(argv)  # (says so when transformers is missing)
+    import transformers
+
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -427,41 +471,7 @@ def main(argv=None) -> None:
         "time); spread: (slowest - fastest round) / median"
     )
     for result in results:
-        count = result["count"]
-        print(
-            f"\n{result['config']}: {human_count(count.total_params)} params, "
-            f"{human_count(count.active_params)} active, {count.tokens_per_iteration} tokens/step, "
-            f"{count.flops_per_iteration:.3e} FLOPs/step"
-        )
-        for impl, description in result["implementations"].items():
-            print(f"  {impl}: {description}")
-        print(
-            f"{'config':<14} {'implementation':<15} {'step ms':>9} {'best ms':>9} {'spread':>7} {'tokens/s':>10} "
-            f"{'MFU':>7}  host syncs per step"
-        )
-        for impl, figures in result["impls"].items():
-            syncs = ", ".join(
-                f"{what} {n}" for what, n in figures["host_syncs"].items() if n or what != "cuda sync debug"
-            )
-            print(
-                f"{result['config']:<14} {impl:<15} {figures['step_ms']:>9.1f} {figures['best_ms']:>9.1f} "
-                f"{100 * figures['spread']:>6.0f}% {figures['tokens_per_s']:>10.1f} {100 * figures['mfu']:>6.2f}%  "
-                f"{syncs}"
-            )
-        if GROUPED in result["impls"]:
-            sequential, grouped = result["impls"]["megatron_r1"], result["impls"][GROUPED]
-            ratio = grouped["tokens_per_s"] / sequential["tokens_per_s"]
-            print(
-                f"ratio --moe-grouped-gemm / SequentialMLP tokens/s: {ratio:.2f} (target: at least 1.00); "
-                f"best rounds: {sequential['best_ms'] / grouped['best_ms']:.2f}"
-            )
-        ours, peer = result["impls"]["megatron_r1"], result["impls"]["transformers"]
-        ratio = ours["tokens_per_s"] / peer["tokens_per_s"]
-        verdict = "meets" if ratio >= 1.3 else "misses"
-        print(
-            f"ratio megatron_r1 / transformers tokens/s: {ratio:.2f} ({verdict} the 1.3x target); "
-            f"best rounds: {peer['best_ms'] / ours['best_ms']:.2f}"
-        )
+        _print_result(result)
 
 
 if __name__ == "__main__":
