@@ -54,12 +54,12 @@ MODEL_FUNCTION_ARGS = (
     "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "window_size",
     "window_attn_skip_freq", "moe_router_topk", "moe_router_score_function", "moe_router_pre_softmax",
     "moe_router_num_groups", "moe_router_group_topk", "moe_router_topk_scaling_factor", "moe_router_dtype",
-    "init_method_std",
+    "init_method_std", "use_rope_scaling", "rope_scaling_factor",
     "vocab_size", "tokenizer_type", "tokenizer_model", "make_vocab_size_divisible_by",
 )  # fmt: skip
 # Model flags added after checkpoints were first saved with these lists: absent means the default,
 # which computes what those checkpoints' models computed.
-MODEL_ARGS_WITH_OLD_DEFAULTS = ("window_attn_skip_freq", "transformer_impl")
+MODEL_ARGS_WITH_OLD_DEFAULTS = ("window_attn_skip_freq", "transformer_impl", "use_rope_scaling", "rope_scaling_factor")
 # Optimizer state in a layout that reloads under another data-parallel size.
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 

@@ -110,7 +110,6 @@ _UNREPRESENTABLE = (
     (("rotary_percent",), "--rotary-percent", lambda v: v in (None, 1.0), DEFAULT_ONLY["--rotary-percent"][2]),
     (("rotary_seq_len_interpolation_factor",), "--rotary-seq-len-interpolation-factor", lambda v: v in (None, 1.0), DEFAULT_ONLY["--rotary-seq-len-interpolation-factor"][2]),
     (("rotary_interleaved",), "--rotary-interleaved", _off, "interleaved RoPE channels are not supported"),
-    (("use_rope_scaling",), "--use-rope-scaling", _off, UNSUPPORTED["--use-rope-scaling"]),
     (("no_rope_freq",), "--no-rope-freq", _unset, "layers without RoPE are not supported"),
     (("squared_relu",), "--squared-relu", _off, _ACTIVATIONS),
     (("quick_geglu",), "--quick-geglu", _off, _ACTIVATIONS),
@@ -142,10 +141,10 @@ _VALUE_FLAGS = (
     ("--make-vocab-size-divisible-by", "make_vocab_size_divisible_by"),
     ("--hidden-dropout", "hidden_dropout"), ("--attention-dropout", "attention_dropout"),
     ("--mtp-num-layers", "mtp_num_layers"), ("--mtp-loss-scaling-factor", "mtp_loss_scaling_factor"),
-    ("--window-attn-skip-freq", "window_attn_skip_freq"),
+    ("--window-attn-skip-freq", "window_attn_skip_freq"), ("--rope-scaling-factor", "rope_scaling_factor"),
 )  # fmt: skip
 _SWITCHES = (
-    ("--swiglu", "swiglu"), ("--qk-layernorm", "qk_layernorm"),
+    ("--swiglu", "swiglu"), ("--qk-layernorm", "qk_layernorm"), ("--use-rope-scaling", "use_rope_scaling"),
     ("--untie-embeddings-and-output-weights", "untie_embeddings_and_output_weights"),
 )  # fmt: skip
 # Megatron-LM 0.16 has flags for these MLA fields; the YaRN ones it leaves at MLATransformerConfig's defaults.

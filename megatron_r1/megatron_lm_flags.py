@@ -95,7 +95,6 @@ UNSUPPORTED = {
     "--merge-file": "GPT-2 BPE tokenizers are not supported: --tokenizer-type SentencePieceTokenizer or "
     "HuggingFaceTokenizer with --tokenizer-model",
     "--apply-layernorm-1p": "zero-centred norm weights are not supported",
-    "--use-rope-scaling": "Llama-3 RoPE scaling is not supported (DeepSeek's long-context scaling: --rope-type yarn)",
 }
 
 

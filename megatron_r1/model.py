@@ -204,6 +204,8 @@ def build_model(
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             position_embedding_type=args.position_embedding_type,
             rotary_base=args.rotary_base,
+            rope_scaling=args.use_rope_scaling,
+            rope_scaling_factor=args.rope_scaling_factor,
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
             label_smoothing=args.label_smoothing,
             use_transformer_engine=args.transformer_impl == "transformer_engine",

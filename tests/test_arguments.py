@@ -359,6 +359,10 @@ def test_a_megatron_lm_deepseek_v3_recipe_parses(monkeypatch):
             "none (not learned_absolute)",
         ),
         (
+            ["--use-rope-scaling", "--position-embedding-type", "learned_absolute"],
+            "--use-rope-scaling scales RoPE of GQA/MHA models (--position-embedding-type rope); MLA's: --rope-type yarn",
+        ),
+        (
             ["--pipeline-model-parallel-layout", "Ett|ttL"],
             "--pipeline-model-parallel-layout Ett|ttL: 2 stages need --pipeline-model-parallel-size > 1",
         ),

@@ -73,6 +73,13 @@ def _add_shape_arguments(group) -> None:
         help="Megatron-LM's older switch, accepted with RoPE (which adds no position embedding)",
     )
     group.add_argument("--rotary-base", type=int, default=10000)
+    group.add_argument(
+        "--use-rope-scaling",
+        action="store_true",
+        help="Llama 3.1's RoPE frequency scaling (megatron-core's: low/high frequency factors 1 and 4 over an "
+        "original 8192 positions); GQA/MHA models (MLA scales RoPE with --rope-type yarn)",
+    )
+    group.add_argument("--rope-scaling-factor", type=float, default=8.0, help="--use-rope-scaling's factor")
     group.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     group.add_argument(
         "--window-size",
@@ -356,6 +363,10 @@ def _check_positions(args, error) -> None:
         )
     if args.mtp_num_layers and args.position_embedding_type == "learned_absolute":
         error("--mtp-num-layers needs --position-embedding-type rope")
+    if args.use_rope_scaling and (args.multi_latent_attention or args.position_embedding_type != "rope"):
+        error(
+            "--use-rope-scaling scales RoPE of GQA/MHA models (--position-embedding-type rope); MLA's: --rope-type yarn"
+        )
 
 
 def _default_sizes(args) -> tuple[int, int, int]:

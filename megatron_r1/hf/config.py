@@ -255,7 +255,7 @@ def gqa_fields(args, vocab_size: int, bos_token_id=None, eos_token_id=None, pad_
         **_common_fields(args, vocab_size, bos_token_id, eos_token_id, pad_token_id),
         num_key_value_heads=config.num_query_groups,
         head_dim=config.kv_channels,
-        rope_scaling=None,
+        rope_scaling=_llama3_rope_scaling(args, name),
         attention_dropout=0.0,
     )
     if model_type == "llama":
@@ -263,6 +263,18 @@ def gqa_fields(args, vocab_size: int, bos_token_id=None, eos_token_id=None, pad_
     if model_type == "qwen3":
         return {**fields, "intermediate_size": config.ffn_hidden_size, "use_sliding_window": False}
     return {**fields, **_gqa_moe_fields(args, config, name)}
+
+
+# megatron-core's Llama 3.1 RoPE scaling fixes all but the factor.
+LLAMA3_ROPE_CONSTANTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _llama3_rope_scaling(args, name: str) -> dict | None:
+    """The rope_scaling of --use-rope-scaling (transformers' llama3 type), None without it."""
+    if not args.use_rope_scaling:
+        return None
+    _refuse_unless(name != "MixtralForCausalLM", "--use-rope-scaling: MixtralForCausalLM is exported with plain RoPE")
+    return {"rope_type": "llama3", "factor": args.rope_scaling_factor, **LLAMA3_ROPE_CONSTANTS}
 
 
 def _gqa_moe_fields(args, config, name: str) -> dict:

@@ -12,7 +12,7 @@ published configs as ``rope_theta`` and ``rope_scaling``: both are read.
 import inspect
 import math
 
-from megatron_r1.hf.config import UnsupportedModelError
+from megatron_r1.hf.config import LLAMA3_ROPE_CONSTANTS, UnsupportedModelError
 
 _REQUIRED = object()
 
@@ -257,13 +257,11 @@ def _gqa_flags(fields: ConfigFields, model_type: str) -> list:
     hidden, heads = fields.integer("hidden_size"), fields.integer("num_attention_heads")
     query_groups = fields.integer("num_key_value_heads", fields.get("num_key_value_heads") or heads)
     head_dim = fields.integer("head_dim", fields.get("head_dim") or hidden // heads)
-    fields.refuse_unless(
-        _rope_parameters(fields)[1] is None, "RoPE scaling: Qwen3, Mixtral and Llama models convert with plain RoPE"
-    )
+    _, scaling = _rope_parameters(fields)
     if model_type == "mixtral":
         fields.refuse_unless(fields.get("sliding_window") is None, "sliding_window: we convert without sliding windows")
     fields.refuse_unless(not fields.get("use_sliding_window"), "use_sliding_window: we convert without sliding windows")
-    argv = _common_flags(fields)
+    argv = _common_flags(fields) + (_llama3_flags(scaling) if scaling else [])
     if query_groups != heads:
         argv += ["--group-query-attention", "--num-query-groups", query_groups]
     if head_dim != hidden // heads:
@@ -277,6 +275,22 @@ def _gqa_flags(fields: ConfigFields, model_type: str) -> list:
                        "--moe-router-topk", fields.integer("num_experts_per_tok"), "--moe-router-score-function", "softmax"]  # fmt: skip
     argv += ["--ffn-hidden-size", fields.integer("intermediate_size")]
     return argv + (_qwen3_moe_flags(fields) if model_type == "qwen3_moe" else [])
+
+
+def _llama3_flags(scaling: ConfigFields) -> list:
+    """Llama 3.1's RoPE scaling (transformers' llama3 type), where its constants are megatron-core's."""
+    kind = scaling.config.get("rope_type", scaling.config.get("type"))
+    scaling.refuse_unless(
+        kind == "llama3",
+        f"{scaling.prefix}rope_type {kind!r}: Qwen3, Mixtral and Llama models convert with plain RoPE or llama3's",
+    )
+    for name, value in LLAMA3_ROPE_CONSTANTS.items():
+        given = scaling.number(name)
+        scaling.refuse_unless(
+            given == value,
+            f"{scaling.prefix}{name} {given}: megatron-core's Llama 3 RoPE scaling fixes it at {value:g}",
+        )
+    return ["--use-rope-scaling", "--rope-scaling-factor", scaling.number("factor")]
 
 
 def _qwen3_moe_flags(fields: ConfigFields) -> list:

@@ -5,6 +5,7 @@ flags or config.json fields that none of them represents are refused by name. Qw
 also exported under both transformers versions in test_transformers_versions.py."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,8 +28,8 @@ COMMON = ["--mock-data", "--vocab-size", "100", "--make-vocab-size-divisible-by"
 MODELS = {
     # Dense with q/k norms, one query group (MQA), heads of 12 channels.
     "Qwen3ForCausalLM": ["--qk-layernorm", "--group-query-attention", "--num-query-groups", "1", "--kv-channels", "12"],
-    # Dense MHA, untied output, another RoPE base.
-    "LlamaForCausalLM": ["--rotary-base", "500000", "--untie-embeddings-and-output-weights"],
+    # Dense MHA, untied output, another RoPE base, Llama 3.1's RoPE scaling.
+    "LlamaForCausalLM": ["--rotary-base", "500000", "--untie-embeddings-and-output-weights", "--use-rope-scaling"],
     # A dense first layer (mlp_only_layers), top-1 of the softmax over all experts, not renormalised
     # (norm_topk_prob false).
     "Qwen3MoeForCausalLM": ["--qk-layernorm", "--num-experts", "4", "--moe-ffn-hidden-size", "16",
@@ -89,6 +90,24 @@ def test_the_export_imports_back_to_the_same_flags_and_weights(exported, process
     assert different <= {"moe_layer_freq", "seq_length", "max_position_embeddings"}, imported["printed"]
     assert moe_layer_pattern(back) == moe_layer_pattern(trained)
     assert_round_trip_weights(workdir / "ckpt" / "iter_0000003", workdir / "back" / "iter_0000000", 100)
+
+
+def test_llama3_rope_scaling_is_what_transformers_computes(exported, process_group, tmp_path):
+    """Within 32 positions Llama 3's scaling moves logits little: the export gives transformers' logits
+    to rounding, the same directory without its rope_scaling measurably others."""
+    from megatron_r1.hf.verify import compare_logits
+
+    workdir, architecture, _ = exported
+    if architecture != "LlamaForCausalLM":
+        pytest.skip("the Llama model is the one with --use-rope-scaling")
+    shutil.copytree(workdir / "hf", tmp_path / "plain")
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert config["rope_scaling"]["rope_type"] == "llama3"
+    (tmp_path / "plain" / "config.json").write_text(json.dumps({**config, "rope_scaling": None}))
+    checkpoint = str(workdir / "ckpt" / "iter_0000003")
+    scaled = compare_logits(checkpoint, str(workdir / "hf"))["max_abs_logit_diff"]
+    plain = compare_logits(checkpoint, str(tmp_path / "plain"))["max_abs_logit_diff"]
+    assert scaled <= 1e-6 and plain > 10 * max(scaled, 1e-6), (scaled, plain)
 
 
 @pytest.fixture

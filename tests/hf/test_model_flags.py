@@ -31,7 +31,7 @@ MODELS = {
     "mixtral": ["--group-query-attention", "--num-query-groups", "1", "--num-experts", "4", "--moe-ffn-hidden-size",
                 "16", "--moe-router-topk", "2", "--rotary-base", "1000000"],
     "qwen3": ["--qk-layernorm", "--kv-channels", "12"],
-    "llama": ["--rotary-base", "500000", "--norm-epsilon", "1e-5"],
+    "llama": ["--rotary-base", "500000", "--norm-epsilon", "1e-5", "--use-rope-scaling", "--rope-scaling-factor", "32"],
 }  # fmt: skip
 
 
@@ -126,8 +126,15 @@ def test_qwen3_moe_layer_pattern_comes_from_decoder_sparse_step_and_mlp_only_lay
     assert flags[flags.index("--moe-layer-freq") + 1] == "[0,1,0,0]"
 
 
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}  # fmt: skip
 REFUSED = [
-    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling: Qwen3, Mixtral and Llama"),
+    (
+        "llama",
+        {"rope_scaling": {"rope_type": "linear", "factor": 8.0}},
+        "rope_scaling.rope_type 'linear': Qwen3, Mixtral",
+    ),
+    ("llama", {"rope_scaling": {**LLAMA3, "low_freq_factor": 2}}, "rope_scaling.low_freq_factor 2: megatron-core's"),
     ("qwen3", {"use_sliding_window": True}, "use_sliding_window"),
     ("mixtral", {"sliding_window": 4096}, "sliding_window"),
     ("llama", {"attention_bias": True}, "attention_bias true"),
