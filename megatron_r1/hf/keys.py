@@ -106,14 +106,7 @@ def _transformer_layer(ours: str, theirs: str, args, moe: bool) -> list[TensorMa
     else:
         attention.append(TensorMap(f"{ours}self_attention.linear_q_proj.weight", (f"{theirs}self_attn.q_proj.weight",)))
     if not moe:
-        return attention + [
-            TensorMap(
-                f"{ours}mlp.linear_fc1.weight", (f"{theirs}mlp.gate_proj.weight", f"{theirs}mlp.up_proj.weight"), "glu"
-            ),
-            TensorMap(f"{ours}mlp.linear_fc2.weight", (f"{theirs}mlp.down_proj.weight",)),
-        ]
-    experts = range(args.num_experts)
-    gate_up = tuple(f"{theirs}mlp.experts.{e}.{proj}.weight" for e in experts for proj in ("gate_proj", "up_proj"))
+        return attention + _swiglu_mlp(f"{ours}mlp.", f"{theirs}mlp.")
     routing = [TensorMap(f"{ours}mlp.router.weight", (f"{theirs}mlp.gate.weight",))]
     if args.moe_router_score_function == "sigmoid":  # DeepseekV3's gate has an expert bias, V2's none
         bias_key = f"{theirs}mlp.gate.e_score_correction_bias"
@@ -122,24 +115,27 @@ def _transformer_layer(ours: str, theirs: str, args, moe: bool) -> list[TensorMa
             if args.moe_router_enable_expert_bias
             else TensorMap(f"{ours}mlp.router.weight", (bias_key,), "zeros", export_only=True)
         )
-    return (
-        attention
-        + routing
-        + [
-            TensorMap(f"{ours}mlp.experts.experts.linear_fc1.weight", gate_up, "experts_glu"),
-            TensorMap(
-                f"{ours}mlp.experts.experts.linear_fc2.weight",
-                tuple(f"{theirs}mlp.experts.{e}.down_proj.weight" for e in experts),
-                "experts",
-            ),  # fmt: skip
-            TensorMap(
-                f"{ours}mlp.shared_experts.linear_fc1.weight",
-                (f"{theirs}mlp.shared_experts.gate_proj.weight", f"{theirs}mlp.shared_experts.up_proj.weight"),
-                "glu",
-            ),  # fmt: skip
-            TensorMap(f"{ours}mlp.shared_experts.linear_fc2.weight", (f"{theirs}mlp.shared_experts.down_proj.weight",)),
-        ]
-    )
+    experts = _routed_experts(f"{ours}mlp.experts.experts.", f"{theirs}mlp.experts.", args.num_experts, DEFAULT_MOE[1])
+    return attention + routing + experts + _swiglu_mlp(f"{ours}mlp.shared_experts.", f"{theirs}mlp.shared_experts.")
+
+
+def _swiglu_mlp(ours: str, theirs: str) -> list[TensorMap]:
+    """A SwiGLU MLP (a dense layer's, the shared experts'): our fc1 holds the gate then the up projection."""
+    return [
+        TensorMap(f"{ours}linear_fc1.weight", (f"{theirs}gate_proj.weight", f"{theirs}up_proj.weight"), "glu"),
+        TensorMap(f"{ours}linear_fc2.weight", (f"{theirs}down_proj.weight",)),
+    ]
+
+
+def _routed_experts(ours: str, theirs: str, count: int, projections: tuple) -> list[TensorMap]:
+    """The routed experts: one tensor of ours per projection, `{theirs}{e}.{name}.weight` per expert of
+    theirs (`projections`: the published names of the gate, up and down projections)."""
+    gate, up, down = projections
+    gate_up = tuple(f"{theirs}{e}.{proj}.weight" for e in range(count) for proj in (gate, up))
+    return [
+        TensorMap(f"{ours}linear_fc1.weight", gate_up, "experts_glu"),
+        TensorMap(f"{ours}linear_fc2.weight", tuple(f"{theirs}{e}.{down}.weight" for e in range(count)), "experts"),
+    ]
 
 
 def conversion_groups(args) -> list[tuple[str, list[TensorMap]]]:
@@ -210,25 +206,11 @@ def _gqa_layers(args) -> list[tuple[str, list[TensorMap]]]:
                 TensorMap(f"{ours}self_attention.k_layernorm.weight", (f"{attention}k_norm.weight",)),
             ]
         if moe:
-            experts = f"{theirs}{block}.experts."
-            gate_up = tuple(f"{experts}{e}.{proj}.weight" for e in range(args.num_experts) for proj in (gate, up))
-            maps += [
-                TensorMap(f"{ours}mlp.router.weight", (f"{theirs}{block}.gate.weight",)),
-                TensorMap(f"{ours}mlp.experts.experts.linear_fc1.weight", gate_up, "experts_glu"),
-                TensorMap(
-                    f"{ours}mlp.experts.experts.linear_fc2.weight",
-                    tuple(f"{experts}{e}.{down}.weight" for e in range(args.num_experts)),
-                    "experts",
-                ),
-            ]
+            maps.append(TensorMap(f"{ours}mlp.router.weight", (f"{theirs}{block}.gate.weight",)))
+            maps += _routed_experts(
+                f"{ours}mlp.experts.experts.", f"{theirs}{block}.experts.", args.num_experts, (gate, up, down)
+            )
         else:
-            maps += [
-                TensorMap(
-                    f"{ours}mlp.linear_fc1.weight",
-                    (f"{theirs}mlp.gate_proj.weight", f"{theirs}mlp.up_proj.weight"),
-                    "glu",
-                ),
-                TensorMap(f"{ours}mlp.linear_fc2.weight", (f"{theirs}mlp.down_proj.weight",)),
-            ]
+            maps += _swiglu_mlp(f"{ours}mlp.", f"{theirs}mlp.")
         groups.append((f"layer {layer}", maps))
     return groups

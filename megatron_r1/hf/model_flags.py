@@ -255,8 +255,9 @@ def _gqa_flags(fields: ConfigFields, model_type: str) -> list:
     """Qwen3-MoE, Mixtral, Qwen3, Llama: GQA with RoPE over each head's channels (de-interleaved halves,
     as megatron-core's), q/k RMS norms for the Qwen3 ones, no sliding window."""
     hidden, heads = fields.integer("hidden_size"), fields.integer("num_attention_heads")
-    query_groups = fields.integer("num_key_value_heads", fields.get("num_key_value_heads") or heads)
-    head_dim = fields.integer("head_dim", fields.get("head_dim") or hidden // heads)
+    # transformers' defaults where it has them, else (None) what its attention takes: MHA, hidden / heads.
+    query_groups = fields.integer("num_key_value_heads", fields.defaults.get("num_key_value_heads") or heads)
+    head_dim = fields.integer("head_dim", fields.defaults.get("head_dim") or hidden // heads)
     _, scaling = _rope_parameters(fields)
     if model_type == "mixtral":
         fields.refuse_unless(fields.get("sliding_window") is None, "sliding_window: we convert without sliding windows")

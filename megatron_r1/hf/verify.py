@@ -1,12 +1,12 @@
 """Both models on the same tokens: our checkpoint through megatron-core, the Hugging Face directory
 through transformers (fp32, CPU); ours on the compute device."""
 
-import json
 import os
 
 import torch
 
 from megatron_r1.hf.config import UnsupportedModelError
+from megatron_r1.jsonfile import read_json_object
 
 
 def refuse_known_transformers_differences(hf_dir: str) -> None:
@@ -15,8 +15,7 @@ def refuse_known_transformers_differences(hf_dir: str) -> None:
     yarn's mscale(factor, mscale_all_dim)^2 out of the attention softmax scale (5.x applies it)."""
     import transformers
 
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        config = json.load(f)
+    config = read_json_object(os.path.join(hf_dir, "config.json"), UnsupportedModelError)
     scaling = config.get("rope_scaling") or {}
     if (
         config.get("model_type") == "deepseek_v2"
