@@ -21,11 +21,8 @@ IGNORED_SWITCHES = {
     "--no-create-attention-mask-in-dataloader": "the data loader never builds attention masks",
     "--auto-detect-ckpt-format": "checkpoints have one format, torch_dist",
     "--no-check-for-nan-in-loss-and-grad": "steps with non-finite gradients are always skipped and counted",
-    "--no-masked-softmax-fusion": "megatron-r1 does not turn megatron-core's masked-softmax fusion on",
-    "--no-bias-dropout-fusion": "megatron-r1 does not turn megatron-core's bias-dropout fusion on",
-    "--no-bias-swiglu-fusion": "megatron-r1 does not turn megatron-core's bias-activation fusion on",
-    "--no-bias-gelu-fusion": "megatron-r1 does not turn megatron-core's bias-activation fusion on",
-    "--no-rope-fusion": "megatron-r1 does not turn megatron-core's RoPE fusion on",
+    "--no-masked-softmax-fusion": "attention never runs megatron-core's masked softmax (torch's "
+    "scaled_dot_product_attention, or TransformerEngine's attention, computes it)",
     "--accumulate-allreduce-grads-in-fp32": "gradients are always accumulated and all-reduced in fp32",
     "--attention-softmax-in-fp32": "the attention softmax runs in fp32 already (megatron-core's default; the fused "
     "SDPA kernels accumulate in fp32)",

@@ -310,6 +310,20 @@ def gradient_accumulation_fusion_available() -> bool:
     return layers._grad_accum_fusion_available
 
 
+def rope_fusion_available(config) -> bool:
+    """Whether megatron-core has a fused RoPE kernel for this model here: for MLA with yarn, its
+    Triton kernel (CUDA); for other RoPE, TransformerEngine's."""
+    if cuda_absent() or config.rotary_interleaved:
+        return False
+    if config.multi_latent_attention:
+        from megatron.core.transformer import multi_latent_attention
+
+        return config.rope_type == "yarn" and multi_latent_attention.fused_apply_mla_rope_for_q is not None
+    from megatron.core.models.common.embeddings import rope_utils
+
+    return rope_utils.fused_apply_rotary_pos_emb is not None
+
+
 def distributed_backend() -> str:
     """The process-group backend for this machine: nccl with CUDA, gloo on CPU."""
     return "gloo" if cuda_absent() else "nccl"

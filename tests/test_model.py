@@ -135,3 +135,47 @@ def test_everything_a_step_touches_is_placed_on_the_platforms_compute_device(mon
             assert seen and set(seen) == {fake_gpu}, (forward_step.__name__, seen)
     finally:
         destroy_distributed()
+
+
+def test_megatron_cores_fused_activation_and_bias_dropout_add_compute_the_unfused_results(monkeypatch):
+    """Megatron-LM's defaults turn megatron-core's SwiGLU (weighted by the routing probabilities in
+    the experts) and bias-dropout-add fusions on; --no-bias-swiglu-fusion --no-bias-dropout-fusion
+    turn them off. On CPU the fused functions run uncompiled: the same loss and gradients, through
+    other code (counted)."""
+    import torch
+    from megatron.core.transformer import mlp
+
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.distributed import destroy_distributed, initialize_distributed
+    from megatron_r1.model import build_model
+
+    calls = []
+    for name in ("bias_swiglu_impl", "weighted_bias_swiglu_impl"):
+        original = getattr(mlp, name)
+        monkeypatch.setattr(mlp, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    flags = ["--mock-data", "--vocab-size", "64", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads",
+             "4", "--swiglu", "--disable-bias-linear", "--multi-latent-attention", "--kv-lora-rank", "16",
+             "--qk-head-dim", "8", "--qk-pos-emb-head-dim", "8", "--v-head-dim", "8", "--num-experts", "4",
+             "--moe-ffn-hidden-size", "16", "--moe-shared-expert-intermediate-size", "16", "--moe-layer-freq",
+             "[0,1]", "--moe-router-topk", "2", "--hidden-dropout", "0.1", "--seq-length", "8"]  # fmt: skip
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    results = {}
+    initialize_distributed()
+    try:
+        for fused, extra in ((True, []), (False, ["--no-bias-swiglu-fusion", "--no-bias-dropout-fusion"])):
+            args = parse_args("test", flags + extra)
+            args.padded_vocab_size = 64
+            (model,) = build_model(args)
+            assert (model.config.bias_activation_fusion, model.config.bias_dropout_fusion) == (fused, fused)
+            calls.clear()
+            torch.manual_seed(1)  # the same dropout masks
+            loss = model(tokens, torch.arange(8).expand(2, 8), None, labels=torch.roll(tokens, -1, 1)).mean()
+            loss.backward()
+            assert sorted(set(calls)) == (["bias_swiglu_impl", "weighted_bias_swiglu_impl"] if fused else [])
+            results[fused] = loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+    finally:
+        destroy_distributed()
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = results[True], results[False]
+    assert abs(fused_loss - plain_loss) <= 1e-6 * abs(plain_loss)
+    for name, grad in plain_grads.items():
+        assert torch.allclose(fused_grads[name], grad, rtol=1e-5, atol=1e-7), name

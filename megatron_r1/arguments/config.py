@@ -50,6 +50,13 @@ def transformer_config_from_args(args, padded_vocab_size: int | None = None) -> 
         perform_initialization=True,
         # It needs the grad buffers of megatron-core's DDP wrapper: training.setup turns it on.
         gradient_accumulation_fusion=False,
+        # megatron-core fuses the activation for SwiGLU, and for GELU only with biases (and
+        # without routing weights: an MoE's experts take them).
+        bias_activation_fusion=args.bias_swiglu_fusion
+        if args.swiglu
+        else args.bias_gelu_fusion and not args.disable_bias_linear and args.num_experts is None,
+        # Its fused RoPE kernels train but do not decode: training.setup turns it on.
+        apply_rope_fusion=False,
     )
     if not args.multi_latent_attention:
         for mla_field in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):

@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_moe_router_arguments(moe)
     _add_moe_dispatch_arguments(moe)
     _add_implementation_arguments(model)
+    _add_fusion_arguments(model)
 
 
 def _add_shape_arguments(group) -> None:
@@ -256,6 +257,38 @@ def _add_implementation_arguments(group) -> None:
         choices=["native", "te"],
         default="native",
         help="with --cross-entropy-loss-fusion: megatron-core's or TransformerEngine's kernel",
+    )
+
+
+def _add_fusion_arguments(group) -> None:
+    """megatron-core's fused elementwise kernels, on by default as in Megatron-LM (its flags turn
+    them off). The bias-activation and bias-dropout-add fusions are PyTorch functions that
+    megatron-core compiles with torch.compile on CUDA; on CPU, where compiling is off, the same
+    functions run uncompiled."""
+    group.add_argument(
+        "--no-bias-swiglu-fusion",
+        dest="bias_swiglu_fusion",
+        action="store_false",
+        help="unfused SwiGLU (the fused one also keeps only its input for the backward pass)",
+    )
+    group.add_argument(
+        "--no-bias-gelu-fusion",
+        dest="bias_gelu_fusion",
+        action="store_false",
+        help="unfused bias + GELU (the fusion applies to dense GELU MLPs with biases)",
+    )
+    group.add_argument(
+        "--no-bias-dropout-fusion",
+        dest="bias_dropout_fusion",
+        action="store_false",
+        help="unfused bias + dropout + residual add",
+    )
+    group.add_argument(
+        "--no-rope-fusion",
+        dest="apply_rope_fusion",
+        action="store_false",
+        help="unfused rotary embeddings; the fused kernels train only, where megatron-core has one: "
+        "MLA with --rope-type yarn on CUDA (its Triton kernel), other RoPE with TransformerEngine",
     )
 
 

@@ -195,6 +195,8 @@ def validate_grpo_args(args, error, sizing_only: bool = False) -> None:
     validate_model_preparation_args(args, error)
     _validate_layout(args, error)
     args.rewards = _parse_rewards(args, error)
+    # The policy decodes its own rollouts, and megatron-core's fused RoPE kernels cannot decode.
+    args.apply_rope_fusion = False
 
 
 def parse_grpo_args(description: str, argv=None) -> argparse.Namespace:

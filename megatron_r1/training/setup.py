@@ -74,6 +74,23 @@ def _process_wide_settings(args) -> None:
         )
 
 
+def fused_kernels(config) -> list[str]:
+    """megatron-core's fused elementwise kernels the model of `config` runs."""
+    fused = {
+        "bias-activation": config.bias_activation_fusion,
+        "bias-dropout-add": config.bias_dropout_fusion,
+        "RoPE": config.apply_rope_fusion,
+        "cross entropy": config.cross_entropy_loss_fusion,
+    }
+    return [name for name, on in fused.items() if on]
+
+
+def _report_fusions(config) -> None:
+    """One line on a GPU naming them."""
+    if torch.cuda.is_available() and torch.distributed.get_rank() == 0:
+        print(f" fused kernels: {', '.join(fused_kernels(config)) or 'none'}", flush=True)
+
+
 def _wire_schedule(args, model) -> None:
     """The config the chunks and the schedule share: gradient finalisation, and with
     --overlap-grad-reduce the schedule holds each chunk's reduction back until its last
@@ -98,6 +115,9 @@ def setup(args, layer_spec_transform=None, prepare_model_chunk=None) -> TrainSta
     config.gradient_accumulation_fusion = (
         args.gradient_accumulation_fusion and platform.gradient_accumulation_fusion_available()
     )
+    # Only the trained model: megatron-core's fused RoPE cannot decode (generation builds its own).
+    config.apply_rope_fusion = args.apply_rope_fusion and platform.rope_fusion_available(config)
+    _report_fusions(config)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=not args.grad_reduce_in_bf16,
         use_distributed_optimizer=args.use_distributed_optimizer,

@@ -1,8 +1,10 @@
 """Every entry point on a CUDA GPU (one process, NCCL): the quickstart pipeline (pre-training in
 bf16 with a resume, LoRA fine-tuning, merging, export with --verify, transformers' and our greedy
-generation agreeing, GRPO), GRPO's bf16 rollouts against its training forward, full fine-tuning with early stopping, distillation from a DeepSeek-V3-shaped
-teacher, progressive unfreezing, fp32 pre-training, a resumed run's training and validation losses,
-sampling, LoRA adapters placed on the GPU, and bf16 against fp32 logits.
+generation agreeing, GRPO), GRPO's bf16 rollouts against its training forward, full fine-tuning
+with early stopping, distillation from a DeepSeek-V3-shaped teacher, progressive unfreezing, fp32
+pre-training, the fused kernels and grouped experts against the plain path, a resumed run's
+training and validation losses, sampling, LoRA adapters placed on the GPU, and bf16 against fp32
+logits.
 
 Skipped without CUDA (the CPU suite runs the same paths on CPU); tests/gpu/run_gpu_checks.sh runs
 this file and the training benchmark on a GPU machine."""
@@ -103,6 +105,29 @@ def test_pre_training_learns(precision, tmp_path):
     output = run([sys.executable, "pretrain_r1.py", *TINY, *precision, "--train-iters", "30"], REPO)
     curve = losses(output)
     assert len(curve) == 30 and curve[30] < curve[1] - 0.5, curve
+
+
+def test_fused_kernels_and_grouped_experts_train_as_the_plain_path():
+    """The quickstart's model (MLA with yarn RoPE, MoE) in bf16: megatron-core's fused SwiGLU,
+    bias-dropout-add and MLA RoPE (its Triton kernel), on by default, and the grouped-GEMM experts
+    (torch's grouped_mm on Hopper and newer) train with the plain path's losses, to bf16 precision."""
+    flags = [*tiny_model_flags(), "--mock-data", "--vocab-size", "512", "--bf16", "--train-iters", "8",
+             "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "3e-3", "--eval-iters", "0"]  # fmt: skip
+    plain = ["--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion"]
+    outputs = {
+        name: run([sys.executable, "pretrain_r1.py", *flags, *extra], REPO)
+        for name, extra in (("plain", plain), ("fused", []), ("grouped", ["--moe-grouped-gemm"]))
+    }
+    assert "fused kernels: bias-activation, bias-dropout-add, RoPE" in outputs["fused"], outputs["fused"][-2000:]
+    assert "fused kernels: none" in outputs["plain"], outputs["plain"][-2000:]
+    curves = {name: losses(output) for name, output in outputs.items()}
+    print(f"losses: {curves}")
+    for name in ("fused", "grouped"):
+        # The same weights: the first step differs by rounding only; later ones may route a token
+        # elsewhere on a near tie.
+        assert abs(curves[name][1] - curves["plain"][1]) <= 0.01 * curves["plain"][1], curves
+        assert all(abs(curves[name][i] - loss) <= 0.05 * loss for i, loss in curves["plain"].items()), curves
+        assert curves[name][8] < curves[name][1], curves
 
 
 def test_a_resumed_run_prints_the_straight_runs_training_and_validation_losses(tmp_path):
