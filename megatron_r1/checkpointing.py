@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from megatron_r1.distributed import parameters_gathered
 from megatron_r1.jsonfile import read_json_object
-from megatron_r1.sharded_tensors import full_sharded_state_dict, model_sharded_state_dict
+from megatron_r1.sharded_tensors import follow_saved_keys, full_sharded_state_dict, model_sharded_state_dict
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 METADATA_FILE = "megatron_r1.json"
@@ -45,7 +45,6 @@ MODEL_SHAPE_ARGS = (
     "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_layer_freq", "mtp_num_layers",
     "swiglu", "disable_bias_linear", "normalization", "position_embedding_type", "untie_embeddings_and_output_weights",
     "padded_vocab_size", "moe_router_enable_expert_bias", "qk_layernorm",
-    "transformer_impl",  # TransformerEngine's layers keep other keys (e.g. linear_qkv.layer_norm_weight)
 )  # fmt: skip
 # Flags that change what the model computes without changing the weights' shapes; saved beside the
 # shape flags (not checked on load) so that tools (export to Hugging Face, generation) rebuild the same model.
@@ -55,6 +54,7 @@ MODEL_FUNCTION_ARGS = (
     "window_attn_skip_freq", "moe_router_topk", "moe_router_score_function", "moe_router_pre_softmax",
     "moe_router_num_groups", "moe_router_group_topk", "moe_router_topk_scaling_factor", "moe_router_dtype",
     "init_method_std", "use_rope_scaling", "rope_scaling_factor",
+    "transformer_impl",  # whose keys read_checkpoint maps onto the other implementation's
     "vocab_size", "tokenizer_type", "tokenizer_model", "make_vocab_size_divisible_by",
 )  # fmt: skip
 # Model flags added after checkpoints were first saved with these lists: absent means the default,
@@ -455,6 +455,7 @@ def read_checkpoint(path: str, sharded: dict, strict: str = "assume_ok_unexpecte
     --pretrained-checkpoint, --teacher-load, merging, generation, export): nothing in it is
     unpickled before every pickle passed :func:`refuse_executable_pickles`."""
     refuse_executable_pickles(path)
+    follow_saved_keys(sharded, saved_tensor_shapes(path))  # written by the other layer implementation
     return dist_checkpointing.load(sharded, path, strict=strict)
 
 

@@ -20,7 +20,8 @@ Its model is megatron-core's GPTModel, as ours, so the weights keep the same che
   (and expert axis), where ours keeps one key per layer; both are read through megatron-core;
 - TransformerEngine's layers (``--transformer-impl transformer_engine``, Megatron-LM's default, and
   the only one its 0.16 builds MLA with) fuse some norms into the next linear layer and name them
-  after it, where the local spec's keys differ: :data:`_TRANSFORMER_ENGINE_NAMES`.
+  after it, where the local spec's keys differ (read under either name:
+  :func:`~megatron_r1.sharded_tensors.other_implementation_key`).
 
 Its args become our model flags, validated as if given on the command line; a setting our model
 cannot represent is refused naming Megatron-LM's flag. Nothing in the checkpoint is unpickled before
@@ -84,7 +85,7 @@ from megatron_r1.checkpointing import (
 from megatron_r1.hf.storage import McoreCheckpointReader, TorchDistPartsWriter
 from megatron_r1.megatron_lm_flags import DEFAULT_ONLY, UNSUPPORTED, parse_known_flags
 from megatron_r1.optim import build_optimizer
-from megatron_r1.sharded_tensors import meta_model, model_layout, model_sharded_state_dict
+from megatron_r1.sharded_tensors import meta_model, model_layout, model_sharded_state_dict, other_implementation_key
 from megatron_r1.tokenizer import MODEL_TOKENIZER_TYPES
 
 _off = lambda value: not value
@@ -268,27 +269,8 @@ def model_args_from_megatron_lm(ckpt_args, padded_vocab_size: int, source: str):
     return args, flags
 
 
-# Names a TransformerEngine layer gives a norm it fuses into the next linear layer, where the local
-# spec's keys (megatron-core's sharded_state_dict_keys_map included) name it otherwise:
-# (local key part, TransformerEngine's). The local GQA spec files the norm before the MLP under
-# "mlp.linear_fc1.layer_norm_" in every layer, TransformerEngine only in dense ones (an MoE layer
-# keeps its pre_mlp_layernorm); the local MLA spec maps nothing.
-_TRANSFORMER_ENGINE_NAMES = (
-    ("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."),
-    ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"),
-    ("self_attention.q_layernorm.", "self_attention.linear_q_up_proj.layer_norm_"),
-    ("self_attention.kv_layernorm.", "self_attention.linear_kv_up_proj.layer_norm_"),
-)
 # How the layers' keys are laid out: ours (one key per layer), or stacked along a layer axis.
 _KEY_STYLES = (("per-layer", {"non_homogeneous_layers": True}), ("stacked", {"singleton_local_shards": False}))
-
-
-def _transformer_engine_name(key: str, saved: dict) -> str | None:
-    for local, fused in _TRANSFORMER_ENGINE_NAMES:
-        match = re.fullmatch(rf"(.*\.)?{re.escape(local)}(weight|bias)", key)
-        if match and (alias := f"{match[1] or ''}{fused}{match[2]}") in saved:
-            return alias
-    return None
 
 
 def _sharded_tensors(name: str, item) -> list:
@@ -317,7 +299,7 @@ def _requested_weights(model, saved: dict) -> tuple[str, dict, int, list[str]]:
         for name, pieces in ours.items():
             requests = [request.without_data() for request in _sharded_tensors(name, theirs[name])]
             for request in requests:
-                if request.key not in saved and (alias := _transformer_engine_name(request.key, saved)):
+                if request.key not in saved and (alias := other_implementation_key(request.key, saved)):
                     request.key, renamed = alias, renamed + 1
                 elif request.key not in saved:
                     missing.add(request.key)

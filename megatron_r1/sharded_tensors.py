@@ -3,7 +3,21 @@ says, for each checkpoint key, the global shape and where this rank's pieces sit
 the pieces from whole tensors is how weights come in from outside (Hugging Face import) and how
 every layout draws the same initial weights (megatron_r1.initialization)."""
 
+import re
+
 import torch
+
+# Where TransformerEngine's layers and the local spec name a norm differently (key parts, either way
+# round): TransformerEngine fuses a norm into the next linear layer and names it after that layer.
+# The local GQA spec files the norm before the MLP under "mlp.linear_fc1.layer_norm_" in every layer
+# (megatron-core's sharded_state_dict_keys_map), TransformerEngine only in dense ones (an MoE layer
+# keeps its pre_mlp_layernorm); the local MLA spec maps nothing.
+_IMPLEMENTATION_KEY_PARTS = (
+    ("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."),
+    ("self_attention.q_layernorm.", "self_attention.linear_q_up_proj.layer_norm_"),
+    ("self_attention.kv_layernorm.", "self_attention.linear_kv_up_proj.layer_norm_"),
+)
+_KEY_PART_ALIASES = _IMPLEMENTATION_KEY_PARTS + tuple((b, a) for a, b in _IMPLEMENTATION_KEY_PARTS)
 
 
 def model_sharded_state_dict(model) -> dict:
@@ -21,6 +35,28 @@ def full_sharded_state_dict(model) -> dict:
     if full is None:
         return model_sharded_state_dict(model)
     return full(metadata={"non_homogeneous_layers": True})
+
+
+def other_implementation_key(key: str, saved) -> str | None:
+    """The key under which the other layer implementation (TransformerEngine's or the local spec's)
+    saves what `key` names, where `saved` (a checkpoint's keys) holds it under that key; it may
+    carry any prefix (a model chunk's, an optimizer state's)."""
+    for ours, theirs in _KEY_PART_ALIASES:
+        match = re.fullmatch(rf"(.*\.)?{re.escape(ours)}(weight|bias)", key)
+        if match and (alias := f"{match[1] or ''}{theirs}{match[2]}") in saved:
+            return alias
+    return None
+
+
+def follow_saved_keys(sharded: dict, saved) -> None:
+    """Point each ShardedTensor of `sharded` whose key `saved` lacks at the other implementation's
+    key for it, where `saved` holds that: a checkpoint loads whichever implementation wrote it."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    for item in nested_values(sharded):
+        if isinstance(item, ShardedTensor) and item.key not in saved:
+            item.key = other_implementation_key(item.key, saved) or item.key
 
 
 def flat_sharded_tensors(model) -> dict:

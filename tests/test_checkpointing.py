@@ -19,6 +19,7 @@ import torch
 from conftest import plain_tensors, run_command
 from malicious import CreatesAFile, poison_checkpoint_metadata
 from torch.distributed.checkpoint import FileSystemReader
+from transformer_engine_keys import mark_as_transformer_engines, pretrain_saving_transformer_engine_keys
 
 PRETRAIN = Path(__file__).resolve().parents[1] / "pretrain_r1.py"
 TINY = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
@@ -191,31 +192,39 @@ def test_a_checkpoint_of_another_shape_is_refused_naming_the_flag(tmp_path, time
     assert "--hidden-size 32 (checkpoint) vs 64 (now)" in stderr, stderr[-2000:]
 
 
-def test_a_checkpoint_of_another_transformer_impl_is_refused_naming_the_flag(tmp_path, time_limited_run):
-    """TransformerEngine's layers keep other checkpoint keys: resuming, generating and exporting
-    say so in one line instead of failing on missing keys."""
-    shutil.copytree(time_limited_run[1], tmp_path / "ckpt")
-    metadata_file = tmp_path / "ckpt" / "iter_0000001" / "megatron_r1.json"
-    metadata = json.loads(metadata_file.read_text())
-    assert metadata["model_args"]["transformer_impl"] == "local"
-    metadata["model_args"]["transformer_impl"] = "transformer_engine"
-    metadata_file.write_text(json.dumps(metadata))
-    result = subprocess.run(
-        [sys.executable, str(PRETRAIN), *TINY, "--train-iters", "3", "--load", "ckpt"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert "--transformer-impl 'transformer_engine' (checkpoint) vs 'local' (now)" in result.stderr, result.stderr[
-        -2000:
-    ]
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "generate.py"), "--load", "ckpt", "--prompt-ids", "1"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert "trained with --transformer-impl transformer_engine" in result.stderr, result.stderr[-2000:]
+def test_a_checkpoint_saved_by_transformer_engines_layers_resumes_bit_identically(tmp_path):
+    """A checkpoint as a --transformer-impl transformer_engine run saves it (the norm before each MoE
+    layer's experts under TransformerEngine's name, in the weights and Adam's moments) generates, and
+    resumes under the local layers to the straight run's checkpoint bit for bit."""
+    run = ["--train-iters", "4", "--global-batch-size", "4"]
+    pretrain(tmp_path, *run, "--save", "straight")
+    command = [*pretrain_saving_transformer_engine_keys(PRETRAIN), *TINY, *run, "--save", "te"]
+    run_command([*command, "--exit-interval", "2"], tmp_path)
+    saved = tmp_path / "te" / "iter_0000002"
+    keys = FileSystemReader(str(saved)).read_metadata().state_dict_metadata
+    renamed = [key for key in keys if "pre_mlp_layernorm." in key]
+    assert renamed and any(key.startswith("optimizer.") for key in renamed), sorted(keys)
+    assert not [key for key in keys if "linear_fc1.layer_norm_" in key]
+    mark_as_transformer_engines(saved)
+
+    generated = run_command(
+        [
+            sys.executable,
+            str(REPO / "tools" / "generate.py"),
+            "--load",
+            "te",
+            "--prompt-ids",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--ignore-eod",
+        ],
+        tmp_path,
+    ).stdout
+    assert re.search(r"^new token ids: \d+ \d+$", generated, re.M), generated
+    resumed = pretrain(tmp_path, *run, "--save", "te")
+    assert "resumed from iteration 2 " in resumed, resumed[-2000:]
+    assert_identical(tmp_path / "straight" / "iter_0000004", tmp_path / "te" / "iter_0000004")
 
 
 def test_a_checkpoint_without_optimizer_state_resumes_only_with_no_load_optim(tmp_path):

@@ -42,10 +42,11 @@ def distillation_forward_step(args, teacher, data_iterator, model):
 
 
 def teacher_args(args, metadata: dict) -> argparse.Namespace:
-    """The student's flags with the teacher checkpoint's model flags (shape and function) in place."""
+    """The student's flags with the teacher checkpoint's model flags (shape and function) in place;
+    the teacher runs the student's layer implementation, whichever wrote its checkpoint."""
     teacher = argparse.Namespace(**vars(args))
     for name, value in metadata["model_args"].items():
-        if name not in ("tokenizer_type", "tokenizer_model"):
+        if name not in ("tokenizer_type", "tokenizer_model", "transformer_impl"):
             setattr(teacher, name, value)
     return teacher
 

@@ -219,6 +219,7 @@ def export_to_hf(checkpoint: str, output: str, vocab_size: int | None = None, to
     hf_config = hf_config_of(fields)
     groups = conversion_groups(args)
     reader = McoreCheckpointReader(checkpoint)
+    reader.name_as(m.mcore for _, maps in groups for m in maps)  # a TransformerEngine run's checkpoint too
     to_hf = _ToHF(vocab_size)
     check_mapping(
         groups, {key: reader.shape(key) for key in reader.keys()}, expected_hf_shapes(hf_config), to_hf, checkpoint

@@ -14,6 +14,8 @@ import shutil
 
 import torch
 
+from megatron_r1.sharded_tensors import other_implementation_key
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_SAFETENSORS = "model.safetensors"
 
@@ -55,6 +57,13 @@ class McoreCheckpointReader:
 
     def keys(self) -> list[str]:
         return list(self._metadata)
+
+    def name_as(self, keys) -> None:
+        """Offer under `keys` (the local layers' names) the tensors the other layer implementation
+        saved under its own (sharded_tensors.other_implementation_key); reads still use the saved key."""
+        for key in keys:
+            if key not in self._metadata and (alias := other_implementation_key(key, self._metadata)):
+                self._metadata[key] = self._metadata.pop(alias)
 
     def shape(self, key: str) -> tuple:
         return tuple(self._metadata[key].global_shape)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import assert_round_trip_weights, run_command
 from safetensors.torch import load_file
+from transformer_engine_keys import mark_as_transformer_engines, pretrain_saving_transformer_engine_keys
 
 from megatron_r1.arguments import build_parser
 from megatron_r1.distributed import destroy_distributed, initialize_distributed
@@ -113,6 +114,26 @@ def test_mcore_hf_mcore_round_trip_is_bit_exact(checkpoint, exported, tmp_path):
     result = compare_logits(str(tmp_path / "back" / "iter_0000000"), str(exported), seq_length=32)
     assert result["max_abs_logit_diff"] <= 1e-4 and result["top1_agreement"] == 1.0, result
     assert_round_trip_weights(checkpoint, tmp_path / "back" / "iter_0000000", VOCAB)
+
+
+def test_a_checkpoint_with_transformer_engines_keys_exports_the_same_weights(exported, tmp_path):
+    """The same training saved as a --transformer-impl transformer_engine run saves it (MLA's q and kv
+    norms, the dense layer's norm before its MLP under the names of the linear layers they fuse
+    into) exports to the same Hugging Face weights, tensor for tensor."""
+    command = pretrain_saving_transformer_engine_keys(PRETRAIN, dense_layers=[0])
+    run_command([*command, *DEEPSEEK, "--train-iters", "3", "--save", "te"], tmp_path, timeout=300)
+    saved = tmp_path / "te" / "iter_0000003"
+    keys = _chunks(saved)
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in keys, sorted(keys)
+    assert "mtp.layers.0.transformer_layer.self_attention.linear_kv_up_proj.layer_norm_weight" in keys
+    mark_as_transformer_engines(saved)
+    export_to_hf(str(saved), str(tmp_path / "hf"), vocab_size=VOCAB, progress=False)
+    ours, theirs = _hf_tensors(tmp_path / "hf"), _hf_tensors(exported)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
+def _hf_tensors(directory: Path) -> dict:
+    return {name: tensor for shard in directory.glob("*.safetensors") for name, tensor in load_file(shard).items()}
 
 
 def test_unrepresentable_models_are_refused():
