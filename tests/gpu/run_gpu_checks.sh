@@ -46,8 +46,9 @@ tests_status=$?
 tests_seconds=$((SECONDS - start))
 
 start=$SECONDS
+# --profile: each trainer's heaviest GPU operators over one step, for the next optimisation.
 timeout 110 python3 benchmarks/bench_train.py --config v2-lite-proxy --only megatron_r1+gg,transformers \
-    --warmup 1 --rounds 2 --steps 2
+    --warmup 1 --rounds 2 --steps 2 --profile
 bench_status=$?
 bench_seconds=$((SECONDS - start))
 
