@@ -387,9 +387,9 @@ def read_common_state(path: str) -> dict:
     return state
 
 
-def refuse_executable_pickles(path: str) -> None:
+def refuse_executable_pickles(path: str):
     """Raise CheckpointError unless every pickle megatron-core's torch_dist loader would unpickle
-    from checkpoint `path` is data only. That loader reads ``.metadata`` with plain pickle.load and
+    from checkpoint `path` is data only; return its checked ``.metadata``. That loader reads ``.metadata`` with plain pickle.load and
     the byte objects (ShardedObjects) with torch.load(weights_only=False): a crafted checkpoint
     could run code. Here ``.metadata`` may reference only torch's checkpoint-metadata classes, and
     the byte objects and ``common.pt`` must pass torch.load(weights_only=True); tensors themselves
@@ -418,6 +418,7 @@ def refuse_executable_pickles(path: str) -> None:
             _weights_only_load(common_file)
         except Exception as error:
             raise CheckpointError(f"{common_file}: refused, {error}") from None
+    return metadata
 
 
 # What every reader of a checkpoint's megatron_r1.json relies on, with its JSON type.
@@ -454,8 +455,8 @@ def read_checkpoint(path: str, sharded: dict, strict: str = "assume_ok_unexpecte
     """The one way this project reads a torch_dist checkpoint (resume, --finetune,
     --pretrained-checkpoint, --teacher-load, merging, generation, export): nothing in it is
     unpickled before every pickle passed :func:`refuse_executable_pickles`."""
-    refuse_executable_pickles(path)
-    follow_saved_keys(sharded, saved_tensor_shapes(path))  # written by the other layer implementation
+    saved = refuse_executable_pickles(path).state_dict_metadata
+    follow_saved_keys(sharded, saved)  # a checkpoint written by the other layer implementation too
     return dist_checkpointing.load(sharded, path, strict=strict)
 
 
