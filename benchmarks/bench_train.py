@@ -30,16 +30,18 @@ Configs: ``tiny`` (examples/pretrain_tiny.sh's flags), ``50m`` (~50M-parameter M
 ratio; ``--only`` keeps some of the trainers (e.g. a second run under transformers 5.x, whose
 DeepSeek-V3 defaults to its grouped_mm experts: ``--only megatron_r1+gg,transformers``).
 
-Figures per trainer: step time, tokens/s, TFLOP/s per GPU and MFU; on a GPU also the peak of
-allocated memory and the GPU-busy fraction (the kernel time torch.profiler records over one step,
-divided by that step's time). Host syncs per step are counted over one extra step: calls of
-``Tensor.item/.tolist/.cpu`` on tensors of the benchmarked device (on CPU they cost nothing, but
-each is a sync on a GPU), and on CUDA also the syncs ``torch.cuda.set_sync_debug_mode`` reports.
-Those megatron_r1 keeps on a GPU: the loop's reads for the logged iteration line (every iteration
-here, --log-interval 1), the NaN check and the gradient norm; and, per MoE layer and micro-batch,
-megatron-core 0.16.1's token permutation without TransformerEngine: its alltoall dispatcher copies
-the tokens per expert to the host for its split sizes, and its permutation selects the tokens (and
-their probabilities) with torch.masked_select, whose output size the host waits for.
+Figures per trainer: megatron_r1's setup time (the model built on the device, its weights drawn and
+copied there, the optimizer, the data), step time, tokens/s, TFLOP/s per GPU and MFU; on a GPU also
+the peak of allocated memory and the GPU-busy fraction (the kernel time torch.profiler records over
+one step, divided by that step's time). Host syncs per step are counted over one extra step
+(megatron_r1/host_syncs.py): on CUDA those torch's sync debug mode reports; on any device the calls of
+``Tensor.item/.tolist/.cpu`` on the benchmarked device's tensors, and on CPU the operators whose
+output size depends on the data (masked_select, nonzero ...), each a sync on a GPU. Those
+megatron_r1 keeps on a GPU: the loop's reads for the logged iteration line (every iteration here,
+--log-interval 1), the NaN check and the gradient norm; per MoE layer and micro-batch, SequentialMLP
+reads the tokens per expert (the grouped experts on a Hopper GPU do not), and with expert
+parallelism megatron-core 0.16.1's dispatchers wait for the split sizes and select tokens with
+torch.masked_select (with all experts local, megatron_r1/token_dispatch.py permutes on the device).
 
 Targets (issue #15): on a GPU, megatron_r1 with the grouped experts at >= 35% MFU of the measured
 peak and >= 3x transformers 4.57 in the same run, the grouped experts faster than SequentialMLP; on
@@ -66,7 +68,6 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -79,6 +80,7 @@ from megatron_r1.arguments import parse_args
 from megatron_r1.distributed import destroy_distributed
 from megatron_r1.flops import count_model, human_count, padded_vocab_size
 from megatron_r1.hf.config import deepseek_config
+from megatron_r1.host_syncs import host_syncs_counted
 from megatron_r1.training import build_data, setup, train
 from megatron_r1.training.setup import fused_kernels
 
@@ -175,10 +177,7 @@ class MegatronRun:
         # model.py builds megatron-core's local specs (SDPA core attention, and one GEMM pair per
         # expert, or with --moe-grouped-gemm one grouped GEMM per linear of all experts).
         experts = "grouped-GEMM experts (megatron_r1.experts)" if args.moe_grouped_gemm else "SequentialMLP experts"
-        self.implementation = (
-            f"megatron-core {megatron.core.__version__}, local specs, {experts}, "
-            f"{args.moe_token_dispatcher_type} dispatcher" + (", --bf16" if args.bf16 else ", fp32")
-        )
+        self.implementation = f"megatron-core {megatron.core.__version__}, local specs, {experts}"
         if parallel_state.model_parallel_is_initialized():
             # A second trainer in this process (--moe-grouped-gemm): one process, so its groups are
             # this rank alone, like the first trainer's.
@@ -186,11 +185,20 @@ class MegatronRun:
         args.eval_interval = None
         args.train_iters = total_iterations
         self.args = args
+        start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             self.state = setup(args)
             self.train_dataset, _ = build_data(args, self.state)
+        self.startup_seconds = time.perf_counter() - start  # the model built, placed and wrapped; the data
+        dispatchers = {
+            type(m.token_dispatcher).__name__ for m in self.state.model[0].modules() if hasattr(m, "token_dispatcher")
+        }
         fused = fused_kernels(get_model_config(self.state.model[0]))
-        self.implementation += f", fused kernels: {', '.join(fused) or 'none'}"
+        self.implementation += (
+            f", {'/'.join(sorted(dispatchers))}"
+            + (", --bf16" if args.bf16 else ", fp32")
+            + f", fused kernels: {', '.join(fused) or 'none'}; setup {self.startup_seconds:.1f} s"
+        )
 
     def steps(self, count: int) -> None:
         self.args.train_iters = self.state.iteration + count
@@ -251,39 +259,6 @@ class TransformersRun:
 
 
 # ---------------------------------------------------------------- measurement
-
-
-HOST_SYNC_METHODS = ("item", "tolist", "cpu")
-
-
-@contextlib.contextmanager
-def host_syncs_counted(device):
-    """Counts calls of Tensor.item/.tolist/.cpu on tensors of `device` while inside (each one a host
-    sync on a GPU); on CUDA also the syncs torch.cuda.set_sync_debug_mode reports (as warnings)."""
-    counts = collections.Counter()
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_SYNC_METHODS}
-
-    def counted(name, method):
-        def wrapper(tensor, *args, **kwargs):
-            counts[name] += tensor.device.type == device.type
-            return method(tensor, *args, **kwargs)
-
-        return wrapper
-
-    for name, method in originals.items():
-        setattr(torch.Tensor, name, counted(name, method))
-    try:
-        with warnings.catch_warnings(record=True) as reported:
-            warnings.simplefilter("always")
-            if device.type == "cuda":
-                torch.cuda.set_sync_debug_mode("warn")
-            yield counts
-    finally:
-        if device.type == "cuda":
-            torch.cuda.set_sync_debug_mode("default")
-        for name, method in originals.items():
-            setattr(torch.Tensor, name, method)
-    counts["cuda sync debug"] = sum("synchroniz" in str(warning.message) for warning in reported)
 
 
 def host_syncs_per_step(run, device) -> collections.Counter:
@@ -474,7 +449,7 @@ def _print_result(result: dict, gpu: bool) -> None:
         f"{'TFLOP/s':>8} {'MFU':>7} {'peak GiB':>9} {'GPU busy':>9}  host syncs per step"
     )
     for impl, figures in result["impls"].items():
-        syncs = ", ".join(f"{what} {n}" for what, n in figures["host_syncs"].items() if n or what != "cuda sync debug")
+        syncs = ", ".join(f"{what} {n}" for what, n in figures["host_syncs"].items() if n) or "none"
         peak = f"{figures['peak_memory'] / 2**30:.1f}" if "peak_memory" in figures else "-"
         busy = f"{100 * figures['gpu_busy']:.0f}%" if "gpu_busy" in figures else "-"
         print(

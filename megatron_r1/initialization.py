@@ -14,7 +14,10 @@ use_cpu_initialization does), one matrix at a time.
 The distribution of each weight is megatron-core's: ``config.init_method`` (normal, std
 --init-method-std), ``config.output_layer_init_method`` (std / sqrt(2 x layers)) for the
 projections back into the residual stream, ``config.embedding_init_method`` for embeddings, and
-LoRA's A as megatron_r1.lora draws it. Norm weights and biases start at constants and stay.
+LoRA's A as megatron_r1.lora draws it. Biases start at zero, as megatron-core sets them; norm
+weights keep the ones their modules start with. megatron-core itself draws nothing
+(megatron_r1.model builds with perform_initialization off), so each weight is drawn once, on the CPU
+(the same numbers whatever the device), and copied to wherever its chunk lives.
 """
 
 import hashlib
@@ -58,12 +61,16 @@ def _draw(init, shape, seed: int) -> torch.Tensor:
 
 
 def initialize_by_identity(model, config, seed: int) -> int:
-    """Redraw every randomly initialised weight of `model` (one GPTModel chunk, on the CPU) by its
-    identity; returns how many global tensors were drawn."""
+    """Draw every randomly initialised weight of `model` (one GPTModel chunk, on any device) by its
+    identity and zero its biases; returns how many global tensors were drawn."""
     drawn = 0
     for key, pieces in flat_sharded_tensors(model).items():
         init = _init_function(key, config)
         constant = pieces[0].data.dim() < 2 and not key.endswith("router.bias")  # norms, biases
+        if constant and key.endswith("bias"):
+            with torch.no_grad():
+                for piece in pieces:
+                    piece.data.zero_()
         if init is None or constant:
             continue
         prepended = pieces[0].prepend_axis_num

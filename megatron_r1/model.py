@@ -1,7 +1,7 @@
 """Model construction: a megatron-core GPTModel from a TransformerConfig plus layer specs.
 
 The specs are megatron-core's local ones (dense layers first, then MoE layers per
-``moe_layer_freq``; MLA or GQA attention; MTP block), with three substitutions where the local
+``moe_layer_freq``; MLA or GQA attention; MTP block), with four substitutions where the local
 modules do not fit:
 
 - norms: :class:`~megatron_r1.layers.SequenceParallelTorchNorm` (the local torch norm refuses
@@ -10,7 +10,9 @@ modules do not fit:
 - MLA's q/kv down-projections: a TP-duplicated linear. As a ColumnParallelLinear, the gathered
   rotary-key slice of linear_kv_down_proj gets no cross-rank gradient sum in backward, so TP > 1
   trains with silently wrong gradients. Duplicated (with sequence parallelism) the gradients match
-  TP = 1.
+  TP = 1;
+- the MoE layer: :class:`~megatron_r1.token_dispatch.DevicePermutationMoELayer`, whose token
+  permutation needs no host sync where all experts are local.
 
 With ``--moe-grouped-gemm`` the routed experts are :class:`~megatron_r1.experts.GroupedGemmExperts`
 (SequentialMLP's modules and checkpoint keys, grouped-GEMM compute) instead of megatron-core's
@@ -31,6 +33,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.post_training.modelopt.layers import Linear as DuplicatedLinear
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -43,8 +46,13 @@ from megatron_r1.compat import fix_megatron_without_transformer_engine
 from megatron_r1.experts import GroupedGemmExperts
 from megatron_r1.initialization import initialize_by_identity
 from megatron_r1.layers import SDPACoreAttention, SequenceParallelTorchNorm
+from megatron_r1.token_dispatch import DevicePermutationMoELayer
 
-_MODULE_SUBSTITUTES = {WrappedTorchNorm: SequenceParallelTorchNorm, DotProductAttention: SDPACoreAttention}
+_MODULE_SUBSTITUTES = {
+    WrappedTorchNorm: SequenceParallelTorchNorm,
+    DotProductAttention: SDPACoreAttention,
+    MoELayer: DevicePermutationMoELayer,
+}
 
 
 def _substitute(spec, substitutes=_MODULE_SUBSTITUTES):
@@ -166,6 +174,11 @@ def build_gpt_model(
     )
 
 
+def _drawn_by_identity(weight):
+    """megatron-core's init methods while it builds a model: leave the weight (drawn afterwards)."""
+    return weight
+
+
 def build_model(
     args,
     config: TransformerConfig | None = None,
@@ -190,14 +203,25 @@ def build_model(
       adjusts each built chunk (adapters, freezing, dropout) before it is placed and wrapped.
     - `device`: where to place the chunks instead (a conversion that streams through host memory)."""
     config = config or transformer_config_from_args(args)
-    config = dataclasses.replace(
-        config, perform_initialization=initialize, mtp_num_layers=config.mtp_num_layers if with_mtp else None
+    placement = device or platform.compute_device()
+    construction = dataclasses.replace(
+        config,
+        # megatron-core sets each weight up (its tensor-parallel attributes, zero biases) but draws
+        # nothing: initialize_by_identity draws every random weight once, on the CPU, for any device.
+        perform_initialization=True,
+        init_method=_drawn_by_identity,
+        output_layer_init_method=_drawn_by_identity,
+        embedding_init_method=_drawn_by_identity,
+        # Allocated where the chunk computes (on a GPU: no copy of the model in host memory); on the
+        # CPU for a chunk placed elsewhere (a conversion through host memory; the meta device).
+        use_cpu_initialization=placement != platform.compute_device(),
+        mtp_num_layers=config.mtp_num_layers if with_mtp else None,
     )
     chunks = []
     vpp = args.virtual_pipeline_model_parallel_size
     for vp_stage in range(vpp) if vpp else [None]:
         chunk = build_gpt_model(
-            config,
+            construction,
             vocab_size=args.padded_vocab_size,
             max_sequence_length=args.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -216,9 +240,9 @@ def build_model(
             prepare_chunk(chunk)
         if initialize:
             initialize_by_identity(chunk, config, args.seed)
-        chunk.to(device or platform.compute_device())
+        chunk.to(placement)  # what megatron-core builds on the CPU regardless (routers, LoRA adapters)
         if ddp_config is not None:
             # Later chunks' grads are reduced in one piece, as in Megatron-LM.
-            chunk = DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=len(chunks) > 0)
+            chunk = DistributedDataParallel(construction, ddp_config, chunk, disable_bucketing=len(chunks) > 0)
         chunks.append(chunk)
     return chunks

@@ -179,3 +179,46 @@ def test_megatron_cores_fused_activation_and_bias_dropout_add_compute_the_unfuse
     assert abs(fused_loss - plain_loss) <= 1e-6 * abs(plain_loss)
     for name, grad in plain_grads.items():
         assert torch.allclose(fused_grads[name], grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_build_model_draws_each_weight_once_and_keeps_megatron_cores_parallel_attributes(monkeypatch):
+    """megatron-core builds the chunk and draws nothing; initialize_by_identity then draws each random
+    weight once (normal_ runs once per drawn weight). With or without drawing, the tensor-parallel
+    weights carry megatron-core's attributes (its grad-norm and optimizer code skip a weight without
+    them as a duplicate on TP ranks other than 0) and the biases start at zero."""
+    import itertools
+
+    import torch
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_r1 import model as model_module
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.distributed import destroy_distributed, initialize_distributed
+
+    drawn, normal_calls, normal_ = [], [], torch.Tensor.normal_
+    initialize_by_identity = model_module.initialize_by_identity
+    monkeypatch.setattr(model_module, "initialize_by_identity", lambda *a: drawn.append(initialize_by_identity(*a)))
+    monkeypatch.setattr(torch.Tensor, "normal_", lambda self, *a, **k: normal_calls.append(1) or normal_(self, *a, **k))
+    common = ["--mock-data", "--vocab-size", "64", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads",
+              "4", "--swiglu", "--mtp-num-layers", "1", "--seq-length", "8"]  # fmt: skip
+    dense_with_biases = ["--group-query-attention", "--num-query-groups", "2"]
+    moe = ["--disable-bias-linear", "--num-experts", "4", "--moe-ffn-hidden-size", "16", "--moe-layer-freq", "[0,1]",
+           "--moe-router-topk", "2", "--moe-shared-expert-intermediate-size", "16"]  # fmt: skip
+    initialize_distributed()
+    try:
+        for variant, initialize in itertools.product((dense_with_biases, moe), (True, False)):
+            args = parse_args("test", common + variant)
+            args.padded_vocab_size = 64
+            drawn.clear(), normal_calls.clear()
+            (model,) = model_module.build_model(args, initialize=initialize)
+            assert len(normal_calls) == sum(drawn) and (sum(drawn) > 10) == initialize, (normal_calls, drawn)
+            linears = (ColumnParallelLinear, RowParallelLinear)  # (a tied output layer has no weight of its own)
+            layers = [(name, m) for name, m in model.named_modules() if isinstance(m, linears) and m.weight is not None]
+            assert len(layers) >= 8
+            for name, module in layers:
+                axis = 0 if isinstance(module, ColumnParallelLinear) else 1
+                assert module.weight.tensor_model_parallel and module.weight.partition_dim == axis, name
+                if initialize and module.bias is not None:
+                    assert not module.bias.any(), name
+    finally:
+        destroy_distributed()

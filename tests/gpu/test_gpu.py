@@ -2,9 +2,9 @@
 bf16 with a resume, LoRA fine-tuning, merging, export with --verify, transformers' and our greedy
 generation agreeing, GRPO), GRPO's bf16 rollouts against its training forward, full fine-tuning
 with early stopping, distillation from a DeepSeek-V3-shaped teacher, progressive unfreezing, fp32
-pre-training, the fused kernels and grouped experts against the plain path, a resumed run's
-training and validation losses, sampling, LoRA adapters placed on the GPU, and bf16 against fp32
-logits.
+pre-training, the fused kernels and grouped experts against the plain path, an MoE layer without
+host syncs, a resumed run's training and validation losses, sampling, LoRA adapters placed on the
+GPU, and bf16 against fp32 logits.
 
 Skipped without CUDA (the CPU suite runs the same paths on CPU); tests/gpu/run_gpu_checks.sh runs
 this file and the training benchmark on a GPU machine."""
@@ -192,6 +192,46 @@ def test_bf16_logits_are_the_fp32_logits_within_bf16_precision(quickstart, one_p
         f"bf16 vs fp32 logits: mean |diff| {mean_error:.4f} of mean |logit| {scale:.4f}, top-1 agreement {agreement:.3f}"
     )
     assert mean_error <= 0.05 * scale and agreement >= 0.9, (mean_error, scale, agreement)  # CPU autocast: 2.4%, 0.96
+
+
+def test_an_moe_layer_with_all_experts_local_never_makes_the_host_wait(one_process_world):
+    """A bf16 MoE layer of the quickstart's model with the grouped experts: forward and backward
+    (megatron_r1.token_dispatch's permutation, torch's grouped GEMM) make no host sync that CUDA's
+    sync debug mode sees; megatron-core's all-gather dispatcher on the same layer makes some and
+    computes the same output."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
+    from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
+
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.host_syncs import host_syncs_counted
+    from megatron_r1.model import build_model
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("torch's grouped GEMM copies its offsets to the host before Hopper")
+    args = parse_args(
+        "gpu", [*tiny_model_flags(), "--mock-data", "--vocab-size", "512", "--bf16", "--moe-grouped-gemm"]
+    )
+    args.padded_vocab_size = 512
+    (model,) = build_model(args)
+    layer = next(module for module in model.modules() if isinstance(module, MoELayer)).to(torch.bfloat16)
+    hidden = torch.randn(128, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def forward_and_backward():
+        output, _ = layer(hidden)
+        output.float().square().sum().backward()
+        return output.detach()
+
+    forward_and_backward()  # compiles megatron-core's fused SwiGLU outside the count
+    with host_syncs_counted(torch.device("cuda")) as ours:
+        output = forward_and_backward()
+    layer.token_dispatcher = MoEAllGatherTokenDispatcher(
+        layer.num_local_experts, layer.local_expert_indices, layer.config, get_default_pg_collection()
+    )
+    with host_syncs_counted(torch.device("cuda")) as peers:
+        peer_output = forward_and_backward()
+    print(f"host syncs of one MoE layer's forward and backward: megatron_r1 {dict(ours)}, megatron-core {dict(peers)}")
+    assert +ours == {} and peers["cuda sync debug"] + peers["cpu"] >= 1, (ours, peers)
+    torch.testing.assert_close(output, peer_output, rtol=2e-2, atol=2e-2)
 
 
 def test_lora_adapters_train_on_the_gpu_and_the_base_stays(quickstart, monkeypatch):

@@ -1,0 +1,69 @@
+"""megatron_r1.token_dispatch: with all experts local, the MoE layers permute tokens as megatron-core's
+dispatchers do, without a host sync (under expert parallelism megatron-core's dispatchers run, and
+the layouts train alike: tests/test_layouts.py)."""
+
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher
+
+from megatron_r1 import experts
+from megatron_r1.arguments import parse_args
+from megatron_r1.distributed import destroy_distributed, initialize_distributed
+from megatron_r1.host_syncs import host_syncs_counted
+from megatron_r1.model import build_model
+from megatron_r1.token_dispatch import DevicePermutationDispatcher
+
+# Two MoE layers of 4 experts (top-2, shared expert) after a dense one; grouped experts, whose CPU
+# kernel stands in for a GPU's (the loop fallback reads the counts on the host).
+FLAGS = ["--mock-data", "--vocab-size", "64", "--num-layers", "3", "--hidden-size", "32", "--num-attention-heads", "4",
+         "--swiglu", "--disable-bias-linear", "--num-experts", "4", "--moe-ffn-hidden-size", "16",
+         "--moe-shared-expert-intermediate-size", "16", "--moe-layer-freq", "[0,1,1]", "--moe-router-topk", "2",
+         "--moe-grouped-gemm", "--moe-aux-loss-coeff", "1e-2", "--hidden-dropout", "0", "--seq-length", "8"]  # fmt: skip
+
+
+def _moe_layers(model):
+    return [module for module in model.modules() if isinstance(module, MoELayer)]
+
+
+def _loss_grads_and_syncs(model, tokens):
+    model.zero_grad()
+    with host_syncs_counted(torch.device("cpu")) as syncs:
+        loss = model(tokens, torch.arange(8).expand(2, 8), None, labels=torch.roll(tokens, -1, 1)).mean()
+        loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return loss.detach(), grads, +syncs
+
+
+def test_all_local_experts_permute_as_megatron_core_without_a_host_sync(monkeypatch):
+    monkeypatch.setattr(experts, "KERNEL_ON_CPU", True)
+    # The aux loss's backward sets megatron-core's global loss scale, which training sets first.
+    monkeypatch.setattr(MoEAuxLossAutoScaler, "main_loss_backward_scale", None)
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    initialize_distributed()
+    try:
+        args = parse_args("test", FLAGS)
+        args.padded_vocab_size = 64
+        (model,) = build_model(args)
+        layers = _moe_layers(model)
+        assert len(layers) == 2 and all(type(layer.token_dispatcher) is DevicePermutationDispatcher for layer in layers)
+        loss, grads, syncs = _loss_grads_and_syncs(model, tokens)
+        assert syncs == {}, syncs  # forward and backward: nothing waits for the device
+        for peer in (MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher):
+            for layer in layers:
+                layer.token_dispatcher = peer(
+                    layer.num_local_experts, layer.local_expert_indices, model.config, get_default_pg_collection()
+                )
+            peer_loss, peer_grads, peer_syncs = _loss_grads_and_syncs(model, tokens)
+            assert peer_syncs["masked_select"] >= 2 * len(layers), (peer, peer_syncs)  # the tokens, their probabilities
+            torch.testing.assert_close(loss, peer_loss, rtol=0, atol=0)
+            for name, grad in peer_grads.items():
+                torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=f"{peer.__name__}: {name}")
+
+        # Dropping tokens (a capacity) sizes the permutation by the data: megatron-core's dispatcher.
+        args = parse_args("test", [*FLAGS, "--moe-expert-capacity-factor", "1.0"])
+        args.padded_vocab_size = 64
+        (model,) = build_model(args)
+        assert {type(layer.token_dispatcher) for layer in _moe_layers(model)} == {MoEAllGatherTokenDispatcher}
+    finally:
+        destroy_distributed()
