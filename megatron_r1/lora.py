@@ -64,9 +64,9 @@ class LoRAConfig:
         return any(t in (component, linear, f"{component}.{linear}") for t in self.target_modules)
 
 
-def initialize_adapter_a(tensor):
+def initialize_adapter_a(tensor, generator=None):
     """As torch.nn.Linear (and PEFT) initialise A: U(-1/sqrt(in), 1/sqrt(in))."""
-    torch.nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+    torch.nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
 
 
 class _Adapter:

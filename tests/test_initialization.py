@@ -46,3 +46,36 @@ def test_every_layout_starts_from_the_same_model(layout, one_process, tmp_path):
 def test_another_seed_draws_another_model(one_process, tmp_path):
     losses = first_losses(run_command([sys.executable, str(PRETRAIN), *TINY, "--seed", "7"], tmp_path).stdout)
     assert losses[0] != pytest.approx(one_process[0], rel=1e-4)
+
+
+def test_a_shard_gets_its_part_of_the_whole_weight_drawing_only_the_blocks_it_holds(monkeypatch):
+    """Blocks of 3 rows (of a 10 x 8 weight: 4 blocks, edges inside the shards): the two halves of a
+    column-parallel split (rows) and of a row-parallel one (columns) put together are the weight one
+    process draws; a column-parallel half draws only the blocks its rows are in (rows 0-4: 2 of the 4,
+    rows 5-9: 3), each once."""
+    import torch
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.utils import init_method_normal
+
+    from megatron_r1 import initialization
+
+    monkeypatch.setattr(initialization, "BLOCK_NUMBERS", 24)
+    key, std = "decoder.layers.0.self_attention.linear_qkv.weight", init_method_normal(0.02)
+    config = type("Config", (), {"init_method": std, "output_layer_init_method": std, "embedding_init_method": std})
+
+    def drawn(shapes_and_axis):
+        """The pieces (shape, (axis, rank, world)) of this rank, drawn; and how many blocks were."""
+        pieces = [ShardedTensor.from_rank_offsets(key, torch.zeros(shape), *split) for shape, split in shapes_and_axis]
+        monkeypatch.setattr(initialization, "flat_sharded_tensors", lambda model: {key: pieces})
+        calls, normal_ = [], torch.Tensor.normal_
+        monkeypatch.setattr(torch.Tensor, "normal_", lambda self, *a, **k: calls.append(1) or normal_(self, *a, **k))
+        assert initialization.initialize_by_identity(None, config, seed=5) == 1
+        monkeypatch.setattr(torch.Tensor, "normal_", normal_)
+        return [piece.data for piece in pieces], len(calls)
+
+    (whole,), blocks = drawn([((10, 8), ())])
+    assert blocks == 4 and whole.std() > 0.01
+    for axis, shape in ((0, (5, 8)), (1, (10, 4))):
+        halves = [drawn([(shape, ((axis, rank, 2),))]) for rank in range(2)]
+        assert torch.equal(torch.cat([half for (half,), _ in halves], dim=axis), whole), axis
+        assert [count for _, count in halves] == ([2, 3] if axis == 0 else [4, 4]), (axis, halves)
