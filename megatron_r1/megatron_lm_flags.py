@@ -35,7 +35,7 @@ GPU_KERNEL_CHOICES = {
     "--moe-permute-fusion": ("moe_permute_fusion", False),
     "--moe-router-fusion": ("moe_router_fusion", False),
     "--moe-shared-expert-overlap": ("moe_shared_expert_overlap", False),
-    "--cross-entropy-loss-fusion": ("cross_entropy_loss_fusion", False),
+    "--cross-entropy-fusion-impl te": ("cross_entropy_fusion_impl", "native"),
     "--moe-token-dispatcher-type flex": ("moe_token_dispatcher_type", "alltoall"),
 }
 

@@ -284,6 +284,10 @@ def test_a_megatron_lm_deepseek_v3_recipe_parses(monkeypatch):
     [
         (["--fp16"], "--fp16: fp16 training (with loss scaling) is not supported: use --bf16"),
         (
+            ["--cross-entropy-loss-fusion"],
+            "--cross-entropy-loss-fusion (native) rounds the logits' gradient to bf16: use it with --bf16",
+        ),
+        (
             ["--wandb-project", "p", "--use-precision-aware-optimizer"],
             "--wandb-project: Weights & Biases is not built in: use --tensorboard-dir or --metrics-port; "
             "--use-precision-aware-optimizer: low-precision optimizer state is not supported (it is kept in fp32)",

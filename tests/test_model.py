@@ -222,3 +222,38 @@ def test_build_model_draws_each_weight_once_and_keeps_megatron_cores_parallel_at
                     assert not module.bias.any(), name
     finally:
         destroy_distributed()
+
+
+def test_megatron_cores_fused_cross_entropy_computes_the_plain_loss_and_gradients_in_bf16(monkeypatch):
+    """--cross-entropy-loss-fusion (megatron-core's native kernel, run uncompiled on CPU) on a bf16
+    model: the loss and every gradient of the plain cross entropy (the logits' gradient is bf16 on
+    both paths; fp32 runs are refused the flag: tests/test_arguments.py)."""
+    import torch
+    from megatron.core.models.common.language_module import language_module
+
+    from megatron_r1.arguments import parse_args
+    from megatron_r1.distributed import destroy_distributed, initialize_distributed
+    from megatron_r1.model import build_model
+
+    calls, fused = [], language_module.fused_vocab_parallel_cross_entropy
+    monkeypatch.setattr(language_module, "fused_vocab_parallel_cross_entropy", lambda *a: calls.append(1) or fused(*a))
+    flags = ["--mock-data", "--vocab-size", "64", "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads",
+             "4", "--seq-length", "8", "--bf16", "--untie-embeddings-and-output-weights"]  # fmt: skip
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    results = {}
+    initialize_distributed()
+    try:
+        for fusion in (True, False):
+            args = parse_args("test", flags + ["--cross-entropy-loss-fusion"] * fusion)
+            args.padded_vocab_size = 64
+            (model,) = build_model(args)
+            loss = model(tokens, torch.arange(8).expand(2, 8), None, labels=torch.roll(tokens, -1, 1)).float().mean()
+            loss.backward()
+            results[fusion] = loss.item(), {name: p.grad.float() for name, p in model.named_parameters()}
+    finally:
+        destroy_distributed()
+    assert len(calls) == 1
+    (fused_loss, fused_grads), (plain_loss, plain_grads) = results[True], results[False]
+    assert abs(fused_loss - plain_loss) <= 1e-6 * abs(plain_loss)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-6, atol=0, msg=name)

@@ -250,13 +250,14 @@ def _add_implementation_arguments(group) -> None:
     group.add_argument(
         "--cross-entropy-loss-fusion",
         action="store_true",
-        help="fused vocab-parallel cross entropy (CUDA; without it, the plain path)",
+        help="fused vocab-parallel cross entropy (native: megatron-core's, compiled on CUDA, run as written on CPU)",
     )
     group.add_argument(
         "--cross-entropy-fusion-impl",
         choices=["native", "te"],
         default="native",
-        help="with --cross-entropy-loss-fusion: megatron-core's or TransformerEngine's kernel",
+        help="with --cross-entropy-loss-fusion: megatron-core's or TransformerEngine's kernel (CUDA; "
+        "without it, native)",
     )
 
 
@@ -366,6 +367,18 @@ def _check_implementation_features(args, error) -> None:
         )
     if args.fp8_format and args.transformer_impl != "transformer_engine":
         error("--fp8-format needs --transformer-impl transformer_engine (CUDA + TransformerEngine)")
+    _check_cross_entropy_fusion(args, error)
+
+
+def _check_cross_entropy_fusion(args, error) -> None:
+    if not args.cross_entropy_loss_fusion:
+        return
+    te_kernel = args.cross_entropy_fusion_impl == "te" and torch.cuda.is_available()  # native without CUDA
+    if te_kernel and not compat.transformer_engine_installed():
+        error("--cross-entropy-fusion-impl te needs TransformerEngine (native, the default, needs nothing)")
+    if not te_kernel and not args.bf16:
+        # megatron-core 0.16.1's native kernel returns the logits' gradient in bf16, whatever their type.
+        error("--cross-entropy-loss-fusion (native) rounds the logits' gradient to bf16: use it with --bf16")
 
 
 def _parse_window(tokens, error) -> list[int]:

@@ -109,16 +109,22 @@ def test_pre_training_learns(precision, tmp_path):
 
 def test_fused_kernels_and_grouped_experts_train_as_the_plain_path():
     """The quickstart's model (MLA with yarn RoPE, MoE) in bf16: megatron-core's fused SwiGLU,
-    bias-dropout-add and MLA RoPE (its Triton kernel), on by default, and the grouped-GEMM experts
-    (torch's grouped_mm on Hopper and newer) train with the plain path's losses, to bf16 precision."""
+    bias-dropout-add and MLA RoPE (its Triton kernel), on by default, with its native fused cross
+    entropy, and the grouped-GEMM experts (torch's grouped_mm on Hopper and newer) train with the
+    plain path's losses, to bf16 precision."""
     flags = [*tiny_model_flags(), "--mock-data", "--vocab-size", "512", "--bf16", "--train-iters", "8",
              "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "3e-3", "--eval-iters", "0"]  # fmt: skip
     plain = ["--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion"]
     outputs = {
         name: run([sys.executable, "pretrain_r1.py", *flags, *extra], REPO)
-        for name, extra in (("plain", plain), ("fused", []), ("grouped", ["--moe-grouped-gemm"]))
+        for name, extra in (
+            ("plain", plain),
+            ("fused", ["--cross-entropy-loss-fusion"]),
+            ("grouped", ["--moe-grouped-gemm"]),
+        )
     }
-    assert "fused kernels: bias-activation, bias-dropout-add, RoPE" in outputs["fused"], outputs["fused"][-2000:]
+    fused_line = "fused kernels: bias-activation, bias-dropout-add, RoPE, cross entropy"
+    assert fused_line in outputs["fused"], outputs["fused"][-2000:]
     assert "fused kernels: none" in outputs["plain"], outputs["plain"][-2000:]
     curves = {name: losses(output) for name, output in outputs.items()}
     print(f"losses: {curves}")
