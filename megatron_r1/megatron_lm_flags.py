@@ -1,11 +1,12 @@
 """The rest of Megatron-LM's flags, so that a Megatron-LM training script runs here or fails with a
 reason: switches that change nothing in megatron-r1 (accepted; --help says what it does instead),
-GPU kernel choices (passed to megatron-core; without CUDA they fall back to the plain path, which
-computes the same), and flags of features megatron-r1 does not have (refused naming the flag and
+GPU kernel choices (passed to megatron-core; without CUDA or the package their kernel comes from
+they fall back to the plain path, which computes the same), and flags of features megatron-r1 does not have (refused naming the flag and
 what to use, not argparse's bare "unrecognized arguments")."""
 
 import argparse
 import difflib
+import importlib.util
 import os
 import sys
 
@@ -28,16 +29,18 @@ IGNORED_SWITCHES = {
     "SDPA kernels accumulate in fp32)",
 }
 
-# GPU kernel choices megatron-core implements with CUDA-only kernels (TransformerEngine, DeepEP); the
-# plain path computes the same. Flag -> the value that turns the choice off. (--moe-grouped-gemm is
-# not one: without TransformerEngine it selects megatron_r1.experts, which runs everywhere.)
+# GPU kernel choices megatron-core implements with CUDA kernels from optional packages; the plain
+# path computes the same. Flag -> (the value that turns the choice off, the package the kernel comes
+# from). (--moe-grouped-gemm is not one: without TransformerEngine it selects megatron_r1.experts,
+# which runs everywhere; nor is --cross-entropy-loss-fusion, whose native kernel is PyTorch's.)
 GPU_KERNEL_CHOICES = {
-    "--moe-permute-fusion": ("moe_permute_fusion", False),
-    "--moe-router-fusion": ("moe_router_fusion", False),
-    "--moe-shared-expert-overlap": ("moe_shared_expert_overlap", False),
-    "--cross-entropy-fusion-impl te": ("cross_entropy_fusion_impl", "native"),
-    "--moe-token-dispatcher-type flex": ("moe_token_dispatcher_type", "alltoall"),
+    "--moe-permute-fusion": ("moe_permute_fusion", False, "transformer_engine"),
+    "--moe-router-fusion": ("moe_router_fusion", False, "transformer_engine"),
+    "--moe-shared-expert-overlap": ("moe_shared_expert_overlap", False, None),
+    "--cross-entropy-fusion-impl te": ("cross_entropy_fusion_impl", "native", "transformer_engine"),
+    "--moe-token-dispatcher-type flex": ("moe_token_dispatcher_type", "alltoall", "deep_ep"),
 }
+PACKAGE_NAMES = {"transformer_engine": "TransformerEngine", "deep_ep": "DeepEP"}
 
 # Megatron-LM flags whose only value here is their default -> (default, type, why).
 DEFAULT_ONLY = {
@@ -141,25 +144,35 @@ def _shown(value) -> str:
 
 
 def validate_megatron_lm_arguments(args, error) -> None:
-    """Refuse the values of the compatibility flags megatron-r1 cannot honour; without CUDA, turn
-    the GPU kernel choices off (one line on stderr names them)."""
+    """Refuse the values of the compatibility flags megatron-r1 cannot honour; turn the GPU kernel
+    choices this machine cannot run off (one line on stderr names them and what they lack)."""
     for flag, (default, _, reason) in DEFAULT_ONLY.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value != default:
             error(f"{flag} {_shown(value)}: only {_shown(default)} is supported here; {reason}")
-    if torch.cuda.is_available():
-        return
-    fallen_back = []
-    for flag, (dest, off) in GPU_KERNEL_CHOICES.items():
-        chosen = flag.partition(" ")[2]
-        if getattr(args, dest) == (chosen or True):
-            setattr(args, dest, off)
-            fallen_back.append(flag)
+    fallen_back = {}  # what is missing -> the flags it turned off
+    for flag, (dest, off, package) in GPU_KERNEL_CHOICES.items():
+        if getattr(args, dest) == (flag.partition(" ")[2] or True):
+            missing = _missing_for_kernel(flag, package, args)
+            if missing:
+                setattr(args, dest, off)
+                fallen_back.setdefault(missing, []).append(flag)
     if fallen_back and int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"without CUDA, the plain megatron-core path stands in for {', '.join(fallen_back)} (same results)",
-            file=sys.stderr,
-        )
+        reasons = [f"without {missing}, the plain megatron-core path stands in for {', '.join(flags)}"
+                   for missing, flags in fallen_back.items()]  # fmt: skip
+        print(f"{'; '.join(reasons)} (same results)", file=sys.stderr)
+
+
+def _missing_for_kernel(flag: str, package: str | None, args) -> str | None:
+    """What this machine or layout lacks for the kernel `flag` chooses (None: nothing)."""
+    if not torch.cuda.is_available():
+        return "CUDA"
+    if package and importlib.util.find_spec(package) is None:
+        return PACKAGE_NAMES[package]
+    expert_tp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size
+    if flag.endswith(" flex") and expert_tp * args.expert_model_parallel_size == 1:
+        return "a second expert-parallel or expert-tensor-parallel rank"  # megatron-core's flex requires one
+    return None
 
 
 def parse_known_flags(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:

@@ -418,3 +418,47 @@ def test_without_pretraining_data_the_other_checks_still_run(tmp_path, capsys, m
         argv + ["--tokenizer-model", str(tmp_path / "missing.model")], capsys, pretraining_data=False
     )
     assert line.endswith("missing.model: no such file or directory"), line
+
+
+def test_gpu_kernel_choices_fall_back_where_their_package_or_layout_is_missing(monkeypatch, capsys):
+    """On a CUDA machine without TransformerEngine or DeepEP (as the H200 this project is measured
+    on), Megatron-LM recipes' kernel choices fall back to the plain path, one line naming what each
+    lacks; DeepEP's dispatcher also needs a second expert-parallel rank; where all is there, the
+    choices stay."""
+    import importlib.machinery
+    import importlib.util
+
+    find_spec, installed = importlib.util.find_spec, set()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def found(name, *rest):
+        if name in ("transformer_engine", "deep_ep"):
+            return importlib.machinery.ModuleSpec(name, None) if name in installed else None
+        return find_spec(name, *rest)
+
+    monkeypatch.setattr(importlib.util, "find_spec", found)
+    kernels = ["--num-experts", "4", "--moe-permute-fusion", "--moe-router-fusion", "--moe-token-dispatcher-type",
+               "flex", "--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "te", "--bf16",
+               "--transformer-impl", "local"]  # fmt: skip
+
+    def chosen(args):
+        return (
+            args.moe_permute_fusion,
+            args.moe_router_fusion,
+            args.moe_token_dispatcher_type,
+            args.cross_entropy_fusion_impl,
+        )
+
+    assert chosen(parse_args("test", TINY + kernels)) == (False, False, "alltoall", "native")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "without TransformerEngine, the plain megatron-core path stands in for --moe-permute-fusion, "
+        "--moe-router-fusion, --cross-entropy-fusion-impl te; without DeepEP, the plain megatron-core path stands "
+        "in for --moe-token-dispatcher-type flex (same results)"
+    )
+    installed.update(("transformer_engine", "deep_ep"))
+    assert chosen(parse_args("test", TINY + kernels)) == (True, True, "alltoall", "te")
+    assert "without a second expert-parallel or expert-tensor-parallel rank" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = parse_args("test", TINY + kernels + ["--expert-model-parallel-size", "2"])
+    assert chosen(args) == (True, True, "flex", "te")

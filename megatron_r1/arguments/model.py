@@ -256,8 +256,8 @@ def _add_implementation_arguments(group) -> None:
         "--cross-entropy-fusion-impl",
         choices=["native", "te"],
         default="native",
-        help="with --cross-entropy-loss-fusion: megatron-core's or TransformerEngine's kernel (CUDA; "
-        "without it, native)",
+        help="with --cross-entropy-loss-fusion: megatron-core's or TransformerEngine's kernel (without "
+        "CUDA and TransformerEngine, native)",
     )
 
 
@@ -371,13 +371,10 @@ def _check_implementation_features(args, error) -> None:
 
 
 def _check_cross_entropy_fusion(args, error) -> None:
-    if not args.cross_entropy_loss_fusion:
-        return
-    te_kernel = args.cross_entropy_fusion_impl == "te" and torch.cuda.is_available()  # native without CUDA
-    if te_kernel and not compat.transformer_engine_installed():
-        error("--cross-entropy-fusion-impl te needs TransformerEngine (native, the default, needs nothing)")
-    if not te_kernel and not args.bf16:
-        # megatron-core 0.16.1's native kernel returns the logits' gradient in bf16, whatever their type.
+    # megatron-core 0.16.1's native kernel (the one that runs unless --cross-entropy-fusion-impl te
+    # and TransformerEngine's kernel can: megatron_lm_flags) returns the logits' gradient in bf16.
+    te_kernel = args.cross_entropy_fusion_impl == "te" and torch.cuda.is_available()
+    if args.cross_entropy_loss_fusion and not (te_kernel and compat.transformer_engine_installed()) and not args.bf16:
         error("--cross-entropy-loss-fusion (native) rounds the logits' gradient to bf16: use it with --bf16")
 
 
