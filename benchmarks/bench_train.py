@@ -70,6 +70,9 @@ import sys
 import time
 from pathlib import Path
 
+import megatron_r1  # noqa: F401  before megatron.core: silences its import warnings, skips TorchDynamo on CPU
+
+# isort: split
 import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
