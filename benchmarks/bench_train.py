@@ -12,8 +12,9 @@ router, routed + shared experts, untied output layer) is trained in one process,
 
 Both use fp32 on CPU (bf16 autocast with fp32 weights for transformers, --bf16
 --cross-entropy-loss-fusion for megatron_r1 on a GPU) and the same number of threads.
-transformers' DeepSeek-V3 has no multi-token prediction, so MTP is off on both sides. transformers' side is configured by the Hugging Face exporter's mapping
-(megatron_r1.hf.config.deepseek_config), so each config is one both libraries compute alike.
+transformers' DeepSeek-V3 has no multi-token prediction, so MTP is off on both sides. transformers'
+side is configured by the Hugging Face exporter's mapping (megatron_r1.hf.config.deepseek_config),
+so each config is one both libraries compute alike.
 
 Timing: after warm-up steps, the median step time over rounds of a few steps. On CPU the two
 implementations alternate round by round, so that load from other processes on a shared machine

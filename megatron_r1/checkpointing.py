@@ -389,8 +389,9 @@ def read_common_state(path: str) -> dict:
 
 def refuse_executable_pickles(path: str):
     """Raise CheckpointError unless every pickle megatron-core's torch_dist loader would unpickle
-    from checkpoint `path` is data only; return its checked ``.metadata``. That loader reads ``.metadata`` with plain pickle.load and
-    the byte objects (ShardedObjects) with torch.load(weights_only=False): a crafted checkpoint
+    from checkpoint `path` is data only; return its checked ``.metadata``. That loader reads
+    ``.metadata`` with plain pickle.load and the byte objects (ShardedObjects) with
+    torch.load(weights_only=False): a crafted checkpoint
     could run code. Here ``.metadata`` may reference only torch's checkpoint-metadata classes, and
     the byte objects and ``common.pt`` must pass torch.load(weights_only=True); tensors themselves
     are already read with weights_only=True."""

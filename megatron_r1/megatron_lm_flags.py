@@ -1,8 +1,8 @@
 """The rest of Megatron-LM's flags, so that a Megatron-LM training script runs here or fails with a
 reason: switches that change nothing in megatron-r1 (accepted; --help says what it does instead),
 GPU kernel choices (passed to megatron-core; without CUDA or the package their kernel comes from
-they fall back to the plain path, which computes the same), and flags of features megatron-r1 does not have (refused naming the flag and
-what to use, not argparse's bare "unrecognized arguments")."""
+they fall back to the plain path, which computes the same), and flags of features megatron-r1 does
+not have (refused naming the flag and what to use, not argparse's bare "unrecognized arguments")."""
 
 import argparse
 import difflib
@@ -151,9 +151,9 @@ def validate_megatron_lm_arguments(args, error) -> None:
         if value != default:
             error(f"{flag} {_shown(value)}: only {_shown(default)} is supported here; {reason}")
     fallen_back = {}  # what is missing -> the flags it turned off
-    for flag, (dest, off, package) in GPU_KERNEL_CHOICES.items():
+    for flag, (dest, off, _) in GPU_KERNEL_CHOICES.items():
         if getattr(args, dest) == (flag.partition(" ")[2] or True):
-            missing = _missing_for_kernel(flag, package, args)
+            missing = missing_for_kernel(flag, args)
             if missing:
                 setattr(args, dest, off)
                 fallen_back.setdefault(missing, []).append(flag)
@@ -163,8 +163,10 @@ def validate_megatron_lm_arguments(args, error) -> None:
         print(f"{'; '.join(reasons)} (same results)", file=sys.stderr)
 
 
-def _missing_for_kernel(flag: str, package: str | None, args) -> str | None:
-    """What this machine or layout lacks for the kernel `flag` chooses (None: nothing)."""
+def missing_for_kernel(flag: str, args) -> str | None:
+    """What this machine or layout lacks for the kernel `flag` (of GPU_KERNEL_CHOICES) chooses
+    (None: nothing)."""
+    package = GPU_KERNEL_CHOICES[flag][2]
     if not torch.cuda.is_available():
         return "CUDA"
     if package and importlib.util.find_spec(package) is None:

@@ -11,6 +11,7 @@ import torch
 from megatron.core.transformer.enums import AttnBackend
 
 from megatron_r1 import compat
+from megatron_r1.megatron_lm_flags import missing_for_kernel
 
 
 def _int_or_list(value: str):
@@ -372,9 +373,10 @@ def _check_implementation_features(args, error) -> None:
 
 def _check_cross_entropy_fusion(args, error) -> None:
     # megatron-core 0.16.1's native kernel (the one that runs unless --cross-entropy-fusion-impl te
-    # and TransformerEngine's kernel can: megatron_lm_flags) returns the logits' gradient in bf16.
-    te_kernel = args.cross_entropy_fusion_impl == "te" and torch.cuda.is_available()
-    if args.cross_entropy_loss_fusion and not (te_kernel and compat.transformer_engine_installed()) and not args.bf16:
+    # and TransformerEngine's kernel can run here) returns the logits' gradient in bf16.
+    te_flag = "--cross-entropy-fusion-impl te"
+    te_kernel = args.cross_entropy_fusion_impl == "te" and missing_for_kernel(te_flag, args) is None
+    if args.cross_entropy_loss_fusion and not te_kernel and not args.bf16:
         error("--cross-entropy-loss-fusion (native) rounds the logits' gradient to bf16: use it with --bf16")
 
 

@@ -3,7 +3,8 @@
 # point on the GPU), then the training benchmark's DeepSeek-V2-Lite proxy (megatron_r1 with its
 # grouped-GEMM experts against transformers 4.57; where the machine's own transformers is 5.x, a
 # second run against its grouped_mm experts), in under 8 minutes, then a summary. (SequentialMLP's
-# figures, measured before: shared/notes/gpu.md; `--moe-grouped-gemm` instead of `--only` adds them.) What it prints goes to $OUT/gpu_checks.log too when OUT is set.
+# figures, measured before: shared/notes/gpu.md; `--moe-grouped-gemm` instead of `--only` adds them.)
+# What it prints goes to $OUT/gpu_checks.log too when OUT is set.
 #
 #   bash tests/gpu/run_gpu_checks.sh [WHEELS_DIR]
 #
