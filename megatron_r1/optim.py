@@ -10,7 +10,7 @@ import math
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import param_is_not_shared
 
@@ -92,6 +92,26 @@ def build_optimizer(args, model_chunks):
             wrapper.optimizer = Lion(groups, lr=args.lr, betas=betas, weight_decay=args.weight_decay)
             wrapper.init_state_fn = _init_lion_state
     return optimizer
+
+
+@torch.no_grad()
+def step_if_finite(optimizer) -> tuple[bool, float | None, float | None]:
+    """megatron-core's ``optimizer.step()`` (gradients prepared, clipped to --clip-grad by their global
+    norm, zeros counted, the update), except that the global norm also decides whether to update:
+    any NaN/Inf gradient on any rank makes it NaN/Inf (its reduction spans every rank's gradients,
+    so all ranks agree), and then no weight or moment changes. One all-reduce and one host read per
+    step, where a separate NaN check cost a second of each. Returns step()'s (updated, norm, zeros)."""
+    optimizer.prepare_grads()  # the main (fp32) gradients; its overflow flag is fp16's, not a choice here
+    grad_norm = optimizer.get_grad_norm()
+    if not math.isfinite(grad_norm):
+        return False, None, None
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params, config = wrapper.get_parameters(), wrapper.config
+        if config.clip_grad > 0 and params and not getattr(wrapper, "is_stub_optimizer", False):
+            decoupled = config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+            clip_grad_by_total_norm_fp32(params, config.clip_grad, grad_norm, decoupled)
+    num_zeros = optimizer.count_zeros() if optimizer.config.log_num_zeros_in_grad else None
+    return optimizer.step_with_ready_grads(), grad_norm, num_zeros
 
 
 def params_norm(optimizer) -> float:

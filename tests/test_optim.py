@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from megatron_r1.optim import Lion, ParamScheduler
+from megatron_r1.optim import Lion, ParamScheduler, step_if_finite
 
 
 def test_lion_follows_the_published_update_rule():
@@ -156,9 +156,10 @@ def test_lion_replaces_adam_inside_megatron_optimizer_stack(monkeypatch):
 
 
 def test_adam_is_torch_fused_adamw_with_megatron_param_groups(monkeypatch):
-    """Without Apex/TE the Adam inside megatron-core's stack is torch's fused AdamW, and its step is
-    AdamW's (per-group weight decay: none on norms)."""
-    flags = ["--weight-decay", "0.1"]
+    """Without Apex/TE the Adam inside megatron-core's stack is torch's fused AdamW, and the
+    training step's update (step_if_finite) is AdamW's after torch's clipping to --clip-grad
+    (per-group weight decay: none on norms), the gradient norm torch's."""
+    flags = ["--weight-decay", "0.1", "--clip-grad", "0.05"]
     with one_layer_gpt_and_optimizer(monkeypatch, flags) as (args, model, optimizer, compute_gradients):
         assert type(optimizer.optimizer) is torch.optim.AdamW
         assert all(group["fused"] for group in optimizer.optimizer.param_groups)
@@ -180,11 +181,36 @@ def test_adam_is_torch_fused_adamw_with_megatron_param_groups(monkeypatch):
             compute_gradients()
             for param, ref in zip(params, reference):
                 ref.grad = param.main_grad.clone()
-            torch.nn.utils.clip_grad_norm_(reference, 1.0)
-            assert optimizer.step()[0]
+            reference_norm = torch.nn.utils.clip_grad_norm_(reference, 0.05)
+            updated, grad_norm, _ = step_if_finite(optimizer)
+            assert updated and grad_norm == pytest.approx(reference_norm.item(), rel=1e-5) and grad_norm > 0.05
             reference_optimizer.step()
         for param, ref in zip(params, reference):
             torch.testing.assert_close(param.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_nonfinite_gradient_skips_the_update_with_one_host_read(monkeypatch):
+    """The gradient norm is also the NaN/Inf check: one NaN gradient element makes step_if_finite
+    skip the update (weights and AdamW moments unchanged), and a step reads the host once."""
+    with one_layer_gpt_and_optimizer(monkeypatch, []) as (_, model, optimizer, compute_gradients):
+        compute_gradients()
+        assert step_if_finite(optimizer)[0]
+        before = [param.detach().clone() for param in model.parameters()]
+        moments = [state["exp_avg_sq"].clone() for state in optimizer.optimizer.state.values()]
+        host_reads = []
+        for method in ("item", "tolist", "cpu"):
+            original = getattr(torch.Tensor, method)
+            monkeypatch.setattr(torch.Tensor, method, lambda t, *a, f=original: host_reads.append(1) or f(t, *a))
+        for poison in (float("nan"), float("inf")):
+            compute_gradients()
+            next(model.parameters()).main_grad.view(-1)[3] = poison
+            assert step_if_finite(optimizer) == (False, None, None)
+        assert len(host_reads) == 2, host_reads
+        assert all(torch.equal(param, old) for param, old in zip(model.parameters(), before))
+        assert all(torch.equal(s["exp_avg_sq"], m) for s, m in zip(optimizer.optimizer.state.values(), moments))
+        compute_gradients()
+        assert step_if_finite(optimizer)[0] and len(host_reads) == 3
+        assert not torch.equal(next(model.parameters()), before[0])
 
 
 def test_decoupled_lr_schedules_the_embedding_and_output_layer_apart(monkeypatch, capsys):

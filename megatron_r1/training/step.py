@@ -11,7 +11,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_r1 import platform
 from megatron_r1.arguments import current_seq_length
 from megatron_r1.data.pretrain import MicroBatches
-from megatron_r1.optim import schedule_increment
+from megatron_r1.optim import schedule_increment, step_if_finite
 
 
 def micro_batch_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, logged: dict | None = None):
@@ -70,19 +70,6 @@ def run_schedule(args, model, forward_step, data_iterators, forward_only, reduce
     return dict(zip(names, means))
 
 
-def grads_are_finite(model_chunks) -> bool:
-    """Whether every synced gradient on every rank is finite: one read-only pass over the grad
-    buffers and a one-element all-reduce, so all ranks agree on skipping the step. A buffer's sum
-    is NaN/Inf exactly when one of its elements is (or when finite gradients overflow it, a step
-    as bad); an element-wise isfinite would write a temporary as large as the model."""
-    finite = torch.ones(1, device=platform.compute_device())
-    for chunk in model_chunks:
-        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
-            finite *= torch.isfinite(buffer.grad_data.sum())
-    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    return bool(finite.item())
-
-
 def zero_grads(state) -> None:
     for chunk in state.model:
         chunk.zero_grad_buffer()
@@ -105,10 +92,8 @@ def optimizer_step(args, state, advance_schedule: bool = True) -> StepResult:
     """The update after the gradients are in: skipped when any gradient is NaN/Inf (it would poison
     the weights and optimizer moments), counted in the state; the LR schedule advances on updates
     (with `advance_schedule`: a recipe making several updates per iteration advances it once)."""
-    if grads_are_finite(state.model):
-        update_successful, grad_norm, num_zeros = state.optimizer.step()
-    else:
-        update_successful, grad_norm, num_zeros = False, None, None
+    update_successful, grad_norm, num_zeros = step_if_finite(state.optimizer)
+    if grad_norm is None:
         state.nan_iterations += 1
     if args.empty_unused_memory_level >= 2:
         torch.cuda.empty_cache()
