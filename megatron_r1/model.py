@@ -12,7 +12,8 @@ modules do not fit:
   trains with silently wrong gradients. Duplicated (with sequence parallelism) the gradients match
   TP = 1;
 - the MoE layer: :class:`~megatron_r1.token_dispatch.DevicePermutationMoELayer`, whose token
-  permutation needs no host sync where all experts are local.
+  permutation needs no host sync where all experts are local, and under expert parallelism none
+  but the all-to-all's split sizes.
 
 With ``--moe-grouped-gemm`` the routed experts are :class:`~megatron_r1.experts.GroupedGemmExperts`
 (SequentialMLP's modules and checkpoint keys, grouped-GEMM compute) instead of megatron-core's

@@ -1,8 +1,11 @@
-"""megatron_r1.token_dispatch: with all experts local, the MoE layers permute tokens as megatron-core's
-dispatchers do, without a host sync (under expert parallelism megatron-core's dispatchers run, and
-the layouts train alike: tests/test_layouts.py)."""
+"""megatron_r1.token_dispatch: the MoE layers permute tokens as megatron-core's dispatchers do, with
+all experts local without a host sync, under expert and expert-tensor parallelism without
+masked_select (the layouts train alike: tests/test_layouts.py)."""
+
+from pathlib import Path
 
 import torch
+from conftest import run_command
 from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher
@@ -12,7 +15,7 @@ from megatron_r1.arguments import parse_args
 from megatron_r1.distributed import destroy_distributed, initialize_distributed
 from megatron_r1.host_syncs import host_syncs_counted
 from megatron_r1.model import build_model
-from megatron_r1.token_dispatch import DevicePermutationDispatcher
+from megatron_r1.token_dispatch import DevicePermutationAlltoAllDispatcher, DevicePermutationDispatcher
 
 # Two MoE layers of 4 experts (top-2, shared expert) after a dense one; grouped experts, whose CPU
 # kernel stands in for a GPU's (the loop fallback reads the counts on the host).
@@ -26,7 +29,7 @@ def _moe_layers(model):
     return [module for module in model.modules() if isinstance(module, MoELayer)]
 
 
-def _loss_grads_and_syncs(model, tokens):
+def loss_grads_and_syncs(model, tokens):
     model.zero_grad()
     with host_syncs_counted(torch.device("cpu")) as syncs:
         loss = model(tokens, torch.arange(8).expand(2, 8), None, labels=torch.roll(tokens, -1, 1)).mean()
@@ -47,15 +50,18 @@ def test_all_local_experts_permute_as_megatron_core_without_a_host_sync(monkeypa
         (model,) = build_model(args)
         layers = _moe_layers(model)
         assert len(layers) == 2 and all(type(layer.token_dispatcher) is DevicePermutationDispatcher for layer in layers)
-        loss, grads, syncs = _loss_grads_and_syncs(model, tokens)
+        loss, grads, syncs = loss_grads_and_syncs(model, tokens)
         assert syncs == {}, syncs  # forward and backward: nothing waits for the device
-        for peer in (MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher):
+        for peer in (MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher, DevicePermutationAlltoAllDispatcher):
             for layer in layers:
                 layer.token_dispatcher = peer(
                     layer.num_local_experts, layer.local_expert_indices, model.config, get_default_pg_collection()
                 )
-            peer_loss, peer_grads, peer_syncs = _loss_grads_and_syncs(model, tokens)
-            assert peer_syncs["masked_select"] >= 2 * len(layers), (peer, peer_syncs)  # the tokens, their probabilities
+            peer_loss, peer_grads, peer_syncs = loss_grads_and_syncs(model, tokens)
+            if peer is DevicePermutationAlltoAllDispatcher:  # expert parallelism's, here on one rank
+                assert peer_syncs["masked_select"] == 0, peer_syncs
+            else:
+                assert peer_syncs["masked_select"] >= 2 * len(layers), (peer, peer_syncs)  # tokens, probabilities
             torch.testing.assert_close(loss, peer_loss, rtol=0, atol=0)
             for name, grad in peer_grads.items():
                 torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=f"{peer.__name__}: {name}")
@@ -67,3 +73,9 @@ def test_all_local_experts_permute_as_megatron_core_without_a_host_sync(monkeypa
         assert {type(layer.token_dispatcher) for layer in _moe_layers(model)} == {MoEAllGatherTokenDispatcher}
     finally:
         destroy_distributed()
+
+
+def test_expert_parallel_layers_permute_as_megatron_core_without_masked_select(tmp_path):
+    """EP=2 and expert TP=2 on 2 ranks: tests/workers/moe_dispatch.py."""
+    worker = Path(__file__).parent / "workers" / "moe_dispatch.py"
+    run_command(["torchrun", "--standalone", "--nproc_per_node=2", str(worker)], tmp_path, timeout=180)
