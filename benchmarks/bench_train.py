@@ -39,10 +39,10 @@ one step, divided by that step's time). Host syncs per step are counted over one
 ``Tensor.item/.tolist/.cpu`` on the benchmarked device's tensors, and on CPU the operators whose
 output size depends on the data (masked_select, nonzero ...), each a sync on a GPU. Those
 megatron_r1 keeps on a GPU: the loop's reads for the logged iteration line (every iteration here,
---log-interval 1) and the gradient norm (also the NaN check); per MoE layer and micro-batch, SequentialMLP
-reads the tokens per expert (the grouped experts on a Hopper GPU do not), and with expert
-parallelism the all-to-all waits for its split sizes (megatron_r1/token_dispatch.py permutes on the
-device, where megatron-core 0.16.1's dispatchers select tokens with torch.masked_select).
+--log-interval 1) and the gradient norm (also the NaN check); per MoE layer and micro-batch,
+SequentialMLP reads the tokens per expert (the grouped experts on a Hopper GPU do not), and with
+expert parallelism the all-to-all waits for its split sizes (megatron_r1/token_dispatch.py permutes
+on the device, where megatron-core 0.16.1's dispatchers select tokens with torch.masked_select).
 
 Targets (issue #15): on a GPU, megatron_r1 with the grouped experts at >= 35% MFU of the measured
 peak and >= 3x transformers 4.57 in the same run, the grouped experts faster than SequentialMLP; on

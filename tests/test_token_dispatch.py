@@ -25,7 +25,7 @@ FLAGS = ["--mock-data", "--vocab-size", "64", "--num-layers", "3", "--hidden-siz
          "--moe-grouped-gemm", "--moe-aux-loss-coeff", "1e-2", "--hidden-dropout", "0", "--seq-length", "8"]  # fmt: skip
 
 
-def _moe_layers(model):
+def moe_layers(model):
     return [module for module in model.modules() if isinstance(module, MoELayer)]
 
 
@@ -38,6 +38,22 @@ def loss_grads_and_syncs(model, tokens):
     return loss.detach(), grads, +syncs
 
 
+def with_dispatcher(model, layers, dispatcher, tokens):
+    """loss_grads_and_syncs with a new `dispatcher` (a class) in each of the MoE `layers`."""
+    for layer in layers:
+        layer.token_dispatcher = dispatcher(
+            layer.num_local_experts, layer.local_expert_indices, model.config, get_default_pg_collection()
+        )
+    return loss_grads_and_syncs(model, tokens)
+
+
+def assert_same_loss_and_grads(ours, peers, label: str) -> None:
+    """Two loss_grads_and_syncs results: the same loss and every gradient, bit for bit."""
+    torch.testing.assert_close(ours[0], peers[0], rtol=0, atol=0, msg=label)
+    for name, grad in peers[1].items():
+        torch.testing.assert_close(ours[1][name], grad, rtol=0, atol=0, msg=f"{label}: {name}")
+
+
 def test_all_local_experts_permute_as_megatron_core_without_a_host_sync(monkeypatch):
     monkeypatch.setattr(experts, "KERNEL_ON_CPU", True)
     # The aux loss's backward sets megatron-core's global loss scale, which training sets first.
@@ -48,29 +64,23 @@ def test_all_local_experts_permute_as_megatron_core_without_a_host_sync(monkeypa
         args = parse_args("test", FLAGS)
         args.padded_vocab_size = 64
         (model,) = build_model(args)
-        layers = _moe_layers(model)
+        layers = moe_layers(model)
         assert len(layers) == 2 and all(type(layer.token_dispatcher) is DevicePermutationDispatcher for layer in layers)
-        loss, grads, syncs = loss_grads_and_syncs(model, tokens)
-        assert syncs == {}, syncs  # forward and backward: nothing waits for the device
+        ours = loss_grads_and_syncs(model, tokens)
+        assert ours[2] == {}, ours[2]  # forward and backward: nothing waits for the device
         for peer in (MoEAllGatherTokenDispatcher, MoEAlltoAllTokenDispatcher, DevicePermutationAlltoAllDispatcher):
-            for layer in layers:
-                layer.token_dispatcher = peer(
-                    layer.num_local_experts, layer.local_expert_indices, model.config, get_default_pg_collection()
-                )
-            peer_loss, peer_grads, peer_syncs = loss_grads_and_syncs(model, tokens)
+            peers = with_dispatcher(model, layers, peer, tokens)
             if peer is DevicePermutationAlltoAllDispatcher:  # expert parallelism's, here on one rank
-                assert peer_syncs["masked_select"] == 0, peer_syncs
+                assert peers[2]["masked_select"] == 0, peers[2]
             else:
-                assert peer_syncs["masked_select"] >= 2 * len(layers), (peer, peer_syncs)  # tokens, probabilities
-            torch.testing.assert_close(loss, peer_loss, rtol=0, atol=0)
-            for name, grad in peer_grads.items():
-                torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=f"{peer.__name__}: {name}")
+                assert peers[2]["masked_select"] >= 2 * len(layers), (peer, peers[2])  # tokens, probabilities
+            assert_same_loss_and_grads(ours, peers, peer.__name__)
 
         # Dropping tokens (a capacity) sizes the permutation by the data: megatron-core's dispatcher.
         args = parse_args("test", [*FLAGS, "--moe-expert-capacity-factor", "1.0"])
         args.padded_vocab_size = 64
         (model,) = build_model(args)
-        assert {type(layer.token_dispatcher) for layer in _moe_layers(model)} == {MoEAllGatherTokenDispatcher}
+        assert {type(layer.token_dispatcher) for layer in moe_layers(model)} == {MoEAllGatherTokenDispatcher}
     finally:
         destroy_distributed()
 

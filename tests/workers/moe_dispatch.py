@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.transformer.moe.moe_layer import MoELayer, get_default_pg_collection
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
@@ -23,7 +22,7 @@ from megatron_r1.model import build_model
 from megatron_r1.token_dispatch import DevicePermutationAlltoAllDispatcher
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
-from test_token_dispatch import FLAGS, loss_grads_and_syncs  # noqa: E402
+from test_token_dispatch import FLAGS, assert_same_loss_and_grads, loss_grads_and_syncs, moe_layers, with_dispatcher  # noqa: E402
 
 LAYOUTS = {
     "ep2": ({"expert_model_parallel_size": 2}, ["--expert-model-parallel-size", "2"]),
@@ -38,25 +37,19 @@ def check(layout: str) -> None:
         args = parse_args("test", [*FLAGS, "--moe-token-dispatcher-type", "alltoall", *flags])
         args.padded_vocab_size = 64
         (model,) = build_model(args)
-        layers = [module for module in model.modules() if isinstance(module, MoELayer)]
+        layers = moe_layers(model)
         kinds = {type(layer.token_dispatcher) for layer in layers}
         assert kinds == {DevicePermutationAlltoAllDispatcher}, (layout, kinds)
         rank = torch.distributed.get_rank()
         # Tokens differ by data-parallel rank under EP (uneven splits); TP ranks share theirs.
         seed = rank if layout == "ep2" else 0
         tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(seed))
-        loss, grads, syncs = loss_grads_and_syncs(model, tokens)
-        assert syncs["masked_select"] == 0, (layout, syncs)
-        for layer in layers:
-            layer.token_dispatcher = MoEAlltoAllTokenDispatcher(
-                layer.num_local_experts, layer.local_expert_indices, model.config, get_default_pg_collection()
-            )
-        peer_loss, peer_grads, peer_syncs = loss_grads_and_syncs(model, tokens)
-        assert peer_syncs["masked_select"] >= 2 * len(layers), (layout, peer_syncs)
-        torch.testing.assert_close(loss, peer_loss, rtol=0, atol=0)
-        for name, grad in peer_grads.items():
-            torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=f"{layout} rank {rank}: {name}")
-        print(f"{layout} rank {rank}: same loss and gradients; syncs {dict(syncs)} vs {dict(peer_syncs)}")
+        ours = loss_grads_and_syncs(model, tokens)
+        assert ours[2]["masked_select"] == 0, (layout, ours[2])
+        peers = with_dispatcher(model, layers, MoEAlltoAllTokenDispatcher, tokens)
+        assert peers[2]["masked_select"] >= 2 * len(layers), (layout, peers[2])
+        assert_same_loss_and_grads(ours, peers, f"{layout} rank {rank}")
+        print(f"{layout} rank {rank}: same loss and gradients; syncs {dict(ours[2])} vs {dict(peers[2])}")
     finally:
         parallel_state.destroy_model_parallel()  # the process group stays for the next layout
 
